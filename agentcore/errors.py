@@ -1,0 +1,46 @@
+"""Typed errors raised before a run starts (the interfaces map them to their wire formats)."""
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    code = "agent_error"
+    status = 400
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(AgentError):
+    code = "invalid_input"
+
+
+class SessionNotFound(AgentError):
+    code = "session_not_found"
+    status = 404
+
+
+class ApprovalNotFound(AgentError):
+    code = "approval_not_found"
+    status = 404
+
+
+class ApprovalAlreadyDecided(AgentError):
+    code = "approval_already_decided"
+    status = 409
+
+
+class ApprovalForbidden(AgentError):
+    code = "approval_forbidden"
+    status = 403
+
+
+class TooManyActiveRuns(AgentError):
+    code = "too_many_active_runs"
+    status = 429
+
+
+class AppUnavailable(AgentError):
+    code = "app_unavailable"
+    status = 400

@@ -1,0 +1,3 @@
+"""URLs of agentcore (mounted by opsagent.urls)."""
+
+urlpatterns = []

@@ -1,0 +1,127 @@
+"""What the Dify Service API adds to the agent: app API keys, end users, uploaded files, message files, feedback."""
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class ApiKey(models.Model):
+    """An `app-...` key. Only its SHA-256 is stored, plus the last 4 characters for display."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True, default="")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    last4 = models.CharField(max_length=4, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"app-…{self.last4}"
+
+
+class EndUser(models.Model):
+    """A `user` string a client sent, scoped to one app (Dify's EndUser of type service-api)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="end_users")
+    session_id = models.CharField(max_length=255)
+    type = models.CharField(max_length=32, default="service-api")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["app", "session_id"], name="enduser_unique_per_app")]
+
+    def __str__(self) -> str:
+        return self.session_id
+
+
+def upload_path(instance: "UploadFile", filename: str) -> str:
+    return f"uploads/{instance.app_id}/{instance.id}{('.' + instance.extension) if instance.extension else ''}"
+
+
+class UploadFile(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="upload_files")
+    end_user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="upload_files")
+    name = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField()
+    extension = models.CharField(max_length=32, blank=True, default="")
+    mime_type = models.CharField(max_length=255, blank=True, default="")
+    file = models.FileField(upload_to=upload_path, max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class MessageFile(models.Model):
+    """A file attached to a message: sent by the user (upload or remote URL) or produced by the assistant."""
+
+    class TransferMethod(models.TextChoices):
+        LOCAL_FILE = "local_file"
+        REMOTE_URL = "remote_url"
+        TOOL_FILE = "tool_file"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    message = models.ForeignKey("agentcore.Message", on_delete=models.CASCADE, related_name="message_files")
+    type = models.CharField(max_length=16, default="image")
+    transfer_method = models.CharField(max_length=16, choices=TransferMethod.choices)
+    url = models.CharField(max_length=2000, blank=True, default="")
+    upload_file = models.ForeignKey(UploadFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    belongs_to = models.CharField(max_length=16, default="user")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.transfer_method} ({self.belongs_to})"
+
+
+class Feedback(models.Model):
+    class Rating(models.TextChoices):
+        LIKE = "like"
+        DISLIKE = "dislike"
+
+    class FromSource(models.TextChoices):
+        USER = "user"
+        ADMIN = "admin"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="feedbacks")
+    session = models.ForeignKey("agentcore.Session", on_delete=models.CASCADE, related_name="feedbacks")
+    message = models.ForeignKey("agentcore.Message", on_delete=models.CASCADE, related_name="feedbacks")
+    rating = models.CharField(max_length=16, choices=Rating.choices)
+    content = models.TextField(blank=True, default="")
+    from_source = models.CharField(max_length=16, choices=FromSource.choices, default=FromSource.USER)
+    end_user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    account = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message", "from_source"], condition=Q(from_source="user"), name="feedback_one_user_per_message"
+            ),
+            models.CheckConstraint(condition=Q(rating__in=["like", "dislike"]), name="feedback_rating_known"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rating} on {self.message_id}"

@@ -1,0 +1,3 @@
+"""URLs of difyapi (mounted by opsagent.urls)."""
+
+urlpatterns = []

@@ -1,0 +1,151 @@
+"""Builds LangChain chat and embedding models from an LLMConfig: every provider through its OpenAI-compatible API."""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+from django.conf import settings
+from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+from llmconfigs.errors import InvalidParameter, ProviderCallError
+from llmconfigs.models import LLMConfig
+from llmconfigs.providers import parameter_errors, provider_spec
+from llmconfigs.secrets import scrub
+
+OVERRIDABLE = ("temperature", "max_tokens", "top_p")
+# Providers that need no key still need a non-empty value in the OpenAI client.
+PLACEHOLDER_KEY = "not-needed"
+
+
+def effective_base_url(config: LLMConfig) -> str:
+    return (config.base_url or provider_spec(config.provider).default_base_url).rstrip("/")
+
+
+def effective_parameters(config: LLMConfig, **overrides: Any) -> dict[str, Any]:
+    """The sampling parameters a call with `overrides` sends, after per-provider validation of the overrides.
+
+    Raises InvalidParameter naming the field for an override outside the provider's range or of the wrong type."""
+    unknown = set(overrides) - set(OVERRIDABLE)
+    if unknown:
+        raise InvalidParameter(f"Unknown parameter(s): {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
+    params: dict[str, Any] = {"temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_tokens}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        params[name] = _coerce(name, value)
+    errors = parameter_errors(config.provider, temperature=params["temperature"], top_p=params["top_p"],
+                              max_tokens=params["max_tokens"])
+    # Only complain about what the caller asked for; a stored config was validated when it was saved.
+    for name in OVERRIDABLE:
+        if name in errors and overrides.get(name) is not None:
+            raise InvalidParameter(errors[name], field=name)
+    spec = provider_spec(config.provider)
+    if spec.penalties:
+        params["frequency_penalty"] = config.frequency_penalty
+        params["presence_penalty"] = config.presence_penalty
+    return params
+
+
+def _coerce(name: str, value: Any) -> float | int:
+    if isinstance(value, bool):
+        raise InvalidParameter(f"{name} must be a number.", field=name)
+    try:
+        if name == "max_tokens":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if name == "max_tokens" else "a number"
+        raise InvalidParameter(f"{name} must be {kind}.", field=name) from None
+
+
+def chat_model(
+    config: LLMConfig,
+    *,
+    streaming: bool = True,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    **overrides: Any,
+) -> ChatOpenAI:
+    """A ChatOpenAI for `config` with per-call `overrides` (temperature, max_tokens, top_p), range-checked."""
+    spec = provider_spec(config.provider)
+    params = effective_parameters(config, **overrides)
+    extra_body = dict(spec.extra_body_for(config.model_name, streaming=streaming))
+    extra_body.update((config.extra_config or {}).get("extra_body", {}))
+    kwargs: dict[str, Any] = {
+        "model": config.model_name,
+        "api_key": config.api_key or PLACEHOLDER_KEY,
+        "base_url": effective_base_url(config),
+        "temperature": params["temperature"],
+        "top_p": params["top_p"],
+        "streaming": streaming,
+        "stream_usage": spec.stream_usage,
+        "timeout": timeout if timeout is not None else settings.LLM_REQUEST_TIMEOUT,
+        "max_retries": max_retries if max_retries is not None else settings.LLM_MAX_RETRIES,
+    }
+    if params["max_tokens"] is not None:
+        if spec.max_tokens_param == "max_completion_tokens":
+            kwargs["max_tokens"] = params["max_tokens"]  # ChatOpenAI sends it as max_completion_tokens
+        else:
+            extra_body["max_tokens"] = params["max_tokens"]
+    if spec.penalties:
+        if params["frequency_penalty"]:
+            kwargs["frequency_penalty"] = params["frequency_penalty"]
+        if params["presence_penalty"]:
+            kwargs["presence_penalty"] = params["presence_penalty"]
+    if extra_body:
+        kwargs["extra_body"] = extra_body
+    headers = (config.extra_config or {}).get("default_headers")
+    if headers:
+        kwargs["default_headers"] = headers
+    return ChatOpenAI(**kwargs)
+
+
+def embeddings(config: LLMConfig, *, timeout: float | None = None) -> OpenAIEmbeddings:
+    spec = provider_spec(config.provider)
+    return OpenAIEmbeddings(
+        model=config.model_name,
+        api_key=config.api_key or PLACEHOLDER_KEY,
+        base_url=effective_base_url(config),
+        check_embedding_ctx_length=False,
+        chunk_size=int((config.extra_config or {}).get("embedding_batch_size", spec.embedding_batch_size)),
+        timeout=timeout if timeout is not None else settings.LLM_REQUEST_TIMEOUT,
+        max_retries=settings.LLM_MAX_RETRIES,
+    )
+
+
+def provider_error(exc: BaseException, *, api_key: str = "") -> ProviderCallError:
+    """Classify an exception raised by a provider call into a ProviderCallError with the key scrubbed."""
+    if isinstance(exc, ProviderCallError):
+        return exc
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        category = "auth"
+    elif isinstance(exc, openai.RateLimitError):
+        category = "rate_limit"
+    elif isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | TimeoutError):
+        category = "timeout"
+    elif isinstance(exc, openai.APIConnectionError | httpx.ConnectError | ConnectionError):
+        category = "unreachable"
+    elif isinstance(exc, openai.BadRequestError | openai.NotFoundError | openai.UnprocessableEntityError):
+        category = "bad_request"
+    else:
+        category = "upstream_error"
+    message = _provider_message(exc)
+    return ProviderCallError(category, scrub(message, api_key), status_code=status)
+
+
+def _provider_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | TimeoutError):
+        return "The model provider did not answer in time."
+    if isinstance(exc, openai.APIConnectionError | httpx.ConnectError | ConnectionError):
+        return "Could not reach the model provider."
+    text = str(exc) or exc.__class__.__name__
+    return text

@@ -1,0 +1,184 @@
+"""LLM configurations (one row per provider/model/key an admin manages) and the audit trail of changes to them."""
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import models
+from django.db.models import Q
+from django_cryptography.fields import encrypt
+
+from llmconfigs.providers import (
+    MAX_TOKENS_LIMIT,
+    PENALTY_RANGE,
+    PROVIDERS,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    Provider,
+    parameter_errors,
+)
+
+
+class LLMConfig(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    provider = models.CharField(max_length=32, choices=Provider.choices)
+    model_name = models.CharField(max_length=200)
+    # Encrypted at rest with FIELD_ENCRYPTION_KEY; read it only to build a provider client.
+    api_key = encrypt(models.TextField(blank=True, default=""))
+    # What may be shown of the key ("sk-a…f9e2"), kept beside it so that listing configs never decrypts anything.
+    api_key_mask = models.CharField(max_length=16, blank=True, default="", editable=False)
+    base_url = models.CharField(max_length=500, blank=True, default="", help_text="Blank: the provider's default.")
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    temperature = models.FloatField(default=0.7)
+    top_p = models.FloatField(default=1.0)
+    frequency_penalty = models.FloatField(default=0.0)
+    presence_penalty = models.FloatField(default=0.0)
+    description = models.TextField(blank=True, default="")
+    is_active = models.BooleanField(default=True)
+    is_default = models.BooleanField(default=False)
+    is_embedding = models.BooleanField(default=False)
+    extra_config = models.JSONField(default=dict, blank=True)
+
+    input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    currency = models.CharField(max_length=8, default="USD")
+
+    usage_count = models.PositiveBigIntegerField(default=0, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    prompt_tokens_total = models.PositiveBigIntegerField(default=0, editable=False)
+    completion_tokens_total = models.PositiveBigIntegerField(default=0, editable=False)
+    total_tokens_total = models.PositiveBigIntegerField(default=0, editable=False)
+    cost_total = models.DecimalField(max_digits=18, decimal_places=7, default=0, editable=False)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+
+    class Meta:
+        verbose_name = "LLM configuration"
+        ordering = ["-is_default", "name"]
+        indexes = [models.Index(fields=["provider", "is_active"]), models.Index(fields=["model_name"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_embedding"], condition=Q(is_default=True), name="llmconfig_one_default_per_kind"
+            ),
+            models.CheckConstraint(condition=~Q(is_default=True, is_active=False), name="llmconfig_default_is_active"),
+            models.CheckConstraint(condition=Q(provider__in=Provider.values), name="llmconfig_provider_known"),
+            models.CheckConstraint(
+                condition=Q(temperature__gte=TEMPERATURE_RANGE.low, temperature__lte=TEMPERATURE_RANGE.high),
+                name="llmconfig_temperature_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(top_p__gte=TOP_P_RANGE.low, top_p__lte=TOP_P_RANGE.high), name="llmconfig_top_p_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(frequency_penalty__gte=PENALTY_RANGE.low, frequency_penalty__lte=PENALTY_RANGE.high),
+                name="llmconfig_frequency_penalty_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(presence_penalty__gte=PENALTY_RANGE.low, presence_penalty__lte=PENALTY_RANGE.high),
+                name="llmconfig_presence_penalty_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_tokens__isnull=True) | Q(max_tokens__gte=1, max_tokens__lte=MAX_TOKENS_LIMIT),
+                name="llmconfig_max_tokens_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(base_url="") | Q(base_url__startswith="http://") | Q(base_url__startswith="https://"),
+                name="llmconfig_base_url_http",
+            ),
+            models.CheckConstraint(condition=~Q(name=""), name="llmconfig_name_not_blank"),
+            models.CheckConstraint(condition=~Q(model_name=""), name="llmconfig_model_name_not_blank"),
+            models.CheckConstraint(
+                condition=Q(input_price_per_million__isnull=True) | Q(input_price_per_million__gte=0),
+                name="llmconfig_input_price_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(output_price_per_million__isnull=True) | Q(output_price_per_million__gte=0),
+                name="llmconfig_output_price_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.provider}/{self.model_name})"
+
+    def __repr__(self) -> str:
+        # Never include the key: reprs end up in tracebacks and logs.
+        return f"<LLMConfig {self.pk} {self.name!r} {self.provider}/{self.model_name}>"
+
+    def clean(self) -> None:
+        """Per-provider validation with messages per field (the database only knows the widest ranges)."""
+        errors: dict[str, str] = {}
+        if self.provider not in PROVIDERS:
+            errors["provider"] = f"Unknown provider {self.provider!r}."
+        else:
+            errors.update(
+                parameter_errors(
+                    self.provider,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    max_tokens=self.max_tokens,
+                    frequency_penalty=self.frequency_penalty,
+                    presence_penalty=self.presence_penalty,
+                )
+            )
+            spec = PROVIDERS[self.provider]
+            if not self.base_url and not spec.default_base_url:
+                errors["base_url"] = f"{spec.label} has no default endpoint; enter its base URL."
+            if self.is_embedding and not spec.embeddings:
+                errors["is_embedding"] = f"{spec.label} does not offer embeddings through its OpenAI-compatible API."
+            if self.is_active and spec.requires_api_key and not self.api_key:
+                errors["api_key"] = f"{spec.label} needs an API key (keyless configs must stay inactive)."
+        if self.base_url:
+            try:
+                URLValidator(schemes=["http", "https"])(self.base_url)
+            except ValidationError:
+                errors["base_url"] = "Enter an http:// or https:// URL."
+        if self.is_default and not self.is_active:
+            errors["is_default"] = "The default config must be active."
+        if not isinstance(self.extra_config, dict):
+            errors["extra_config"] = "extra_config must be a JSON object."
+        if errors:
+            raise ValidationError(errors)
+
+
+class AuditLog(models.Model):
+    """Who did what to which object, when and from where. Secrets are masked before they get here."""
+
+    class Action(models.TextChoices):
+        CREATE = "create"
+        UPDATE = "update"
+        DELETE = "delete"
+        SET_DEFAULT = "set_default"
+        ACTIVATE = "activate"
+        DEACTIVATE = "deactivate"
+        TEST_CONNECTION = "test_connection"
+        ROTATE_KEY = "rotate_key"
+        OTHER = "other"
+
+    id = models.BigAutoField(primary_key=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_repr = models.CharField(max_length=150, blank=True, default="")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    target_type = models.CharField(max_length=100)
+    target_id = models.CharField(max_length=64, blank=True, default="")
+    target_repr = models.CharField(max_length=300, blank=True, default="")
+    source = models.CharField(max_length=16, blank=True, default="", help_text="admin, api, command, ...")
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["target_type", "target_id"])]
+
+    def __str__(self) -> str:
+        return f"{self.actor_repr or 'system'} {self.action} {self.target_type} {self.target_repr}"

@@ -1,0 +1,163 @@
+"""Reads of LLM configurations: cached hot-path lookups and the per-turn model selection."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.core.cache import cache
+from django.db.models import Q, QuerySet
+
+from llmconfigs.errors import ConfigAmbiguous, ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
+from llmconfigs.models import LLMConfig
+
+CACHE_TTL = 300
+_GENERATION_KEY = "llmconfig:generation"
+_MISSING = "missing"
+
+
+def llm_config_list(*, is_active: bool | None = None, is_embedding: bool | None = None, provider: str | None = None,
+                    search: str | None = None) -> QuerySet[LLMConfig]:
+    """Configs for listing: the key column is never read (the stored mask is shown instead)."""
+    qs = LLMConfig.objects.defer("api_key")
+    if is_active is not None:
+        qs = qs.filter(is_active=is_active)
+    if is_embedding is not None:
+        qs = qs.filter(is_embedding=is_embedding)
+    if provider:
+        qs = qs.filter(provider=provider)
+    if search:
+        qs = qs.filter(Q(name__icontains=search) | Q(model_name__icontains=search) | Q(description__icontains=search))
+    return qs.order_by("-is_default", "name")
+
+
+def llm_config_usable_list(*, is_embedding: bool = False) -> QuerySet[LLMConfig]:
+    return llm_config_list(is_active=True, is_embedding=is_embedding)
+
+
+# ----- cache: snapshots keyed by a generation number that every change bumps -----
+
+def _generation() -> int:
+    generation = cache.get(_GENERATION_KEY)
+    if generation is None:
+        cache.add(_GENERATION_KEY, 1, None)
+        generation = cache.get(_GENERATION_KEY) or 1
+    return generation
+
+
+def llm_config_cache_invalidate() -> None:
+    """Forget every cached config (called by the services after each committed change)."""
+    try:
+        cache.incr(_GENERATION_KEY)
+    except ValueError:
+        cache.set(_GENERATION_KEY, 2, None)
+
+
+def _to_cache(config: LLMConfig) -> dict[str, Any]:
+    # The key is cached in its encrypted form only: a shared cache (Redis) never holds a plaintext key.
+    field = LLMConfig._meta.get_field("api_key")
+    data = {f.attname: getattr(config, f.attname) for f in LLMConfig._meta.concrete_fields if f.name != "api_key"}
+    data["api_key"] = field._dump(config.api_key)
+    return data
+
+
+def _from_cache(data: dict[str, Any]) -> LLMConfig:
+    field = LLMConfig._meta.get_field("api_key")
+    values = dict(data)
+    values["api_key"] = field._load(values["api_key"])
+    config = LLMConfig(**values)
+    config._state.adding = False
+    config._state.db = "default"
+    return config
+
+
+def _cached(key: str, load) -> LLMConfig | None:
+    full_key = f"llmconfig:{_generation()}:{key}"
+    hit = cache.get(full_key)
+    if hit == _MISSING:
+        return None
+    if hit is not None:
+        return _from_cache(hit)
+    config = load()
+    cache.set(full_key, _to_cache(config) if config else _MISSING, CACHE_TTL)
+    return config
+
+
+def llm_config_get(*, config_id: uuid.UUID | str) -> LLMConfig | None:
+    """One config by id, from the cache when possible."""
+    try:
+        config_uuid = uuid.UUID(str(config_id))
+    except ValueError:
+        return None
+    return _cached(f"id:{config_uuid}", lambda: LLMConfig.objects.filter(pk=config_uuid).first())
+
+
+def llm_config_default(*, is_embedding: bool = False) -> LLMConfig | None:
+    kind = "embedding" if is_embedding else "chat"
+    return _cached(
+        f"default:{kind}",
+        lambda: LLMConfig.objects.filter(is_default=True, is_active=True, is_embedding=is_embedding).first(),
+    )
+
+
+def _usable(config: LLMConfig, *, source: str) -> LLMConfig:
+    if config.is_embedding:
+        raise ConfigWrongKind(f"LLM config {config.name!r} ({source}) is an embedding config and cannot chat.")
+    if not config.is_active:
+        raise ConfigInactive(f"LLM config {config.name!r} ({source}) is inactive.")
+    return config
+
+
+def llm_config_by_model(*, model: str) -> LLMConfig:
+    """A chat config by its unique name, else by model name among chat configs (must be unambiguous)."""
+    model = model.strip()
+    if not model:
+        raise ConfigNotFound("model must not be empty.", field="model")
+    by_name = LLMConfig.objects.filter(name=model).first()
+    if by_name is not None:
+        return _usable(by_name, source="model")
+    matches = list(LLMConfig.objects.filter(model_name=model, is_embedding=False).order_by("name")[:10])
+    active = [c for c in matches if c.is_active]
+    if len(active) == 1:
+        return active[0]
+    if len(active) > 1:
+        names = ", ".join(c.name for c in active)
+        raise ConfigAmbiguous(
+            f"model {model!r} matches several LLM configs ({names}); send model_config_id or a config name.",
+            field="model",
+        )
+    if matches:
+        raise ConfigInactive(f"LLM config for model {model!r} is inactive.", field="model")
+    raise ConfigNotFound(f"No LLM config named or serving model {model!r}.", field="model")
+
+
+def llm_config_resolve(
+    *,
+    config_id: uuid.UUID | str | None = None,
+    model: str | None = None,
+    session_config_id: uuid.UUID | str | None = None,
+    app_config_id: uuid.UUID | str | None = None,
+) -> LLMConfig:
+    """The chat config that answers a turn: explicit id > model (name / model name) > session > app > default."""
+    if config_id:
+        config = llm_config_get(config_id=config_id)
+        if config is None:
+            raise ConfigNotFound(f"LLM config {config_id} does not exist.", field="model_config_id")
+        try:
+            return _usable(config, source="model_config_id")
+        except (ConfigInactive, ConfigWrongKind) as exc:
+            exc.field = "model_config_id"
+            raise
+    if model:
+        return llm_config_by_model(model=model)
+    for source, candidate in (("conversation", session_config_id), ("app", app_config_id)):
+        if candidate:
+            config = llm_config_get(config_id=candidate)
+            if config is not None:
+                return _usable(config, source=source)
+    default = llm_config_default()
+    if default is None:
+        raise NoUsableConfig(
+            "No LLM is configured: add an active chat config and set it as the default in the admin "
+            "(or run `manage.py seed` with LLM_TYPE/LLM_API_KEY/LLM_MODEL)."
+        )
+    return default

@@ -1,0 +1,76 @@
+"""The factory against the real fake upstream: what reaches the provider, per provider and per override."""
+import pytest
+
+from llmconfigs.errors import InvalidParameter
+from llmconfigs.factory import chat_model, provider_error
+from tests.fakes.upstream import Reply
+
+pytestmark = pytest.mark.django_db
+
+
+def test_chat_model_sends_model_key_and_parameters_to_base_url(make_llm_config, fake_upstream):
+    config = make_llm_config(model_name="gpt-fake", temperature=0.3, top_p=0.9, max_tokens=123)
+    fake_upstream.script(Reply(text="pong"))
+
+    answer = chat_model(config, streaming=False).invoke("ping")
+
+    assert answer.content == "pong"
+    sent = fake_upstream.chat_requests[-1]
+    assert sent.body["model"] == "gpt-fake"
+    assert sent.api_key == config.api_key
+    assert sent.body["temperature"] == 0.3
+    assert sent.body["top_p"] == 0.9
+    assert sent.body["max_completion_tokens"] == 123
+
+
+def test_compatible_providers_get_max_tokens_under_its_classic_name(make_llm_config, fake_upstream):
+    config = make_llm_config(provider="deepseek", max_tokens=55)
+    chat_model(config, streaming=False).invoke("ping")
+    sent = fake_upstream.chat_requests[-1].body
+    assert sent["max_tokens"] == 55
+    assert "max_completion_tokens" not in sent
+
+
+def test_overrides_win_and_streaming_asks_for_usage(make_llm_config, fake_upstream):
+    config = make_llm_config(provider="deepseek", temperature=0.3)
+    fake_upstream.script(Reply(text="a b c"))
+
+    chunks = list(chat_model(config, temperature=1.5, max_tokens=7, top_p=0.5).stream("hi"))
+
+    assert "".join(c.content for c in chunks) == "a b c"
+    sent = fake_upstream.chat_requests[-1].body
+    assert (sent["temperature"], sent["max_tokens"], sent["top_p"]) == (1.5, 7, 0.5)
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert any(c.usage_metadata for c in chunks)
+
+
+def test_provider_without_stream_usage_and_penalties_does_not_send_them(make_llm_config, fake_upstream):
+    config = make_llm_config(provider="zhipu", temperature=0.5, top_p=0.7)
+    list(chat_model(config).stream("hi"))
+    sent = fake_upstream.chat_requests[-1].body
+    assert "stream_options" not in sent
+    assert "frequency_penalty" not in sent and "presence_penalty" not in sent
+
+
+@pytest.mark.parametrize(
+    ("provider", "field", "value"),
+    [("zhipu", "top_p", 1.0), ("zhipu", "temperature", 0.0), ("moonshot", "temperature", 1.5),
+     ("openai", "temperature", 2.5), ("openai", "max_tokens", 0), ("openai", "top_p", "high")],
+)
+def test_override_outside_provider_range_is_refused_with_field(make_llm_config, provider, field, value):
+    config = make_llm_config(provider=provider, temperature=0.5, top_p=0.5)
+    with pytest.raises(InvalidParameter) as excinfo:
+        chat_model(config, **{field: value})
+    assert excinfo.value.field == field
+
+
+def test_upstream_401_is_classified_and_key_scrubbed(make_llm_config, fake_upstream):
+    config = make_llm_config()
+    fake_upstream.script(Reply(status=401, error_message="Incorrect API key provided: {api_key}"))
+    with pytest.raises(Exception) as excinfo:
+        chat_model(config, streaming=False).invoke("hi")
+    error = provider_error(excinfo.value, api_key=config.api_key)
+    assert error.category == "auth"
+    assert config.api_key not in error.message
+    assert "Incorrect API key provided" in error.message

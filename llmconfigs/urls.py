@@ -1,0 +1,3 @@
+"""URLs of llmconfigs (mounted by opsagent.urls)."""
+
+urlpatterns = []

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class OpsAgentConfig(AppConfig):
+    name = "opsagent"
+    verbose_name = "OpsAgent"

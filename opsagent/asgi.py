@@ -1,0 +1,21 @@
+"""ASGI entry point: Django for HTTP, with the Dify streaming consumer and the agent WebSocket routed by Channels."""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "opsagent.settings")
+# Build Django's app first: it sets up the app registry the consumers' imports need.
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from agentcore.routing import websocket_application  # noqa: E402
+from difyapi.routing import http_urlpatterns as dify_http_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": URLRouter([*dify_http_urlpatterns, re_path(r"", django_asgi_app)]),
+        "websocket": websocket_application,
+    }
+)

@@ -1,0 +1,59 @@
+"""`manage.py seed`: idempotent first-run data. LLM config from LLM_* variables, provider templates, superuser."""
+import os
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from llmconfigs.errors import LLMConfigError
+from llmconfigs.providers import PROVIDERS
+from llmconfigs.services import llm_config_seed_from_env, llm_config_seed_templates
+
+
+class Command(BaseCommand):
+    help = "Create or update the default LLM config from LLM_TYPE/LLM_API_KEY/LLM_MODEL/LLM_BASE_URL, and more."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--templates", action="store_true", help="Also create inactive keyless provider templates.")
+
+    def handle(self, *args, **options):
+        self._seed_llm_config()
+        if options["templates"]:
+            created = llm_config_seed_templates()
+            self.stdout.write(f"Provider templates: {len(created)} created.")
+        self._seed_superuser()
+
+    def _seed_llm_config(self) -> None:
+        provider = os.environ.get("LLM_TYPE", "").strip().lower()
+        if not provider:
+            self.stdout.write("LLM_TYPE is not set: no LLM config was seeded (add one in the admin).")
+            return
+        if provider not in PROVIDERS:
+            raise CommandError(f"LLM_TYPE={provider!r} is not a known provider: {', '.join(PROVIDERS)}")
+        try:
+            config, created = llm_config_seed_from_env(
+                provider=provider,
+                api_key=os.environ.get("LLM_API_KEY", ""),
+                model=os.environ.get("LLM_MODEL", ""),
+                base_url=os.environ.get("LLM_BASE_URL", ""),
+            )
+        except LLMConfigError as exc:
+            raise CommandError(exc.message) from None
+        except Exception as exc:  # ValidationError from full_clean
+            messages = getattr(exc, "message_dict", None) or {"": [str(exc)]}
+            raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in messages.items())) from None
+        verb = "Created" if created else "Updated"
+        self.stdout.write(f"{verb} default LLM config {config.name!r} ({config.provider}/{config.model_name}).")
+
+    def _seed_superuser(self) -> None:
+        username = os.environ.get("DJANGO_SUPERUSER_USERNAME", "").strip()
+        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD", "")
+        if not username or not password:
+            return
+        User = get_user_model()
+        if User.objects.filter(username=username).exists():
+            self.stdout.write(f"Superuser {username!r} exists.")
+            return
+        User.objects.create_superuser(
+            username=username, email=os.environ.get("DJANGO_SUPERUSER_EMAIL", ""), password=password
+        )
+        self.stdout.write(f"Created superuser {username!r} (password from DJANGO_SUPERUSER_PASSWORD).")

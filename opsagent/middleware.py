@@ -1,0 +1,52 @@
+"""Request logging: method, path, status and duration of every request (warning when slow). Never bodies, query
+strings or headers, so no key or token can reach the log."""
+import logging
+import time
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+
+logger = logging.getLogger("opsagent.requests")
+
+
+class RequestLogMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        started = time.perf_counter()
+        response = self.get_response(request)
+        self._log(request, response, started)
+        return response
+
+    async def __acall__(self, request):
+        started = time.perf_counter()
+        response = await self.get_response(request)
+        self._log(request, response, started)
+        return response
+
+    @staticmethod
+    def _log(request, response, started: float) -> None:
+        duration = time.perf_counter() - started
+        level = logging.WARNING if duration > settings.REQUEST_SLOW_SECONDS else logging.INFO
+        logger.log(
+            level,
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status_code,
+            duration * 1000,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )

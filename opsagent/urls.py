@@ -1,0 +1,16 @@
+"""URL map: admin, health, the REST API under /api, the Dify Service API under /v1."""
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from opsagent.views import health
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health/", health, name="health"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/", include("llmconfigs.urls")),
+    path("api/", include("agentcore.urls")),
+    path("v1/", include("difyapi.urls")),
+]

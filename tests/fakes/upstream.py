@@ -1,0 +1,318 @@
+"""A real HTTP fake of an OpenAI-compatible upstream, scripted per test.
+
+It listens on 127.0.0.1 in a background thread (aiohttp), so the production client code (langchain-openai -> openai ->
+httpx) runs unchanged against it. Tests queue `Reply` scripts (text, tool calls, usage, HTTP errors, slow or cut
+streams, hangs) and read back what the server received in `requests`.
+
+Run it by hand: `python -m tests.fakes.upstream --port 9100` (for `make run` demos and the benchmarks).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+
+@dataclass
+class Reply:
+    """One scripted upstream answer. `error_message` may contain `{api_key}`: the key the client sent (worst case of
+    a provider that echoes it) so tests can prove OpsAgent scrubs it."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    status: int = 200
+    error_message: str = ""
+    error_type: str = "invalid_request_error"
+    chunks: list[str] | None = None  # explicit stream chunks; default: the text split after each space
+    delay: float = 0.0  # seconds between stream chunks
+    first_delay: float = 0.0  # seconds before the first byte of the body (and before a non-stream answer)
+    cut_after: int | None = None  # streaming: drop the connection after this many content chunks
+    hang: float = 0.0  # wait this long before answering at all (timeouts)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+    def stream_chunks(self) -> list[str]:
+        if self.chunks is not None:
+            return list(self.chunks)
+        if not self.text:
+            return []
+        words = self.text.split(" ")
+        return [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def api_key(self) -> str:
+        auth = self.headers.get("Authorization", "")
+        return auth.split(" ", 1)[1] if " " in auth else ""
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.body.get("messages", [])
+
+
+class FakeUpstream:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.host = host
+        self.port = port
+        self.requests: list[Received] = []
+        self.default = Reply(text="Hello from the fake upstream.")
+        self._queue: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._started = threading.Event()
+        self.active_streams = 0
+        self.cancelled_streams = 0
+
+    # ----- control (called from tests) -----
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self._queue.extend(replies)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
+            self.default = Reply(text="Hello from the fake upstream.")
+            self.cancelled_streams = 0
+
+    @property
+    def chat_requests(self) -> list[Received]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def _next(self) -> Reply:
+        with self._lock:
+            return self._queue.popleft() if self._queue else self.default
+
+    def start(self) -> FakeUpstream:
+        self._thread = threading.Thread(target=self._serve, name="fake-openai-upstream", daemon=True)
+        self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._runner:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            try:
+                fut.result(5)
+            except Exception:
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(5)
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/{prefix:.*}/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/{prefix:.*}/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._started.set()
+        self._loop.run_forever()
+
+    # ----- handlers -----
+    async def _record(self, request: web.Request) -> Received:
+        try:
+            body = await request.json()
+        except Exception:
+            body = {}
+        received = Received(request.method, request.path, dict(request.headers), body)
+        with self._lock:
+            self.requests.append(received)
+        return received
+
+    @staticmethod
+    def _error(reply: Reply, received: Received) -> web.Response:
+        message = reply.error_message.replace("{api_key}", received.api_key) or f"fake upstream error {reply.status}"
+        payload = {"error": {"message": message, "type": reply.error_type, "code": None, "param": None}}
+        return web.json_response(payload, status=reply.status)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        received = await self._record(request)
+        reply = self._next()
+        if reply.hang:
+            await asyncio.sleep(reply.hang)
+        if reply.status != 200:
+            return self._error(reply, received)
+        model = received.body.get("model", "fake-model")
+        prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else _count_prompt(received.messages)
+        chunks = reply.stream_chunks()
+        completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else max(len(chunks), 1)
+        finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+        created = int(time.time())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        tool_calls = [
+            {
+                "index": i,
+                "id": call.id or f"call_{uuid.uuid4().hex[:12]}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for i, call in enumerate(reply.tool_calls)
+        ]
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if not received.body.get("stream"):
+            if reply.first_delay:
+                await asyncio.sleep(reply.first_delay)
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+            if tool_calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+            return web.json_response(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage,
+                }
+            )
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self.active_streams += 1
+        try:
+            await response.prepare(request)
+            if reply.first_delay:
+                await asyncio.sleep(reply.first_delay)
+
+            async def send(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> None:
+                chunk = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                    **extra,
+                }
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+            await send({"role": "assistant", "content": ""})
+            for i, piece in enumerate(chunks):
+                if reply.cut_after is not None and i >= reply.cut_after:
+                    request.transport.close()
+                    return response
+                if reply.delay and i:
+                    await asyncio.sleep(reply.delay)
+                await send({"content": piece})
+            if reply.cut_after is not None:
+                request.transport.close()
+                return response
+            for call in tool_calls:
+                await send({"tool_calls": [call]})
+            await send({}, finish)
+            if (received.body.get("stream_options") or {}).get("include_usage"):
+                usage_chunk = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+                await response.write(f"data: {json.dumps(usage_chunk)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled_streams += 1
+            raise
+        finally:
+            self.active_streams -= 1
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        received = await self._record(request)
+        reply = self._next() if self._queue else Reply()
+        if reply.status != 200:
+            return self._error(reply, received)
+        inputs = received.body.get("input", [])
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        data = []
+        for i, text in enumerate(inputs):
+            digest = hashlib.sha256(str(text).encode()).digest()
+            data.append({"object": "embedding", "index": i, "embedding": [b / 255 for b in digest[:8]]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": received.body.get("model"),
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+
+def _count_prompt(messages: list[dict[str, Any]]) -> int:
+    words = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            words += len(content.split())
+        elif isinstance(content, list):
+            words += sum(len(str(part.get("text", "")).split()) for part in content if isinstance(part, dict))
+    return max(words, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--text", default="Hello from the fake upstream.")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between stream chunks")
+    args = parser.parse_args()
+    upstream = FakeUpstream(port=args.port)
+    upstream.default = Reply(text=args.text, delay=args.delay)
+    upstream.start()
+    print(f"fake OpenAI-compatible upstream on {upstream.base_url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()

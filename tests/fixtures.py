@@ -1,0 +1,93 @@
+"""Fixtures for every test: the fake OpenAI-compatible upstream, LLM configs pointing at it, users and API clients."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from django.core.cache import cache
+
+from tests.fakes.upstream import FakeUpstream
+
+_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def _upstream_server():
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_upstream(_upstream_server):
+    """A real HTTP server on 127.0.0.1 speaking the OpenAI chat/embeddings API; script it with `.script(Reply(...))`."""
+    _upstream_server.reset()
+    yield _upstream_server
+    _upstream_server.reset()
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def make_llm_config(db, fake_upstream):
+    """Create an LLMConfig through the service, pointing at the fake upstream unless told otherwise."""
+    from llmconfigs.services import llm_config_create, llm_config_set_default
+
+    def make(*, default: bool = False, **fields):
+        n = next(_counter)
+        values = {
+            "name": f"config-{n}",
+            "provider": "openai",
+            "model_name": f"fake-model-{n}",
+            "base_url": fake_upstream.base_url,
+            "api_key": f"sk-test-{n:04d}-secretvalue-abcdef{n:04d}",
+        }
+        values.update(fields)
+        config = llm_config_create(**values)
+        if default:
+            config = llm_config_set_default(config=config)
+        return config
+
+    return make
+
+
+@pytest.fixture
+def default_llm_config(make_llm_config):
+    return make_llm_config(name="default-chat", model_name="fake-default", default=True)
+
+
+@pytest.fixture
+def staff_user(django_user_model):
+    return django_user_model.objects.create_user(username="staff", password="pw-staff-123", is_staff=True)
+
+
+@pytest.fixture
+def plain_user(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def staff_client(api_client, staff_user):
+    api_client.force_authenticate(staff_user)
+    return api_client
+
+
+@pytest.fixture
+def user_client(plain_user):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(plain_user)
+    return client

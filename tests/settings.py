@@ -1,0 +1,11 @@
+"""Settings for the test suite: the real settings with throwaway secrets and a fast password hasher."""
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production")
+os.environ.setdefault("FIELD_ENCRYPTION_KEY", "test-field-encryption-key")
+
+from opsagent.settings import *  # noqa: E402,F403
+
+LLM_MAX_RETRIES = 0  # upstream faults surface at once; retries are the production default
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+MEDIA_ROOT = BASE_DIR / "var" / "test-media"  # noqa: F405
