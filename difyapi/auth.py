@@ -1,0 +1,103 @@
+"""App API keys (`app-...`): creation, hashing, revocation and the Bearer authentication of every /v1 request."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+
+from agentcore.models import AgentApp
+from difyapi.errors import DifyError, forbidden, unauthorized
+from difyapi.models import ApiKey
+
+KEY_PREFIX = "app-"
+CACHE_TTL = 600
+CACHE_TTL_INVALID = 60
+
+
+def api_key_hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_generate() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def api_key_create(*, app: AgentApp, raw_key: str | None = None, name: str = "", created_by=None) -> tuple[ApiKey, str]:
+    """Create a key for `app`; returns (row, plaintext). The plaintext is never stored: show it once.
+    With `raw_key`, that exact key is used, idempotently (an existing live key for the same app is returned)."""
+    raw = raw_key or api_key_generate()
+    if not raw.startswith(KEY_PREFIX) or len(raw) < len(KEY_PREFIX) + 16:
+        raise ValueError(f"An app key must start with {KEY_PREFIX!r} and be at least 20 characters long.")
+    digest = api_key_hash(raw)
+    with transaction.atomic():
+        existing = ApiKey.objects.select_for_update().filter(key_hash=digest).first()
+        if existing is not None:
+            if existing.app_id != app.pk:
+                raise ValueError("That key already belongs to another app.")
+            if existing.revoked_at is not None:
+                raise ValueError("That key was revoked; choose another.")
+            return existing, raw
+        key = ApiKey.objects.create(app=app, key_hash=digest, last4=raw[-4:], name=name, created_by=created_by)
+    return key, raw
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    cache.delete(_cache_key(key.key_hash))
+    key.refresh_from_db()
+    return key
+
+
+def _cache_key(digest: str) -> str:
+    return f"dify:apikey:{digest}"
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """The authenticated app of a /v1 request."""
+
+    app: AgentApp
+    api_key_id: str
+
+
+def parse_bearer(header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header, with Dify's exact 401 messages."""
+    if not header or " " not in header.strip():
+        raise unauthorized("Authorization header must be provided and start with 'Bearer'")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise unauthorized("Authorization scheme must be 'Bearer'")
+    token = token.strip()
+    if not token:
+        raise unauthorized("Authorization header must be provided and start with 'Bearer'")
+    return token
+
+
+def authenticate(header: str | None) -> AppContext:
+    """Resolve the Bearer key to its app (cached, revocation-aware) or raise the DifyError Dify would send."""
+    token = parse_bearer(header)
+    digest = api_key_hash(token)
+    cached = cache.get(_cache_key(digest))
+    if cached == "invalid":
+        raise unauthorized("Access token is invalid")
+    if cached is None:
+        key = ApiKey.objects.filter(key_hash=digest, revoked_at__isnull=True).only("id", "app_id").first()
+        if key is None:
+            cache.set(_cache_key(digest), "invalid", CACHE_TTL_INVALID)
+            raise unauthorized("Access token is invalid")
+        cached = {"key_id": str(key.pk), "app_id": str(key.app_id)}
+        cache.set(_cache_key(digest), cached, CACHE_TTL)
+    app = AgentApp.objects.filter(pk=cached["app_id"]).first()
+    if app is None:
+        raise forbidden("The app no longer exists.")
+    if not app.is_active:
+        raise DifyError("forbidden", "The app's API service has been disabled.", 403)
+    return AppContext(app=app, api_key_id=cached["key_id"])
+
+
+aauthenticate = sync_to_async(authenticate, thread_sensitive=True)

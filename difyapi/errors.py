@@ -1,0 +1,67 @@
+"""Dify's error envelope: every error on /v1 is `{"code", "message", "status"}` with Dify's codes (SPEC.md §1)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpResponse
+
+
+class DifyError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.headers = headers or {}
+
+    def payload(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "status": self.status}
+
+    def body(self) -> bytes:
+        return json.dumps(self.payload(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    def response(self) -> HttpResponse:
+        response = HttpResponse(self.body(), status=self.status, content_type="application/json")
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+def unauthorized(message: str) -> DifyError:
+    return DifyError("unauthorized", message, 401, headers={"WWW-Authenticate": 'Bearer realm="api"'})
+
+
+def invalid_param(message: str) -> DifyError:
+    return DifyError("invalid_param", message, 400)
+
+
+def bad_request(message: str) -> DifyError:
+    return DifyError("bad_request", message, 400)
+
+
+def not_found(message: str) -> DifyError:
+    return DifyError("not_found", message, 404)
+
+
+def forbidden(message: str) -> DifyError:
+    return DifyError("forbidden", message, 403)
+
+
+NOT_CHAT_APP = DifyError("not_chat_app", "Please check if your app mode matches the right API route.", 400)
+APP_UNAVAILABLE = DifyError("app_unavailable", "App unavailable, please check your app configurations.", 400)
+INVALID_JSON = DifyError("bad_request", "Invalid JSON payload received or JSON payload is empty.", 400)
+UNSUPPORTED_MEDIA_TYPE = DifyError(
+    "unsupported_media_type",
+    "Did not attempt to load JSON data because the request Content-Type was not 'application/json'.",
+    415,
+)
+METHOD_NOT_ALLOWED = DifyError(
+    "method_not_allowed", "The method is not allowed for the requested URL.", 405
+)
+INTERNAL = DifyError(
+    "internal_server_error",
+    "The server encountered an internal error and was unable to complete your request. Either the server is "
+    "overloaded or there is an error in the application.",
+    500,
+)
