@@ -32,6 +32,7 @@ install-dev: $(VENV)/.installed-dev
 
 run: install .env
 	$(MANAGE) migrate --noinput
+	$(MANAGE) collectstatic --noinput -v0
 	$(MANAGE) seed --templates
 	@echo "Serving OpsAgent on http://127.0.0.1:8000 (admin: http://127.0.0.1:8000/admin/, Dify API: http://127.0.0.1:8000/v1)"
 	DJANGO_READ_DOT_ENV_FILE=1 $(VENV)/bin/daphne -b 127.0.0.1 -p 8000 opsagent.asgi:application

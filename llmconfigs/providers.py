@@ -69,6 +69,11 @@ class ProviderSpec:
     non_stream_extra_body: dict[str, dict[str, Any]] = field(default_factory=dict)
     docs: str = ""
 
+    @property
+    def default_top_p(self) -> float:
+        """1.0 where the provider accepts it, else just under its upper bound (e.g. Zhipu's open interval)."""
+        return 1.0 if self.top_p.contains(1.0) else 0.95
+
     def supports_vision(self, model_name: str) -> bool:
         name = model_name.lower()
         return any(marker in name for marker in self.vision_models)

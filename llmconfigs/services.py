@@ -195,8 +195,6 @@ def llm_config_check_chat_usable(*, config: LLMConfig) -> None:
         raise ConfigInactive(f"{config.name!r} is inactive.")
 
 
-
-
 def llm_config_seed_from_env(
     *, provider: str, api_key: str, model: str = "", base_url: str = ""
 ) -> tuple[LLMConfig, bool]:
@@ -215,7 +213,7 @@ def llm_config_seed_from_env(
     }
     existing = LLMConfig.objects.filter(name=name).first()
     if existing is None:
-        config = llm_config_create(name=name, api_key=api_key, source="command", **fields)
+        config = llm_config_create(name=name, api_key=api_key, source="command", top_p=spec.default_top_p, **fields)
         created = True
     else:
         config = llm_config_update(config=existing, api_key=api_key, source="command", **fields)
@@ -242,6 +240,7 @@ def llm_config_seed_templates() -> list[LLMConfig]:
                 provider=spec.key,
                 model_name=spec.default_model,
                 base_url=spec.default_base_url,
+                top_p=spec.default_top_p,
                 is_active=False,
                 description=f"Template for {spec.label}: add a key, check the model, activate.",
                 source="command",
