@@ -1,3 +1,32 @@
-"""URLs of difyapi (mounted by opsagent.urls)."""
+"""URLs of the Dify Service API under /v1 (mounted by opsagent.urls); chat-messages and stop are routed to Channels
+consumers by difyapi.routing before Django sees them. Anything else under /v1 gets the Dify 404 envelope."""
+from django.urls import path, re_path
 
-urlpatterns = []
+from difyapi import views
+
+urlpatterns = [
+    path("", views.index, name="dify-index"),
+    path("info", views.app_info, name="dify-info"),
+    path("parameters", views.app_parameters, name="dify-parameters"),
+    path("meta", views.app_meta, name="dify-meta"),
+    path("site", views.app_site, name="dify-site"),
+    path("models", views.app_models, name="dify-models"),
+    path("messages", views.message_list, name="dify-messages"),
+    path("messages/<uuid:message_id>/feedbacks", views.message_feedback, name="dify-message-feedback"),
+    path("messages/<uuid:message_id>/suggested", views.message_suggested, name="dify-message-suggested"),
+    path("app/feedbacks", views.app_feedbacks, name="dify-app-feedbacks"),
+    path("conversations", views.conversation_list, name="dify-conversations"),
+    path("conversations/<uuid:conversation_id>", views.conversation_delete, name="dify-conversation"),
+    path("conversations/<uuid:conversation_id>/name", views.conversation_rename, name="dify-conversation-name"),
+    path(
+        "conversations/<uuid:conversation_id>/variables",
+        views.conversation_variables,
+        name="dify-conversation-variables",
+    ),
+    path("files/upload", views.file_upload, name="dify-file-upload"),
+    path("files/<uuid:file_id>/preview", views.file_preview, name="dify-file-preview"),
+    path("files/<uuid:file_id>/file-preview", views.file_signed_preview, name="dify-file-signed-preview"),
+    path("audio-to-text", views.audio_to_text, name="dify-audio-to-text"),
+    path("text-to-audio", views.text_to_audio, name="dify-text-to-audio"),
+    re_path(r"^(?P<path>.*)$", views.not_found_view, name="dify-not-found"),
+]

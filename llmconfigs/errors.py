@@ -54,3 +54,15 @@ class ProviderCallError(Exception):
         self.category = category
         self.message = message
         self.status_code = status_code
+
+
+class ConfigConflict(LLMConfigError):
+    """The database refused the write (a name taken or a second default committed concurrently)."""
+
+    code = "config_conflict"
+
+
+class KeyRotationRefused(LLMConfigError):
+    """`rotate_field_key` was given an old key that does not decrypt the stored data; nothing was changed."""
+
+    code = "key_rotation_refused"

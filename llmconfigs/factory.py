@@ -103,7 +103,8 @@ def chat_model(
     return ChatOpenAI(**kwargs)
 
 
-def embeddings(config: LLMConfig, *, timeout: float | None = None) -> OpenAIEmbeddings:
+def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: int | None = None,
+               ) -> OpenAIEmbeddings:
     spec = provider_spec(config.provider)
     return OpenAIEmbeddings(
         model=config.model_name,
@@ -112,7 +113,7 @@ def embeddings(config: LLMConfig, *, timeout: float | None = None) -> OpenAIEmbe
         check_embedding_ctx_length=False,
         chunk_size=int((config.extra_config or {}).get("embedding_batch_size", spec.embedding_batch_size)),
         timeout=timeout if timeout is not None else settings.LLM_REQUEST_TIMEOUT,
-        max_retries=settings.LLM_MAX_RETRIES,
+        max_retries=max_retries if max_retries is not None else settings.LLM_MAX_RETRIES,
     )
 
 

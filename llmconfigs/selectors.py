@@ -8,7 +8,7 @@ from django.core.cache import cache
 from django.db.models import Q, QuerySet
 
 from llmconfigs.errors import ConfigAmbiguous, ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
-from llmconfigs.models import LLMConfig
+from llmconfigs.models import AuditLog, LLMConfig
 
 CACHE_TTL = 300
 _GENERATION_KEY = "llmconfig:generation"
@@ -161,3 +161,15 @@ def llm_config_resolve(
             "(or run `manage.py seed` with LLM_TYPE/LLM_API_KEY/LLM_MODEL)."
         )
     return default
+
+
+def audit_log_list(*, action: str | None = None, target_type: str | None = None,
+                   target_id: str | None = None) -> QuerySet[AuditLog]:
+    qs = AuditLog.objects.all()
+    if action:
+        qs = qs.filter(action=action)
+    if target_type:
+        qs = qs.filter(target_type=target_type)
+    if target_id:
+        qs = qs.filter(target_id=target_id)
+    return qs.order_by("-created_at", "-id")

@@ -1,18 +1,35 @@
 """Writes to LLM configurations: create/update/default/usage, each in one transaction with its audit record."""
 from __future__ import annotations
 
+import logging
+import pickle
+import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from llmconfigs.errors import ConfigInactive, ConfigWrongKind
+from llmconfigs import factory
+from llmconfigs.encryption import cipher_for, encrypted_columns
+from llmconfigs.errors import (
+    ConfigConflict,
+    ConfigInactive,
+    ConfigNotFound,
+    ConfigProtected,
+    ConfigWrongKind,
+    KeyRotationRefused,
+)
 from llmconfigs.models import AuditLog, LLMConfig
-from llmconfigs.secrets import mask_secret
+from llmconfigs.secrets import mask_secret, scrub
 from llmconfigs.selectors import llm_config_cache_invalidate
+
+logger = logging.getLogger(__name__)
 
 
 def audit_record(
@@ -24,8 +41,14 @@ def audit_record(
     source: str = "",
     ip_address: str | None = None,
 ) -> AuditLog:
-    """Append one audit row. `changes` must already be free of secrets (use masks)."""
+    """Append one audit row. `changes` must already be free of secrets (use masks). `target` is a model instance, or
+    a string naming what was acted on when it is not a row (e.g. "settings.FIELD_ENCRYPTION_KEY")."""
     user = actor if getattr(actor, "is_authenticated", False) else None
+    if isinstance(target, str):
+        return AuditLog.objects.create(
+            actor=user, actor_repr=user.get_username() if user else "", action=action, target_type=target,
+            target_repr=target, source=source, ip_address=ip_address, changes=changes or {},
+        )
     return AuditLog.objects.create(
         actor=user,
         actor_repr=user.get_username() if user else "",
@@ -67,7 +90,22 @@ def _changed(before: dict[str, Any], config: LLMConfig, fields: list[str]) -> di
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal | uuid.UUID):
         return str(value)
+    if isinstance(value, dict) and isinstance(value.get("default_headers"), dict):
+        # extra_config headers often carry credentials (Authorization, api-key): audit rows keep only their masks.
+        return {**value, "default_headers": {k: mask_secret(str(v)) for k, v in value["default_headers"].items()}}
     return value
+
+
+@contextmanager
+def _conflicts_refused():
+    """Turn the database refusing a write (unique name, one default per kind) into a ConfigConflict, never a 500."""
+    try:
+        yield
+    except IntegrityError:
+        raise ConfigConflict(
+            "The database refused the change: the name is already taken or another default was set at the same "
+            "time. Nothing was saved; reload and try again."
+        ) from None
 
 
 def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_address: str | None = None,
@@ -76,7 +114,7 @@ def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_add
     _set_api_key(config, api_key)
     config.created_by = config.updated_by = actor if getattr(actor, "is_authenticated", False) else None
     config.full_clean()
-    with transaction.atomic():
+    with _conflicts_refused(), transaction.atomic():
         if config.is_default:
             # Creating a new default takes the flag from the old one in the same transaction.
             LLMConfig.objects.select_for_update().filter(is_default=True, is_embedding=config.is_embedding).update(
@@ -101,23 +139,26 @@ _AUDITED_FIELDS = [
 
 def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = None, source: str = "",
                       ip_address: str | None = None, **fields: Any) -> LLMConfig:
-    """Update fields; `api_key` None or blank keeps the stored key. Default/active flags go through their services."""
-    with transaction.atomic():
+    """Update fields; `api_key` None or blank keeps the stored key. `is_default=True` takes the default through
+    llm_config_set_default in the same transaction (rows locked)."""
+    wants_default = fields.pop("is_default", None)
+    with _conflicts_refused(), transaction.atomic():
+        if wants_default:
+            # Take the locks in set-default's order (all configs of the kind, by pk) before locking this row alone.
+            _lock_kind(is_embedding=fields.get("is_embedding", config.is_embedding))
         locked = LLMConfig.objects.select_for_update().get(pk=config.pk)
         before = {name: getattr(locked, name) for name in _AUDITED_FIELDS}
         before_mask = locked.api_key_mask
         for name, value in fields.items():
             setattr(locked, name, value)
         key_changed = _set_api_key(locked, api_key)
+        if wants_default is False:
+            locked.is_default = False
         if locked.is_default and not locked.is_active:
             raise ConfigInactive("The default config cannot be deactivated; make another config the default first.",
                                  field="is_active")
         locked.updated_by = actor if getattr(actor, "is_authenticated", False) else locked.updated_by
         locked.full_clean()
-        if locked.is_default and not before["is_default"]:
-            LLMConfig.objects.filter(is_default=True, is_embedding=locked.is_embedding).exclude(pk=locked.pk).update(
-                is_default=False
-            )
         locked.save()
         changes = _changed(before, locked, _AUDITED_FIELDS)
         if key_changed:
@@ -126,32 +167,36 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
                          ip_address=ip_address)
         _invalidate_cache()
+        if wants_default and not locked.is_default:
+            locked = llm_config_set_default(config=locked, actor=actor, source=source, ip_address=ip_address)
     return locked
 
 
 def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
                            ) -> LLMConfig:
-    """Make `config` the one default of its kind (chat or embedding): one transaction, rows locked."""
+    """Make `config` the one default of its kind (chat or embedding): one transaction, rows locked.
+
+    Every config of the kind is locked, in primary-key order. Locking only the current default would let concurrent
+    callers through when there is none yet; locking the target and then the default in two steps can deadlock."""
     for attempt in range(3):
         try:
             with transaction.atomic():
-                target = LLMConfig.objects.select_for_update().get(pk=config.pk)
+                kind = LLMConfig.objects.filter(pk=config.pk).values_list("is_embedding", flat=True).first()
+                if kind is None:
+                    raise ConfigNotFound(f"LLM config {config.pk} does not exist.")
+                rows = _lock_kind(is_embedding=kind)
+                target = rows.get(config.pk)
+                if target is None:  # its kind changed since we read it; start over
+                    continue
                 if not target.is_active:
                     raise ConfigInactive(f"{target.name!r} is inactive; activate it before making it the default.")
-                # Lock the current default(s) of this kind too, so concurrent callers queue up here.
-                previous = list(
-                    LLMConfig.objects.select_for_update()
-                    .filter(is_default=True, is_embedding=target.is_embedding)
-                    .exclude(pk=target.pk)
-                    .values_list("name", flat=True)
-                )
+                previous = [row.name for row in rows.values() if row.is_default and row.pk != target.pk]
                 if target.is_default and not previous:
-                    return target
-                LLMConfig.objects.filter(is_default=True, is_embedding=target.is_embedding).exclude(
-                    pk=target.pk
-                ).update(is_default=False)
+                    return LLMConfig.objects.get(pk=target.pk)
+                LLMConfig.objects.filter(is_default=True, is_embedding=kind).exclude(pk=target.pk).update(
+                    is_default=False
+                )
                 LLMConfig.objects.filter(pk=target.pk).update(is_default=True, updated_at=timezone.now())
-                target.is_default = True
                 audit_record(
                     actor=actor,
                     action=AuditLog.Action.SET_DEFAULT,
@@ -161,13 +206,24 @@ def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", i
                     ip_address=ip_address,
                 )
                 _invalidate_cache()
-                return target
+                return LLMConfig.objects.get(pk=target.pk)
         except IntegrityError:
-            # Another transaction set a default between our lock and our write (possible on backends without row
-            # locks); the partial unique index refused the second default. Try again from a fresh read.
+            # Only possible on backends without row locks (SQLite): the partial unique index refused a second default
+            # committed between our read and our write. Try again from a fresh read.
             if attempt == 2:
                 raise
-    raise AssertionError("unreachable")
+    raise ConfigConflict("The config changed while it was being made the default; try again.")
+
+
+def _lock_kind(*, is_embedding: bool) -> dict[Any, LLMConfig]:
+    """Lock every config of one kind, always in primary-key order so that concurrent lockers cannot deadlock."""
+    return {
+        row.pk: row
+        for row in LLMConfig.objects.select_for_update()
+        .filter(is_embedding=is_embedding)
+        .order_by("pk")
+        .only("id", "name", "is_active", "is_default", "is_embedding")
+    }
 
 
 def llm_config_record_usage(
@@ -193,6 +249,165 @@ def llm_config_check_chat_usable(*, config: LLMConfig) -> None:
         raise ConfigWrongKind(f"{config.name!r} is an embedding config.")
     if not config.is_active:
         raise ConfigInactive(f"{config.name!r} is inactive.")
+
+
+def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None) -> None:
+    """Delete a config, unless it is the current default (that would leave every chat without a model)."""
+    with transaction.atomic():
+        locked = LLMConfig.objects.select_for_update().filter(pk=config.pk).first()
+        if locked is None:
+            return
+        if locked.is_default:
+            kind = "embedding" if locked.is_embedding else "chat"
+            raise ConfigProtected(
+                f"{locked.name!r} is the default {kind} config and cannot be deleted; make another config the "
+                "default first."
+            )
+        # Recorded first, while the row still has its id; a failed delete rolls the record back with it.
+        audit_record(
+            actor=actor, action=AuditLog.Action.DELETE, target=locked, source=source, ip_address=ip_address,
+            changes={"name": {"old": locked.name}, "api_key": {"old": locked.api_key_mask}},
+        )
+        locked.delete()
+        _invalidate_cache()
+
+
+def llm_config_activate(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+                        ) -> LLMConfig:
+    return _llm_config_set_active(config=config, active=True, actor=actor, source=source, ip_address=ip_address)
+
+
+def llm_config_deactivate(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+                          ) -> LLMConfig:
+    """Deactivate a config; the default is refused (another config must become the default first)."""
+    return _llm_config_set_active(config=config, active=False, actor=actor, source=source, ip_address=ip_address)
+
+
+def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: str, ip_address: str | None,
+                           ) -> LLMConfig:
+    with transaction.atomic():
+        locked = LLMConfig.objects.select_for_update().get(pk=config.pk)
+        if locked.is_active == active:
+            return locked
+        if not active and locked.is_default:
+            raise ConfigProtected(
+                f"{locked.name!r} is the default config and cannot be deactivated; make another config the default "
+                "first.",
+                field="is_active",
+            )
+        locked.is_active = active
+        # Activation re-validates: e.g. a keyless template must get its key before it may serve.
+        locked.full_clean()
+        if getattr(actor, "is_authenticated", False):
+            locked.updated_by = actor
+        locked.save(update_fields=["is_active", "updated_by", "updated_at"])
+        audit_record(
+            actor=actor, action=AuditLog.Action.ACTIVATE if active else AuditLog.Action.DEACTIVATE, target=locked,
+            changes={"is_active": {"old": not active, "new": active}}, source=source, ip_address=ip_address,
+        )
+        _invalidate_cache()
+    return locked
+
+
+@dataclass(frozen=True)
+class ConnectionTestResult:
+    ok: bool
+    latency_ms: float
+    category: str = ""
+    message: str = ""
+    status_code: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "latency_ms": self.latency_ms, "category": self.category, "message": self.message,
+                "status_code": self.status_code}
+
+
+# Enough for any provider to produce a token, small enough to cost nothing.
+_CONNECTION_TEST_MAX_TOKENS = 8
+
+
+def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+                               ) -> ConnectionTestResult:
+    """One real minimal call through the production factory (streaming chat, or an embedding), with the short
+    connection-test timeout and no retries. Returns ok + latency, or the provider's error with the key scrubbed."""
+    config = LLMConfig.objects.get(pk=config.pk)
+    timeout = settings.LLM_CONNECTION_TEST_TIMEOUT
+    started = time.perf_counter()
+    try:
+        if config.is_embedding:
+            factory.embeddings(config, timeout=timeout, max_retries=0).embed_query("ping")
+        else:
+            model = factory.chat_model(config, streaming=True, timeout=timeout, max_retries=0,
+                                       max_tokens=_CONNECTION_TEST_MAX_TOKENS)
+            for _chunk in model.stream("ping"):
+                pass
+        result = ConnectionTestResult(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 1))
+    except Exception as exc:
+        error = factory.provider_error(exc, api_key=config.api_key)
+        result = ConnectionTestResult(
+            ok=False, latency_ms=round((time.perf_counter() - started) * 1000, 1), category=error.category,
+            message=scrub(error.message, config.api_key), status_code=error.status_code,
+        )
+        logger.warning("Connection test of LLM config %s failed: %s: %s", config.pk, result.category, result.message)
+    audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=config, changes=result.as_dict(),
+                 source=source, ip_address=ip_address)
+    return result
+
+
+def encrypted_fields_rotate_key(*, old_key: str, old_secret_key: str | None = None, actor=None,
+                                source: str = "command") -> dict[str, int]:
+    """Re-encrypt every encrypted column from `old_key` to the current FIELD_ENCRYPTION_KEY, in one transaction.
+
+    Reads the raw ciphertext (the ORM would decrypt with the current key). Refuses, changing nothing, when any
+    value does not decrypt with `old_key`. `old_secret_key` is for when DJANGO_SECRET_KEY changed too:
+    django-cryptography signs ciphertext with it. Returns column label -> rows re-encrypted."""
+    old_cipher = cipher_for(old_key, secret_key=old_secret_key)
+    current_cipher = cipher_for(settings.FIELD_ENCRYPTION_KEY)
+    quote = connection.ops.quote_name
+    lock = " " + connection.ops.for_update_sql() if connection.features.has_select_for_update else ""
+    counts: dict[str, int] = {}
+    with transaction.atomic():
+        for column in encrypted_columns():
+            table, pk_col = column.model._meta.db_table, column.model._meta.pk.column
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT {quote(pk_col)}, {quote(column.field.column)} FROM {quote(table)} "
+                    f"WHERE {quote(column.field.column)} IS NOT NULL{lock}"
+                )
+                rows = cursor.fetchall()
+            updates, undecryptable, already_current = [], 0, 0
+            for pk, raw in rows:
+                try:
+                    value = pickle.loads(old_cipher.decrypt(bytes(raw)))
+                except Exception:
+                    undecryptable += 1
+                    already_current += _decrypts(current_cipher, bytes(raw))
+                    continue
+                updates.append((connection.Database.Binary(column.field._dump(value)), pk))
+            if undecryptable:
+                hint = (" They already decrypt with the current FIELD_ENCRYPTION_KEY: was the rotation done before?"
+                        if already_current == undecryptable else "")
+                raise KeyRotationRefused(
+                    f"The old key does not decrypt {undecryptable} of {len(rows)} value(s) of {column.label}; "
+                    f"nothing was changed.{hint}"
+                )
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    f"UPDATE {quote(table)} SET {quote(column.field.column)} = %s WHERE {quote(pk_col)} = %s", updates
+                )
+            counts[column.label] = len(updates)
+        audit_record(actor=actor, action=AuditLog.Action.ROTATE_KEY, target="settings.FIELD_ENCRYPTION_KEY",
+                     changes={"rows": counts}, source=source)
+        _invalidate_cache()
+    return counts
+
+
+def _decrypts(cipher, raw: bytes) -> bool:
+    try:
+        cipher.decrypt(raw)
+    except Exception:
+        return False
+    return True
 
 
 def llm_config_seed_from_env(

@@ -1,3 +1,10 @@
-"""URLs of llmconfigs (mounted by opsagent.urls)."""
+"""URLs of llmconfigs (mounted under /api/ by opsagent.urls)."""
+from rest_framework.routers import SimpleRouter
 
-urlpatterns = []
+from llmconfigs.api import AuditLogViewSet, LLMConfigViewSet
+
+router = SimpleRouter()
+router.register("llm-configs", LLMConfigViewSet, basename="llm-config")
+router.register("audit-logs", AuditLogViewSet, basename="audit-log")
+
+urlpatterns = router.urls

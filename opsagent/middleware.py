@@ -50,3 +50,9 @@ class RequestLogMiddleware:
                 "duration_ms": round(duration * 1000, 1),
             },
         )
+
+
+def client_ip(request) -> str | None:
+    """The client's address for audit records. REMOTE_ADDR only: X-Forwarded-For is client-controlled unless a trusted
+    proxy rewrites it, and an audit trail must not record what the client chose to claim."""
+    return request.META.get("REMOTE_ADDR") or None

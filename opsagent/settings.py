@@ -52,6 +52,7 @@ THIRD_PARTY_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 LOCAL_APPS = [
     "opsagent",
@@ -200,3 +201,8 @@ if not DEBUG:
     SESSION_COOKIE_HTTPONLY = True
     X_FRAME_OPTIONS = "DENY"
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
+
+# Swagger UI and Redoc served from the drf-spectacular-sidecar package, so /api/docs/ works without internet access.
+SPECTACULAR_SETTINGS.update(
+    {"SWAGGER_UI_DIST": "SIDECAR", "SWAGGER_UI_FAVICON_HREF": "SIDECAR", "REDOC_DIST": "SIDECAR"}
+)

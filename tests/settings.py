@@ -9,3 +9,9 @@ from opsagent.settings import *  # noqa: E402,F403
 LLM_MAX_RETRIES = 0  # upstream faults surface at once; retries are the production default
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 MEDIA_ROOT = BASE_DIR / "var" / "test-media"  # noqa: F405
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # The agent's checkpointer opens its own connection, which cannot see an in-memory test database: use a file
+    # per test process instead.
+    (BASE_DIR / "var").mkdir(exist_ok=True)  # noqa: F405
+    DATABASES["default"]["TEST"]["NAME"] = str(BASE_DIR / "var" / f"test-{os.getpid()}.sqlite3")  # noqa: F405

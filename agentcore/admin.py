@@ -1,0 +1,257 @@
+"""Admin for the agent: apps, sessions with their messages and thoughts (read-only), approvals (approve/reject resumes
+the run), MCP servers (with a connection test; secrets never rendered) and tool policies."""
+from __future__ import annotations
+
+import json
+
+from asgiref.sync import async_to_sync
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Prefetch
+from django.utils.html import format_html_join
+
+from agentcore.api.errors import ENGINE_ERRORS
+from agentcore.api.turns import turn_drain_sync
+from agentcore.mcp import mcp_server_test
+from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
+from agentcore.runs import ApprovalDecision, TurnRequest, turn_prepare
+from agentcore.services import tool_policy_update
+from agentcore.tools.registry import SHELL_TOOL
+from llmconfigs.secrets import mask_secret
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(AgentApp)
+class AgentAppAdmin(admin.ModelAdmin):
+    list_display = ["name", "mode", "llm_config", "max_iterations", "max_active_requests", "is_active", "updated_at"]
+    list_filter = ["mode", "is_active"]
+    list_select_related = ["llm_config"]
+    search_fields = ["name", "description"]
+
+
+class MessageInline(ReadOnlyInline):
+    model = Message
+    fields = ["created_at", "query", "answer", "status", "error", "model_name", "total_tokens", "thought_summary"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related(
+            Prefetch("thoughts", queryset=Thought.objects.order_by("position", "created_at"))
+        )
+
+    @admin.display(description="thoughts")
+    def thought_summary(self, message: Message) -> str:
+        return format_html_join(
+            "",
+            "<div>#{} {} <code>{}</code> → {} <em>{}</em></div>",
+            (
+                (t.position, t.tool or "answer", json.dumps(t.tool_input)[:200] if t.tool else "",
+                 (t.observation or t.thought)[:300], t.status)
+                for t in message.thoughts.all()
+            ),
+        )
+
+
+class TaskInline(ReadOnlyInline):
+    model = Task
+    fields = ["order", "title", "status", "updated_at"]
+    readonly_fields = fields
+    show_change_link = False
+
+
+@admin.register(Session)
+class SessionAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "app", "owner", "end_user", "source", "is_deleted", "updated_at"]
+    list_filter = ["source", "is_deleted", "app"]
+    list_select_related = ["app", "owner"]
+    search_fields = ["name", "end_user", "owner__username"]
+    inlines = [MessageInline, TaskInline]
+
+    # Conversations are a record: changed only by the run service and the API's session endpoints.
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ThoughtInline(ReadOnlyInline):
+    model = Thought
+    fields = ["position", "thought", "tool", "tool_input", "observation", "status", "created_at"]
+    readonly_fields = fields
+    show_change_link = False
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "session", "status", "model_name", "total_tokens", "total_price", "created_at"]
+    list_filter = ["status"]
+    list_select_related = ["session"]
+    search_fields = ["query", "answer"]
+    inlines = [ThoughtInline]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Approval)
+class ApprovalAdmin(admin.ModelAdmin):
+    """Approving or rejecting here resumes the paused run and runs it to its end inside the action, so the admin
+    sees the outcome at once (the tool's result and the answer are on the session's page)."""
+
+    list_display = ["tool", "status", "approver", "session", "decided_by", "decided_at", "created_at"]
+    list_filter = ["status", "approver", "tool"]
+    list_select_related = ["session", "decided_by"]
+    readonly_fields = ["id", "session", "message", "tool", "tool_input", "approver", "status", "comment",
+                       "decided_by", "decided_by_end_user", "decided_at", "created_at"]
+    exclude = ["thought", "tool_call_id"]
+    actions = ["approve", "reject"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Approve selected tool calls (runs them and resumes the answer)")
+    def approve(self, request, queryset):
+        self._decide(request, queryset, "approve")
+
+    @admin.action(description="Reject selected tool calls (the agent is told and continues)")
+    def reject(self, request, queryset):
+        self._decide(request, queryset, "reject")
+
+    def _decide(self, request, queryset, decision: str) -> None:
+        for approval in queryset.select_related("session__app"):
+            session = approval.session
+            try:
+                turn = async_to_sync(turn_prepare)(TurnRequest(
+                    app=session.app, session_id=str(session.id), owner=request.user, source=session.source,
+                    end_user=session.end_user,
+                    approval=ApprovalDecision(approval_id=str(approval.id), decision=decision),
+                ))
+            except ENGINE_ERRORS as exc:
+                self.message_user(request, f"{approval.tool}: {exc.message}", messages.ERROR)
+                continue
+            result = turn_drain_sync(turn)
+            level = messages.ERROR if result.status == "error" else messages.SUCCESS
+            self.message_user(request, f"{approval.tool}: {decision}d; the answer ended {result.status}.", level)
+
+
+class SecretMapField(forms.CharField):
+    """A JSON object of secrets: the form never shows the stored values (blank keeps them)."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "placeholder": '{"NAME": "value"}  (blank keeps the stored values)'})
+
+    def prepare_value(self, value):
+        return ""
+
+    def to_python(self, value):
+        value = super().to_python(value).strip()
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise forms.ValidationError("Enter a JSON object.") from exc
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise forms.ValidationError('Enter a JSON object of strings, e.g. {"TOKEN": "..."}.')
+        return parsed
+
+
+class MCPServerForm(forms.ModelForm):
+    env = SecretMapField(required=False, help_text="Environment of a stdio server. Stored encrypted; never shown.")
+    headers = SecretMapField(required=False, help_text="HTTP headers of a streamable_http server. Stored encrypted; "
+                                                       "never shown.")
+
+    class Meta:
+        model = MCPServer
+        fields = ["name", "transport", "command", "args", "env", "url", "headers", "enabled", "allowed_tools",
+                  "requires_approval_default"]
+
+    def clean_env(self):
+        return self._kept("env")
+
+    def clean_headers(self):
+        return self._kept("headers")
+
+    def _kept(self, name: str) -> dict:
+        value = self.cleaned_data.get(name)
+        if value is not None:
+            return value
+        return (getattr(self.instance, name) or {}) if self.instance.pk else {}
+
+
+@admin.register(MCPServer)
+class MCPServerAdmin(admin.ModelAdmin):
+    form = MCPServerForm
+    list_display = ["name", "transport", "enabled", "requires_approval_default", "updated_at"]
+    list_filter = ["transport", "enabled"]
+    readonly_fields = ["masked_env", "masked_headers"]
+    actions = ["test_connection"]
+
+    @admin.display(description="stored env")
+    def masked_env(self, server: MCPServer) -> str:
+        return _masked(server.env)
+
+    @admin.display(description="stored headers")
+    def masked_headers(self, server: MCPServer) -> str:
+        return _masked(server.headers)
+
+    @admin.action(description="Test: connect and list the server's tools")
+    def test_connection(self, request, queryset):
+        for server in queryset:
+            result = mcp_server_test(server=server)
+            if result.get("ok"):
+                names = ", ".join(_tool_names(result.get("tools") or [])) or "no tools"
+                self.message_user(request, f"{server.name}: connected; tools: {names}", messages.SUCCESS)
+            else:
+                self.message_user(request, f"{server.name}: {result.get('error')}", messages.ERROR)
+
+
+def _masked(values: dict | None) -> str:
+    return format_html_join(", ", "{}={}", ((key, mask_secret(str(v))) for key, v in (values or {}).items())) or "-"
+
+
+def _tool_names(tools: list) -> list[str]:
+    return [tool["name"] if isinstance(tool, dict) else str(tool) for tool in tools]
+
+
+@admin.register(ToolPolicy)
+class ToolPolicyAdmin(admin.ModelAdmin):
+    list_display = ["name", "source", "mcp_server", "enabled", "requires_approval", "approver", "updated_at"]
+    list_filter = ["source", "enabled", "requires_approval", "approver"]
+    list_select_related = ["mcp_server"]
+    search_fields = ["name", "description"]
+    fields = ["name", "source", "mcp_server", "description", "enabled", "requires_approval", "approver"]
+    readonly_fields = ["name", "source", "mcp_server", "description"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.name == SHELL_TOOL:
+            # The engine enforces these for run_shell whatever the row says; offering them would only mislead.
+            return [*self.readonly_fields, "requires_approval", "approver"]
+        return self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        # Through the service, which owns the rules of what a policy may say.
+        changes = {name: form.cleaned_data[name] for name in form.changed_data}
+        if changes:
+            tool_policy_update(name=obj.name, **changes)
+

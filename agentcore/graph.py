@@ -1,0 +1,165 @@
+"""The agent's LangGraph: model -> (approval gate + tools) -> model, until an answer or the iteration limit."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AnyMessage, SystemMessage, ToolMessage
+from langchain_core.tools import BaseTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+
+TOOL_TIMEOUT_SECONDS = 120.0
+OBSERVATION_LIMIT = 8000
+NOT_RUN = "Not run: the turn ended before this tool could run."
+LIMIT_REACHED = "Not run: the agent reached its iteration limit for this turn."
+
+
+@dataclass(frozen=True)
+class ToolRule:
+    requires_approval: bool = False
+    approver: str = "requester"
+
+
+class AgentState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    iterations: int  # model calls in the current turn; every new query resets it
+
+
+def close_dangling_tool_calls(messages: list[AnyMessage]) -> list[AnyMessage]:
+    """History with an answer for every tool call: a stopped or superseded turn can leave calls that never ran,
+    and providers refuse a conversation whose tool calls have no tool message."""
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    result: list[AnyMessage] = []
+    for message in messages:
+        result.append(message)
+        if isinstance(message, AIMessage):
+            for call in message.tool_calls:
+                if call["id"] not in answered:
+                    result.append(ToolMessage(content=NOT_RUN, tool_call_id=call["id"], name=call["name"]))
+    return result
+
+
+def truncate(text: str, limit: int = OBSERVATION_LIMIT) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... truncated {len(text) - limit} characters]"
+
+
+async def _invoke_tool(tool: BaseTool | None, name: str, args: dict[str, Any]) -> tuple[str, str]:
+    """(observation, status): failures become observations the model can read, never a crashed turn."""
+    if tool is None:
+        return f"Error: the tool {name!r} is not available.", "error"
+    try:
+        output = await asyncio.wait_for(tool.ainvoke(args), timeout=TOOL_TIMEOUT_SECONDS)
+    except TimeoutError:
+        return f"Error: {name} did not finish within {TOOL_TIMEOUT_SECONDS:.0f} s.", "error"
+    except Exception as exc:  # noqa: BLE001 - any tool fault is reported to the model
+        return f"Error: {type(exc).__name__}: {exc}", "error"
+    return truncate(_as_text(output)), "done"
+
+
+def _as_text(output: Any) -> str:
+    """Tool output as text: MCP tools answer with content blocks ([{"type": "text", "text": ...}, ...])."""
+    output = getattr(output, "content", output)
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return "\n".join(
+            b["text"] if isinstance(b, dict) and isinstance(b.get("text"), str) else json.dumps(b, default=str)
+            for b in output
+        )
+    return json.dumps(output, default=str) if isinstance(output, dict) else str(output)
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What one run brings to the shared graph: its model, tools, rules and prompt (never checkpointed)."""
+
+    model: BaseChatModel
+    tools: dict[str, BaseTool] = field(default_factory=dict)
+    rules: dict[str, ToolRule] = field(default_factory=dict)
+    system_prompt: str = ""
+    max_iterations: int = 8
+
+    def bound_model(self) -> Any:
+        return self.model.bind_tools(list(self.tools.values())) if self.tools else self.model
+
+
+async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    # The system prompt is added at call time, so the checkpoint keeps only the conversation and an edited prompt
+    # applies to old sessions too.
+    agent = runtime.context
+    prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
+    response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(state["messages"]))
+    return {"messages": [response], "iterations": state.get("iterations", 0) + 1}
+
+
+def route(state: AgentState, runtime: Runtime[AgentContext]) -> str:
+    last = state["messages"][-1]
+    if not isinstance(last, AIMessage) or not last.tool_calls:
+        return END
+    return "limit" if state.get("iterations", 0) >= runtime.context.max_iterations else "tools"
+
+
+async def run_tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    agent = runtime.context
+    calls = state["messages"][-1].tool_calls
+    # Every approval is collected before any tool runs: on resume this node starts again from the top, and
+    # interrupt() returns the recorded decisions in order, so nothing runs twice or without its decision.
+    decisions: dict[str, dict[str, Any]] = {}
+    for call in calls:
+        rule = agent.rules.get(call["name"])
+        if rule is not None and rule.requires_approval:
+            decisions[call["id"]] = interrupt({
+                "tool": call["name"],
+                "tool_input": call["args"],
+                "tool_call_id": call["id"],
+                "approver": rule.approver,
+            })
+    results = []
+    for call in calls:
+        decision = decisions.get(call["id"])
+        if decision is not None and decision.get("decision") != "approve":
+            comment = decision.get("comment") or "no comment"
+            observation, status = f"The user rejected this tool call. Comment: {comment}", "rejected"
+        else:
+            observation, status = await _invoke_tool(agent.tools.get(call["name"]), call["name"], call["args"])
+        results.append(ToolMessage(content=observation, tool_call_id=call["id"], name=call["name"],
+                                   artifact={"status": status}))
+    return {"messages": results}
+
+
+def refuse_over_limit(state: AgentState) -> dict[str, Any]:
+    calls = state["messages"][-1].tool_calls
+    return {"messages": [
+        ToolMessage(content=LIMIT_REACHED, tool_call_id=c["id"], name=c["name"], artifact={"status": "error"})
+        for c in calls
+    ]}
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> CompiledStateGraph:
+    graph = StateGraph(AgentState, context_schema=AgentContext)
+    graph.add_node("model", call_model)
+    graph.add_node("tools", run_tools)
+    graph.add_node("limit", refuse_over_limit)
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", route, ["tools", "limit", END])
+    graph.add_edge("tools", "model")
+    graph.add_edge("limit", END)
+    return graph.compile()
+
+
+def agent_graph(*, checkpointer: BaseCheckpointSaver) -> CompiledStateGraph:
+    """The agent graph on a run's checkpointer; run it with `context=AgentContext(...)`. The structure is compiled
+    once per process (a few ms saved on every turn); only the saver differs between runs."""
+    return _compiled().copy(update={"checkpointer": checkpointer})

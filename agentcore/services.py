@@ -1,0 +1,232 @@
+"""Writes of the agent's domain: sessions, approvals, plans, tool policies, stale runs and the demo app."""
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, ApprovalNotFound, InvalidInput
+from agentcore.models import AgentApp, Approval, Message, Session, Task, ToolPolicy
+from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL
+from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
+from llmconfigs.factory import OVERRIDABLE, effective_parameters
+from llmconfigs.selectors import llm_config_get, llm_config_resolve
+
+STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
+NAME_LIMIT = 50
+_UNSET: Any = object()
+
+DEMO_SYSTEM_PROMPT = """You are OpsAgent, a careful site-reliability assistant.
+- Investigate before you conclude: use the tools (http_check, dns_lookup, system_status, current_time and any MCP
+  tools) to gather facts, and say which tool told you what.
+- For work with several steps, write a short plan with update_plan and keep its statuses current.
+- Never guess command output. run_shell needs a staff approval every time: propose the exact command and why.
+- If a tool fails or a call is rejected, explain what that means and suggest the next safe step.
+- Answer concisely, in the user's language, with concrete numbers (status codes, latencies, percentages)."""
+
+
+def session_name_from(query: str) -> str:
+    query = " ".join(query.split())
+    return query if len(query) <= NAME_LIMIT else query[:NAME_LIMIT - 3] + "..."
+
+
+def _validated_parameters(parameters: Any, *, config_id: Any, app: AgentApp) -> dict[str, Any]:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("model_parameters must be an object.", field="model_parameters")
+    unknown = sorted(set(parameters) - set(OVERRIDABLE))
+    if unknown:
+        raise InvalidInput(f"Unknown model parameter(s): {', '.join(unknown)}; allowed: {', '.join(OVERRIDABLE)}.",
+                           field="model_parameters")
+    try:
+        config = llm_config_resolve(session_config_id=config_id, app_config_id=app.llm_config_id)
+    except NoUsableConfig:
+        return dict(parameters)  # nothing to check ranges against yet; the turn checks them again
+    try:
+        effective_parameters(config, **parameters)
+    except InvalidParameter as exc:
+        raise InvalidParameter(exc.message, field="model_parameters") from None
+    return {k: v for k, v in parameters.items() if v is not None}
+
+
+def _chat_config_id(llm_config_id: Any) -> Any:
+    if llm_config_id in (None, ""):
+        return None
+    config = llm_config_get(config_id=llm_config_id)
+    if config is None:
+        raise ConfigNotFound(f"LLM config {llm_config_id} does not exist.", field="llm_config_id")
+    try:
+        llm_config_resolve(config_id=config.pk)
+    except Exception as exc:
+        exc.field = "llm_config_id"
+        raise
+    return config.pk
+
+
+def session_create(*, app: AgentApp, owner=None, end_user: str = "", source: str = Session.Source.CONSOLE,
+                   name: str = "", inputs: dict | None = None, llm_config_id: Any = None,
+                   model_parameters: dict | None = None) -> Session:
+    config_id = _chat_config_id(llm_config_id)
+    parameters = _validated_parameters(model_parameters, config_id=config_id, app=app)
+    return Session.objects.create(app=app, owner=owner, end_user=end_user, source=source, name=name[:255],
+                                  inputs=inputs or {}, llm_config_id=config_id, model_parameters=parameters)
+
+
+def session_update(*, session: Session, llm_config_id: Any = _UNSET, model_parameters: Any = _UNSET,
+                   name: Any = _UNSET) -> Session:
+    """Change a session's model, its parameter overrides or its name; only the given fields change."""
+    fields = ["updated_at"]
+    if llm_config_id is not _UNSET:
+        session.llm_config_id = _chat_config_id(llm_config_id)
+        fields.append("llm_config")
+    if model_parameters is not _UNSET or llm_config_id is not _UNSET:
+        parameters = session.model_parameters if model_parameters is _UNSET else model_parameters
+        session.model_parameters = _validated_parameters(parameters, config_id=session.llm_config_id, app=session.app)
+        fields.append("model_parameters")
+    if name is not _UNSET:
+        if not isinstance(name, str):
+            raise InvalidInput("name must be a string.", field="name")
+        session.name = name.strip()[:255]
+        fields.append("name")
+    session.save(update_fields=fields)
+    return session
+
+
+def session_delete(*, session: Session) -> None:
+    """Soft delete: the conversation disappears from every list but its rows stay for audit."""
+    Session.objects.filter(pk=session.pk).update(is_deleted=True, deleted_at=timezone.now())
+    session.is_deleted = True
+
+
+def message_close_stale(*, session: Session | None = None) -> int:
+    """Mark runs whose process died (no heartbeat for AGENT_STALE_RUN_SECONDS) as failed; returns how many."""
+    cutoff = timezone.now() - timedelta(seconds=settings.AGENT_STALE_RUN_SECONDS)
+    stale = Message.objects.filter(status=Message.Status.RUNNING, heartbeat_at__lt=cutoff)
+    if session is not None:
+        stale = stale.filter(session=session)
+    return stale.update(status=Message.Status.ERROR, error=STALE_RUN_ERROR, error_category="internal",
+                        heartbeat_at=None)
+
+
+def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=None, end_user: str = "") -> Approval:
+    """Record a decision once (row lock: a second decision raises ApprovalAlreadyDecided). Resuming the run is the
+    run service's job (runs.turn_prepare with an ApprovalDecision)."""
+    if decision not in ("approve", "reject"):
+        raise InvalidInput("decision must be 'approve' or 'reject'.", field="decision")
+    try:
+        pk = uuid.UUID(str(approval_id))
+    except ValueError:
+        raise ApprovalNotFound("Approval not found.", field="approval_id") from None
+    with transaction.atomic():
+        approval = Approval.objects.select_for_update().filter(pk=pk).first()
+        if approval is None:
+            raise ApprovalNotFound("Approval not found.", field="approval_id")
+        if approval.status != Approval.Status.PENDING:
+            raise ApprovalAlreadyDecided(f"This approval was already {approval.status}.", field="approval_id")
+        staff_only = approval.approver == ToolPolicy.Approver.STAFF or approval.tool == SHELL_TOOL
+        if staff_only and not (user is not None and user.is_staff):
+            raise ApprovalForbidden(f"Only staff may approve {approval.tool}.", field="approval_id")
+        approval.status = Approval.Status.APPROVED if decision == "approve" else Approval.Status.REJECTED
+        approval.comment = (comment or "")[:2000]
+        approval.decided_by = user if user is not None and user.is_authenticated else None
+        approval.decided_by_end_user = end_user or ""
+        approval.decided_at = timezone.now()
+        approval.save(update_fields=["status", "comment", "decided_by", "decided_by_end_user", "decided_at"])
+    return approval
+
+
+def approval_supersede(*, session: Session) -> int:
+    """A new query in a session abandons its paused turn: pending approvals are closed as rejected and the paused
+    message as stopped, so a late decision cannot resume a conversation that has moved on."""
+    now = timezone.now()
+    count = Approval.objects.filter(session=session, status=Approval.Status.PENDING).update(
+        status=Approval.Status.REJECTED, comment="superseded by a new message", decided_at=now)
+    Message.objects.filter(session=session, status=Message.Status.PAUSED).update(status=Message.Status.STOPPED)
+    return count
+
+
+def task_replace(*, session_id: Any, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace a session's plan (what the update_plan tool writes)."""
+    statuses = set(Task.Status.values)
+    for item in tasks:
+        if item.get("status", "pending") not in statuses:
+            raise ValueError(f"unknown status {item.get('status')!r}; use one of {', '.join(sorted(statuses))}")
+        if not str(item.get("title", "")).strip():
+            raise ValueError("every step needs a title")
+    with transaction.atomic():
+        Task.objects.filter(session_id=session_id).delete()
+        created = Task.objects.bulk_create([
+            Task(session_id=session_id, title=str(item["title"]).strip()[:500], status=item.get("status", "pending"),
+                 order=i)
+            for i, item in enumerate(tasks)
+        ])
+    return [{"title": t.title, "status": t.status, "order": t.order} for t in created]
+
+
+def tool_policy_sync() -> list[ToolPolicy]:
+    """Create the missing built-in policy rows with their defaults (idempotent; existing rows are left alone)."""
+    ToolPolicy.objects.bulk_create(
+        [
+            ToolPolicy(name=name, source=ToolPolicy.Source.BUILTIN, description=d.description, enabled=d.enabled,
+                       requires_approval=d.requires_approval, approver=d.approver)
+            for name, d in BUILTIN_DEFAULTS.items()
+        ],
+        ignore_conflicts=True,
+    )
+    return list(ToolPolicy.objects.all())
+
+
+def tool_policy_update(*, name: str, **fields: Any) -> ToolPolicy:
+    """Change a tool's policy (enabled, requires_approval, approver). run_shell can be enabled or disabled but never
+    made approval-free or approvable by the requester."""
+    allowed = {"enabled", "requires_approval", "approver", "description"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise InvalidInput(f"Unknown field(s): {', '.join(unknown)}.", field=unknown[0])
+    for key in ("enabled", "requires_approval"):
+        if key in fields and not isinstance(fields[key], bool):
+            raise InvalidInput(f"{key} must be true or false.", field=key)
+    if "approver" in fields and fields["approver"] not in ToolPolicy.Approver.values:
+        raise InvalidInput(f"approver must be one of {', '.join(ToolPolicy.Approver.values)}.", field="approver")
+    if name == SHELL_TOOL:
+        if fields.get("requires_approval") is False:
+            raise InvalidInput("run_shell always requires an approval.", field="requires_approval")
+        if fields.get("approver", ToolPolicy.Approver.STAFF) != ToolPolicy.Approver.STAFF:
+            raise InvalidInput("Only staff may approve run_shell.", field="approver")
+    tool_policy_sync()
+    with transaction.atomic():
+        policy = ToolPolicy.objects.select_for_update().filter(name=name).first()
+        if policy is None:
+            raise InvalidInput(f"Unknown tool {name!r}.", field="name")
+        for key, value in fields.items():
+            setattr(policy, key, value)
+        policy.save()
+    return policy
+
+
+def agent_app_seed_demo() -> AgentApp:
+    """The demo "OpsAgent" agent-chat app when no app exists yet (idempotent); otherwise the first app."""
+    with transaction.atomic():
+        existing = AgentApp.objects.order_by("created_at").first()
+        if existing is not None:
+            return existing
+        app, _ = AgentApp.objects.get_or_create(
+            name="OpsAgent",
+            defaults={
+                "mode": AgentApp.Mode.AGENT_CHAT,
+                "description": "An operations assistant with HTTP, DNS, system and plan tools.",
+                "system_prompt": DEMO_SYSTEM_PROMPT,
+                "opening_statement": "Hi, I'm OpsAgent. Ask me to check a URL, a host name or this server's health.",
+                "suggested_questions": [
+                    "Is https://example.com up, and how fast does it answer?",
+                    "What does this server's load, memory and disk look like?",
+                    "Resolve github.com and tell me its IPv4 and IPv6 addresses.",
+                ],
+            },
+        )
+    return app

@@ -1,0 +1,150 @@
+"""Agent admin: every page renders without secrets; approval actions resume the run; policies go through the
+service; MCP secrets are write-only; the MCP test action reports the server's tools."""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.urls import reverse
+
+from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Thought, ToolPolicy
+from agentcore.tests import api_support
+from tests.fakes.upstream import Reply, ToolCall
+
+agent_app = api_support.agent_app
+hit_target = api_support.hit_target
+http_check_needs_approval = api_support.http_check_needs_approval
+
+SECRET = "mcp-env-secret-value-7c1d"
+HEADER_SECRET = "hdr-secret-value-55aa"
+
+
+@pytest.fixture
+def admin_client(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser(username="root", password="pw-root-12345"))
+    return client
+
+
+@pytest.fixture
+def mcp_server(db):
+    return MCPServer.objects.create(name="ops", command="ops-mcp", env={"API_TOKEN": SECRET},
+                                    headers={"X-Key": HEADER_SECRET})
+
+
+@pytest.mark.django_db
+def test_every_agent_admin_page_renders_without_secrets(admin_client, agent_app, plain_user, mcp_server):
+    session = Session.objects.create(app=agent_app, owner=plain_user, name="disk check")
+    message = Message.objects.create(session=session, query="disk?", answer="Disk is 40% full.", status="normal")
+    Thought.objects.create(message=message, position=1, tool="system_status", observation="disk 40%", status="done")
+    approval = Approval.objects.create(session=session, message=message, tool="http_check",
+                                       tool_input={"url": "http://x"})
+    ToolPolicy.objects.create(name="ops__uptime", source="mcp", mcp_server=mcp_server)
+    pages = [
+        reverse("admin:agentcore_agentapp_changelist"), reverse("admin:agentcore_agentapp_change", args=[agent_app.pk]),
+        reverse("admin:agentcore_session_changelist"), reverse("admin:agentcore_session_change", args=[session.pk]),
+        reverse("admin:agentcore_message_change", args=[message.pk]),
+        reverse("admin:agentcore_approval_changelist"), reverse("admin:agentcore_approval_change", args=[approval.pk]),
+        reverse("admin:agentcore_mcpserver_changelist"), reverse("admin:agentcore_mcpserver_add"),
+        reverse("admin:agentcore_mcpserver_change", args=[mcp_server.pk]),
+        reverse("admin:agentcore_toolpolicy_changelist"),
+        reverse("admin:agentcore_toolpolicy_change", args=["ops__uptime"]),
+    ]
+    for page in pages:
+        response = admin_client.get(page)
+        assert response.status_code == 200, page
+        html = response.content.decode()
+        assert SECRET not in html and HEADER_SECRET not in html, page
+    session_page = admin_client.get(reverse("admin:agentcore_session_change", args=[session.pk])).content.decode()
+    assert "Disk is 40% full." in session_page and "system_status" in session_page and "disk 40%" in session_page
+    mcp_page = admin_client.get(reverse("admin:agentcore_mcpserver_change", args=[mcp_server.pk])).content.decode()
+    assert SECRET[-4:] in mcp_page  # the mask
+
+
+@pytest.mark.django_db
+def test_mcp_secrets_are_kept_when_left_blank_and_replaced_when_given(admin_client, mcp_server):
+    url = reverse("admin:agentcore_mcpserver_change", args=[mcp_server.pk])
+    form = {"name": "ops", "transport": "stdio", "command": "ops-mcp", "args": "[]", "env": "", "url": "",
+            "headers": "", "enabled": "on", "allowed_tools": "[]", "requires_approval_default": "on"}
+    response = admin_client.post(url, form)
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    mcp_server.refresh_from_db()
+    assert mcp_server.env == {"API_TOKEN": SECRET} and mcp_server.headers == {"X-Key": HEADER_SECRET}
+    response = admin_client.post(url, {**form, "env": '{"API_TOKEN": "new-value-123456"}'})
+    assert response.status_code == 302
+    mcp_server.refresh_from_db()
+    assert mcp_server.env == {"API_TOKEN": "new-value-123456"}
+    response = admin_client.post(url, {**form, "env": '{"API_TOKEN": 5}'})
+    assert response.status_code == 200 and "JSON object of strings" in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_run_shell_policy_can_be_enabled_but_its_approval_rule_is_locked(admin_client):
+    admin_client.get(reverse("admin:agentcore_toolpolicy_changelist"))  # policies exist once tools are listed
+    from agentcore.services import tool_policy_sync
+
+    tool_policy_sync()
+    url = reverse("admin:agentcore_toolpolicy_change", args=["run_shell"])
+    response = admin_client.post(url, {"enabled": "on", "requires_approval": "", "approver": "requester"})
+    assert response.status_code == 302
+    policy = ToolPolicy.objects.get(name="run_shell")
+    assert policy.enabled and policy.requires_approval and policy.approver == "staff"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("http_check_needs_approval")
+def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user_client, agent_app, fake_upstream,
+                                                              hit_target):
+    fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]), Reply(text="Up."))
+    body = user_client.post("/api/agent/chat/", {"message": "up?"}, format="json").json()
+    approval_id = body["pending_approvals"][0]["id"]
+    assert hit_target.hits == 0
+    response = admin_client.post(reverse("admin:agentcore_approval_changelist"),
+                                 {"action": "approve", ACTION_CHECKBOX_NAME: [approval_id]}, follow=True)
+    assert response.status_code == 200
+    assert "approved; the answer ended normal" in response.content.decode()
+    approval = Approval.objects.get(id=approval_id)
+    assert approval.status == "approved" and approval.decided_by.username == "root"
+    message = Message.objects.get(id=body["message_id"])
+    assert (message.status, message.answer) == ("normal", "Up.")
+    assert hit_target.hits == 1
+
+    response = admin_client.post(reverse("admin:agentcore_approval_changelist"),
+                                 {"action": "reject", ACTION_CHECKBOX_NAME: [approval_id]}, follow=True)
+    assert "already approved" in response.content.decode()
+    assert Approval.objects.get(id=approval_id).status == "approved"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_mcp_test_action_lists_the_servers_tools(admin_client, tmp_path):
+    script = tmp_path / "tiny_mcp.py"
+    script.write_text(textwrap.dedent("""
+        from mcp.server.fastmcp import FastMCP
+
+        server = FastMCP("tiny")
+
+        @server.tool()
+        def uptime() -> str:
+            \"\"\"How long the host has been up.\"\"\"
+            return "up 3 days"
+
+        server.run()
+    """))
+    server = MCPServer.objects.create(name="tiny", command=sys.executable, args=[str(script)])
+    response = admin_client.post(reverse("admin:agentcore_mcpserver_changelist"),
+                                 {"action": "test_connection", ACTION_CHECKBOX_NAME: [str(server.pk)]}, follow=True)
+    assert response.status_code == 200
+    assert "connected; tools: tiny__uptime" in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_app_admin_saves_an_app(admin_client, default_llm_config):
+    response = admin_client.post(reverse("admin:agentcore_agentapp_add"), {
+        "name": "Helper", "mode": "chat", "description": "", "system_prompt": "Be brief.", "opening_statement": "",
+        "suggested_questions": "[]", "llm_config": "", "model_parameters": "{}", "enabled_tools": "[]",
+        "max_iterations": "8", "max_active_requests": "0", "user_input_form": "[]", "file_upload": "{}",
+        "is_active": "on",
+    })
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    assert AgentApp.objects.filter(name="Helper", mode="chat").exists()

@@ -1,0 +1,47 @@
+"""Checkpoints in the project's database: a conversation survives a restart (new saver, new graph, same thread)."""
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from agentcore import checkpoint, graph
+from agentcore.checkpoint import checkpointer
+from agentcore.runs import TurnRequest
+from agentcore.tests import factories
+from agentcore.tests.factories import run_all
+from tests.fakes.upstream import Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+plain_chat_app = factories.plain_chat_app
+
+
+async def test_a_new_saver_and_graph_see_the_conversation(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Load is 0.3."))
+    events = await run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user))
+    # As after a restart: nothing set up or compiled yet in this process.
+    checkpoint._ready.clear()
+    graph._compiled.cache_clear()
+    async with checkpointer() as saver:
+        fresh = graph.agent_graph(checkpointer=saver)
+        state = await fresh.aget_state({"configurable": {"thread_id": events[0].session_id}})
+    messages = state.values["messages"]
+    assert [type(m) for m in messages] == [HumanMessage, AIMessage]
+    assert (messages[0].content, messages[1].content) == ("load?", "Load is 0.3.")
+    assert not any(isinstance(m, SystemMessage) for m in messages)  # the prompt is the app's, not the checkpoint's
+
+
+async def test_history_continues_after_a_restart(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."))
+    first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+    checkpoint._ready.clear()
+    await run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+                              session_id=first[0].session_id))
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
+    assert sent == [("system", "Answer briefly."), ("user", "disk?"), ("assistant", "Disk 40%."),
+                    ("user", "and now?")]
+
+
+async def test_sessions_do_not_share_history(plain_chat_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=plain_chat_app, query="secret question", owner=plain_user))
+    await run_all(TurnRequest(app=plain_chat_app, query="fresh", owner=plain_user))
+    assert [m["content"] for m in fake_upstream.chat_requests[-1].messages] == ["Answer briefly.", "fresh"]

@@ -1,0 +1,349 @@
+"""The run service: text turns, streaming without buffering, model selection, usage, errors, stop and disconnect."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import override_settings
+from django.utils import timezone
+
+from agentcore.errors import InvalidInput, SessionNotFound, TooManyActiveRuns
+from agentcore.events import RunEnd, RunError, RunStarted, TextDelta, Usage
+from agentcore.models import AgentApp, Message, Session
+from agentcore.runs import Attachment, TurnOverrides, TurnRequest, run_stop, run_turn, turn_prepare, turn_run
+from agentcore.services import session_create
+from agentcore.tests import factories
+from agentcore.tests.factories import run_all, types
+from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
+from llmconfigs.models import LLMConfig
+from tests.fakes.upstream import Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ops_app = factories.ops_app
+plain_chat_app = factories.plain_chat_app
+
+
+async def test_chat_turn_streams_and_saves_the_message(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk usage is fine.", prompt_tokens=11, completion_tokens=4))
+    events = await run_all(TurnRequest(app=plain_chat_app, query="How is the disk?", owner=plain_user))
+    assert types(events) == ["run_started", "delta", "delta", "delta", "delta", "usage", "end"]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Disk usage is fine."
+    end = events[-1]
+    assert isinstance(end, RunEnd) and end.status == "normal" and end.answer == "Disk usage is fine."
+    usage = events[-2]
+    assert isinstance(usage, Usage) and (usage.prompt_tokens, usage.completion_tokens) == (11, 4)
+    message = await Message.objects.aget(pk=end.message_id)
+    assert (message.status, message.answer, message.total_tokens) == ("normal", "Disk usage is fine.", 15)
+    session = await Session.objects.aget(pk=events[0].session_id)
+    assert session.owner_id == plain_user.pk and session.name == "How is the disk?"
+    sent = fake_upstream.chat_requests[-1]
+    assert sent.messages[0] == {"role": "system", "content": "Answer briefly."}
+    assert sent.messages[-1]["content"] == "How is the disk?"
+    assert "tools" not in sent.body
+
+
+async def test_agent_turn_without_tool_calls_answers(ops_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="All good."))
+    events = await run_all(TurnRequest(app=ops_app, query="status?", owner=plain_user))
+    assert isinstance(events[0], RunStarted)
+    assert events[-1].status == "normal" and events[-1].answer == "All good."
+    assert "thought" in types(events)
+    assert fake_upstream.chat_requests[-1].body["tools"]
+
+
+async def test_second_turn_sees_the_history(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
+    first = await run_all(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    await run_all(TurnRequest(app=plain_chat_app, query="two", owner=plain_user, session_id=first[0].session_id))
+    contents = [m["content"] for m in fake_upstream.chat_requests[-1].messages]
+    assert contents == ["Answer briefly.", "one", "First answer.", "two"]
+
+
+async def test_each_upstream_chunk_becomes_a_delta_at_once(plain_chat_app, plain_user, fake_upstream):
+    import time
+
+    fake_upstream.script(Reply(text="one two three four five", delay=0.3))
+    started = time.monotonic()
+    first_delta_at = None
+    streams_open_at_first_delta = None
+    async for event in run_turn(TurnRequest(app=plain_chat_app, query="count", owner=plain_user)):
+        if isinstance(event, TextDelta) and first_delta_at is None:
+            first_delta_at = time.monotonic() - started
+            streams_open_at_first_delta = fake_upstream.active_streams
+    total = time.monotonic() - started
+    assert total >= 1.2  # four gaps of 0.3 s
+    assert first_delta_at < 0.6, first_delta_at
+    assert streams_open_at_first_delta == 1  # the upstream was still sending when the first delta arrived
+
+
+async def test_session_model_and_parameters_reach_the_upstream(plain_chat_app, plain_user, fake_upstream,
+                                                               make_llm_config):
+    config = await database_sync_to_async(make_llm_config)(name="session-model", model_name="session-model-v1")
+    session = await database_sync_to_async(session_create)(
+        app=plain_chat_app, owner=plain_user, llm_config_id=str(config.pk),
+        model_parameters={"temperature": 0.2, "max_tokens": 64},
+    )
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user, session_id=str(session.pk)))
+    body = fake_upstream.chat_requests[-1].body
+    assert body["model"] == "session-model-v1"
+    assert body["temperature"] == 0.2 and body["max_completion_tokens"] == 64
+    assert fake_upstream.chat_requests[-1].api_key == config.api_key
+    assert events[0].llm_config_id == str(config.pk)
+    message = await Message.objects.aget(pk=events[-1].message_id)
+    assert message.llm_config_id == config.pk and message.model_parameters["temperature"] == 0.2
+
+
+async def test_turn_overrides_win_over_the_session(plain_chat_app, plain_user, fake_upstream, make_llm_config):
+    session_config = await database_sync_to_async(make_llm_config)(name="session-model")
+    turn_config = await database_sync_to_async(make_llm_config)(name="turn-model", model_name="turn-model-v2")
+    session = await database_sync_to_async(session_create)(
+        app=plain_chat_app, owner=plain_user, llm_config_id=str(session_config.pk),
+        model_parameters={"temperature": 0.2},
+    )
+    await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user, session_id=str(session.pk),
+                              overrides=TurnOverrides(model="turn-model", temperature=0.9, top_p=0.5)))
+    body = fake_upstream.chat_requests[-1].body
+    assert body["model"] == "turn-model-v2" and body["temperature"] == 0.9 and body["top_p"] == 0.5
+    assert turn_config.pk
+
+
+async def test_bad_override_is_a_field_error_and_writes_nothing(plain_chat_app, plain_user, fake_upstream):
+    with pytest.raises(InvalidParameter) as caught:
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(temperature=7)))
+    assert caught.value.field == "temperature"
+    with pytest.raises(ConfigNotFound) as caught:
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
+    assert caught.value.field == "model_config_id"
+    with pytest.raises(InvalidInput) as caught:
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="  ", owner=plain_user))
+    assert caught.value.field == "query"
+    assert await Session.objects.acount() == 0 and await Message.objects.acount() == 0
+    assert fake_upstream.chat_requests == []
+
+
+async def test_no_config_at_all_is_refused(db_app_without_config, plain_user):
+    with pytest.raises(NoUsableConfig):
+        await turn_prepare(TurnRequest(app=db_app_without_config, query="hi", owner=plain_user))
+
+
+@pytest.fixture
+def db_app_without_config(transactional_db):
+    return AgentApp.objects.create(name="Bare", mode=AgentApp.Mode.CHAT)
+
+
+async def test_sessions_are_isolated_between_users(plain_chat_app, plain_user, staff_user, django_user_model,
+                                                   fake_upstream):
+    events = await run_all(TurnRequest(app=plain_chat_app, query="mine", owner=plain_user))
+    session_id = events[0].session_id
+    bob = await django_user_model.objects.acreate(username="bob")
+    with pytest.raises(SessionNotFound):
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="theirs", owner=bob, session_id=session_id))
+    with pytest.raises(SessionNotFound):
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="api", end_user="alice", source="api",
+                                       session_id=session_id))
+    staff_events = await run_all(TurnRequest(app=plain_chat_app, query="staff", owner=staff_user,
+                                             session_id=session_id))
+    assert staff_events[-1].status == "normal"
+
+
+async def test_api_sessions_are_scoped_to_app_and_end_user(plain_chat_app, fake_upstream):
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", end_user="u-1", source="api"))
+    session_id = events[0].session_id
+    with pytest.raises(SessionNotFound):
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="x", end_user="u-2", source="api",
+                                       session_id=session_id))
+    again = await run_all(TurnRequest(app=plain_chat_app, query="x", end_user="u-1", source="api",
+                                      session_id=session_id))
+    assert again[0].session_id == session_id
+
+
+@pytest.mark.parametrize(
+    ("reply", "category"),
+    [
+        (Reply(status=401, error_message="Incorrect API key provided: {api_key}"), "auth"),
+        (Reply(status=429, error_message="Rate limit reached for {api_key}"), "rate_limit"),
+        (Reply(status=500, error_message="upstream exploded"), "upstream_error"),
+    ],
+)
+async def test_upstream_http_errors_end_the_turn_with_a_clean_error(plain_chat_app, plain_user, fake_upstream,
+                                                                    default_llm_config, reply, category):
+    fake_upstream.script(reply)
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    assert types(events) == ["run_started", "usage", "error"]
+    error = events[-1]
+    assert isinstance(error, RunError) and error.category == category
+    assert default_llm_config.api_key not in error.message
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert message.status == "error" and message.error_category == category
+    assert default_llm_config.api_key not in message.error
+
+
+async def test_cut_stream_keeps_the_partial_answer(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="alpha beta gamma delta", cut_after=2))
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    assert isinstance(events[-1], RunError)
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert message.status == "error" and message.answer == "alpha beta "
+
+
+async def test_hanging_upstream_times_out(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="late", hang=5.0))
+    with override_settings(LLM_REQUEST_TIMEOUT=0.5):
+        events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    assert events[-1].category == "timeout"
+
+
+async def test_unreachable_upstream(plain_chat_app, plain_user, make_llm_config):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = await database_sync_to_async(make_llm_config)(name="nowhere", base_url=f"http://127.0.0.1:{port}/v1")
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(config_id=str(config.pk))))
+    assert events[-1].category == "unreachable"
+
+
+async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer(plain_chat_app, plain_user,
+                                                                                 fake_upstream, staff_user):
+    import time
+
+    fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
+    events = []
+    stopped_at = None
+    async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+        events.append(event)
+        if len([e for e in events if isinstance(e, TextDelta)]) == 2 and stopped_at is None:
+            bob_user = await database_sync_to_async(type(staff_user).objects.create)(username="mallory")
+            assert not await run_stop(task_id=events[0].task_id, user=bob_user)
+            assert await run_stop(task_id=events[0].task_id, user=plain_user)
+            stopped_at = time.monotonic()
+    assert time.monotonic() - stopped_at < 1.0
+    assert types(events)[-2:] == ["usage", "end"] and events[-1].status == "stopped"
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert message.status == "stopped" and message.answer == "w0 w1 "
+    for _ in range(20):
+        if fake_upstream.cancelled_streams:
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.cancelled_streams == 1 and fake_upstream.active_streams == 0
+    assert not await run_stop(task_id=events[0].task_id, user=plain_user)  # no longer running
+
+
+async def test_client_disconnect_stops_the_run(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
+    seen: list = []
+    two_deltas = asyncio.Event()
+
+    async def consume():
+        async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+            seen.append(event)
+            if len([e for e in seen if isinstance(e, TextDelta)]) == 2:
+                two_deltas.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(two_deltas.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    message = await Message.objects.aget(pk=seen[0].message_id)
+    assert message.status == "stopped" and message.answer.startswith("w0 w1 ")
+    for _ in range(20):
+        if fake_upstream.cancelled_streams:
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.cancelled_streams == 1
+
+
+async def test_stale_running_message_is_closed_when_the_session_is_next_used(plain_chat_app, plain_user,
+                                                                            fake_upstream):
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    session = await Session.objects.aget(pk=events[0].session_id)
+    dead = await Message.objects.acreate(session=session, query="lost", status="running",
+                                         heartbeat_at=timezone.now() - timedelta(seconds=600))
+    alive = await Message.objects.acreate(session=session, query="alive", status="running",
+                                          heartbeat_at=timezone.now())
+    await run_all(TurnRequest(app=plain_chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
+    await dead.arefresh_from_db()
+    await alive.arefresh_from_db()
+    assert dead.status == "error" and dead.error == "interrupted: the server stopped during this answer"
+    assert alive.status == "running"
+
+
+async def test_too_many_active_runs(plain_chat_app, plain_user, fake_upstream):
+    plain_chat_app.max_active_requests = 1
+    await plain_chat_app.asave()
+    first = await turn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    with pytest.raises(TooManyActiveRuns):
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+    assert await Message.objects.acount() == 1
+    events = [e async for e in turn_run(first)]
+    assert events[-1].status == "normal"
+    await turn_prepare(TurnRequest(app=plain_chat_app, query="three", owner=plain_user))
+
+
+async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upstream, default_llm_config):
+    await LLMConfig.objects.filter(pk=default_llm_config.pk).aupdate(input_price_per_million=2,
+                                                                    output_price_per_million=8)
+    fake_upstream.script(Reply(text="ok", prompt_tokens=1000, completion_tokens=500))
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    usage = events[-2]
+    assert usage.total_price == Decimal("0.006") and usage.latency > 0 and usage.time_to_first_token is not None
+    config = await LLMConfig.objects.aget(pk=default_llm_config.pk)
+    assert config.usage_count == 1 and config.prompt_tokens_total == 1000
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert message.total_price == Decimal("0.006") and message.time_to_first_token is not None
+
+
+async def test_attachments_reach_the_model(plain_chat_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=plain_chat_app, query="look", owner=plain_user, attachments=(
+        Attachment(kind="text", name="log.txt", text="ERROR disk full"),
+        Attachment(kind="image", name="graph.png", url="data:image/png;base64,AAAA"),
+    )))
+    content = fake_upstream.chat_requests[-1].messages[-1]["content"]
+    assert content[0]["type"] == "text" and "ERROR disk full" in content[0]["text"]
+    assert content[1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+async def test_heartbeat_is_touched_while_the_run_is_alive(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="a b c d e f", delay=0.1))
+    beats = set()
+    message_id = None
+    with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
+        async for event in run_turn(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+            if isinstance(event, RunStarted):
+                message_id = event.message_id
+            elif isinstance(event, TextDelta):
+                beats.add((await Message.objects.aget(pk=message_id)).heartbeat_at)
+    assert len(beats) >= 2
+    assert (await Message.objects.aget(pk=message_id)).heartbeat_at is None
+
+
+async def test_api_stop_is_scoped_to_the_end_user_and_app(plain_chat_app, fake_upstream):
+    fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(30)), delay=0.1))
+    events = []
+    async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", end_user="u-1", source="api")):
+        events.append(event)
+        if isinstance(event, TextDelta) and len(events) == 2:
+            task_id = events[0].task_id
+            assert not await run_stop(task_id=task_id, end_user="u-2", app_id=plain_chat_app.pk)
+            assert not await run_stop(task_id=task_id, end_user="u-1", app_id=uuid.uuid4())
+            assert not await run_stop(task_id="not-a-uuid", end_user="u-1")
+            assert await run_stop(task_id=task_id, end_user="u-1", app_id=plain_chat_app.pk)
+    assert events[-1].status == "stopped"
+
+
+async def test_the_next_turn_remembers_a_stopped_partial_answer(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="alpha beta gamma delta", cut_after=2), Reply(text="Again."))
+    first = await run_all(TurnRequest(app=plain_chat_app, query="tell me", owner=plain_user))
+    assert isinstance(first[-1], RunError)
+    await run_all(TurnRequest(app=plain_chat_app, query="go on", owner=plain_user, session_id=first[0].session_id))
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
+    assert sent[1:] == [("user", "tell me"), ("assistant", "alpha beta "), ("user", "go on")]

@@ -1,0 +1,111 @@
+"""Services and selectors: sessions with their model, history without N+1, plans, approvals, stale runs, demo app."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from agentcore.errors import InvalidInput, SessionNotFound
+from agentcore.models import AgentApp, Approval, Message, Session, Thought
+from agentcore.selectors import approval_list, message_list, session_get_for, session_list_for, task_list
+from agentcore.services import (
+    agent_app_seed_demo,
+    approval_decide,
+    message_close_stale,
+    session_create,
+    session_delete,
+    session_update,
+    task_replace,
+)
+from agentcore.tests import factories
+from llmconfigs.errors import ConfigInactive, ConfigNotFound, InvalidParameter
+
+pytestmark = pytest.mark.django_db
+ops_app = factories.ops_app
+
+
+def test_session_create_and_update_validate_model_and_parameters(ops_app, plain_user, make_llm_config):
+    config = make_llm_config(name="zhipu-cfg", provider="zhipu", model_name="glm-4", top_p=0.9)
+    session = session_create(app=ops_app, owner=plain_user, llm_config_id=str(config.pk),
+                             model_parameters={"temperature": 0.5})
+    assert session.llm_config_id == config.pk and session.model_parameters == {"temperature": 0.5}
+    with pytest.raises(InvalidParameter) as caught:  # zhipu refuses temperature 0
+        session_update(session=session, model_parameters={"temperature": 0})
+    assert caught.value.field == "model_parameters"
+    with pytest.raises(InvalidInput):
+        session_update(session=session, model_parameters={"seed": 1})
+    with pytest.raises(ConfigNotFound) as caught:
+        session_update(session=session, llm_config_id="00000000-0000-0000-0000-000000000000")
+    assert caught.value.field == "llm_config_id"
+    inactive = make_llm_config(name="off", is_active=False)
+    with pytest.raises(ConfigInactive) as caught:
+        session_update(session=session, llm_config_id=str(inactive.pk))
+    assert caught.value.field == "llm_config_id"
+    session_update(session=session, name="  renamed ", llm_config_id=None)
+    session.refresh_from_db()
+    assert (session.name, session.llm_config_id, session.model_parameters) == ("renamed", None, {"temperature": 0.5})
+
+
+def test_session_delete_is_soft_and_hides_the_session(ops_app, plain_user, staff_user, django_user_model):
+    mine = session_create(app=ops_app, owner=plain_user)
+    other = session_create(app=ops_app, owner=django_user_model.objects.create_user(username="bob"))
+    assert list(session_list_for(user=plain_user)) == [mine]
+    assert set(session_list_for(user=staff_user)) == {mine, other}
+    session_delete(session=mine)
+    assert Session.objects.filter(pk=mine.pk, is_deleted=True).exists()
+    assert list(session_list_for(user=plain_user)) == []
+    with pytest.raises(SessionNotFound):
+        session_get_for(session_id=mine.pk, owner=plain_user)
+
+
+def test_message_list_prefetches_thoughts(ops_app, plain_user):
+    session = session_create(app=ops_app, owner=plain_user)
+    for i in range(5):
+        message = Message.objects.create(session=session, query=f"q{i}", status="normal")
+        Thought.objects.bulk_create([Thought(message=message, position=p, tool="current_time") for p in (1, 2)])
+    with CaptureQueriesContext(connection) as queries:
+        rows = [(m.query, [t.position for t in m.thoughts.all()]) for m in message_list(session=session)]
+    assert len(queries) == 2
+    assert rows[0] == ("q0", [1, 2]) and len(rows) == 5
+
+
+def test_task_replace_and_list(ops_app, plain_user):
+    session = session_create(app=ops_app, owner=plain_user)
+    task_replace(session_id=session.pk, tasks=[{"title": "a"}, {"title": "b", "status": "done"}])
+    task_replace(session_id=session.pk, tasks=[{"title": "c", "status": "in_progress"}])
+    assert [(t.title, t.status) for t in task_list(session=session)] == [("c", "in_progress")]
+    with pytest.raises(ValueError):
+        task_replace(session_id=session.pk, tasks=[{"title": "x", "status": "someday"}])
+
+
+def test_approval_list_and_decide(ops_app, plain_user, staff_user):
+    session = session_create(app=ops_app, owner=plain_user)
+    message = Message.objects.create(session=session, query="q", status="paused")
+    approval = Approval.objects.create(session=session, message=message, tool="http_check")
+    assert list(approval_list(status="pending", user=plain_user)) == [approval]
+    approval_decide(approval_id=approval.pk, decision="reject", comment="no", user=staff_user)
+    assert list(approval_list(status="pending")) == []
+    assert approval_list(status="rejected").get().decided_by == staff_user
+    with pytest.raises(InvalidInput):
+        approval_decide(approval_id=approval.pk, decision="maybe")
+
+
+def test_message_close_stale(ops_app, plain_user, settings):
+    settings.AGENT_STALE_RUN_SECONDS = 60
+    session = session_create(app=ops_app, owner=plain_user)
+    dead = Message.objects.create(session=session, query="q", heartbeat_at=timezone.now() - timedelta(seconds=61))
+    alive = Message.objects.create(session=session, query="q", heartbeat_at=timezone.now())
+    assert message_close_stale() == 1
+    dead.refresh_from_db()
+    alive.refresh_from_db()
+    assert (dead.status, dead.error) == ("error", "interrupted: the server stopped during this answer")
+    assert alive.status == "running"
+
+
+def test_agent_app_seed_demo_is_idempotent(db):
+    app = agent_app_seed_demo()
+    assert (app.name, app.mode) == ("OpsAgent", "agent-chat") and "OpsAgent" in app.system_prompt
+    assert agent_app_seed_demo() == app and AgentApp.objects.count() == 1

@@ -1,0 +1,150 @@
+"""Built-in tools and policies: a tool turn end to end, safety rules, output limits, tool sets per app and turn."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import override_settings
+
+from agentcore.errors import InvalidInput
+from agentcore.events import ThoughtUpdate
+from agentcore.models import Task, Thought, ToolPolicy
+from agentcore.runs import TurnOverrides, TurnRequest, turn_prepare
+from agentcore.selectors import tool_list
+from agentcore.services import tool_policy_update
+from agentcore.tests import factories
+from agentcore.tests.factories import run_all
+from agentcore.tools import builtin
+from tests.fakes.upstream import Reply, ToolCall
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ops_app = factories.ops_app
+counting_target = factories.counting_target
+
+
+def _tool_names(request) -> set[str]:
+    return {t["function"]["name"] for t in request.body.get("tools", [])}
+
+
+async def test_tool_turn_end_to_end(ops_app, plain_user, fake_upstream, counting_target):
+    fake_upstream.script(
+        Reply(text="Let me check.", tool_calls=[ToolCall("http_check", {"url": counting_target.url}, id="c1")]),
+        Reply(text="The site answers 200."),
+    )
+    events = await run_all(TurnRequest(app=ops_app, query="is it up?", owner=plain_user))
+    assert events[-1].status == "normal"
+    assert events[-1].answer == "Let me check.\nThe site answers 200."
+    assert counting_target.hits == 1
+    phases = [(e.phase, e.tool) for e in events if isinstance(e, ThoughtUpdate)]
+    assert phases == [("start", ""), ("tool_call", "http_check"), ("tool_result", "http_check"), ("start", ""),
+                      ("answer", "")]
+    thoughts = [t async for t in Thought.objects.filter(message_id=events[0].message_id).order_by("position")]
+    assert [(t.position, t.tool, t.status) for t in thoughts] == [(1, "http_check", "done"), (2, "", "done")]
+    observation = json.loads(thoughts[0].observation)
+    assert observation["status"] == 200 and observation["bytes"] == 2
+    second = fake_upstream.chat_requests[-1].messages
+    assert second[-1]["role"] == "tool" and second[-1]["tool_call_id"] == "c1"
+
+
+async def test_tool_errors_become_observations(ops_app, plain_user, fake_upstream):
+    fake_upstream.script(
+        Reply(tool_calls=[ToolCall("current_time", {"timezone": "Mars/Olympus"}),
+                          ToolCall("no_such_tool", {})]),
+        Reply(text="Sorry."),
+    )
+    events = await run_all(TurnRequest(app=ops_app, query="time on mars", owner=plain_user))
+    assert events[-1].status == "normal"
+    results = [e for e in events if isinstance(e, ThoughtUpdate) and e.phase == "tool_result"]
+    assert "unknown timezone" in results[0].observation
+    assert results[1].status == "error" and "not available" in results[1].observation
+
+
+async def test_iteration_limit_ends_the_turn(ops_app, plain_user, fake_upstream):
+    ops_app.max_iterations = 2
+    await ops_app.asave()
+    fake_upstream.default = Reply(tool_calls=[ToolCall("current_time", {})])
+    events = await run_all(TurnRequest(app=ops_app, query="loop", owner=plain_user))
+    assert events[-1].status == "normal"
+    assert len(fake_upstream.chat_requests) == 2
+
+
+async def test_disabled_and_unlisted_tools_are_not_offered(ops_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+    offered = _tool_names(fake_upstream.chat_requests[-1])
+    assert {"current_time", "http_check", "dns_lookup", "system_status", "update_plan"} <= offered
+    assert "run_shell" not in offered  # disabled until an admin enables it
+    ops_app.enabled_tools = ["current_time", "dns_lookup"]
+    await ops_app.asave()
+    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+    assert _tool_names(fake_upstream.chat_requests[-1]) == {"current_time", "dns_lookup"}
+    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user, overrides=TurnOverrides(tools=["dns_lookup"])))
+    assert _tool_names(fake_upstream.chat_requests[-1]) == {"dns_lookup"}
+    with pytest.raises(InvalidInput) as caught:
+        await turn_prepare(TurnRequest(app=ops_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(tools=["rm_rf"])))
+    assert caught.value.field == "tools"
+
+
+async def test_update_plan_writes_the_sessions_tasks(ops_app, plain_user, fake_upstream):
+    plan = [{"title": "Check DNS", "status": "done"}, {"title": "Check HTTP", "status": "in_progress"}]
+    fake_upstream.script(Reply(tool_calls=[ToolCall("update_plan", {"tasks": plan})]), Reply(text="Planned."))
+    events = await run_all(TurnRequest(app=ops_app, query="plan it", owner=plain_user))
+    tasks = [(t.title, t.status, t.order) async for t in Task.objects.filter(session_id=events[0].session_id)]
+    assert tasks == [("Check DNS", "done", 0), ("Check HTTP", "in_progress", 1)]
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/",
+                                 "http://100.100.100.200/"])
+async def test_http_check_refuses_metadata_and_link_local(url):
+    assert (await builtin.http_check(url)).startswith("Error: refused")
+
+
+async def test_http_check_refuses_other_schemes():
+    assert "only http" in await builtin.http_check("file:///etc/passwd")
+    assert "only http" in await builtin.http_check("ftp://example.com/")
+
+
+async def test_http_check_allows_metadata_only_when_configured(counting_target):
+    with override_settings(AGENT_HTTP_CHECK_ALLOW_PRIVATE=True):
+        result = await builtin.http_check("http://169.254.169.254/", timeout=0.5)
+    assert not result.startswith("Error: refused")
+    assert json.loads(await builtin.http_check(counting_target.url))["status"] == 200  # loopback stays allowed
+
+
+async def test_dns_lookup_and_system_status_are_real():
+    lookup = json.loads(await builtin.dns_lookup("localhost"))
+    assert lookup["ok"] and ("127.0.0.1" in lookup["ipv4"] or "::1" in lookup["ipv6"])
+    status = json.loads(await builtin.system_status())
+    assert status["disk_root"]["total_bytes"] > 0 and "1m" in status["load_average"]
+    assert json.loads(await builtin.current_time("Europe/Paris"))["timezone"] == "Europe/Paris"
+
+
+async def test_run_shell_is_bounded():
+    output = json.loads(await builtin.run_shell("yes x | head -c 20000"))
+    assert output["exit_code"] == 0 and "truncated" in output["output"] and len(output["output"]) < 8200
+    slow = json.loads(await builtin.run_shell("sleep 5", timeout=1))
+    assert slow["exit_code"] is None and "timed out" in slow["error"]
+
+
+def test_tool_list_has_every_builtin_with_its_policy(db):
+    tools = {t["name"]: t for t in tool_list()}
+    assert set(tools) >= {"current_time", "http_check", "dns_lookup", "system_status", "run_shell", "update_plan"}
+    assert tools["run_shell"] | {"description": ""} == {"name": "run_shell", "description": "", "source": "builtin",
+                                                        "enabled": False, "requires_approval": True,
+                                                        "approver": "staff"}
+    assert tools["http_check"]["requires_approval"] is False and tools["http_check"]["description"]
+
+
+def test_tool_policy_update(db):
+    policy = tool_policy_update(name="dns_lookup", enabled=False, requires_approval=True, approver="staff")
+    assert (policy.enabled, policy.requires_approval, policy.approver) == (False, True, "staff")
+    assert ToolPolicy.objects.get(name="dns_lookup").enabled is False
+    with pytest.raises(InvalidInput) as caught:
+        tool_policy_update(name="nope", enabled=True)
+    assert caught.value.field == "name"
+    with pytest.raises(InvalidInput):
+        tool_policy_update(name="dns_lookup", approver="anyone")
+    assert tool_policy_update(name="run_shell", enabled=True).enabled is True
+    tool_policy_sync_twice = [tool_list(), tool_list()]
+    assert len(tool_policy_sync_twice[0]) == len(tool_policy_sync_twice[1])
+

@@ -1,0 +1,1 @@
+"""The agent's tools: built-in ops tools (builtin.py), policies and per-run tool sets (registry.py)."""

@@ -1,0 +1,213 @@
+"""Built-in ops tools: real, bounded (timeouts, output caps) and safe by default."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import time
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import BaseModel, Field
+
+from agentcore.graph import truncate
+
+HTTP_MAX_TIMEOUT = 30.0
+HTTP_MAX_BYTES = 5 * 1024 * 1024
+SHELL_MAX_TIMEOUT = 120
+SHELL_OUTPUT_LIMIT = 8000
+PLAN_MAX_TASKS = 50
+# Cloud metadata endpoints outside the link-local range (Alibaba, AWS IPv6).
+METADATA_ADDRESSES = {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")}
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, default=str)
+
+
+async def current_time(timezone: str = "UTC") -> str:
+    """The current date and time in an IANA timezone (default UTC)."""
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"Error: unknown timezone {timezone!r}."
+    now = datetime.now(zone)
+    return _json({"timezone": timezone, "iso": now.isoformat(timespec="seconds"), "unix": int(now.timestamp())})
+
+
+def address_refusal(address: str) -> str | None:
+    """Why an address may not be checked, or None.
+
+    Loopback and private networks stay allowed (checking internal services is what an ops agent is for); link-local
+    (169.254.0.0/16 holds the cloud metadata service), metadata, multicast, unspecified and reserved addresses are
+    refused unless AGENT_HTTP_CHECK_ALLOW_PRIVATE is set."""
+    if settings.AGENT_HTTP_CHECK_ALLOW_PRIVATE:
+        return None
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "not a unicast address"
+    return None
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+async def http_check(url: str, timeout: float = 10.0) -> str:
+    """GET an http(s) URL and report its status code, latency and size. Redirects are reported, not followed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "Error: only http:// and https:// URLs with a host can be checked."
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = await _resolve(parts.hostname, port)
+    except OSError as exc:
+        return f"Error: cannot resolve {parts.hostname}: {exc}"
+    # Every address is checked: a name that resolves to one public and one metadata address is refused.
+    for address in addresses:
+        reason = address_refusal(address)
+        if reason:
+            return f"Error: refused: {parts.hostname} resolves to {address}, {reason}."
+    timeout = min(max(float(timeout), 0.5), HTTP_MAX_TIMEOUT)
+    started = time.monotonic()
+    size = 0
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            async with client.stream("GET", url, headers={"User-Agent": "OpsAgent-http-check"}) as response:
+                first_byte = time.monotonic() - started
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size >= HTTP_MAX_BYTES:
+                        break
+    except httpx.TimeoutException:
+        return _json({"url": url, "ok": False, "error": f"timed out after {timeout:g} s"})
+    except httpx.HTTPError as exc:
+        return _json({"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    result = {
+        "url": url,
+        "ok": response.status_code < 400,
+        "status": response.status_code,
+        "latency_ms": round(first_byte * 1000, 1),
+        "total_ms": round((time.monotonic() - started) * 1000, 1),
+        "bytes": size,
+        "truncated": size >= HTTP_MAX_BYTES,
+        "addresses": addresses,
+    }
+    if "location" in response.headers:
+        result["location"] = response.headers["location"]
+    return _json(result)
+
+
+async def dns_lookup(host: str) -> str:
+    """Resolve a host name to its IPv4 and IPv6 addresses."""
+    try:
+        addresses = await asyncio.wait_for(_resolve(host, 0), timeout=10)
+    except (OSError, TimeoutError) as exc:
+        return _json({"host": host, "ok": False, "error": str(exc) or "lookup timed out"})
+    return _json({
+        "host": host,
+        "ok": True,
+        "ipv4": [a for a in addresses if ":" not in a],
+        "ipv6": [a for a in addresses if ":" in a],
+    })
+
+
+def _memory() -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+async def system_status() -> str:
+    """Load average, memory and root disk usage of the host OpsAgent runs on."""
+    disk = shutil.disk_usage("/")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    memory = _memory()
+    return _json({
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "load_average": {"1m": round(load[0], 2), "5m": round(load[1], 2), "15m": round(load[2], 2)},
+        "memory": {
+            "total_bytes": memory.get("MemTotal"),
+            "available_bytes": memory.get("MemAvailable"),
+            "swap_total_bytes": memory.get("SwapTotal"),
+            "swap_free_bytes": memory.get("SwapFree"),
+        },
+        "disk_root": {"total_bytes": disk.total, "used_bytes": disk.used, "free_bytes": disk.free,
+                      "used_percent": round(disk.used * 100 / disk.total, 1) if disk.total else None},
+    })
+
+
+async def run_shell(command: str, timeout: int = 30) -> str:
+    """Run a shell command on the OpsAgent host (needs an approval every time) and return its exit code and output."""
+    timeout = min(max(int(timeout), 1), SHELL_MAX_TIMEOUT)
+    process = await asyncio.create_subprocess_shell(
+        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return _json({"command": command, "exit_code": None, "error": f"timed out after {timeout} s"})
+    return _json({
+        "command": command,
+        "exit_code": process.returncode,
+        "output": truncate(output.decode(errors="replace"), SHELL_OUTPUT_LIMIT),
+    })
+
+
+class PlanItem(BaseModel):
+    title: str = Field(max_length=500)
+    status: str = Field(default="pending", description="pending, in_progress or done")
+
+
+def update_plan_tool(*, session_id: str) -> BaseTool:
+    from agentcore.services import task_replace
+
+    async def update_plan(tasks: list[PlanItem]) -> str:
+        """Replace the plan for this conversation with `tasks` (ordered steps, each with a title and a status:
+        pending, in_progress or done). Send the whole plan every time."""
+        if len(tasks) > PLAN_MAX_TASKS:
+            return f"Error: a plan has at most {PLAN_MAX_TASKS} steps."
+        items = [item if isinstance(item, PlanItem) else PlanItem(**item) for item in tasks]
+        try:
+            saved = await sync_to_async(task_replace)(session_id=session_id,
+                                                      tasks=[item.model_dump() for item in items])
+        except ValueError as exc:
+            return f"Error: {exc}"
+        return _json({"ok": True, "tasks": saved})
+
+    return StructuredTool.from_function(coroutine=update_plan, name="update_plan")
+
+
+def builtin_tools(*, session_id: str) -> dict[str, BaseTool]:
+    tools = [
+        StructuredTool.from_function(coroutine=fn, name=fn.__name__)
+        for fn in (current_time, http_check, dns_lookup, system_status, run_shell)
+    ]
+    tools.append(update_plan_tool(session_id=session_id))
+    return {tool.name: tool for tool in tools}

@@ -1,0 +1,165 @@
+"""Benchmark: time to first token through POST /v1/chat-messages (streaming, daphne) vs. straight to the same fake
+upstream; sequential and interleaved for chat and agent-chat apps, then 100 concurrent streams.
+
+Standalone: it starts the fake OpenAI-compatible upstream, creates a temporary database (SQLite unless
+--database-url is given), migrates it, creates an LLM config, a chat and an agent-chat app with keys, and starts
+daphne. Run: `.venv/bin/python bench/dify_overhead.py [-n 50] [--concurrency 100] [--database-url postgres://...]`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.dify_servers import (  # noqa: E402
+    PYTHON,
+    Daphne,
+    free_port,
+    manage,
+    provision_in_subprocess,
+    server_env,
+)
+
+CHAT_KEY = "app-bench-chat-000000000000000000"
+AGENT_KEY = "app-bench-agent-00000000000000000"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def ttft_direct(client: httpx.AsyncClient, upstream: str) -> float:
+    """First content delta straight from the upstream (what a client of the provider would see)."""
+    body = {"model": "fake-bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
+    started = time.perf_counter()
+    async with client.stream("POST", f"{upstream}/chat/completions", json=body,
+                             headers={"Authorization": "Bearer sk-bench"}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    return time.perf_counter() - started
+    raise RuntimeError("the upstream sent no content")
+
+
+async def ttft_dify(client: httpx.AsyncClient, base: str, key: str) -> float:
+    """First answer event through /v1/chat-messages; the rest of the stream is read to its message_end."""
+    body = {"inputs": {}, "query": "hello", "user": "bench", "response_mode": "streaming",
+            "auto_generate_name": False}
+    started = time.perf_counter()
+    first = None
+    ended = False
+    async with client.stream("POST", f"{base}/v1/chat-messages", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event["event"] in ("message", "agent_message") and event.get("answer") and first is None:
+                first = time.perf_counter() - started
+            elif event["event"] == "error":
+                raise RuntimeError(f"error event: {event}")
+            elif event["event"] == "message_end":
+                ended = True
+    if first is None or not ended:
+        raise RuntimeError("the stream had no answer or no message_end")
+    return first
+
+
+def report(name: str, direct: list[float], dify: list[float]) -> dict[str, float]:
+    ms = 1000
+    row = {
+        "direct_p50": statistics.median(direct) * ms, "direct_p99": percentile(direct, 99) * ms,
+        "dify_p50": statistics.median(dify) * ms, "dify_p99": percentile(dify, 99) * ms,
+    }
+    row["overhead_p50"] = row["dify_p50"] - row["direct_p50"]
+    row["overhead_p99"] = row["dify_p99"] - row["direct_p99"]
+    print(f"{name:<22} direct p50 {row['direct_p50']:7.2f} ms  p99 {row['direct_p99']:7.2f} ms | "
+          f"/v1/chat-messages p50 {row['dify_p50']:7.2f} ms  p99 {row['dify_p99']:7.2f} ms | "
+          f"overhead p50 {row['overhead_p50']:+7.2f} ms  p99 {row['overhead_p99']:+7.2f} ms", flush=True)
+    return row
+
+
+async def sequential(base: str, upstream: str, key: str, n: int, name: str) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(5):  # warm-up: connections, caches, imports
+            await ttft_direct(client, upstream)
+            await ttft_dify(client, base, key)
+        direct, dify = [], []
+        for _ in range(n):  # interleaved, so drift affects both sides alike
+            direct.append(await ttft_direct(client, upstream))
+            dify.append(await ttft_dify(client, base, key))
+    return report(name, direct, dify)
+
+
+async def concurrent(base: str, upstream: str, key: str, streams: int) -> None:
+    limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        direct = await asyncio.gather(*(ttft_direct(client, upstream) for _ in range(streams)),
+                                      return_exceptions=True)
+        started = time.perf_counter()
+        dify = await asyncio.gather(*(ttft_dify(client, base, key) for _ in range(streams)), return_exceptions=True)
+        wall = time.perf_counter() - started
+    errors = [r for r in dify if isinstance(r, BaseException)]
+    ok = [r for r in dify if not isinstance(r, BaseException)]
+    ok_direct = [r for r in direct if not isinstance(r, BaseException)]
+    print(f"{streams} concurrent streams: {len(ok)} ok, {len(errors)} errors, all done in {wall:.2f} s", flush=True)
+    if ok:
+        report(f"concurrent x{streams}", ok_direct or [0.0], ok)
+    for error in errors[:5]:
+        print(f"  error: {error!r}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=50, help="sequential requests per mode and side")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--database-url", default="", help="default: a temporary SQLite file")
+    parser.add_argument("--redis-url", default="")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="opsagent-bench-"))
+    database_url = args.database_url or f"sqlite:///{workdir / 'bench.sqlite3'}"
+    port = free_port()
+    upstream_url = f"http://127.0.0.1:{port}/v1"
+    upstream = subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = server_env(database_url=database_url, redis_url=args.redis_url, LOG_LEVEL="WARNING",
+                     MEDIA_ROOT=str(workdir / "media"))
+    try:
+        print(f"database {database_url.split('@')[-1]}; migrating...", flush=True)
+        manage("migrate", "--noinput", env=env)
+        provision_in_subprocess(env=env, name="bench-chat", mode="chat", upstream_url=upstream_url, key=CHAT_KEY)
+        provision_in_subprocess(env=env, name="bench-agent", mode="agent-chat", upstream_url=upstream_url,
+                                key=AGENT_KEY)
+        with Daphne(env=env) as server:
+            print(f"daphne on {server.url}, fake upstream on {upstream_url}", flush=True)
+            chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)"))
+            agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n, "agent-chat (sequential)"))
+            asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))
+        print(f"goal p50 overhead: chat <= 10 ms ({'met' if chat['overhead_p50'] <= 10 else 'MISSED'}), "
+              f"agent-chat <= 15 ms ({'met' if agent['overhead_p50'] <= 15 else 'MISSED'})", flush=True)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Django admin of the Dify adapter: app API keys (created here, the plaintext shown once on the page that follows,
+then only `app-…last4`; revoked, never deleted) and read-only end users, uploaded files and feedback."""
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.template import engines
+from django.template.response import TemplateResponse
+from django.urls import reverse
+
+from difyapi.auth import api_key_create, api_key_revoke
+from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
+
+# Extends the admin's own base template, so no template file has to be shipped.
+_KEY_CREATED_TEMPLATE = engines["django"].from_string(
+    """{% extends "admin/base_site.html" %}
+{% block content %}
+<h1>API key created for {{ key.app }}</h1>
+<p>Copy this key now. It is stored hashed and will never be shown again.</p>
+<p><code style="font-size:1.2em;user-select:all">{{ raw_key }}</code></p>
+<p>Clients send it as <code>Authorization: Bearer &lt;key&gt;</code> to <code>/v1/…</code>.</p>
+<p><a href="{{ changelist_url }}">Back to API keys</a></p>
+{% endblock %}"""
+)
+
+
+class ApiKeyAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["app", "name"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["masked", "name", "app", "created_at", "last_used_at", "status"]
+    list_filter = ["app", ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "last4", "app__name"]
+    actions = ["revoke"]
+    readonly_fields = ["masked", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
+    fields = ["masked", "name", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
+
+    @admin.display(description="key")
+    def masked(self, obj: ApiKey) -> str:
+        return str(obj)
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        return "revoked" if obj.revoked_at else "active"
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = ApiKeyAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return ["app", "name"] if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Revoke instead: revocation also evicts the cached key, deletion would leave it valid until the cache expires.
+        return False
+
+    def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
+        if change:
+            obj.save(update_fields=["name"])
+            return
+        key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=request.user)
+        for field in ApiKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(key, field.attname))
+        obj._state = key._state
+        request._dify_raw_key = raw_key
+
+    def response_add(self, request, obj: ApiKey, post_url_continue=None):
+        raw_key = getattr(request, "_dify_raw_key", None)
+        if raw_key is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API key created",
+            "key": obj,
+            "raw_key": raw_key,
+            "changelist_url": reverse("admin:difyapi_apikey_changelist"),
+        }
+        response = TemplateResponse(request, _KEY_CREATED_TEMPLATE, context)
+        # The page carries a secret: never cache it.
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke selected API keys")
+    def revoke(self, request, queryset) -> None:
+        live = list(queryset.filter(revoked_at__isnull=True))
+        for key in live:
+            api_key_revoke(key=key)
+        self.message_user(request, f"Revoked {len(live)} API key(s).", messages.SUCCESS)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written by the Service API: visible to admins, changed only through the API."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(EndUser)
+class EndUserAdmin(ReadOnlyAdmin):
+    list_display = ["session_id", "app", "type", "created_at"]
+    list_filter = ["app"]
+    search_fields = ["session_id"]
+
+
+@admin.register(UploadFile)
+class UploadFileAdmin(ReadOnlyAdmin):
+    list_display = ["name", "app", "end_user", "size", "mime_type", "created_at"]
+    list_filter = ["app", "extension"]
+    search_fields = ["name"]
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(ReadOnlyAdmin):
+    list_display = ["message", "rating", "from_source", "end_user", "app", "created_at"]
+    list_filter = ["app", "rating", "from_source"]
+    search_fields = ["content"]

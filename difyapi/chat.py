@@ -1,0 +1,539 @@
+"""POST /v1/chat-messages: the request (validation -> TurnRequest, files -> attachments and MessageFile rows), the
+mapping of run events to Dify's stream events and blocking answer, and of engine errors to Dify's error envelope."""
+from __future__ import annotations
+
+import base64
+import logging
+import mimetypes
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from agentcore.errors import (
+    AgentError,
+    ApprovalAlreadyDecided,
+    ApprovalForbidden,
+    ApprovalNotFound,
+    AppUnavailable,
+    SessionNotFound,
+    TooManyActiveRuns,
+)
+from agentcore.events import ApprovalRequired, RunEnd, RunError, RunStarted, TextDelta, ThoughtUpdate, Usage
+from agentcore.generation import session_generate_name
+from agentcore.models import AgentApp, Session, Thought
+from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
+from difyapi.errors import APP_UNAVAILABLE, INTERNAL, DifyError, forbidden, invalid_param, not_found
+from difyapi.models import MessageFile, UploadFile
+from difyapi.presenters import (
+    message_metadata,
+    thought_observation,
+    thought_tool_input,
+    thought_tool_labels,
+    usage_to_dify,
+)
+from difyapi.services import end_user_get_or_create
+from difyapi.validation import bool_from, choice_from, user_from, uuid_from
+from llmconfigs.errors import LLMConfigError, NoUsableConfig
+from llmconfigs.pricing import Cost
+from llmconfigs.providers import provider_spec
+from llmconfigs.selectors import llm_config_resolve
+
+logger = logging.getLogger(__name__)
+
+STREAMING = "streaming"
+BLOCKING = "blocking"
+MODEL_FIELDS = ("model_config_id", "model", "temperature", "max_tokens", "top_p")
+FILE_TYPES = ("image", "document", "audio", "video", "custom")
+TRANSFER_METHODS = ("remote_url", "local_file")
+TEXT_EXTENSIONS = frozenset({"txt", "md", "markdown", "csv", "json", "log", "yaml", "yml"})
+# A text document is given to the model whole up to this many characters, then cut (with a note saying so).
+TEXT_ATTACHMENT_CHARS = 100_000
+PROVIDER_NOT_INITIALIZE = "provider_not_initialize"
+COMPLETION_REQUEST_ERROR = "completion_request_error"
+STREAM_INTERNAL_MESSAGE = "Internal Server Error, please contact support."
+
+
+# ----- the request -----
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file sent with the message, validated; recorded as a MessageFile once the message exists."""
+
+    type: str
+    transfer_method: str
+    url: str = ""
+    upload: UploadFile | None = None
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A validated POST /v1/chat-messages."""
+
+    request: TurnRequest
+    streaming: bool
+    auto_generate_name: bool
+    files: tuple[FileRef, ...] = field(default_factory=tuple)
+
+
+def chat_call_build(*, app: AgentApp, payload: dict[str, Any]) -> ChatCall:
+    """Validate a chat request body in Dify's order of checks (SPEC.md §2) and build the turn it asks for.
+
+    Sync (reads upload files and the conversation's config when files are sent): call it off the event loop."""
+    user = user_from(payload.get("user"))
+    response_mode = choice_from(payload.get("response_mode"), field="response_mode", choices=(STREAMING, BLOCKING),
+                                default=BLOCKING)
+    if app.mode == AgentApp.Mode.AGENT_CHAT and response_mode == BLOCKING:
+        raise invalid_param("Agent Chat App does not support blocking mode")
+    approval = _approval(payload.get("approval"))
+    query = _query(payload.get("query"), required=approval is None)
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, dict):
+        raise invalid_param("inputs is required" if inputs is None else "inputs must be an object")
+    conversation_id = uuid_from(payload.get("conversation_id"), field="conversation_id")
+    overrides = _overrides(payload, inputs)
+    auto_generate_name = bool_from(payload.get("auto_generate_name"), field="auto_generate_name", default=True)
+    user_inputs = {k: v for k, v in inputs.items() if k not in MODEL_FIELDS}
+    if conversation_id is None:
+        user_inputs = inputs_validate(form=app.user_input_form or [], inputs=user_inputs)
+    files = _files(app=app, user=user, items=payload.get("files"))
+    attachments = _attachments(app=app, files=files, overrides=overrides, conversation_id=conversation_id)
+    request = TurnRequest(
+        app=app,
+        query=query,
+        session_id=str(conversation_id) if conversation_id else None,
+        end_user=user,
+        source=Session.Source.API,
+        inputs=user_inputs,
+        overrides=overrides,
+        attachments=attachments,
+        approval=approval,
+    )
+    return ChatCall(request=request, streaming=response_mode == STREAMING, auto_generate_name=auto_generate_name,
+                    files=files)
+
+
+def _query(value: Any, *, required: bool) -> str:
+    if value is None:
+        if required:
+            raise invalid_param("query is required")
+        return ""
+    if not isinstance(value, str):
+        raise invalid_param("query must be a string")
+    value = value.replace("\x00", "")
+    if required and not value.strip():
+        raise invalid_param("query is required")
+    return value
+
+
+def _approval(value: Any) -> ApprovalDecision | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_param("approval must be an object with id and decision")
+    approval_id = uuid_from(value.get("id"), field="approval.id", required=True)
+    decision = choice_from(value.get("decision"), field="approval.decision", choices=("approve", "reject"))
+    if decision is None:
+        raise invalid_param("approval.decision is required")
+    comment = value.get("comment") or ""
+    if not isinstance(comment, str):
+        raise invalid_param("approval.comment must be a string")
+    return ApprovalDecision(approval_id=str(approval_id), decision=decision, comment=comment)
+
+
+def _overrides(payload: dict[str, Any], inputs: dict[str, Any]) -> TurnOverrides:
+    """The model-choice extensions, from the top level or (for clients that can only fill `inputs`) from inputs."""
+    values: dict[str, Any] = {}
+    for name in MODEL_FIELDS:
+        value = payload.get(name)
+        if value is None or value == "":
+            value = inputs.get(name)
+        if value is None or value == "":
+            continue
+        values[name] = _model_field(name, value)
+    return TurnOverrides(
+        config_id=values.get("model_config_id"),
+        model=values.get("model"),
+        temperature=values.get("temperature"),
+        max_tokens=values.get("max_tokens"),
+        top_p=values.get("top_p"),
+    )
+
+
+def _model_field(name: str, value: Any) -> Any:
+    if name == "model_config_id":
+        return str(uuid_from(value, field=name))
+    if name == "model":
+        if not isinstance(value, str) or not value.strip():
+            raise invalid_param("model must be a non-empty string (an LLM config name or model name)")
+        return value.strip()
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise invalid_param(f"{name} must be {'an integer' if name == 'max_tokens' else 'a number'}")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if name == "max_tokens":
+        if number is None or not number.is_integer() or number < 1:
+            raise invalid_param("max_tokens must be a positive integer")
+        return int(number)
+    if number is None or number != number:  # NaN
+        raise invalid_param(f"{name} must be a number")
+    return number
+
+
+def inputs_validate(*, form: list[Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a new conversation checked against the app's Dify `user_input_form`, with Dify's messages.
+    Like Dify, only the form's variables are kept, and a missing optional one gets its default."""
+    cleaned: dict[str, Any] = {}
+    for item in form:
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        kind, spec = next(iter(item.items()))
+        if not isinstance(spec, dict) or not spec.get("variable"):
+            continue
+        variable = spec["variable"]
+        value = inputs.get(variable)
+        if value is None or value == "":
+            if spec.get("required"):
+                raise invalid_param(f"{variable} is required in input form")
+            cleaned[variable] = spec.get("default") if spec.get("default") is not None else ""
+            continue
+        cleaned[variable] = _input_value(kind, spec, variable, value)
+    return cleaned
+
+
+def _input_value(kind: str, spec: dict[str, Any], variable: str, value: Any) -> Any:
+    if kind in ("text-input", "paragraph", "select"):
+        if not isinstance(value, str):
+            raise invalid_param(f"(type '{kind}') {variable} in input form must be a string")
+        max_length = spec.get("max_length")
+        if kind != "select" and isinstance(max_length, int) and max_length > 0 and len(value) > max_length:
+            raise invalid_param(f"{variable} in input form must be less than {max_length} characters")
+        options = spec.get("options") or []
+        if kind == "select" and value not in options:
+            raise invalid_param(f"{variable} in input form must be one of the following: {options}")
+        return value
+    if kind == "number":
+        if isinstance(value, bool):
+            raise invalid_param(f"{variable} in input form must be a valid number")
+        if isinstance(value, int | float):
+            return value
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise invalid_param(f"{variable} in input form must be a valid number") from None
+        return value
+    return value
+
+
+# ----- files -----
+
+def _file_upload_settings(app: AgentApp) -> tuple[bool, int, list[str] | None]:
+    """(enabled, number limit, allowed types) from the app's Dify-style `file_upload` settings. An app that never
+    configured uploads accepts files; one that switched them off ignores them silently, as Dify does."""
+    config = app.file_upload or {}
+    image = config.get("image") if isinstance(config.get("image"), dict) else {}
+    enabled = bool(config.get("enabled", image.get("enabled", True) if image else True))
+    limit = config.get("number_limits") or image.get("number_limits") or settings.WORKFLOW_FILE_UPLOAD_LIMIT
+    allowed = config.get("allowed_file_types") or None
+    return enabled, int(limit), allowed
+
+
+def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise invalid_param("files must be a list")
+    enabled, limit, allowed = _file_upload_settings(app)
+    if not enabled or not items:
+        return ()
+    if len(items) > limit:
+        raise invalid_param(f"Number of files exceeds the limit of {limit}.")
+    refs: list[FileRef] = []
+    upload_ids: list[uuid.UUID] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise invalid_param(f"files[{index}] must be an object")
+        file_type = choice_from(item.get("type"), field=f"files[{index}].type", choices=FILE_TYPES, default="image")
+        if allowed is not None and file_type not in allowed:
+            raise invalid_param(f"files[{index}].type {file_type!r} is not allowed for this app")
+        method = choice_from(item.get("transfer_method"), field=f"files[{index}].transfer_method",
+                             choices=TRANSFER_METHODS)
+        if method is None:
+            raise invalid_param(f"files[{index}].transfer_method is required")
+        if method == "remote_url":
+            url = item.get("url")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2000:
+                raise invalid_param(f"files[{index}].url must be an http(s) URL")
+            refs.append(FileRef(type=file_type, transfer_method=method, url=url))
+        else:
+            upload_ids.append(uuid_from(item.get("upload_file_id"), field=f"files[{index}].upload_file_id",
+                                        required=True))
+            refs.append(FileRef(type=file_type, transfer_method=method))
+    if upload_ids:
+        end_user = end_user_get_or_create(app=app, user=user)
+        uploads = {u.id: u for u in UploadFile.objects.filter(id__in=upload_ids, app=app, end_user=end_user)}
+        ids = iter(upload_ids)
+        resolved = []
+        for ref in refs:
+            if ref.transfer_method != "local_file":
+                resolved.append(ref)
+                continue
+            upload = uploads.get(next(ids))
+            if upload is None:
+                raise invalid_param("Invalid upload file id.")
+            resolved.append(FileRef(type=ref.type, transfer_method=ref.transfer_method, upload=upload))
+        refs = resolved
+    return tuple(refs)
+
+
+def _attachments(*, app: AgentApp, files: tuple[FileRef, ...], overrides: TurnOverrides,
+                 conversation_id: uuid.UUID | None) -> tuple[Attachment, ...]:
+    """What the model gets of the files: images as image content when the answering config supports vision, text
+    documents as text. Everything else is only recorded on the message."""
+    if not files:
+        return ()
+    vision = _vision(app=app, overrides=overrides, conversation_id=conversation_id)
+    attachments = []
+    for ref in files:
+        attachment = _attachment(ref, vision=vision)
+        if attachment is not None:
+            attachments.append(attachment)
+    return tuple(attachments)
+
+
+def _vision(*, app: AgentApp, overrides: TurnOverrides, conversation_id: uuid.UUID | None) -> bool:
+    session_config_id = None
+    if conversation_id is not None:
+        session_config_id = Session.objects.filter(pk=conversation_id).values_list("llm_config_id", flat=True).first()
+    try:
+        config = llm_config_resolve(config_id=overrides.config_id, model=overrides.model,
+                                    session_config_id=session_config_id, app_config_id=app.llm_config_id)
+    except LLMConfigError:
+        return False  # the turn itself will fail with the right error
+    if (config.extra_config or {}).get("vision"):
+        return True
+    return provider_spec(config.provider).supports_vision(config.model_name)
+
+
+def _attachment(ref: FileRef, *, vision: bool) -> Attachment | None:
+    upload = ref.upload
+    name = upload.name if upload else ref.url.rsplit("/", 1)[-1].split("?", 1)[0]
+    mime = (upload.mime_type if upload else "") or mimetypes.guess_type(name)[0] or ""
+    extension = (upload.extension if upload else name.rsplit(".", 1)[-1] if "." in name else "").lower()
+    is_image = ref.type == "image" or mime.startswith("image/")
+    if is_image:
+        if not vision:
+            return None
+        if upload is None:
+            return Attachment(kind="image", name=name, mime_type=mime, url=ref.url)
+        if upload.size > settings.UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB * 1024 * 1024:
+            raise DifyError("file_too_large", f"File size exceeded. {name}", 413)
+        data = _read(upload)
+        return Attachment(kind="image", name=name, mime_type=mime or "image/png",
+                          url=f"data:{mime or 'image/png'};base64,{base64.b64encode(data).decode()}")
+    if upload is not None and (extension in TEXT_EXTENSIONS or mime.startswith("text/")):
+        if upload.size > settings.UPLOAD_FILE_SIZE_LIMIT_MB * 1024 * 1024:
+            raise DifyError("file_too_large", f"File size exceeded. {name}", 413)
+        text = _read(upload).decode("utf-8", errors="replace")
+        if len(text) > TEXT_ATTACHMENT_CHARS:
+            text = text[:TEXT_ATTACHMENT_CHARS] + f"\n[... truncated at {TEXT_ATTACHMENT_CHARS} characters]"
+        return Attachment(kind="text", name=name, mime_type=mime or "text/plain", text=text)
+    return None
+
+
+def _read(upload: UploadFile) -> bytes:
+    try:
+        with upload.file.open("rb") as handle:
+            return handle.read()
+    except OSError:
+        raise invalid_param(f"The uploaded file {upload.name!r} can no longer be read.") from None
+
+
+def message_files_record(*, message_id: Any, files: tuple[FileRef, ...]) -> None:
+    """The files of a user message, for GET /v1/messages `message_files`."""
+    MessageFile.objects.bulk_create(
+        MessageFile(message_id=message_id, type=ref.type, transfer_method=ref.transfer_method, url=ref.url,
+                    upload_file=ref.upload, belongs_to="user")
+        for ref in files
+    )
+
+
+def conversation_auto_name(*, session_id: Any) -> None:
+    """Name a new conversation with its model (agentcore.generation; the shortened query when that fails). Runs in a
+    worker thread of its own, so it closes its database connection itself."""
+    try:
+        session = Session.objects.select_related("app").filter(pk=session_id, is_deleted=False).first()
+        if session is not None:
+            name = session_generate_name(session=session)
+            Session.objects.filter(pk=session_id).update(name=name)
+    except Exception:
+        logger.warning("Naming conversation %s failed", session_id, exc_info=True)
+    finally:
+        close_old_connections()
+
+
+# ----- errors -----
+
+def dify_error_from(exc: Exception, *, app: AgentApp) -> DifyError:
+    """The Dify envelope for an error raised before a run started."""
+    if isinstance(exc, DifyError):
+        return exc
+    if isinstance(exc, SessionNotFound):
+        return not_found("Conversation Not Exists.")
+    if isinstance(exc, TooManyActiveRuns):
+        return DifyError(
+            "too_many_requests",
+            "Too many requests. Please try again later. The current maximum concurrent requests allowed for "
+            f"{app.name} is {app.max_active_requests}.",
+            429,
+        )
+    if isinstance(exc, ApprovalNotFound):
+        return not_found("Approval Not Exists.")
+    if isinstance(exc, ApprovalAlreadyDecided):
+        return DifyError("conflict", exc.message, 409)
+    if isinstance(exc, ApprovalForbidden):
+        return forbidden(exc.message)
+    if isinstance(exc, AppUnavailable):
+        return APP_UNAVAILABLE
+    if isinstance(exc, NoUsableConfig):
+        return DifyError(PROVIDER_NOT_INITIALIZE, exc.message, 400)
+    if isinstance(exc, LLMConfigError | AgentError):
+        return invalid_param(_naming_field(exc.message, exc.field))
+    logger.exception("chat-messages failed before the run started")
+    return INTERNAL
+
+
+def _naming_field(message: str, field_name: str | None) -> str:
+    if field_name and field_name not in message:
+        return f"{field_name}: {message}"
+    return message
+
+
+def run_error_to_dify(error: RunError) -> DifyError:
+    """A failed run: a provider fault is `completion_request_error` with its (scrubbed) text, anything else 500."""
+    if error.category == "internal":
+        return DifyError("internal_server_error", STREAM_INTERNAL_MESSAGE, 500)
+    return DifyError(COMPLETION_REQUEST_ERROR, error.message or "Completion request failed.", 400)
+
+
+# ----- events -----
+
+def _usage(usage: Usage | None) -> dict[str, Any]:
+    if usage is None:
+        return usage_to_dify(prompt_tokens=0, completion_tokens=0)
+    cost = Cost(
+        prompt_unit_price=usage.prompt_unit_price,
+        completion_unit_price=usage.completion_unit_price,
+        price_unit=usage.price_unit,
+        prompt_price=usage.prompt_price,
+        completion_price=usage.completion_price,
+        total_price=usage.total_price,
+        currency=usage.currency,
+    )
+    return usage_to_dify(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost=cost,
+        latency=usage.latency,
+        time_to_first_token=usage.time_to_first_token,
+        time_to_generate=usage.time_to_generate,
+    )
+
+
+class DifyTurn:
+    """Turns the neutral events of one run into Dify's stream events (`stream`) or blocking answer (`blocking`)."""
+
+    def __init__(self, *, mode: str):
+        self.mode = mode
+        self.answer_event = "agent_message" if mode == AgentApp.Mode.AGENT_CHAT else "message"
+        self.head: dict[str, Any] = {}
+        self.task_id = ""
+        self.message_id = ""
+        self.conversation_id = ""
+        self.created_at = 0
+        self.usage: Usage | None = None
+        self.answer_parts: list[str] = []
+
+    def _event(self, name: str, **fields: Any) -> dict[str, Any]:
+        return {"event": name, **self.head, "task_id": self.task_id, **fields}
+
+    def stream(self, event: Any) -> dict[str, Any] | None:
+        """The Dify event for a run event, or None when it has none of its own."""
+        if isinstance(event, TextDelta):
+            if self.answer_event == "message":
+                return self._event("message", id=self.message_id, answer=event.text, from_variable_selector=None)
+            return self._event("agent_message", id=self.message_id, answer=event.text)
+        if isinstance(event, ThoughtUpdate):
+            return self._event("agent_thought", **self._thought(event))
+        if isinstance(event, RunStarted):
+            self._start(event)
+            return None
+        if isinstance(event, Usage):
+            self.usage = event
+            return None
+        if isinstance(event, RunEnd):
+            metadata = message_metadata(_usage(self.usage))
+            if event.status == "paused" or event.pending_approvals:
+                metadata["pending_approvals"] = [
+                    {"id": str(p.get("id")), "tool": p.get("tool"), "tool_input": p.get("tool_input")}
+                    for p in event.pending_approvals
+                ]
+            return self._event("message_end", id=self.message_id, metadata=metadata, files=None)
+        if isinstance(event, RunError):
+            error = run_error_to_dify(event)
+            return {"event": "error", **self.head, "status": error.status, "code": error.code,
+                    "message": error.message}
+        if isinstance(event, ApprovalRequired):
+            return None  # shown by its agent_thought; listed in message_end's pending_approvals
+        return None
+
+    def _start(self, event: RunStarted) -> None:
+        self.task_id = str(event.task_id)
+        self.message_id = str(event.message_id)
+        self.conversation_id = str(event.session_id)
+        self.created_at = int(event.created_at)
+        self.head = {"conversation_id": self.conversation_id, "message_id": self.message_id,
+                     "created_at": self.created_at}
+
+    @staticmethod
+    def _thought(event: ThoughtUpdate) -> dict[str, Any]:
+        # The Thought model's presenters give the wire shape; an unsaved row carries this update's state.
+        thought = Thought(tool=event.tool, tool_input=event.tool_input, observation=event.observation)
+        return {
+            "id": str(event.thought_id),
+            "position": event.position,
+            "thought": event.thought,
+            "observation": thought_observation(thought),
+            "tool": event.tool,
+            "tool_labels": thought_tool_labels(thought),
+            "tool_input": thought_tool_input(thought),
+            "message_files": [],
+        }
+
+    def collect(self, event: Any) -> None:
+        """Blocking mode: remember what the answer needs."""
+        if isinstance(event, RunStarted):
+            self._start(event)
+        elif isinstance(event, TextDelta):
+            self.answer_parts.append(event.text)
+        elif isinstance(event, Usage):
+            self.usage = event
+
+    def blocking(self, end: RunEnd) -> dict[str, Any]:
+        answer = end.answer if end.answer or not self.answer_parts else "".join(self.answer_parts)
+        return {
+            "event": "message",
+            "task_id": self.task_id,
+            "id": self.message_id,
+            "message_id": self.message_id,
+            "conversation_id": self.conversation_id,
+            "mode": self.mode,
+            "answer": answer,
+            "metadata": message_metadata(_usage(self.usage)),
+            "created_at": self.created_at,
+        }
+

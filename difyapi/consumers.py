@@ -1,0 +1,197 @@
+"""Channels HTTP consumers of POST /v1/chat-messages (blocking, SSE streaming) and POST /v1/chat-messages/{id}/stop.
+
+The request handler validates, starts the reply as an asyncio task and returns, so the consumer keeps receiving:
+`http.disconnect` cancels the task (the engine saves the partial answer as stopped). A stop request reaches the run
+through the channel layer (the engine listens on its own group), from whichever worker serves it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.consumer import AsyncConsumer
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from agentcore.events import RunEnd, RunError
+from agentcore.runs import Turn, run_stop, turn_prepare, turn_run
+from difyapi.auth import AppContext, authenticate
+from difyapi.chat import (
+    ChatCall,
+    DifyTurn,
+    chat_call_build,
+    conversation_auto_name,
+    dify_error_from,
+    message_files_record,
+    run_error_to_dify,
+)
+from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError
+from difyapi.sse import HEADERS, PING, encode_event, json_bytes
+from difyapi.validation import parse_json_body, user_from
+
+logger = logging.getLogger(__name__)
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+# Background work that outlives its request (conversation names); referenced so it is not garbage-collected.
+_background: set[asyncio.Task] = set()
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class DifyHttpConsumer(AsyncConsumer):
+    """One Dify JSON request: collects the body, hands it to `respond` in a task, and stops on disconnect."""
+
+    # The run listens on its own stop group; the consumer itself needs no channel (and no channel-layer round trip).
+    channel_layer_alias = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.body: list[bytes] = []
+        self.task: asyncio.Task | None = None
+
+    async def http_request(self, message: dict[str, Any]) -> None:
+        self.body.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        self.task = asyncio.create_task(self._respond_safely(b"".join(self.body)))
+
+    async def http_disconnect(self, message: dict[str, Any]) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        raise StopConsumer()
+
+    async def _respond_safely(self, body: bytes) -> None:
+        try:
+            if self.scope.get("method") != "POST":
+                raise METHOD_NOT_ALLOWED
+            await self.respond(body)
+        except DifyError as exc:
+            await self.send_json(exc.status, exc.payload(), headers=exc.headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("Dify request failed: %s", self.scope.get("path"))
+            await self.send_json(INTERNAL.status, INTERNAL.payload())
+
+    async def respond(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    async def authenticate(self) -> AppContext:
+        return await sync_to_async(authenticate)(_header(self.scope, b"authorization"))
+
+    def payload(self, body: bytes) -> dict[str, Any]:
+        return parse_json_body(body, _header(self.scope, b"content-type"))
+
+    async def send_json(self, status: int, data: Any, *, headers: dict[str, str] | None = None) -> None:
+        extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await self.send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS + extra})
+        await self.send({"type": "http.response.body", "body": json_bytes(data)})
+
+
+def _chat_call(header: str | None, body: bytes, content_type: str | None) -> tuple[AppContext, ChatCall]:
+    """Authentication and validation in one hop off the event loop (both read the database)."""
+    context = authenticate(header)
+    payload = parse_json_body(body, content_type)
+    try:
+        return context, chat_call_build(app=context.app, payload=payload)
+    except DifyError:
+        raise
+    except Exception as exc:
+        raise dify_error_from(exc, app=context.app) from exc
+
+
+class ChatMessagesConsumer(DifyHttpConsumer):
+    """POST /v1/chat-messages."""
+
+    async def respond(self, body: bytes) -> None:
+        context, call = await sync_to_async(_chat_call)(
+            _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type")
+        )
+        try:
+            turn = await turn_prepare(call.request)
+        except Exception as exc:
+            raise dify_error_from(exc, app=context.app) from exc
+        if call.files:
+            await sync_to_async(message_files_record)(message_id=turn.message.pk, files=call.files)
+        if call.streaming:
+            await self.stream(turn)
+        else:
+            await self.blocking(turn)
+        if turn.session_created and call.auto_generate_name and call.request.approval is None:
+            _name_later(turn)
+
+    async def stream(self, turn: Turn) -> None:
+        await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        dify = DifyTurn(mode=turn.session.app.mode)
+        pinger = asyncio.create_task(self._ping())
+        try:
+            async with contextlib.aclosing(turn_run(turn)) as events:
+                async for event in events:
+                    data = dify.stream(event)
+                    if data is not None:
+                        await self.send({"type": "http.response.body", "body": encode_event(data), "more_body": True})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The engine reports its faults as RunError; this is a bug on our side after the headers went out.
+            logger.exception("Dify stream failed after it started")
+            error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
+                     "message": "Internal Server Error, please contact support."}
+            await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})
+        finally:
+            pinger.cancel()
+        await self.send({"type": "http.response.body", "body": b""})
+
+    async def _ping(self) -> None:
+        interval = settings.DIFY_PING_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            await self.send({"type": "http.response.body", "body": PING, "more_body": True})
+
+    async def blocking(self, turn: Turn) -> None:
+        dify = DifyTurn(mode=turn.session.app.mode)
+        async with contextlib.aclosing(turn_run(turn)) as events:
+            async for event in events:
+                if isinstance(event, RunError):
+                    raise run_error_to_dify(event)
+                if isinstance(event, RunEnd):
+                    await self.send_json(200, dify.blocking(event))
+                    return
+                dify.collect(event)
+        raise INTERNAL
+
+
+def _name_later(turn: Turn) -> None:
+    """Dify names a new conversation from its first exchange in the background, after the answer."""
+    # Off the shared ORM thread: the generation waits on the model for up to its timeout.
+    name = sync_to_async(conversation_auto_name, thread_sensitive=False)(session_id=turn.session.pk)
+    task = asyncio.create_task(name)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class ChatStopConsumer(DifyHttpConsumer):
+    """POST /v1/chat-messages/{task_id}/stop: always `{"result": "success"}`, as Dify answers."""
+
+    async def respond(self, body: bytes) -> None:
+        context = await self.authenticate()
+        user = user_from(self.payload(body).get("user"))
+        task_id = self.scope["url_route"]["kwargs"]["task_id"]
+        try:
+            task_uuid = uuid.UUID(task_id)
+        except ValueError:
+            task_uuid = None
+        if task_uuid is not None:
+            await run_stop(task_id=str(task_uuid), end_user=user, app_id=context.app.pk)
+        await self.send_json(200, {"result": "success"})

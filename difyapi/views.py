@@ -1,0 +1,336 @@
+"""Django views of the Dify Service API except chat-messages and stop (those are Channels consumers): history,
+feedback, suggestions, conversations, files, app metadata, models, audio stubs, and the /v1 404 fallback."""
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from collections.abc import Callable
+
+from django.core.exceptions import TooManyFilesSent
+from django.http import FileResponse, HttpRequest, HttpResponse
+from django.http.multipartparser import MultiPartParser, MultiPartParserError
+from django.views.decorators.csrf import csrf_exempt
+
+from agentcore.generation import message_suggested_questions
+from agentcore.models import AgentApp
+from difyapi import presenters, selectors, services
+from difyapi.auth import authenticate
+from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found
+from difyapi.presenters import dify_json_response
+from difyapi.validation import (
+    bool_from,
+    choice_from,
+    int_from,
+    limit_from,
+    optional_user_from,
+    query_dict,
+    request_json,
+    str_from,
+    user_from,
+    uuid_from,
+)
+
+logger = logging.getLogger(__name__)
+
+# What GET /v1/ reports: the Dify release whose Service API wire format OpsAgent speaks.
+SERVER_VERSION = "1.9.1"
+NOT_FOUND_MESSAGE = (
+    "The requested URL was not found on the server. If you entered the URL manually please check your spelling "
+    "and try again."
+)
+FILE_NOT_FOUND = DifyError("file_not_found", "The requested file was not found.", 404)
+RATINGS = ("like", "dislike")
+
+
+def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
+    """A /v1 view: CSRF-exempt (Bearer API), 405 envelope for other methods, the app key checked (the view gets the
+    app as its second argument), every error in the Dify envelope and never a traceback."""
+    allowed = set(methods) | ({"HEAD"} if "GET" in methods else set())
+
+    def decorate(view: Callable) -> Callable:
+        @csrf_exempt
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            try:
+                if request.method not in allowed:
+                    raise DifyError(
+                        "method_not_allowed", "The method is not allowed for the requested URL.", 405,
+                        headers={"Allow": ", ".join(sorted(allowed))},
+                    )
+                if authenticated:
+                    app = authenticate(request.META.get("HTTP_AUTHORIZATION")).app
+                    return view(request, app, *args, **kwargs)
+                return view(request, *args, **kwargs)
+            except DifyError as exc:
+                return exc.response()
+            except Exception:
+                logger.exception("unhandled error in %s", view.__name__)
+                return INTERNAL.response()
+
+        return wrapper
+
+    return decorate
+
+
+def _base_url(request: HttpRequest) -> str:
+    return request.build_absolute_uri("/").rstrip("/")
+
+
+@csrf_exempt
+def not_found_view(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Any /v1 path OpsAgent does not serve: Werkzeug's 404 in the Dify envelope."""
+    return not_found(NOT_FOUND_MESSAGE).response()
+
+
+@dify_endpoint("GET", authenticated=False)
+def index(request: HttpRequest) -> HttpResponse:
+    return dify_json_response({"welcome": "Dify OpenAPI", "api_version": "v1", "server_version": SERVER_VERSION})
+
+
+# ----- app metadata -----
+
+@dify_endpoint("GET")
+def app_info(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    return dify_json_response(presenters.app_info_to_dify(app))
+
+
+@dify_endpoint("GET")
+def app_parameters(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    return dify_json_response(presenters.app_parameters_to_dify(app))
+
+
+@dify_endpoint("GET")
+def app_meta(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    return dify_json_response(presenters.app_meta_to_dify(selectors.app_tool_names(app=app)))
+
+
+@dify_endpoint("GET")
+def app_site(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    return dify_json_response(presenters.app_site_to_dify(app))
+
+
+@dify_endpoint("GET")
+def app_models(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    models = selectors.app_models(app=app)
+    return dify_json_response({"data": [presenters.model_to_dify(config, is_default) for config, is_default in models]})
+
+
+# ----- messages, feedback, suggestions -----
+
+@dify_endpoint("GET")
+def message_list(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    query = query_dict(request)
+    user = optional_user_from(query.get("user"))
+    if "conversation_id" not in query:
+        raise invalid_param("conversation_id is required")
+    limit = limit_from(query.get("limit"))
+    first_id = uuid_from(query.get("first_id"), field="first_id")
+    conversation_id = uuid_from(query.get("conversation_id"), field="conversation_id")
+    if conversation_id is None:
+        # Dify's quirk: an empty conversation_id lists nothing rather than failing.
+        return dify_json_response({"limit": limit, "has_more": False, "data": []})
+    session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    page = selectors.message_list(session=session, first_id=first_id, limit=limit)
+    base_url = _base_url(request)
+    data = [
+        presenters.message_to_dify(
+            message,
+            feedback=message.user_feedbacks[0] if message.user_feedbacks else None,
+            base_url=base_url,
+        )
+        for message in page.items
+    ]
+    return dify_json_response({"limit": limit, "has_more": page.has_more, "data": data})
+
+
+@dify_endpoint("POST")
+def message_feedback(request: HttpRequest, app: AgentApp, message_id) -> HttpResponse:
+    body = request_json(request)
+    user = user_from(body.get("user"))
+    rating = body.get("rating")
+    if rating is not None and rating not in RATINGS:
+        raise invalid_param("rating must be one of the following: ['like', 'dislike', null]")
+    content = str_from(body.get("content"), field="content", max_length=10_000)
+    message = selectors.message_get(app=app, user=user, message_id=message_id)
+    end_user = services.end_user_get_or_create(app=app, user=user)
+    services.message_feedback_submit(message=message, end_user=end_user, rating=rating, content=content)
+    return dify_json_response({"result": "success"})
+
+
+@dify_endpoint("GET")
+def app_feedbacks(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    query = query_dict(request)
+    page = int_from(query.get("page"), field="page", default=1, minimum=1)
+    limit = limit_from(query.get("limit"), maximum=101)
+    feedbacks = selectors.feedback_list(app=app, page=page, limit=limit)
+    return dify_json_response({"data": [presenters.feedback_to_dify(feedback) for feedback in feedbacks]})
+
+
+@dify_endpoint("GET")
+def message_suggested(request: HttpRequest, app: AgentApp, message_id) -> HttpResponse:
+    user = user_from(query_dict(request).get("user"))
+    message = selectors.message_get(app=app, user=user, message_id=message_id)
+    if not app.suggested_questions_after_answer:
+        raise bad_request("Suggested Questions Is Disabled.")
+    return dify_json_response({"result": "success", "data": message_suggested_questions(message=message)})
+
+
+# ----- conversations -----
+
+@dify_endpoint("GET")
+def conversation_list(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    query = query_dict(request)
+    user = optional_user_from(query.get("user"))
+    last_id = uuid_from(query.get("last_id"), field="last_id")
+    limit = limit_from(query.get("limit"))
+    sort_by = choice_from(query.get("sort_by"), field="sort_by", choices=selectors.CONVERSATION_SORTS,
+                          default="-updated_at")
+    page = selectors.conversation_list(app=app, user=user, last_id=last_id, limit=limit, sort_by=sort_by)
+    data = [presenters.conversation_to_dify(session) for session in page.items]
+    return dify_json_response({"limit": limit, "has_more": page.has_more, "data": data})
+
+
+@dify_endpoint("DELETE")
+def conversation_delete(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
+    user = optional_user_from(request_json(request).get("user"))
+    session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    services.conversation_delete(session=session)
+    return HttpResponse(status=204)
+
+
+@dify_endpoint("POST")
+def conversation_rename(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
+    body = request_json(request)
+    user = optional_user_from(body.get("user"))
+    auto_generate = bool_from(body.get("auto_generate"), field="auto_generate", default=False)
+    name = str_from(body.get("name"), field="name", max_length=255).strip()
+    if not auto_generate and not name:
+        raise invalid_param("name is required when auto_generate is false")
+    session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    if auto_generate:
+        session = services.conversation_generate_name(session=session)
+    else:
+        session = services.conversation_rename(session=session, name=name)
+    return dify_json_response(presenters.conversation_to_dify(session))
+
+
+VARIABLE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dify_endpoint("GET")
+def conversation_variables(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
+    query = query_dict(request)
+    user = optional_user_from(query.get("user"))
+    last_id = uuid_from(query.get("last_id"), field="last_id")
+    limit = limit_from(query.get("limit"))
+    variable_name = query.get("variable_name")
+    if variable_name is not None and not (
+        1 <= len(variable_name) <= 255 and set(variable_name) <= VARIABLE_NAME_CHARS
+    ):
+        raise invalid_param("variable_name must be 1-255 characters of letters, digits, '_', '.' or '-'")
+    selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    if last_id is not None:
+        # Conversation variables exist only in Chatflow apps: no id can name one here (Dify: 400, empty message).
+        raise invalid_param("")
+    return dify_json_response({"limit": limit, "has_more": False, "data": []})
+
+
+# ----- files -----
+
+class UploadParser(MultiPartParser):
+    """Django silently strips path separators from upload names; Dify refuses such names (400 invalid_param), so
+    this parser remembers whether any name had one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.had_path_separator = False
+
+    def sanitize_file_name(self, file_name):
+        unescaped = html.unescape(file_name)
+        if "/" in unescaped or "\\" in unescaped:
+            self.had_path_separator = True
+        return super().sanitize_file_name(file_name)
+
+
+def _multipart(request: HttpRequest):
+    """(form fields, files) of a multipart request; empty for any other content type (Dify: no file uploaded)."""
+    if request.content_type != "multipart/form-data":
+        return request.POST, request.FILES
+    parser = UploadParser(request.META, request, request.upload_handlers, request.encoding)
+    try:
+        form, files = parser.parse()
+    except TooManyFilesSent:
+        raise DifyError("too_many_files", "Only one file is allowed.", 400) from None
+    except MultiPartParserError:
+        raise bad_request("The browser (or proxy) sent a request that this server could not understand.") from None
+    if parser.had_path_separator:
+        raise invalid_param("Filename contains invalid characters")
+    return form, files
+
+
+@dify_endpoint("POST")
+def file_upload(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    form, files = _multipart(request)
+    if "file" not in files:
+        raise DifyError("no_file_uploaded", "Please upload your file.", 400)
+    if sum(len(files.getlist(key)) for key in files) > 1:
+        raise DifyError("too_many_files", "Only one file is allowed.", 400)
+    user = optional_user_from(form.get("user"))
+    end_user = services.end_user_get_or_create(app=app, user=user)
+    upload = services.upload_file_create(app=app, end_user=end_user, uploaded=files["file"])
+    return dify_json_response(presenters.upload_file_to_dify(upload, base_url=_base_url(request)), status=201)
+
+
+def _file_response(upload, *, as_attachment: bool) -> HttpResponse:
+    try:
+        handle = upload.file.open("rb")
+    except FileNotFoundError:
+        raise FILE_NOT_FOUND from None
+    response = FileResponse(handle, as_attachment=as_attachment, filename=upload.name,
+                            content_type=upload.mime_type or "application/octet-stream")
+    response["Content-Length"] = str(upload.size)
+    return response
+
+
+@dify_endpoint("GET")
+def file_preview(request: HttpRequest, app: AgentApp, file_id) -> HttpResponse:
+    query = query_dict(request)
+    as_attachment = bool_from(query.get("as_attachment"), field="as_attachment", default=False)
+    upload = selectors.upload_file_get(app=app, file_id=file_id)
+    if upload is None:
+        raise FILE_NOT_FOUND
+    return _file_response(upload, as_attachment=as_attachment)
+
+
+@dify_endpoint("GET", authenticated=False)
+def file_signed_preview(request: HttpRequest, file_id) -> HttpResponse:
+    """The signed URL given in upload answers and message_files: no key, but a fresh valid signature."""
+    query = query_dict(request)
+    valid = presenters.file_signature_valid(
+        file_id=str(file_id), timestamp=query.get("timestamp", ""), nonce=query.get("nonce", ""),
+        sign=query.get("sign", ""),
+    )
+    if not valid:
+        raise DifyError("forbidden", "Invalid request.", 403)
+    upload = selectors.upload_file_get(file_id=file_id)
+    if upload is None:
+        raise FILE_NOT_FOUND
+    as_attachment = bool_from(query.get("as_attachment"), field="as_attachment", default=False)
+    return _file_response(upload, as_attachment=as_attachment)
+
+
+# ----- audio: Dify's own "not supported" answers -----
+
+@dify_endpoint("POST")
+def audio_to_text(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    if "file" not in request.FILES:
+        raise DifyError("no_audio_uploaded", "Please upload your audio.", 400)
+    raise DifyError("provider_not_support_speech_to_text", "Provider not support speech to text.", 400)
+
+
+@dify_endpoint("POST")
+def text_to_audio(request: HttpRequest, app: AgentApp) -> HttpResponse:
+    request_json(request)
+    raise invalid_param("TTS is not enabled")
+

@@ -1,0 +1,312 @@
+"""Django admin for LLM configurations (the config UI) and the read-only audit trail. Every write goes through the
+services, so the admin gets the same validation, audit records and cache invalidation as the API."""
+from __future__ import annotations
+
+import json
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
+from django.http import Http404, HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+
+from llmconfigs.errors import LLMConfigError
+from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.providers import PROVIDERS
+from llmconfigs.services import (
+    llm_config_activate,
+    llm_config_create,
+    llm_config_deactivate,
+    llm_config_delete,
+    llm_config_set_default,
+    llm_config_test_connection,
+    llm_config_update,
+)
+from opsagent.middleware import client_ip
+
+# Lookups that would filter or order by the key; the changelist refuses them instead of leaking it by bisection.
+_SECRET_FIELDS = ("api_key",)
+
+
+class LLMConfigForm(forms.ModelForm):
+    new_api_key = forms.CharField(
+        label="New API key",
+        required=False,
+        strip=True,
+        # render_value=False: the stored key is never written into the page, not even as a value attribute.
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Leave blank to keep the stored key. The key is encrypted at rest and never shown again.",
+    )
+
+    class Meta:
+        model = LLMConfig
+        # Never "api_key": the stored key must not be bound to a widget (new_api_key replaces it).
+        fields = [
+            "name", "provider", "model_name", "base_url", "description", "temperature", "top_p", "max_tokens",
+            "frequency_penalty", "presence_penalty", "is_active", "is_embedding", "input_price_per_million",
+            "output_price_per_million", "currency", "extra_config",
+        ]
+        labels = {"base_url": "Base URL", "top_p": "top_p", "max_tokens": "max_tokens"}
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("new_api_key"):
+            # So that the model's clean() (run next, by _post_clean) judges the key the config will have.
+            self.instance.api_key = cleaned["new_api_key"]
+        return cleaned
+
+    def _update_errors(self, errors):
+        # The model names the key "api_key" and may name read-only fields (is_default); show those errors on the
+        # "new key" field and at the top instead of failing on a field the form does not have.
+        if hasattr(errors, "error_dict"):
+            remapped: dict[str, list] = {}
+            for name, error_list in errors.error_dict.items():
+                target = "new_api_key" if name in _SECRET_FIELDS else name
+                if target != NON_FIELD_ERRORS and target not in self.fields:
+                    target = NON_FIELD_ERRORS
+                remapped.setdefault(target, []).extend(error_list)
+            errors = ValidationError(remapped)
+        super()._update_errors(errors)
+
+
+def _provider_table() -> str:
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                spec.label,
+                spec.default_base_url or "(enter one)",
+                spec.default_model or "-",
+                spec.temperature.describe(),
+                spec.top_p.describe(),
+                "yes" if spec.penalties else "no",
+                "yes" if spec.embeddings else "no",
+            )
+            for spec in PROVIDERS.values()
+        ),
+    )
+    return format_html(
+        '<table class="provider-help"><thead><tr><th>Provider</th><th>Default base URL</th><th>Usual model</th>'
+        "<th>temperature</th><th>top_p</th><th>Penalties</th><th>Embeddings</th></tr></thead><tbody>{}</tbody>"
+        "</table>",
+        rows,
+    )
+
+
+def _copy_saved(target: LLMConfig, saved: LLMConfig) -> None:
+    """The admin keeps using the object it built the form around; give it the row the service saved."""
+    for field in LLMConfig._meta.concrete_fields:
+        setattr(target, field.attname, getattr(saved, field.attname))
+    target._state.adding = False
+    target._state.db = saved._state.db
+
+
+@admin.register(LLMConfig)
+class LLMConfigAdmin(admin.ModelAdmin):
+    form = LLMConfigForm
+    list_display = [
+        "name", "provider", "model_name", "active", "default", "embedding", "calls", "last_used_at", "tokens", "cost",
+        "key",
+    ]
+    list_filter = ["provider", "is_active", "is_default", "is_embedding"]
+    search_fields = ["name", "model_name"]
+    ordering = ["-is_default", "name"]
+    readonly_fields = [
+        "masked_key", "provider_help", "is_default", "usage_count", "last_used_at", "prompt_tokens_total",
+        "completion_tokens_total", "total_tokens_total", "cost_total", "created_at", "updated_at", "created_by",
+        "updated_by",
+    ]
+    fieldsets = [
+        ("Model", {"fields": ["name", "provider", "model_name", "base_url", "description"]}),
+        ("Provider defaults and accepted ranges", {
+            "fields": ["provider_help"],
+            "description": "A blank base URL uses the provider's default. ( and ) exclude the bound.",
+        }),
+        ("Credentials", {"fields": ["masked_key", "new_api_key"]}),
+        ("Sampling parameters", {
+            "fields": ["temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty"],
+            "description": "Checked against the provider's ranges (see the table above) when you save.",
+        }),
+        ("Status", {
+            "fields": ["is_active", "is_default", "is_embedding"],
+            "description": "Use the “Set as default” action in the list to change the default.",
+        }),
+        ("Pricing", {"fields": ["input_price_per_million", "output_price_per_million", "currency"]}),
+        ("Advanced", {"fields": ["extra_config"], "classes": ["collapse"],
+                      "description": 'JSON, e.g. {"extra_body": {...}, "default_headers": {...}}.'}),
+        ("Usage", {"fields": ["usage_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total",
+                              "total_tokens_total", "cost_total"]}),
+        ("History", {"fields": ["created_at", "created_by", "updated_at", "updated_by"], "classes": ["collapse"]}),
+    ]
+    actions = ["set_as_default", "activate", "deactivate", "test_connection"]
+
+    # ----- reads -----
+
+    def get_queryset(self, request):
+        # The key is decrypted only when a form needs it (lazily, for validation); lists never read it.
+        return super().get_queryset(request).defer("api_key")
+
+    def lookup_allowed(self, lookup, value, request=None):
+        if lookup.split("__", 1)[0] in _SECRET_FIELDS:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        # Bulk delete would bypass the rule that the default cannot be deleted; delete one config at a time.
+        actions.pop("delete_selected", None)
+        return actions
+
+    @admin.display(description="Active", boolean=True, ordering="is_active")
+    def active(self, obj: LLMConfig) -> bool:
+        return obj.is_active
+
+    @admin.display(description="Default", boolean=True, ordering="is_default")
+    def default(self, obj: LLMConfig) -> bool:
+        return obj.is_default
+
+    @admin.display(description="Embedding", boolean=True, ordering="is_embedding")
+    def embedding(self, obj: LLMConfig) -> bool:
+        return obj.is_embedding
+
+    @admin.display(description="Calls", ordering="usage_count")
+    def calls(self, obj: LLMConfig) -> str:
+        return f"{obj.usage_count:,}"
+
+    @admin.display(description="Key", ordering="api_key_mask")
+    def key(self, obj: LLMConfig) -> str:
+        return obj.api_key_mask or "-"
+
+    @admin.display(description="Tokens in / out / total")
+    def tokens(self, obj: LLMConfig) -> str:
+        return f"{obj.prompt_tokens_total:,} / {obj.completion_tokens_total:,} / {obj.total_tokens_total:,}"
+
+    @admin.display(description="Cost", ordering="cost_total")
+    def cost(self, obj: LLMConfig) -> str:
+        return f"{obj.cost_total.normalize():f} {obj.currency}"
+
+    @admin.display(description="Stored key")
+    def masked_key(self, obj: LLMConfig) -> str:
+        return obj.api_key_mask or "(none)"
+
+    @admin.display(description="Providers")
+    def provider_help(self, obj: LLMConfig) -> str:
+        return _provider_table()
+
+    # ----- writes, through the services -----
+
+    def _audit(self, request) -> dict:
+        return {"actor": request.user, "source": "admin", "ip_address": client_ip(request)}
+
+    def save_model(self, request, obj, form, change):
+        fields = {name: form.cleaned_data[name] for name in form.cleaned_data if name != "new_api_key"}
+        new_key = form.cleaned_data.get("new_api_key") or ""
+        if change:
+            saved = llm_config_update(config=obj, api_key=new_key or None, **fields, **self._audit(request))
+        else:
+            saved = llm_config_create(api_key=new_key, **fields, **self._audit(request))
+        _copy_saved(obj, saved)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None and obj.is_default:
+            self.message_user(
+                request, f"{obj.name!r} is the default config and cannot be deleted; make another config the default "
+                "first.", messages.ERROR,
+            )
+            return HttpResponseRedirect(reverse("admin:llmconfigs_llmconfig_change", args=[obj.pk]))
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request, obj):
+        llm_config_delete(config=obj, **self._audit(request))
+
+    # ----- actions -----
+
+    @admin.action(description="Set as default", permissions=["change"])
+    def set_as_default(self, request, queryset):
+        selected = list(queryset[:2])
+        if len(selected) != 1:
+            self.message_user(request, "Select exactly one configuration to make it the default.", messages.WARNING)
+            return
+        self._each(request, selected, llm_config_set_default, "{name} is now the default.")
+
+    @admin.action(description="Activate", permissions=["change"])
+    def activate(self, request, queryset):
+        self._each(request, queryset, llm_config_activate, "{name} is active.")
+
+    @admin.action(description="Deactivate", permissions=["change"])
+    def deactivate(self, request, queryset):
+        self._each(request, queryset, llm_config_deactivate, "{name} is inactive.")
+
+    @admin.action(description="Test connection", permissions=["change"])
+    def test_connection(self, request, queryset):
+        for config in queryset:
+            self._report_test(request, config)
+
+    def _each(self, request, configs, service, success: str) -> None:
+        for config in configs:
+            try:
+                service(config=config, **self._audit(request))
+            except LLMConfigError as exc:
+                self.message_user(request, f"{config.name}: {exc.message}", messages.ERROR)
+            except ValidationError as exc:
+                self.message_user(request, f"{config.name}: {' '.join(exc.messages)}", messages.ERROR)
+            else:
+                self.message_user(request, success.format(name=config.name), messages.SUCCESS)
+
+    def _report_test(self, request, config: LLMConfig) -> None:
+        result = llm_config_test_connection(config=config, **self._audit(request))
+        if result.ok:
+            self.message_user(request, f"{config.name}: connection OK ({result.latency_ms:.0f} ms).", messages.SUCCESS)
+        else:
+            self.message_user(
+                request, f"{config.name}: connection failed ({result.category}): {result.message}", messages.ERROR
+            )
+
+    # ----- the "Test connection" button on the change form -----
+
+    def get_urls(self):
+        return [
+            path(
+                "<path:object_id>/test-connection/",
+                self.admin_site.admin_view(self.test_connection_view),
+                name="llmconfigs_llmconfig_test_connection",
+            ),
+            *super().get_urls(),
+        ]
+
+    def test_connection_view(self, request, object_id):
+        config = self.get_object(request, unquote(object_id))
+        if config is None:
+            raise Http404("No such LLM configuration.")
+        if request.method != "POST" or not self.has_change_permission(request, config):
+            raise PermissionDenied
+        self._report_test(request, config)
+        return HttpResponseRedirect(reverse("admin:llmconfigs_llmconfig_change", args=[config.pk]))
+
+
+@admin.register(AuditLog)
+class AuditLogAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "actor_repr", "action", "target_type", "target_repr", "source", "ip_address"]
+    list_filter = ["action", "source", "target_type"]
+    search_fields = ["target_repr", "actor_repr", "target_id"]
+    date_hierarchy = "created_at"
+    fields = ["created_at", "actor", "actor_repr", "action", "target_type", "target_id", "target_repr", "source",
+              "ip_address", "changes_pretty"]
+    readonly_fields = fields
+
+    @admin.display(description="Changes")
+    def changes_pretty(self, obj: AuditLog) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.changes, indent=2, ensure_ascii=False, sort_keys=True))
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

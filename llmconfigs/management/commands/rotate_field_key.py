@@ -1,0 +1,31 @@
+"""`manage.py rotate_field_key --old-key OLD`: re-encrypt every encrypted field from OLD to FIELD_ENCRYPTION_KEY."""
+from django.core.management.base import BaseCommand, CommandError
+
+from llmconfigs.errors import KeyRotationRefused
+from llmconfigs.services import encrypted_fields_rotate_key
+
+
+class Command(BaseCommand):
+    help = (
+        "Re-encrypt every encrypted field (LLM API keys, MCP server secrets) from the old FIELD_ENCRYPTION_KEY to the "
+        "one now set, in one transaction. Run it right after changing FIELD_ENCRYPTION_KEY, before serving traffic."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--old-key", required=True, help="The FIELD_ENCRYPTION_KEY the data is encrypted with now.")
+        parser.add_argument(
+            "--old-secret-key",
+            default=None,
+            help="Only if DJANGO_SECRET_KEY changed too: its old value (the encrypted fields are signed with it).",
+        )
+
+    def handle(self, *args, old_key: str, old_secret_key: str | None, **options):
+        if not old_key:
+            raise CommandError("--old-key must not be empty.")
+        try:
+            counts = encrypted_fields_rotate_key(old_key=old_key, old_secret_key=old_secret_key)
+        except KeyRotationRefused as exc:
+            raise CommandError(exc.message) from None
+        for label, count in counts.items():
+            self.stdout.write(f"{label}: {count} value(s) re-encrypted.")
+        self.stdout.write(self.style.SUCCESS("Every encrypted field now uses the current FIELD_ENCRYPTION_KEY."))

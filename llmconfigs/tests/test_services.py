@@ -1,0 +1,252 @@
+"""Services: create/update/delete/activate/deactivate/set-default/test-connection, each audited, keys only masked."""
+import json
+import socket
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from llmconfigs.errors import ConfigInactive, ConfigProtected
+from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.selectors import llm_config_default, llm_config_resolve
+from llmconfigs.services import (
+    llm_config_activate,
+    llm_config_create,
+    llm_config_deactivate,
+    llm_config_delete,
+    llm_config_record_usage,
+    llm_config_set_default,
+    llm_config_test_connection,
+    llm_config_update,
+)
+from tests.fakes.upstream import Reply
+
+pytestmark = pytest.mark.django_db
+
+KEY = "sk-proj-servicetest-0123456789abcdef"
+
+
+def _audits(config, action):
+    return list(AuditLog.objects.filter(target_id=str(config.pk), action=action))
+
+
+def test_create_masks_key_and_audits_who_what_where(make_llm_config, staff_user):
+    config = make_llm_config(api_key=KEY, actor=staff_user, source="api", ip_address="10.1.2.3")
+
+    assert config.api_key_mask == "sk-…cdef"
+    assert LLMConfig.objects.get(pk=config.pk).api_key == KEY
+    (row,) = _audits(config, "create")
+    assert (row.actor, row.source, row.ip_address) == (staff_user, "api", "10.1.2.3")
+    assert row.changes["api_key"] == {"new": "sk-…cdef"}
+    assert row.changes["model_name"] == {"new": config.model_name}
+    assert KEY not in json.dumps(row.changes)
+
+
+def test_update_with_blank_key_keeps_it_and_audits_only_changes(make_llm_config):
+    config = make_llm_config(api_key=KEY, temperature=0.5)
+
+    llm_config_update(config=config, api_key="", temperature=0.9, source="api")
+
+    fresh = LLMConfig.objects.get(pk=config.pk)
+    assert fresh.api_key == KEY
+    assert fresh.temperature == 0.9
+    (row,) = _audits(config, "update")
+    assert row.changes == {"temperature": {"old": 0.5, "new": 0.9}}
+
+
+def test_update_with_new_key_records_both_masks(make_llm_config):
+    config = make_llm_config(api_key=KEY)
+    llm_config_update(config=config, api_key="sk-other-key-99998888")
+    (row,) = _audits(config, "update")
+    assert row.changes["api_key"] == {"old": "sk-…cdef", "new": "sk-…8888"}
+    assert LLMConfig.objects.get(pk=config.pk).api_key == "sk-other-key-99998888"
+
+
+def test_update_refuses_out_of_range_for_provider_with_field_message(make_llm_config):
+    config = make_llm_config(provider="moonshot")
+    with pytest.raises(ValidationError) as excinfo:
+        llm_config_update(config=config, temperature=1.5)
+    assert "temperature" in excinfo.value.message_dict
+    assert "[0, 1]" in excinfo.value.message_dict["temperature"][0]
+    assert LLMConfig.objects.get(pk=config.pk).temperature == 0.7
+
+
+def test_update_is_default_takes_the_default_from_the_old_one(make_llm_config):
+    old = make_llm_config(default=True)
+    new = make_llm_config()
+    llm_config_update(config=new, is_default=True)
+    assert list(LLMConfig.objects.filter(is_default=True)) == [LLMConfig.objects.get(pk=new.pk)]
+    assert not LLMConfig.objects.get(pk=old.pk).is_default
+
+
+def test_delete_refuses_the_default_and_says_why(make_llm_config):
+    config = make_llm_config(default=True)
+    with pytest.raises(ConfigProtected) as excinfo:
+        llm_config_delete(config=config)
+    assert "default" in excinfo.value.message
+    assert LLMConfig.objects.filter(pk=config.pk).exists()
+
+
+def test_delete_removes_and_audits_with_the_id(make_llm_config, staff_user):
+    config = make_llm_config()
+    config_id = config.pk
+    llm_config_delete(config=config, actor=staff_user, source="admin")
+    assert not LLMConfig.objects.filter(pk=config_id).exists()
+    row = AuditLog.objects.get(action="delete")
+    assert row.target_id == str(config_id)
+    assert row.actor == staff_user
+
+
+def test_deactivate_default_is_refused_and_others_toggle_with_audit(make_llm_config):
+    default = make_llm_config(default=True)
+    other = make_llm_config()
+
+    with pytest.raises(ConfigProtected):
+        llm_config_deactivate(config=default)
+    llm_config_deactivate(config=other)
+    assert not LLMConfig.objects.get(pk=other.pk).is_active
+    llm_config_activate(config=other)
+    assert LLMConfig.objects.get(pk=other.pk).is_active
+    assert [a.action for a in AuditLog.objects.filter(target_id=str(other.pk)).order_by("id")] == [
+        "create", "deactivate", "activate"
+    ]
+
+
+def test_activating_a_keyless_config_of_a_keyed_provider_is_refused(make_llm_config):
+    config = make_llm_config(api_key="", is_active=False)
+    with pytest.raises(ValidationError) as excinfo:
+        llm_config_activate(config=config)
+    assert "api_key" in excinfo.value.message_dict
+
+
+def test_set_default_moves_the_flag_and_refreshes_the_cache(make_llm_config):
+    first = make_llm_config(default=True)
+    second = make_llm_config()
+    assert llm_config_resolve().pk == first.pk  # now cached
+
+    llm_config_set_default(config=second)
+
+    assert llm_config_resolve().pk == second.pk
+    assert LLMConfig.objects.filter(is_default=True).count() == 1
+    row = AuditLog.objects.get(action="set_default", target_id=str(second.pk))
+    assert row.changes["previous_default"] == [first.name]
+
+
+def test_set_default_refuses_an_inactive_config(make_llm_config):
+    config = make_llm_config(is_active=False)
+    with pytest.raises(ConfigInactive):
+        llm_config_set_default(config=config)
+
+
+def test_embedding_and_chat_defaults_are_independent(make_llm_config):
+    chat = make_llm_config(default=True)
+    embedding = make_llm_config(is_embedding=True, default=True)
+    assert llm_config_default().pk == chat.pk
+    assert llm_config_default(is_embedding=True).pk == embedding.pk
+
+
+def test_record_usage_adds_counts_tokens_and_cost(make_llm_config):
+    from decimal import Decimal
+
+    config = make_llm_config()
+    llm_config_record_usage(config_id=config.pk, prompt_tokens=10, completion_tokens=5, cost=Decimal("0.001"))
+    llm_config_record_usage(config_id=config.pk, prompt_tokens=1, completion_tokens=2)
+    fresh = LLMConfig.objects.get(pk=config.pk)
+    assert (fresh.usage_count, fresh.prompt_tokens_total, fresh.completion_tokens_total, fresh.total_tokens_total) == (
+        2, 11, 7, 18
+    )
+    assert fresh.cost_total == Decimal("0.001")
+    assert fresh.last_used_at is not None
+
+
+# ----- connection test against the real fake upstream -----
+
+
+def test_connection_test_success_streams_a_minimal_call(make_llm_config, fake_upstream, staff_user):
+    config = make_llm_config(api_key=KEY, model_name="probe-model")
+    fake_upstream.script(Reply(text="pong"))
+
+    result = llm_config_test_connection(config=config, actor=staff_user, source="api", ip_address="127.0.0.1")
+
+    assert result.ok and result.latency_ms > 0
+    sent = fake_upstream.chat_requests[-1]
+    assert sent.body["model"] == "probe-model"
+    assert sent.api_key == KEY
+    assert sent.body["stream"] is True  # the same mode as production
+    assert sent.body["max_completion_tokens"] == 8
+    row = AuditLog.objects.get(action="test_connection")
+    assert row.changes["ok"] is True and row.actor == staff_user
+
+
+def test_connection_test_401_reports_auth_with_the_echoed_key_scrubbed(make_llm_config, fake_upstream):
+    config = make_llm_config(api_key=KEY)
+    fake_upstream.script(Reply(status=401, error_message="Incorrect API key provided: {api_key}"))
+
+    result = llm_config_test_connection(config=config)
+
+    assert fake_upstream.chat_requests[-1].api_key == KEY  # the fake really echoed it
+    assert not result.ok
+    assert (result.category, result.status_code) == ("auth", 401)
+    assert "Incorrect API key provided" in result.message
+    assert KEY not in result.message
+    assert KEY not in json.dumps(AuditLog.objects.get(action="test_connection").changes)
+
+
+def test_connection_test_500_is_an_upstream_error(make_llm_config, fake_upstream):
+    config = make_llm_config()
+    fake_upstream.script(Reply(status=500, error_message="boom"))
+    result = llm_config_test_connection(config=config)
+    assert (result.ok, result.category, result.status_code) == (False, "upstream_error", 500)
+
+
+def test_connection_test_unreachable_on_a_closed_port(make_llm_config):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = make_llm_config(base_url=f"http://127.0.0.1:{port}/v1")
+    result = llm_config_test_connection(config=config)
+    assert (result.ok, result.category) == (False, "unreachable")
+
+
+def test_connection_test_times_out_with_the_short_timeout(make_llm_config, fake_upstream, settings):
+    settings.LLM_CONNECTION_TEST_TIMEOUT = 0.3
+    config = make_llm_config()
+    fake_upstream.script(Reply(text="late", first_delay=3.0))
+    result = llm_config_test_connection(config=config)
+    assert (result.ok, result.category) == (False, "timeout")
+    assert result.latency_ms < 2500
+
+
+def test_connection_test_of_an_embedding_config_embeds(make_llm_config, fake_upstream):
+    config = make_llm_config(is_embedding=True, model_name="embed-small")
+    result = llm_config_test_connection(config=config)
+    assert result.ok
+    sent = fake_upstream.requests[-1]
+    assert sent.path.endswith("/embeddings")
+    assert sent.body["model"] == "embed-small"
+    assert sent.api_key == config.api_key
+
+
+@pytest.mark.parametrize(
+    ("provider", "path_prefix"),
+    [("deepseek", "/deepseek/v1"), ("tongyi", "/compatible-mode/v1"), ("zhipu", "/api/paas/v4")],
+)
+def test_connection_test_reaches_each_providers_base_url(make_llm_config, fake_upstream, provider, path_prefix):
+    host = fake_upstream.base_url.removesuffix("/v1")
+    config = make_llm_config(provider=provider, base_url=host + path_prefix, temperature=0.5, top_p=0.5)
+    assert llm_config_test_connection(config=config).ok
+    assert fake_upstream.chat_requests[-1].path == f"{path_prefix}/chat/completions"
+
+
+def test_create_refuses_a_duplicate_name_per_field(make_llm_config):
+    make_llm_config(name="dup")
+    with pytest.raises(ValidationError) as excinfo:
+        llm_config_create(name="dup", provider="openai", model_name="m", api_key="sk-zzzzzzzzzzzzzzz")
+    assert "name" in excinfo.value.message_dict
+
+
+def test_credentials_in_extra_config_headers_are_masked_in_the_audit(make_llm_config):
+    config = make_llm_config(extra_config={"default_headers": {"X-Api-Key": "hdr-secret-0123456789"}})
+    llm_config_update(config=config, extra_config={"default_headers": {"X-Api-Key": "hdr-secret-9876543210"}})
+    rows = json.dumps([row.changes for row in AuditLog.objects.filter(target_id=str(config.pk))], ensure_ascii=False)
+    assert "hdr-secret-0123456789" not in rows and "hdr-secret-9876543210" not in rows
+    assert "hdr…6789" in rows and "hdr…3210" in rows
