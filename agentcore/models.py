@@ -5,7 +5,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
-from django_cryptography.fields import encrypt
+
+from llmconfigs.encryption import encrypted
 
 
 class AgentApp(models.Model):
@@ -267,9 +268,9 @@ class MCPServer(models.Model):
     transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STDIO)
     command = models.CharField(max_length=500, blank=True, default="")
     args = models.JSONField(default=list, blank=True)
-    env = encrypt(models.JSONField(default=dict, blank=True))
+    env = encrypted(models.JSONField(default=dict, blank=True))
     url = models.CharField(max_length=500, blank=True, default="")
-    headers = encrypt(models.JSONField(default=dict, blank=True))
+    headers = encrypted(models.JSONField(default=dict, blank=True))
     enabled = models.BooleanField(default=True)
     allowed_tools = models.JSONField(default=list, blank=True, help_text="Empty: every tool the server offers.")
     requires_approval_default = models.BooleanField(default=True)

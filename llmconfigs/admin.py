@@ -136,7 +136,8 @@ class LLMConfigAdmin(admin.ModelAdmin):
         }),
         ("Pricing", {"fields": ["input_price_per_million", "output_price_per_million", "currency"]}),
         ("Advanced", {"fields": ["extra_config"], "classes": ["collapse"],
-                      "description": 'JSON, e.g. {"extra_body": {...}, "default_headers": {...}}.'}),
+                      "description": 'JSON with any of: extra_body (object sent with every request), '
+                                     'vision (true/false), embedding_batch_size (integer).'}),
         ("Usage", {"fields": ["usage_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total",
                               "total_tokens_total", "cost_total"]}),
         ("History", {"fields": ["created_at", "created_by", "updated_at", "updated_by"], "classes": ["collapse"]}),

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import models
 from django.utils.encoding import force_bytes
 from django_cryptography.core.signing import FernetSigner
-from django_cryptography.fields import EncryptedMixin
+from django_cryptography.fields import EncryptedMixin, encrypt
 from django_cryptography.utils.crypto import FernetBytes
 
 # django_cryptography.conf.CryptographyConf.configure derives the AES key with these; it exposes no function for it.
@@ -37,14 +37,23 @@ def encrypted_columns() -> list[EncryptedColumn]:
     ]
 
 
-def cipher_for(field_key: str, *, secret_key: str | None = None) -> FernetBytes:
-    """The cipher django-cryptography builds from `field_key`: AES with a key derived by PBKDF2 (its digest, salt and
-    iteration count), signed with an HMAC that django-cryptography keys with Django's SECRET_KEY."""
+def _derive(field_key: str, salt: bytes) -> bytes:
     digest = settings.CRYPTOGRAPHY_DIGEST
-    kdf = PBKDF2HMAC(
-        algorithm=digest,
-        length=digest.digest_size,
-        salt=force_bytes(settings.CRYPTOGRAPHY_SALT),
-        iterations=_PBKDF2_ITERATIONS,
-    )
-    return FernetBytes(kdf.derive(force_bytes(field_key)), FernetSigner(secret_key or settings.SECRET_KEY))
+    kdf = PBKDF2HMAC(algorithm=digest, length=digest.digest_size, salt=salt, iterations=_PBKDF2_ITERATIONS)
+    return kdf.derive(force_bytes(field_key))
+
+
+def cipher_for(field_key: str) -> FernetBytes:
+    """The cipher of encrypted fields under `field_key`: AES with the key django-cryptography derives from it (its
+    digest, salt and iteration count), and an HMAC keyed by a second key derived from it too. django-cryptography
+    would sign with SECRET_KEY, which would tie stored API keys to Django's secret; here FIELD_ENCRYPTION_KEY alone
+    decides whether they can be read."""
+    salt = force_bytes(settings.CRYPTOGRAPHY_SALT)
+    return FernetBytes(_derive(field_key, salt), FernetSigner(_derive(field_key, salt + b".signing")))
+
+
+def encrypted(base_field: models.Field) -> models.Field:
+    """`django_cryptography.fields.encrypt(base_field)` using the cipher of the current FIELD_ENCRYPTION_KEY."""
+    field = encrypt(base_field)
+    field._fernet = cipher_for(settings.FIELD_ENCRYPTION_KEY)
+    return field

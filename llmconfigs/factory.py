@@ -97,9 +97,6 @@ def chat_model(
             kwargs["presence_penalty"] = params["presence_penalty"]
     if extra_body:
         kwargs["extra_body"] = extra_body
-    headers = (config.extra_config or {}).get("default_headers")
-    if headers:
-        kwargs["default_headers"] = headers
     return ChatOpenAI(**kwargs)
 
 

@@ -6,8 +6,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import models
 from django.db.models import Q
-from django_cryptography.fields import encrypt
 
+from llmconfigs.encryption import encrypted
 from llmconfigs.providers import (
     MAX_TOKENS_LIMIT,
     PENALTY_RANGE,
@@ -18,6 +18,9 @@ from llmconfigs.providers import (
     parameter_errors,
 )
 
+# What extra_config may hold. It is shown in clear to API readers, so nothing in it may be a credential.
+EXTRA_CONFIG_KEYS = {"extra_body", "vision", "embedding_batch_size"}
+
 
 class LLMConfig(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -25,7 +28,7 @@ class LLMConfig(models.Model):
     provider = models.CharField(max_length=32, choices=Provider.choices)
     model_name = models.CharField(max_length=200)
     # Encrypted at rest with FIELD_ENCRYPTION_KEY; read it only to build a provider client.
-    api_key = encrypt(models.TextField(blank=True, default=""))
+    api_key = encrypted(models.TextField(blank=True, default=""))
     # What may be shown of the key ("sk-a…f9e2"), kept beside it so that listing configs never decrypts anything.
     api_key_mask = models.CharField(max_length=16, blank=True, default="", editable=False)
     base_url = models.CharField(max_length=500, blank=True, default="", help_text="Blank: the provider's default.")
@@ -144,6 +147,15 @@ class LLMConfig(models.Model):
             errors["is_default"] = "The default config must be active."
         if not isinstance(self.extra_config, dict):
             errors["extra_config"] = "extra_config must be a JSON object."
+        else:
+            unknown = sorted(set(self.extra_config) - EXTRA_CONFIG_KEYS)
+            if unknown:
+                errors["extra_config"] = (
+                    f"Unknown extra_config key(s): {', '.join(unknown)}. "
+                    f"Allowed: {', '.join(sorted(EXTRA_CONFIG_KEYS))} (credentials belong in the API key field only)."
+                )
+            elif not isinstance(self.extra_config.get("extra_body", {}), dict):
+                errors["extra_config"] = "extra_config.extra_body must be a JSON object."
         if errors:
             raise ValidationError(errors)
 

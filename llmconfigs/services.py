@@ -90,9 +90,6 @@ def _changed(before: dict[str, Any], config: LLMConfig, fields: list[str]) -> di
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal | uuid.UUID):
         return str(value)
-    if isinstance(value, dict) and isinstance(value.get("default_headers"), dict):
-        # extra_config headers often carry credentials (Authorization, api-key): audit rows keep only their masks.
-        return {**value, "default_headers": {k: mask_secret(str(v)) for k, v in value["default_headers"].items()}}
     return value
 
 
@@ -354,14 +351,12 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
     return result
 
 
-def encrypted_fields_rotate_key(*, old_key: str, old_secret_key: str | None = None, actor=None,
-                                source: str = "command") -> dict[str, int]:
+def encrypted_fields_rotate_key(*, old_key: str, actor=None, source: str = "command") -> dict[str, int]:
     """Re-encrypt every encrypted column from `old_key` to the current FIELD_ENCRYPTION_KEY, in one transaction.
 
     Reads the raw ciphertext (the ORM would decrypt with the current key). Refuses, changing nothing, when any
-    value does not decrypt with `old_key`. `old_secret_key` is for when DJANGO_SECRET_KEY changed too:
-    django-cryptography signs ciphertext with it. Returns column label -> rows re-encrypted."""
-    old_cipher = cipher_for(old_key, secret_key=old_secret_key)
+    value does not decrypt with `old_key`. Returns column label -> rows re-encrypted."""
+    old_cipher = cipher_for(old_key)
     current_cipher = cipher_for(settings.FIELD_ENCRYPTION_KEY)
     quote = connection.ops.quote_name
     lock = " " + connection.ops.for_update_sql() if connection.features.has_select_for_update else ""

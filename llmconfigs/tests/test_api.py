@@ -316,7 +316,9 @@ def test_list_rows_are_rendered_exactly_like_retrieve(user_client, make_llm_conf
 
     from llmconfigs.services import llm_config_record_usage
 
-    config = make_llm_config(input_price_per_million=Decimal("0.15"), max_tokens=99, extra_config={"a": 1})
+    config = make_llm_config(
+        input_price_per_million=Decimal("0.15"), max_tokens=99, extra_config={"extra_body": {"a": 1}}
+    )
     llm_config_record_usage(config_id=config.pk, prompt_tokens=7, completion_tokens=3, cost=Decimal("0.0000021"))
     (listed,) = user_client.get(URL).json()["results"]
     assert listed == user_client.get(f"{URL}{config.pk}/").json()

@@ -1,4 +1,6 @@
 """`manage.py rotate_field_key`: every encrypted column re-encrypted from the old key, or nothing changed."""
+import pickle
+
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -89,3 +91,14 @@ def _readable_key(config) -> str | None:
         return LLMConfig.objects.get(pk=config.pk).api_key
     except Exception:  # wrong AES key: bad padding or garbage that does not unpickle
         return None
+
+
+def test_stored_keys_decrypt_with_the_field_key_alone_whatever_the_secret_key(settings, make_llm_config):
+    config = make_llm_config(api_key="sk-independent-of-secret-key-42")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT api_key FROM llmconfigs_llmconfig WHERE id = %s", [config.pk.hex if
+                       connection.vendor == "sqlite" else config.pk])
+        raw = bytes(cursor.fetchone()[0])
+    settings.SECRET_KEY = "a-completely-different-django-secret"
+
+    assert pickle.loads(cipher_for(settings.FIELD_ENCRYPTION_KEY).decrypt(raw)) == "sk-independent-of-secret-key-42"

@@ -13,17 +13,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--old-key", required=True, help="The FIELD_ENCRYPTION_KEY the data is encrypted with now.")
-        parser.add_argument(
-            "--old-secret-key",
-            default=None,
-            help="Only if DJANGO_SECRET_KEY changed too: its old value (the encrypted fields are signed with it).",
-        )
 
-    def handle(self, *args, old_key: str, old_secret_key: str | None, **options):
+    def handle(self, *args, old_key: str, **options):
         if not old_key:
             raise CommandError("--old-key must not be empty.")
         try:
-            counts = encrypted_fields_rotate_key(old_key=old_key, old_secret_key=old_secret_key)
+            counts = encrypted_fields_rotate_key(old_key=old_key)
         except KeyRotationRefused as exc:
             raise CommandError(exc.message) from None
         for label, count in counts.items():
