@@ -241,7 +241,7 @@ def _prepare_resume(request: TurnRequest) -> Turn:
         raise ApprovalNotFound("Approval not found.", field="approval_id") from None
     visible = session_visible_q(app=request.app, owner=request.owner, end_user=request.end_user,
                                 source=request.source)
-    if request.source != Session.Source.API and request.owner is not None and request.owner.is_staff:
+    if request.owner is not None and request.owner.is_staff:
         visible = {}  # staff decide approvals of every session, API ones included (admin, REST)
     with transaction.atomic():
         approval = (Approval.objects.select_related("session__app")
@@ -249,10 +249,9 @@ def _prepare_resume(request: TurnRequest) -> Turn:
         if approval is None or (request.session_id and str(approval.session_id) != str(request.session_id)):
             raise ApprovalNotFound("Approval not found.", field="approval_id")
         session = approval.session
-        # API end users are never staff, whatever Django user the adapter may hold.
-        decider = request.owner if request.source != Session.Source.API else None
+        # The decider is the Django user, if any: API end users come without one, so they are never staff.
         approval = approval_decide(approval_id=approval.pk, decision=decision.decision, comment=decision.comment,
-                                   user=decider, end_user=request.end_user)
+                                   user=request.owner, end_user="" if request.owner else request.end_user)
         message = Message.objects.select_for_update().get(pk=approval.message_id)
         if message.status != Message.Status.PAUSED:  # rolls the decision back: the run is not waiting any more
             raise ApprovalAlreadyDecided("This answer is no longer waiting for an approval.", field="approval_id")

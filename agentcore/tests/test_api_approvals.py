@@ -113,3 +113,29 @@ def test_another_users_approval_is_invisible(user_client, agent_app, fake_upstre
 def test_unknown_status_filter_is_a_field_error(user_client):
     response = user_client.get("/api/approvals/?status=maybe")
     assert response.status_code == 400 and "status" in response.json()
+
+
+def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(staff_user, agent_app, fake_upstream,
+                                                                              hit_target):
+    from agentcore.api.turns import turn_drain_sync, turn_prepare_sync
+    from agentcore.runs import TurnRequest
+    from agentcore.services import tool_policy_update
+
+    tool_policy_update(name="http_check", approver="staff")
+    fake_upstream.script(
+        Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]),
+        Reply(text="The site answered."),
+    )
+    turn = turn_prepare_sync(TurnRequest(app=agent_app, query="Is the site up?", end_user="dify-user", source="api"))
+    assert turn_drain_sync(turn).status == "paused"
+    approval = Approval.objects.get(message_id=turn.message.id)
+    assert hit_target.hits == 0
+
+    staff = APIClient()
+    staff.force_authenticate(staff_user)
+    response = staff.post(f"/api/approvals/{approval.id}/approve/", {}, format="json")
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["approval"]["decided_by"] == "staff"
+    assert response.json()["message"]["status"] == "normal"
+    assert hit_target.hits == 1
