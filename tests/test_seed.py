@@ -100,3 +100,17 @@ def test_superuser_from_django_superuser_variables(env):
 def test_no_superuser_without_the_variables(env):
     _seed()
     assert not get_user_model().objects.exists()
+
+
+def test_seed_creates_the_demo_app_with_a_working_key_once(env):
+    from agentcore.models import AgentApp
+    from difyapi.auth import authenticate
+
+    first = _seed()
+    key = next(line.strip() for line in first.splitlines() if line.strip().startswith("app-"))
+    assert AgentApp.objects.get().mode == "agent-chat"
+    assert authenticate(f"Bearer {key}").app == AgentApp.objects.get()
+
+    second = _seed()
+    assert key not in second
+    assert AgentApp.objects.count() == 1

@@ -1,9 +1,12 @@
-"""`manage.py seed`: idempotent first-run data. LLM config from LLM_* variables, provider templates, superuser."""
+"""`manage.py seed`: idempotent first-run data: LLM config from LLM_* variables, provider templates, superuser, the
+demo agent app and its first API key."""
 import os
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from agentcore.services import agent_app_seed_demo, message_close_stale
+from difyapi.services import dify_seed_demo_key
 from llmconfigs.errors import LLMConfigError
 from llmconfigs.providers import PROVIDERS
 from llmconfigs.services import llm_config_seed_from_env, llm_config_seed_templates
@@ -21,6 +24,25 @@ class Command(BaseCommand):
             created = llm_config_seed_templates()
             self.stdout.write(f"Provider templates: {len(created)} created.")
         self._seed_superuser()
+        self._seed_demo_app()
+        closed = message_close_stale()
+        if closed:
+            self.stdout.write(f"Closed {closed} answer(s) left running by a server that stopped.")
+
+    def _seed_demo_app(self) -> None:
+        app = agent_app_seed_demo()
+        key = dify_seed_demo_key(app=app)
+        if key:
+            self.stdout.write(
+                f"Created an API key for app {app.name!r} ({app.mode}). It is shown only now; keep it:\n"
+                f"    {key}\n"
+                f"Try: curl -N -X POST http://127.0.0.1:8000/v1/chat-messages -H 'Authorization: Bearer {key}' "
+                "-H 'Content-Type: application/json' "
+                "-d '{\"inputs\": {}, \"query\": \"What time is it?\", \"user\": \"me\", "
+                "\"response_mode\": \"streaming\"}'"
+            )
+        else:
+            self.stdout.write(f"App {app.name!r} has an API key (create more in the admin or with create_app).")
 
     def _seed_llm_config(self) -> None:
         provider = os.environ.get("LLM_TYPE", "").strip().lower()
@@ -56,4 +78,7 @@ class Command(BaseCommand):
         User.objects.create_superuser(
             username=username, email=os.environ.get("DJANGO_SUPERUSER_EMAIL", ""), password=password
         )
-        self.stdout.write(f"Created superuser {username!r} (password from DJANGO_SUPERUSER_PASSWORD).")
+        self.stdout.write(
+            f"Created superuser {username!r}; its password is DJANGO_SUPERUSER_PASSWORD"
+            f"{' in .env' if os.environ.get('DJANGO_READ_DOT_ENV_FILE') else ''}."
+        )
