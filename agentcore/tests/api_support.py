@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from agentcore.models import AgentApp
+from agentcore.tests.factories import CountingTarget
 
 
 @pytest.fixture
@@ -28,38 +27,9 @@ def http_check_needs_approval(db):
     tool_policy_update(name="http_check", requires_approval=True, approver="requester")
 
 
-class HitTarget:
-    """A local HTTP server that counts GETs: proof of whether a tool really ran."""
-
-    def __init__(self):
-        self.hits = 0
-        target = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                target.hits += 1
-                body = b"ok"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/status"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def hit_target():
-    target = HitTarget()
+    target = CountingTarget()
     yield target
     target.close()
 
