@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import statistics
 import subprocess
 import sys
@@ -31,8 +32,29 @@ from tests.e2e.dify_servers import (  # noqa: E402
     server_env,
 )
 
-CHAT_KEY = "app-bench-chat-000000000000000000"
-AGENT_KEY = "app-bench-agent-00000000000000000"
+# Fresh keys per run: a shared Redis cache may still map an earlier run's key to that run's (gone) app.
+CHAT_KEY = f"app-bench-chat-{secrets.token_hex(12)}"
+AGENT_KEY = f"app-bench-agent-{secrets.token_hex(12)}"
+
+
+def temporary_postgres(url: str) -> tuple[str, str]:
+    """A fresh database beside the one `url` names (created now, dropped by `drop_postgres`): (its URL, its name)."""
+    import os
+
+    import psycopg
+
+    base, _, name = url.rpartition("/")
+    temp = f"{name}_bench_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{temp}"')
+    return f"{base}/{temp}", temp
+
+
+def drop_postgres(url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -130,12 +152,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=50, help="sequential requests per mode and side")
     parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--database-url", default="", help="default: a temporary SQLite file")
+    parser.add_argument("--database-url", default="",
+                        help="a PostgreSQL server to create a temporary database on (default: a temporary SQLite file)")
     parser.add_argument("--redis-url", default="")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="opsagent-bench-"))
-    database_url = args.database_url or f"sqlite:///{workdir / 'bench.sqlite3'}"
+    temp_db = ""
+    if args.database_url:
+        database_url, temp_db = temporary_postgres(args.database_url)
+    else:
+        database_url = f"sqlite:///{workdir / 'bench.sqlite3'}"
     port = free_port()
     upstream_url = f"http://127.0.0.1:{port}/v1"
     upstream = subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)], cwd=ROOT,
@@ -158,6 +185,8 @@ def main() -> int:
     finally:
         upstream.terminate()
         upstream.wait(10)
+        if temp_db:
+            drop_postgres(args.database_url, temp_db)
     return 0
 
 

@@ -54,6 +54,7 @@ TEXT_ATTACHMENT_CHARS = 100_000
 PROVIDER_NOT_INITIALIZE = "provider_not_initialize"
 COMPLETION_REQUEST_ERROR = "completion_request_error"
 STREAM_INTERNAL_MESSAGE = "Internal Server Error, please contact support."
+AWAITING_APPROVAL = "Awaiting approval: answer with the `approval` field of the next message."
 
 
 # ----- the request -----
@@ -237,9 +238,11 @@ def _file_upload_settings(app: AgentApp) -> tuple[bool, int, list[str] | None]:
     config = app.file_upload or {}
     image = config.get("image") if isinstance(config.get("image"), dict) else {}
     enabled = bool(config.get("enabled", image.get("enabled", True) if image else True))
-    limit = config.get("number_limits") or image.get("number_limits") or settings.WORKFLOW_FILE_UPLOAD_LIMIT
-    allowed = config.get("allowed_file_types") or None
-    return enabled, int(limit), allowed
+    limit = config.get("number_limits") or image.get("number_limits")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        limit = settings.WORKFLOW_FILE_UPLOAD_LIMIT
+    allowed = config.get("allowed_file_types")
+    return enabled, limit, allowed if isinstance(allowed, list) and allowed else None
 
 
 def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
@@ -502,7 +505,10 @@ class DifyTurn:
     @staticmethod
     def _thought(event: ThoughtUpdate) -> dict[str, Any]:
         # The Thought model's presenters give the wire shape; an unsaved row carries this update's state.
-        thought = Thought(tool=event.tool, tool_input=event.tool_input, observation=event.observation)
+        observation = event.observation
+        if event.phase == "awaiting_approval" and not observation:
+            observation = AWAITING_APPROVAL
+        thought = Thought(tool=event.tool, tool_input=event.tool_input, observation=observation)
         return {
             "id": str(event.thought_id),
             "position": event.position,

@@ -14,6 +14,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
 
@@ -21,6 +22,7 @@ from agentcore.events import RunEnd, RunError
 from agentcore.runs import Turn, run_stop, turn_prepare, turn_run
 from difyapi.auth import AppContext, authenticate
 from difyapi.chat import (
+    STREAM_INTERNAL_MESSAGE,
     ChatCall,
     DifyTurn,
     chat_call_build,
@@ -88,7 +90,7 @@ class DifyHttpConsumer(AsyncConsumer):
         raise NotImplementedError
 
     async def authenticate(self) -> AppContext:
-        return await sync_to_async(authenticate)(_header(self.scope, b"authorization"))
+        return await database_sync_to_async(authenticate)(_header(self.scope, b"authorization"))
 
     def payload(self, body: bytes) -> dict[str, Any]:
         return parse_json_body(body, _header(self.scope, b"content-type"))
@@ -115,7 +117,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
     """POST /v1/chat-messages."""
 
     async def respond(self, body: bytes) -> None:
-        context, call = await sync_to_async(_chat_call)(
+        context, call = await database_sync_to_async(_chat_call)(
             _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type")
         )
         try:
@@ -123,7 +125,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         except Exception as exc:
             raise dify_error_from(exc, app=context.app) from exc
         if call.files:
-            await sync_to_async(message_files_record)(message_id=turn.message.pk, files=call.files)
+            await database_sync_to_async(message_files_record)(message_id=turn.message.pk, files=call.files)
         if call.streaming:
             await self.stream(turn)
         else:
@@ -147,7 +149,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             # The engine reports its faults as RunError; this is a bug on our side after the headers went out.
             logger.exception("Dify stream failed after it started")
             error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
-                     "message": "Internal Server Error, please contact support."}
+                     "message": STREAM_INTERNAL_MESSAGE}
             await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})
         finally:
             pinger.cancel()

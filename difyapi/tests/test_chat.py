@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connections
 
 from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
@@ -13,6 +14,13 @@ from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _close_worker_connections():
+    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
+    yield
+    await sync_to_async(connections.close_all)()
 
 BLOCKING_KEYS = {"event", "task_id", "id", "message_id", "conversation_id", "mode", "answer", "metadata", "created_at"}
 USAGE_KEYS = {

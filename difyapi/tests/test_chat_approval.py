@@ -7,6 +7,7 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connections
 
 from agentcore.models import AgentApp, Approval, Message, Session, ToolPolicy
 from agentcore.services import tool_policy_sync
@@ -15,6 +16,13 @@ from tests.e2e.dify_servers import data_events, dify_post
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _close_worker_connections():
+    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
+    yield
+    await sync_to_async(connections.close_all)()
 
 
 def make_app(*, name: str, mode: str, **fields) -> tuple[AgentApp, str]:
@@ -54,6 +62,7 @@ async def test_a_tool_needing_approval_pauses_and_the_approval_field_resumes(age
     thought = [e for e in events if e["event"] == "agent_thought"][-1]
     assert thought["tool"] == "current_time"
     assert json.loads(thought["tool_input"]) == {"current_time": {"timezone": "UTC"}}
+    assert "approval" in json.loads(thought["observation"])["current_time"].lower()
     assert (await Message.objects.aget(pk=end["message_id"])).status == "paused"
 
     fake_upstream.script(Reply(text="It is noon in UTC."))

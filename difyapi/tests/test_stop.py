@@ -8,6 +8,8 @@ import time
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from agentcore.models import AgentApp, Message
 from difyapi.auth import api_key_create
@@ -15,6 +17,13 @@ from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, dify_pos
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _close_worker_connections():
+    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
+    yield
+    await sync_to_async(connections.close_all)()
 
 SLOW = Reply(text=" ".join(f"word{i}" for i in range(40)), delay=0.2)
 

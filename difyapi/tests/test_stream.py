@@ -7,6 +7,7 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.files.base import ContentFile
+from django.db import connections
 from django.test import override_settings
 
 from agentcore.models import AgentApp, Message
@@ -17,6 +18,13 @@ from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, parse_ss
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _close_worker_connections():
+    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
+    yield
+    await sync_to_async(connections.close_all)()
 
 COMMON = ["event", "conversation_id", "message_id", "created_at", "task_id"]
 MESSAGE_KEYS = {*COMMON, "id", "answer", "from_variable_selector"}
@@ -290,3 +298,19 @@ async def test_another_users_upload_is_refused(chat_app, fake_upstream):
     status, _, raw = await dify_post(key, "/v1/chat-messages", body(files=files))
     assert status == 400 and json.loads(raw)["code"] == "invalid_param"
     assert fake_upstream.chat_requests == []
+
+
+async def test_files_are_ignored_when_the_app_disabled_uploads_and_limited_in_number(default_llm_config,
+                                                                                     fake_upstream):
+    from tests.e2e.dify_servers import dify_post
+
+    _, off_key = await sync_to_async(make_app)(name="no-files", mode="chat", file_upload={"enabled": False})
+    files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 2
+    call, raw = await stream(off_key, body(files=files))
+    assert data_events(raw)[-1]["event"] == "message_end"
+    assert await MessageFile.objects.acount() == 0
+
+    _, one_key = await sync_to_async(make_app)(name="one-file", mode="chat",
+                                               file_upload={"enabled": True, "number_limits": 1})
+    status, _, raw = await dify_post(one_key, "/v1/chat-messages", body(files=files))
+    assert status == 400 and json.loads(raw)["code"] == "invalid_param"

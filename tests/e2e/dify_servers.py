@@ -168,8 +168,10 @@ def provision_in_subprocess(*, env: dict[str, str], **fields: Any) -> None:
         "import django, json, sys; django.setup(); "
         "from tests.e2e.dify_servers import provision_app; provision_app(**json.loads(sys.argv[1]))"
     )
-    subprocess.run([PYTHON, "-c", code, json.dumps(fields)], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=120)
+    done = subprocess.run([PYTHON, "-c", code, json.dumps(fields)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"provisioning failed:\n{done.stderr[-3000:]}")
 
 
 def server_env(*, database_url: str, redis_url: str = "", **extra: str) -> dict[str, str]:
