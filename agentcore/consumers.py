@@ -13,7 +13,7 @@ from agentcore import selectors
 from agentcore.api.errors import ENGINE_ERRORS, client_field
 from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
-from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_prepare
+from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
                         self.task_id = message["task_id"]
                         self.run_started.set()
                     await self.send_json(_ws_message(message))
+        except asyncio.CancelledError:
+            # The socket closed, maybe before the run started (then nothing else closes its message).
+            await asyncio.shield(turn_abandon(turn))
+            raise
         finally:
             self.task_id = None
 

@@ -177,9 +177,14 @@ def main() -> int:
                                 key=AGENT_KEY)
         with Daphne(env=env) as server:
             print(f"daphne on {server.url}, fake upstream on {upstream_url}", flush=True)
-            chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)"))
-            agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n, "agent-chat (sequential)"))
-            asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))
+            try:
+                chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)"))
+                agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n,
+                                               "agent-chat (sequential)"))
+                asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))
+            except Exception:
+                print("daphne's log:\n" + "".join(server.log[-80:]), flush=True)
+                raise
         print(f"goal p50 overhead: chat <= 10 ms ({'met' if chat['overhead_p50'] <= 10 else 'MISSED'}), "
               f"agent-chat <= 15 ms ({'met' if agent['overhead_p50'] <= 15 else 'MISSED'})", flush=True)
     finally:

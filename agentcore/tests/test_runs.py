@@ -347,3 +347,30 @@ async def test_the_next_turn_remembers_a_stopped_partial_answer(plain_chat_app, 
     await run_all(TurnRequest(app=plain_chat_app, query="go on", owner=plain_user, session_id=first[0].session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent[1:] == [("user", "tell me"), ("assistant", "alpha beta "), ("user", "go on")]
+
+
+async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_running(plain_chat_app, plain_user,
+                                                                                    fake_upstream):
+    from agentcore.runs import turn_prepare
+
+    task = asyncio.create_task(turn_prepare(TurnRequest(app=plain_chat_app, query="hello?", owner=plain_user)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    message = await Message.objects.aget()
+    assert message.status == Message.Status.STOPPED
+    assert fake_upstream.chat_requests == []
+
+
+async def test_abandoning_a_turn_that_ran_changes_nothing(plain_chat_app, plain_user, fake_upstream):
+    from agentcore.runs import turn_abandon, turn_prepare, turn_run
+
+    fake_upstream.script(Reply(text="done"))
+    turn = await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    [event async for event in turn_run(turn)]
+    await turn_abandon(turn)
+
+    message = await Message.objects.aget()
+    assert (message.status, message.answer) == (Message.Status.NORMAL, "done")
