@@ -129,6 +129,10 @@ def _chat_turn(header: str | None, body: bytes, content_type: str | None) -> tup
     return call, turn
 
 
+# After these, a stream has said its last word: no ping may follow.
+TERMINAL_EVENTS = frozenset({"message_end", "error"})
+
+
 class ChatMessagesConsumer(DifyHttpConsumer):
     """POST /v1/chat-messages."""
 
@@ -162,13 +166,20 @@ class ChatMessagesConsumer(DifyHttpConsumer):
     async def stream(self, turn: Turn, saver: SaverOpening) -> None:
         await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         dify = DifyTurn(mode=turn.session.app.mode)
-        pinger = asyncio.create_task(self._ping())
+        # Events and pings share the body: the lock keeps each write whole, and no ping follows the last event.
+        lock = asyncio.Lock()
+        ended = False
+        pinger = asyncio.create_task(self._ping(lock, lambda: ended))
         try:
             async with contextlib.aclosing(turn_run(turn, saver=saver)) as events:
                 async for event in events:
                     data = dify.stream(event)
                     if data is not None:
-                        await self.send({"type": "http.response.body", "body": encode_event(data), "more_body": True})
+                        async with lock:
+                            ended = data["event"] in TERMINAL_EVENTS
+                            await self.send(
+                                {"type": "http.response.body", "body": encode_event(data), "more_body": True}
+                            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -176,16 +187,23 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             logger.exception("Dify stream failed after it started")
             error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
                      "message": STREAM_INTERNAL_MESSAGE}
-            await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})
+            async with lock:
+                ended = True
+                await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})
         finally:
             pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
         await self.send({"type": "http.response.body", "body": b""})
 
-    async def _ping(self) -> None:
+    async def _ping(self, lock: asyncio.Lock, ended) -> None:
         interval = settings.DIFY_PING_INTERVAL
         while True:
             await asyncio.sleep(interval)
-            await self.send({"type": "http.response.body", "body": PING, "more_body": True})
+            async with lock:
+                if ended():
+                    return
+                await self.send({"type": "http.response.body", "body": PING, "more_body": True})
 
     async def blocking(self, turn: Turn, saver: SaverOpening) -> None:
         dify = DifyTurn(mode=turn.session.app.mode)
