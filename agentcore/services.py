@@ -169,17 +169,12 @@ def task_replace(*, session_id: Any, tasks: list[dict[str, Any]]) -> list[dict[s
 
 
 def tool_policy_sync() -> list[ToolPolicy]:
-    """Every policy row, after creating the missing built-in ones with their defaults (idempotent; existing rows are
-    left alone). Every agent turn calls it: once the rows exist it is a single read, no write."""
-    policies = list(ToolPolicy.objects.all())
-    missing = BUILTIN_DEFAULTS.keys() - {p.name for p in policies}
-    if not missing:
-        return policies
+    """Create the missing built-in policy rows with their defaults (idempotent; existing rows are left alone)."""
     ToolPolicy.objects.bulk_create(
         [
             ToolPolicy(name=name, source=ToolPolicy.Source.BUILTIN, description=d.description, enabled=d.enabled,
                        requires_approval=d.requires_approval, approver=d.approver)
-            for name, d in BUILTIN_DEFAULTS.items() if name in missing
+            for name, d in BUILTIN_DEFAULTS.items()
         ],
         ignore_conflicts=True,
     )

@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from langchain_core.tools import BaseTool
 
 from agentcore.graph import ToolRule
-from agentcore.models import AgentApp, MCPServer, ToolPolicy
+from agentcore.models import AgentApp, ToolPolicy
 from agentcore.tools import builtin
 
 SHELL_TOOL = "run_shell"
@@ -48,37 +48,17 @@ def known_tool_names() -> set[str]:
     return set(BUILTIN_DEFAULTS) | set(ToolPolicy.objects.values_list("name", flat=True))
 
 
-@dataclass(frozen=True)
-class ToolSetup:
-    """What a run's tool set is built from: the policy rows by name and the enabled MCP servers."""
-
-    policies: dict[str, ToolPolicy]
-    servers: tuple[MCPServer, ...]
-
-
-def tool_setup_load() -> ToolSetup:
-    """Read the tool setup (sync: the run service reads it in the turn's own database hop)."""
-    from agentcore.services import tool_policy_sync
-
-    return ToolSetup(policies={p.name: p for p in tool_policy_sync()},
-                     servers=tuple(MCPServer.objects.filter(enabled=True)))
-
-
 async def tools_for_run(
-    *, app: AgentApp, session_id: str, subset: list[str] | None, setup: ToolSetup | None = None
+    *, app: AgentApp, session_id: str, subset: list[str] | None
 ) -> tuple[dict[str, BaseTool], dict[str, ToolRule]]:
     """The tools bound for one run and their approval rules: enabled by policy, allowed by the app (empty list =
-    all) and, when given, in the turn's subset. `setup` is read now when the caller has not read it."""
+    all) and, when given, in the turn's subset."""
     from agentcore.mcp import mcp_tools
     from agentcore.services import tool_policy_sync
 
-    if setup is None:
-        setup = await sync_to_async(tool_setup_load)()
     available = builtin.builtin_tools(session_id=session_id)
-    available.update(await mcp_tools(servers=setup.servers, known=setup.policies.keys()))
-    policies = setup.policies
-    if not available.keys() <= policies.keys():  # MCP tools seen for the first time got their rows just now
-        policies = {p.name: p for p in await sync_to_async(tool_policy_sync)()}
+    available.update(await mcp_tools())
+    policies = {p.name: p for p in await sync_to_async(tool_policy_sync)()}
     allowed = set(app.enabled_tools or available)
     if subset is not None:
         allowed &= set(subset)
