@@ -30,10 +30,6 @@ def llm_config_list(*, is_active: bool | None = None, is_embedding: bool | None 
     return qs.order_by("-is_default", "name")
 
 
-def llm_config_usable_list(*, is_embedding: bool = False) -> QuerySet[LLMConfig]:
-    return llm_config_list(is_active=True, is_embedding=is_embedding)
-
-
 # ----- cache: snapshots keyed by a generation number that every change bumps -----
 
 def _generation() -> int:

@@ -22,7 +22,6 @@ from llmconfigs.errors import (
     ConfigInactive,
     ConfigNotFound,
     ConfigProtected,
-    ConfigWrongKind,
     KeyRotationRefused,
 )
 from llmconfigs.models import AuditLog, LLMConfig
@@ -239,13 +238,6 @@ def llm_config_record_usage(
         total_tokens_total=F("total_tokens_total") + max(prompt_tokens, 0) + max(completion_tokens, 0),
         cost_total=F("cost_total") + cost,
     )
-
-
-def llm_config_check_chat_usable(*, config: LLMConfig) -> None:
-    if config.is_embedding:
-        raise ConfigWrongKind(f"{config.name!r} is an embedding config.")
-    if not config.is_active:
-        raise ConfigInactive(f"{config.name!r} is inactive.")
 
 
 def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None) -> None:
