@@ -30,6 +30,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.run_task: asyncio.Task | None = None
         self.task_id: str | None = None
         self.run_started = asyncio.Event()
+        self.run_ended = False  # the run's end went out; its task may still be finishing
         # Accept before closing: a close sent during the handshake reaches the client as a bare HTTP 403, without
         # the code that tells it why.
         await self.accept()
@@ -118,9 +119,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     async def _start(self, request: TurnRequest) -> None:
         if self.run_task and not self.run_task.done():
-            await self._error("run_in_progress", "Wait for the current answer to end, or stop it.")
-            return
+            if not self.run_ended:
+                await self._error("run_in_progress", "Wait for the current answer to end, or stop it.")
+                return
+            await asyncio.wait([self.run_task])  # only its last steps are left: the client saw the end
         self.run_started.clear()
+        self.run_ended = False
         self.run_task = asyncio.create_task(self._run(request))
 
     async def _run(self, request: TurnRequest) -> None:
@@ -145,6 +149,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
                         self.task_id = message["task_id"]
                         self.run_started.set()
                     await self.send_json(_ws_message(message))
+                    if message["type"] == "end":
+                        self.run_ended = True
         except asyncio.CancelledError:
             # The socket closed, maybe before the run started (then nothing else closes its message).
             await asyncio.shield(turn_abandon(turn))

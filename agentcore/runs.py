@@ -381,6 +381,17 @@ class _Run:
         helpers = [asyncio.create_task(self._heartbeat())]
         if channel:
             helpers.append(asyncio.create_task(self._listen(layer, channel, producer)))
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                for helper in helpers:
+                    helper.cancel()
+                if channel:
+                    await asyncio.shield(layer.group_discard(group, channel))
+
         try:
             yield RunStarted(
                 session_id=str(self.session.pk), message_id=str(self.message.pk), task_id=str(self.message.task_id),
@@ -389,17 +400,18 @@ class _Run:
             )
             while (item := await queue.get()) is not _DONE:
                 yield item
-            for event in await self._finish(producer):
+            final = await self._finish(producer)
+            # Released before the end goes out: a client that answers the end at once (an approval, the next
+            # message) finds the run over, not still leaving its stop group (a round trip with Redis).
+            await release()
+            for event in final:
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: stop the upstream call and keep what was said, even while being cancelled.
             await asyncio.shield(self._abandon(producer))
             raise
         finally:
-            for helper in helpers:
-                helper.cancel()
-            if channel:
-                await asyncio.shield(layer.group_discard(group, channel))
+            await release()
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])

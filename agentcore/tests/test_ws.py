@@ -55,6 +55,7 @@ async def _until_end(communicator: WebsocketCommunicator) -> list[dict]:
     while True:
         message = await communicator.receive_json_from(timeout=TIMEOUT)
         messages.append(message)
+        assert message["type"] != "error", message
         if message["type"] == "end":
             return messages
 
@@ -152,6 +153,24 @@ async def test_approval_over_the_socket(session, token, fake_upstream, hit_targe
     await communicator.send_json_to({"type": "approval", "id": required["approval_id"], "decision": "reject"})
     error = await communicator.receive_json_from(timeout=TIMEOUT)
     assert error["code"] == "approval_already_decided"
+    await communicator.disconnect()
+
+
+@pytest.fixture
+def slow_channel_layer(settings):
+    # Group changes take a round trip with Redis; a run leaves its stop group after its last event is computed.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "tests.fakes.layers.SlowGroupsChannelLayer"}}
+
+
+@pytest.mark.usefixtures("slow_channel_layer")
+async def test_the_next_message_may_follow_the_end_at_once(session, token, fake_upstream):
+    fake_upstream.script(Reply(text="First."), Reply(text="Second."))
+    communicator = await _connect(session.id, token=token)
+    await communicator.send_json_to({"type": "chat", "message": "one"})
+    assert (await _until_end(communicator))[-1]["answer"] == "First."
+    await communicator.send_json_to({"type": "chat", "message": "two"})
+    messages = await _until_end(communicator)
+    assert messages[-1]["status"] == "normal" and messages[-1]["answer"] == "Second."
     await communicator.disconnect()
 
 
