@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiosqlite
 from django.conf import settings
@@ -51,8 +51,84 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
     # Autocommit: each of the saver's writes is one statement, and a run cancelled between its INSERT and its COMMIT
     # (a stop, a disconnect) must not leave a transaction holding the database's write lock.
     timeout = float(db.get("OPTIONS", {}).get("timeout", 20))
-    conn = await aiosqlite.connect(str(db["NAME"]), timeout=timeout, isolation_level=None)
+    path = str(db["NAME"])
+    conn = await aiosqlite.connect(path, timeout=timeout, isolation_level=None)
     try:
-        yield AsyncSqliteSaver(conn)
+        saver = AsyncSqliteSaver(conn)
+        # A new saver runs its setup script (a write transaction on the shared file) before its first read or write,
+        # in the middle of the run's stream: once a run has set the tables up, later savers skip it. The first one
+        # sets up lazily, in its run: a saver opened ahead must not write while the turn's rows are being written.
+        if path in _ready:
+            saver.is_setup = True
+        yield saver
+        if saver.is_setup:
+            _ready.add(path)
     finally:
         await asyncio.shield(conn.close())
+
+
+def first_read_known_empty(saver: BaseCheckpointSaver, *, thread_id: str) -> BaseCheckpointSaver:
+    """`saver` for the first run of a conversation created by its own turn: that thread has no checkpoint yet, so
+    the graph's opening read of it is answered without a query (several ms on the critical path of a new
+    conversation's first token). Only that one read; every other call goes to the database. The saver is the run's
+    own, so the answer is set on this instance only."""
+    async def aget_tuple(config):
+        configurable = config.get("configurable", {})
+        if (str(configurable.get("thread_id")) == thread_id and not configurable.get("checkpoint_ns")
+                and not configurable.get("checkpoint_id")):
+            del saver.aget_tuple  # later reads query again
+            return None
+        return await type(saver).aget_tuple(saver, config)
+
+    saver.aget_tuple = aget_tuple
+    return saver
+
+
+class SaverOpening:
+    """A run's checkpointer, opened ahead of the run (start it before the turn's rows are written, so that the
+    connection is made meanwhile: a few ms on PostgreSQL). The run uses it once with `use()`; `aclose()` releases it
+    whether or not a run used it, and may be called any number of times.
+
+    Only EARLY_LIMIT openings per process run ahead at a time: under a burst of requests the others would hold
+    connections while they wait for the ORM thread, and PostgreSQL's connection limit is shared by every worker.
+    The rest open when their run starts, as without this."""
+
+    EARLY_LIMIT = 4
+    _early = 0
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._task: asyncio.Task | None = None
+        self._counted = SaverOpening._early < self.EARLY_LIMIT
+        if self._counted:
+            SaverOpening._early += 1
+            self._open()
+
+    def _open(self) -> None:
+        self._task = asyncio.create_task(self._stack.enter_async_context(checkpointer()))
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            SaverOpening._early -= 1
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[BaseCheckpointSaver]:
+        self._uncount()
+        if self._task is None:
+            self._open()
+        try:
+            yield await self._task
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        self._uncount()
+        if self._task is None:
+            return
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait([self._task])  # never raises: the opening's own error was (or is never) wanted
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved, so a failed opening that no run used is not logged as lost
+        await self._stack.aclose()

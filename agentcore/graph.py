@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypedDict
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, SystemMessage, ToolMessage
 from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -91,7 +92,27 @@ class AgentContext:
     max_iterations: int = 8
 
     def bound_model(self) -> Any:
-        return self.model.bind_tools(list(self.tools.values())) if self.tools else self.model
+        return self.model.bind_tools([tool_schema(t) for t in self.tools.values()]) if self.tools else self.model
+
+
+# Tools are shared between runs (built-in ones per process, MCP ones per listing; a run's own update_plan copies
+# the shared schema), and converting one to the provider's JSON schema costs about a millisecond: the conversion is
+# kept per (name, description, argument schema object). The entry holds the schema object, so its id stays unique.
+_schemas: dict[tuple[str, str, int], tuple[Any, dict[str, Any]]] = {}
+SCHEMA_CACHE_SIZE = 512
+
+
+def tool_schema(tool: BaseTool) -> dict[str, Any]:
+    """The OpenAI function-tool schema of `tool`, converted once per tool definition."""
+    key = (tool.name, tool.description or "", id(tool.args_schema))
+    hit = _schemas.get(key)
+    if hit is not None and hit[0] is tool.args_schema:
+        return hit[1]
+    if len(_schemas) >= SCHEMA_CACHE_SIZE:
+        _schemas.clear()
+    schema = convert_to_openai_tool(tool)
+    _schemas[key] = (tool.args_schema, schema)
+    return schema
 
 
 async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:

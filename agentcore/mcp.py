@@ -5,6 +5,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -13,6 +14,7 @@ from langchain_mcp_adapters.client import MultiServerMCPClient
 
 from agentcore.graph import truncate
 from agentcore.models import MCPServer, ToolPolicy
+from agentcore.tools.registry import tool_setup_changed
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +63,12 @@ def _policy_sync(server: MCPServer, tools: list[BaseTool]) -> None:
         ],
         ignore_conflicts=True,
     )
+    tool_setup_changed()  # bulk_create sends no signals
 
 
-async def mcp_tools() -> dict[str, BaseTool]:
-    """Tools of every enabled server; a server that cannot be reached is logged and skipped, not fatal to the run."""
-    servers = [s async for s in MCPServer.objects.filter(enabled=True)]
+async def mcp_tools(*, servers: Sequence[MCPServer], known: Collection[str] = ()) -> dict[str, BaseTool]:
+    """Tools of the enabled `servers`; a server that cannot be reached is logged and skipped, not fatal to the run.
+    Tools whose names are not in `known` (the existing policy rows) get their policy rows."""
     if not servers:
         return {}
     results = await asyncio.gather(*(_list_tools(s) for s in servers), return_exceptions=True)
@@ -74,7 +77,8 @@ async def mcp_tools() -> dict[str, BaseTool]:
         if isinstance(result, BaseException):
             logger.warning("MCP server %s unavailable: %s", server.name, type(result).__name__)
             continue
-        await sync_to_async(_policy_sync)(server, result)
+        if any(t.name not in known for t in result):
+            await sync_to_async(_policy_sync)(server, result)
         tools.update((t.name, t) for t in result)
     return tools
 

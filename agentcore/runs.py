@@ -23,10 +23,11 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_openai import ChatOpenAI
 from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
 from langgraph.types import Command
 
-from agentcore.checkpoint import checkpointer
+from agentcore.checkpoint import SaverOpening, checkpointer, first_read_known_empty
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.events import (
     ApprovalRequired,
@@ -47,7 +48,7 @@ from agentcore.services import (
     message_close_stale,
     session_name_from,
 )
-from agentcore.tools.registry import known_tool_names, tools_for_run
+from agentcore.tools.registry import ToolSetup, known_tool_names, tool_setup_load, tools_for_run
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.factory import OVERRIDABLE, chat_model, effective_parameters, provider_error
 from llmconfigs.models import LLMConfig
@@ -125,9 +126,14 @@ class Turn:
     resume: dict[str, Any] | None = None
     tools: list[str] | None = None
     attachments: tuple[Attachment, ...] = ()
+    tool_setup: ToolSetup | None = None  # agent turns: the policy rows and MCP servers, read while preparing
 
 
 _http_client_loop: weakref.ref | None = None
+# Chat models of this loop by what they are built from. Building one costs about a millisecond (client setup,
+# validation, its serialized form for callbacks) and a model is safe to share between concurrent runs.
+_models: dict[tuple, ChatOpenAI] = {}
+MODEL_CACHE_SIZE = 64
 
 
 def _http_clients_for_this_loop() -> None:
@@ -140,7 +146,22 @@ def _http_clients_for_this_loop() -> None:
     if _http_client_loop is not None and _http_client_loop() is loop:
         return
     _cached_async_httpx_client.cache_clear()
+    _models.clear()
     _http_client_loop = weakref.ref(loop)
+
+
+def _chat_model_for(config: LLMConfig, overrides: dict[str, Any]) -> ChatOpenAI:
+    """The streaming chat model of `config` with `overrides`, reused while every editable field of the config (and
+    the request settings) stay the same: an edited config or a rotated key builds a new one on its next run."""
+    fields = tuple((f.attname, getattr(config, f.attname)) for f in config._meta.concrete_fields if f.editable)
+    key = (config.pk, repr(fields), tuple(sorted(overrides.items())), settings.LLM_REQUEST_TIMEOUT,
+           settings.LLM_MAX_RETRIES)
+    model = _models.get(key)
+    if model is None:
+        if len(_models) >= MODEL_CACHE_SIZE:
+            _models.clear()
+        model = _models[key] = chat_model(config, streaming=True, **overrides)
+    return model
 
 
 def stop_group(task_id: uuid.UUID | str) -> str:
@@ -152,27 +173,22 @@ def stop_group(task_id: uuid.UUID | str) -> str:
 async def turn_prepare(request: TurnRequest) -> Turn:
     """Validate the request and write the turn's rows (session, running message; an approval's decision). Writes
     nothing when it raises. A caller cancelled meanwhile (its client left) leaves no running message behind."""
-    return await prepared_or_abandoned(database_sync_to_async(_prepare_closing_stale)(request))
-
-
-def _prepare_closing_stale(request: TurnRequest) -> Turn:
-    message_close_stale()
-    return _prepare(request)
+    return await prepared_or_abandoned(database_sync_to_async(turn_prepare_sync)(request))
 
 
 async def prepared_or_abandoned(prepare):
-    """Await `prepare` (a coroutine that writes a turn's rows off the event loop and returns its Turn). If the
-    awaiting task is cancelled, the write still finishes in its thread: wait for it and close the turn it made, so
-    that its message is not left "running" until the stale-run sweep."""
+    """Await `prepare` (a coroutine that writes a turn's rows off the event loop and returns a Turn, or a tuple
+    ending with one). If the awaiting task is cancelled, the write still finishes in its thread: wait for it and
+    close the turn it made, so that its message is not left "running" until the stale-run sweep."""
     future = asyncio.ensure_future(prepare)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         try:
-            turn = await future
+            result = await future
         except Exception:
             raise asyncio.CancelledError() from None
-        await turn_abandon(turn)
+        await turn_abandon(result[-1] if isinstance(result, tuple) else result)
         raise
 
 
@@ -182,6 +198,16 @@ async def turn_abandon(turn: Turn) -> None:
     await Message.objects.filter(pk=turn.message.pk, status=Message.Status.RUNNING).aupdate(
         status=Message.Status.STOPPED, heartbeat_at=None
     )
+
+
+def turn_prepare_sync(request: TurnRequest) -> Turn:
+    """`turn_prepare` for a caller already off the event loop, so that its own database work shares the turn's one
+    thread hop and connection (each hop costs a connection and a turn of the shared ORM thread). An agent turn also
+    reads its tool setup here, so the run starts without another hop."""
+    turn = _prepare(request)
+    if turn.session.app.mode == AgentApp.Mode.AGENT_CHAT:
+        turn.tool_setup = tool_setup_load()
+    return turn
 
 
 def _validate(request: TurnRequest) -> None:
@@ -217,6 +243,9 @@ def _prepare(request: TurnRequest) -> Turn:
         return _prepare_resume(request)
     overrides = request.overrides
     with transaction.atomic():
+        # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
+        # transaction, which saves a commit.
+        message_close_stale()
         session: Session | None = None
         if request.session_id:
             session = session_get_for(session_id=request.session_id, app=request.app, owner=request.owner,
@@ -272,6 +301,7 @@ def _prepare_resume(request: TurnRequest) -> Turn:
     if request.owner is not None and request.owner.is_staff:
         visible = {}  # staff decide approvals of every session, API ones included (admin, REST)
     with transaction.atomic():
+        message_close_stale()
         approval = (Approval.objects.select_related("session__app")
                     .filter(pk=approval_pk, **{f"session__{k}": v for k, v in visible.items()}).first())
         if approval is None or (request.session_id and str(approval.session_id) != str(request.session_id)):
@@ -296,9 +326,10 @@ def _prepare_resume(request: TurnRequest) -> Turn:
 
 # ----- run -----
 
-async def turn_run(turn: Turn) -> AsyncIterator[Event]:
-    """Run a prepared turn and yield its events (see agentcore.events for the order)."""
-    async for event in _Run(turn).events():
+async def turn_run(turn: Turn, *, saver: SaverOpening | None = None) -> AsyncIterator[Event]:
+    """Run a prepared turn and yield its events (see agentcore.events for the order). `saver`: the checkpointer
+    opened while the turn was prepared (the run closes it); without it the run opens its own."""
+    async for event in _Run(turn, saver=saver).events():
         yield event
 
 
@@ -350,8 +381,9 @@ class _Run:
     """One execution of a turn: streams the graph in a producer task, so that a stop request or a client
     disconnect can cancel the upstream call at once while events flow to the consumer without buffering."""
 
-    def __init__(self, turn: Turn):
+    def __init__(self, turn: Turn, *, saver: SaverOpening | None = None):
         self.turn = turn
+        self.saver = saver
         self.session = turn.session
         self.message = turn.message
         self.config = turn.config
@@ -371,13 +403,20 @@ class _Run:
     # -- the consumer side --
     async def events(self) -> AsyncIterator[Event]:
         self.started = time.monotonic()
-        layer = get_channel_layer()
-        channel = await layer.new_channel() if layer is not None else None
-        group = stop_group(self.message.task_id)
-        if channel:
-            await layer.group_add(group, channel)
+        # The producer starts first, so the upstream call does not wait for the channel layer's round trips (Redis):
+        # a stop needs the task id, which the caller learns only from RunStarted, after the group is joined.
         queue: asyncio.Queue = asyncio.Queue()
         producer = asyncio.create_task(self._produce(queue))
+        layer = get_channel_layer()
+        group = stop_group(self.message.task_id)
+        channel = None
+        try:
+            channel = await layer.new_channel() if layer is not None else None
+            if channel:
+                await layer.group_add(group, channel)
+        except BaseException:
+            await asyncio.shield(self._abandon(producer))
+            raise
         helpers = [asyncio.create_task(self._heartbeat())]
         if channel:
             helpers.append(asyncio.create_task(self._listen(layer, channel, producer)))
@@ -453,6 +492,8 @@ class _Run:
                 raise _Stopped() from None
             raise
         finally:
+            if self.saver is not None:  # a run cancelled before it reached its checkpointer still releases it
+                await asyncio.shield(self.saver.aclose())
             queue.put_nowait(_DONE)
 
     def _graph_input(self) -> Any:
@@ -473,15 +514,18 @@ class _Run:
     async def _stream(self, queue: asyncio.Queue) -> None:
         app = self.session.app
         if self.agent:
-            tools, rules = await tools_for_run(app=app, session_id=str(self.session.pk), subset=self.turn.tools)
+            tools, rules = await tools_for_run(app=app, session_id=str(self.session.pk), subset=self.turn.tools,
+                                               setup=self.turn.tool_setup)
         else:
             tools, rules = {}, {}
         overrides = {k: self.turn.parameters.get(k) for k in OVERRIDABLE}
         _http_clients_for_this_loop()
-        model = chat_model(self.config, streaming=True, **overrides)
+        model = _chat_model_for(self.config, overrides)
         if self.turn.resume is not None:
             await self._load_thoughts()
-        async with checkpointer() as saver:
+        async with self.saver.use() if self.saver is not None else checkpointer() as saver:
+            if self.turn.session_created:
+                saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=app.system_prompt,
                                    max_iterations=app.max_iterations)
@@ -508,6 +552,9 @@ class _Run:
         iteration = self._current_iteration(queue)
         iteration.text += text
         queue.put_nowait(TextDelta(text=text, position=iteration.position))
+        # Let the consumer send it now: when the upstream's chunks arrive together, the stream would otherwise parse
+        # all of them (about half a millisecond each) before the first one goes out.
+        await asyncio.sleep(0)
 
     def _current_iteration(self, queue: asyncio.Queue) -> _Iteration:
         if self.iteration is None:
@@ -689,6 +736,6 @@ def _classify(exc: BaseException, *, api_key: str) -> ProviderCallError:
 
 
 __all__ = [
-    "ApprovalDecision", "Attachment", "Turn", "TurnOverrides", "TurnRequest", "run_stop", "run_turn", "stop_group",
-    "turn_prepare", "turn_run",
+    "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest", "run_stop", "run_turn",
+    "stop_group", "turn_prepare", "turn_prepare_sync", "turn_run",
 ]

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, ApprovalNotFound, InvalidInput
 from agentcore.models import AgentApp, Approval, Message, Session, Task, ToolPolicy
-from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL
+from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL, tool_setup_changed
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
@@ -169,15 +169,21 @@ def task_replace(*, session_id: Any, tasks: list[dict[str, Any]]) -> list[dict[s
 
 
 def tool_policy_sync() -> list[ToolPolicy]:
-    """Create the missing built-in policy rows with their defaults (idempotent; existing rows are left alone)."""
+    """Every policy row, after creating the missing built-in ones with their defaults (idempotent; existing rows are
+    left alone). Every agent turn calls it: once the rows exist it is a single read, no write."""
+    policies = list(ToolPolicy.objects.all())
+    missing = BUILTIN_DEFAULTS.keys() - {p.name for p in policies}
+    if not missing:
+        return policies
     ToolPolicy.objects.bulk_create(
         [
             ToolPolicy(name=name, source=ToolPolicy.Source.BUILTIN, description=d.description, enabled=d.enabled,
                        requires_approval=d.requires_approval, approver=d.approver)
-            for name, d in BUILTIN_DEFAULTS.items()
+            for name, d in BUILTIN_DEFAULTS.items() if name in missing
         ],
         ignore_conflicts=True,
     )
+    tool_setup_changed()  # bulk_create sends no signals
     return list(ToolPolicy.objects.all())
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
 from agentcore.models import AgentApp
@@ -17,6 +19,7 @@ from difyapi.models import ApiKey
 KEY_PREFIX = "app-"
 CACHE_TTL = 600
 CACHE_TTL_INVALID = 60
+APP_CACHE_TTL = 60
 
 
 def api_key_hash(raw_key: str) -> str:
@@ -57,6 +60,30 @@ def _cache_key(digest: str) -> str:
     return f"dify:apikey:{digest}"
 
 
+def _app_cache_key(app_id: str) -> str:
+    return f"dify:app:{app_id}"
+
+
+def _app(app_id: str) -> AgentApp | None:
+    """The app row, cached: every /v1 request reads it. Saving or deleting an app drops the entry (signals below),
+    and a short TTL bounds what another process without a shared cache may still hold."""
+    app = cache.get(_app_cache_key(app_id))
+    if app is None:
+        app = AgentApp.objects.filter(pk=app_id).first()
+        if app is None:
+            return None
+        cache.set(_app_cache_key(app_id), app, APP_CACHE_TTL)
+    return app
+
+
+@receiver([post_save, post_delete], sender=AgentApp, dispatch_uid="difyapi.app_cache")
+def _forget_app(sender, instance: AgentApp, **kwargs) -> None:
+    key = _app_cache_key(str(instance.pk))
+    cache.delete(key)
+    # Again after the commit: a request between the save and the commit may have cached the old row again.
+    transaction.on_commit(lambda: cache.delete(key))
+
+
 @dataclass(frozen=True)
 class AppContext:
     """The authenticated app of a /v1 request."""
@@ -92,7 +119,7 @@ def authenticate(header: str | None) -> AppContext:
             raise unauthorized("Access token is invalid")
         cached = {"key_id": str(key.pk), "app_id": str(key.app_id)}
         cache.set(_cache_key(digest), cached, CACHE_TTL)
-    app = AgentApp.objects.filter(pk=cached["app_id"]).first()
+    app = _app(cached["app_id"])
     if app is None:
         raise forbidden("The app no longer exists.")
     if not app.is_active:

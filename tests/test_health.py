@@ -35,7 +35,9 @@ def unreachable_database(django_db_blocker):
         settings_dict["NAME"] = "/nonexistent-directory/opsagent/db.sqlite3"
     else:
         settings_dict.update(HOST="127.0.0.1", PORT=str(_closed_port()))
-        settings_dict.setdefault("OPTIONS", {})["connect_timeout"] = 2
+        # Without the pool: Django keeps one pool per alias, which would still hand out the working connections.
+        options = {k: v for k, v in settings_dict.get("OPTIONS", {}).items() if k != "pool"}
+        settings_dict["OPTIONS"] = {**options, "connect_timeout": 2}
     broken = original.__class__(settings_dict, alias="default")
     connections["default"] = broken
     with django_db_blocker.unblock():

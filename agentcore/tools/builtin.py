@@ -9,6 +9,7 @@ import shutil
 import socket
 import time
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -180,6 +181,9 @@ async def run_shell(command: str, timeout: int = 30) -> str:
     })
 
 
+_plan_tool_template: dict[str, BaseTool] = {}
+
+
 class PlanItem(BaseModel):
     title: str = Field(max_length=500)
     status: str = Field(default="pending", description="pending, in_progress or done")
@@ -201,13 +205,24 @@ def update_plan_tool(*, session_id: str) -> BaseTool:
             return f"Error: {exc}"
         return _json({"ok": True, "tasks": saved})
 
-    return StructuredTool.from_function(coroutine=update_plan, name="update_plan")
+    # Every run's closure has the same signature, so the schema derived from the first one is reused (with this
+    # run's coroutine) instead of being derived again on every run.
+    template = _plan_tool_template.get("update_plan")
+    if template is None:
+        template = _plan_tool_template.setdefault(
+            "update_plan", StructuredTool.from_function(coroutine=update_plan, name="update_plan"))
+    return template.model_copy(update={"coroutine": update_plan})
+
+
+@lru_cache(maxsize=1)
+def _session_free_tools() -> tuple[BaseTool, ...]:
+    # Built once per process: deriving a tool's schema from its signature costs about a millisecond per tool.
+    return tuple(
+        StructuredTool.from_function(coroutine=fn, name=fn.__name__)
+        for fn in (current_time, http_check, dns_lookup, system_status, run_shell)
+    )
 
 
 def builtin_tools(*, session_id: str) -> dict[str, BaseTool]:
-    tools = [
-        StructuredTool.from_function(coroutine=fn, name=fn.__name__)
-        for fn in (current_time, http_check, dns_lookup, system_status, run_shell)
-    ]
-    tools.append(update_plan_tool(session_id=session_id))
+    tools = [*_session_free_tools(), update_plan_tool(session_id=session_id)]
     return {tool.name: tool for tool in tools}

@@ -66,6 +66,24 @@ def test_disabled_app_gets_403(app, client):
     assert_error(client.get("/v1/info"), 403, "forbidden", "The app's API service has been disabled.")
 
 
+def test_app_changes_reach_requests_that_had_the_app_cached(app, client):
+    assert client.get("/v1/info").json()["name"] == "Ops Helper"  # the app is cached now
+    app.name = "Ops Helper 2"
+    app.save()
+    assert client.get("/v1/info").json()["name"] == "Ops Helper 2"
+    app.is_active = False
+    app.save()
+    assert_error(client.get("/v1/info"), 403, "forbidden", "The app's API service has been disabled.")
+
+
+def test_deleted_app_is_refused_even_when_it_was_cached(app, client):
+    assert client.get("/v1/info").status_code == 200
+    app.delete()
+    response = client.get("/v1/info")
+    assert response.status_code in (401, 403)
+    assert response.json()["code"] in ("unauthorized", "forbidden")
+
+
 def test_unknown_path_is_a_404_envelope(client):
     assert_error(client.get("/v1/nope"), 404, "not_found")
     assert_error(client.get("/v1/conversations/not-a-uuid/name"), 404, "not_found")
