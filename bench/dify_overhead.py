@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -118,16 +119,30 @@ def report(name: str, direct: list[float], dify: list[float]) -> dict[str, float
     return row
 
 
-async def sequential(base: str, upstream: str, key: str, n: int, name: str) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sequential(base: str, upstream: str, key: str, n: int, name: str, server_pid: int) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(5):  # warm-up: connections, caches, imports
             await ttft_direct(client, upstream)
             await ttft_dify(client, base, key)
         direct, dify = [], []
+        cpu = 0.0
         for _ in range(n):  # interleaved, so drift affects both sides alike
             direct.append(await ttft_direct(client, upstream))
+            before = cpu_seconds(server_pid)
             dify.append(await ttft_dify(client, base, key))
-    return report(name, direct, dify)
+            cpu += cpu_seconds(server_pid) - before
+    row = report(name, direct, dify)
+    # Latency on a shared machine varies from run to run; the server's CPU time per request varies much less, and
+    # under concurrency it is what the first tokens queue for.
+    row["cpu_ms"] = cpu / n * 1000
+    print(f"{'':<22} server CPU per streamed request (whole stream, all threads): {row['cpu_ms']:.1f} ms", flush=True)
+    return row
 
 
 async def concurrent(base: str, upstream: str, key: str, streams: int) -> None:
@@ -178,9 +193,10 @@ def main() -> int:
         with Daphne(env=env) as server:
             print(f"daphne on {server.url}, fake upstream on {upstream_url}", flush=True)
             try:
-                chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)"))
+                pid = server.process.pid
+                chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)", pid))
                 agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n,
-                                               "agent-chat (sequential)"))
+                                               "agent-chat (sequential)", pid))
                 asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))
             except Exception:
                 print("daphne's log:\n" + "".join(server.log[-80:]), flush=True)
