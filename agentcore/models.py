@@ -113,6 +113,10 @@ class Message(models.Model):
     )
     model_name = models.CharField(max_length=200, blank=True, default="")
     model_parameters = models.JSONField(default=dict, blank=True, help_text="The parameters sent upstream.")
+    tools = models.JSONField(
+        null=True, blank=True, help_text="The tool names this turn was limited to (empty: the app's tools); an "
+        "approval's resumed run keeps them.",
+    )
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     total_tokens = models.PositiveIntegerField(default=0)

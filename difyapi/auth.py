@@ -20,6 +20,7 @@ KEY_PREFIX = "app-"
 CACHE_TTL = 600
 CACHE_TTL_INVALID = 60
 APP_CACHE_TTL = 60
+LAST_USED_RESOLUTION = 60  # seconds
 
 
 def api_key_hash(raw_key: str) -> str:
@@ -58,6 +59,10 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
 
 def _cache_key(digest: str) -> str:
     return f"dify:apikey:{digest}"
+
+
+def _used_key(digest: str) -> str:
+    return f"dify:apikey-used:{digest}"
 
 
 def _app_cache_key(app_id: str) -> str:
@@ -109,7 +114,8 @@ def authenticate(header: str | None) -> AppContext:
     """Resolve the Bearer key to its app (cached, revocation-aware) or raise the DifyError Dify would send."""
     token = parse_bearer(header)
     digest = api_key_hash(token)
-    cached = cache.get(_cache_key(digest))
+    entries = cache.get_many([_cache_key(digest), _used_key(digest)])  # one round trip with Redis
+    cached = entries.get(_cache_key(digest))
     if cached == "invalid":
         raise unauthorized("Access token is invalid")
     if cached is None:
@@ -119,6 +125,11 @@ def authenticate(header: str | None) -> AppContext:
             raise unauthorized("Access token is invalid")
         cached = {"key_id": str(key.pk), "app_id": str(key.app_id)}
         cache.set(_cache_key(digest), cached, CACHE_TTL)
+    if _used_key(digest) not in entries:
+        # "Last used" to the minute: one write per key a minute, not one per request. Kept apart from the key's
+        # entry, which only a database read may set (a revocation deletes it).
+        ApiKey.objects.filter(pk=cached["key_id"]).update(last_used_at=timezone.now())
+        cache.set(_used_key(digest), True, LAST_USED_RESOLUTION)
     app = _app(cached["app_id"])
     if app is None:
         raise forbidden("The app no longer exists.")

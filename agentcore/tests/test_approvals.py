@@ -7,7 +7,7 @@ from channels.db import database_sync_to_async
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, ApprovalNotFound
 from agentcore.events import ApprovalRequired, RunEnd
 from agentcore.models import Approval, Message, Thought
-from agentcore.runs import ApprovalDecision, TurnRequest, run_turn, turn_prepare, turn_run
+from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, run_turn, turn_prepare, turn_run
 from agentcore.services import approval_decide, tool_policy_update
 from agentcore.tests import factories
 from agentcore.tests.factories import run_all, types
@@ -183,3 +183,18 @@ async def test_two_calls_needing_approval_are_asked_one_by_one_and_each_runs_onc
     assert third[0].message_id == first[0].message_id
     statuses = [t.status async for t in Thought.objects.filter(message_id=first[0].message_id, tool="http_check")]
     assert statuses == ["done", "done"]
+
+
+async def test_the_resumed_run_keeps_the_turns_tool_subset(ops_app, plain_user, fake_upstream, counting_target,
+                                                           http_check_needs_approval):
+    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url,
+                                      overrides=TurnOverrides(tools=["http_check", "current_time"]))
+    assert {t["function"]["name"] for t in fake_upstream.chat_requests[-1].body["tools"]} == {"http_check",
+                                                                                              "current_time"}
+    fake_upstream.script(Reply(text="It answered 200."))
+    await run_all(TurnRequest(app=ops_app, owner=plain_user, session_id=paused[0].session_id,
+                              approval=ApprovalDecision(approval_id=paused[-1].pending_approvals[0]["id"],
+                                                        decision="approve")))
+    assert counting_target.hits == 1
+    assert {t["function"]["name"] for t in fake_upstream.chat_requests[-1].body["tools"]} == {"http_check",
+                                                                                              "current_time"}

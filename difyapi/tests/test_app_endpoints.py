@@ -3,6 +3,7 @@ stubs, checked against SPEC.md §1, §9, §10 and the /v1/models extension."""
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from agentcore.models import ToolPolicy
 from difyapi.auth import api_key_revoke
@@ -58,6 +59,20 @@ def test_revoked_key_gets_401(app):
     assert client.get("/v1/info").status_code == 200  # now cached as valid
     api_key_revoke(key=ApiKey.objects.get(app=app))
     assert_error(client.get("/v1/info"), 401, "unauthorized", "Access token is invalid")
+
+
+def test_a_request_records_when_its_key_was_last_used(app):
+    key = make_key(app)
+    row = ApiKey.objects.get(app=app)
+    assert row.last_used_at is None
+    before = timezone.now()
+    assert DifyClient(key).get("/v1/info").status_code == 200
+    row.refresh_from_db()
+    assert row.last_used_at is not None and row.last_used_at >= before
+    first = row.last_used_at
+    assert DifyClient(key).get("/v1/info").status_code == 200  # within the minute: no second write
+    row.refresh_from_db()
+    assert row.last_used_at == first
 
 
 def test_disabled_app_gets_403(app, client):

@@ -340,6 +340,9 @@ async def test_concurrency_limit_answers_too_many_requests(default_llm_config, f
                        "for Limited is 1.",
             "status": 429,
         }
+        # Dify checks the limit before it looks the conversation up.
+        status, data = await post(key, body(conversation_id=str(uuid.uuid4())))
+        assert (status, data["code"]) == (429, "too_many_requests")
         await running.read()
     status, _ = await post(key, body())
     assert status == 200
