@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -11,6 +12,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 # Databases whose checkpoint tables exist already (the name changes under pytest-django, so it is part of the key).
 _ready: set[str] = set()
@@ -29,22 +32,57 @@ def _postgres_conninfo() -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+async def _set_up(saver: AsyncPostgresSaver, conninfo: str) -> None:
+    if conninfo not in _ready:
+        async with _setup_lock:
+            if conninfo not in _ready:
+                await saver.setup()
+                _ready.add(conninfo)
+
+
+# PostgreSQL connections for checkpoints, per event loop (a psycopg async pool belongs to the loop that opened it):
+# daphne runs one loop, so a server reuses its connections instead of connecting for every run (several ms, and a
+# backend process started on the server each time). Processes that run many short loops (tests, commands) can set
+# AGENT_CHECKPOINT_POOL_SIZE=0 to connect per run instead.
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConnectionPool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
+    pools = _pools.setdefault(asyncio.get_running_loop(), {})
+    pool = pools.get(conninfo)
+    if pool is None:
+        pool = pools[conninfo] = AsyncConnectionPool(
+            conninfo, min_size=1, max_size=settings.AGENT_CHECKPOINT_POOL_SIZE, open=False,
+            # What the saver needs of its connections: each write commits at once; no server-side prepared
+            # statements (they break behind PgBouncer); rows as dicts.
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        )
+    await pool.open()  # a no-op once open; concurrent first runs wait for the same opening
+    return pool
+
+
+async def checkpoint_pools_close() -> None:
+    """Close this loop's checkpoint connections (for processes that end a loop and keep running)."""
+    for pool in _pools.pop(asyncio.get_running_loop(), {}).values():
+        await pool.close()
+
+
 @asynccontextmanager
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
-    """A saver on its own connection for the duration of one run.
-
-    A connection per run (not a process-wide pool) keeps the saver bound to the event loop that uses it: daphne
-    runs one loop, but tests and management commands start many. Opening costs ~1 ms on SQLite, a few on PostgreSQL.
-    """
+    """A saver for the duration of one run: on PostgreSQL over this event loop's connection pool (or its own
+    connection when the pool is off), on SQLite on its own connection (opening one costs about a millisecond)."""
     db = settings.DATABASES["default"]
     if db["ENGINE"] == "django.db.backends.postgresql":
         conninfo = _postgres_conninfo()
+        if settings.AGENT_CHECKPOINT_POOL_SIZE > 0:
+            saver = AsyncPostgresSaver(await _pool_of_this_loop(conninfo))
+            await _set_up(saver, conninfo)
+            yield saver
+            return
         async with AsyncPostgresSaver.from_conn_string(conninfo) as saver:
-            if conninfo not in _ready:
-                async with _setup_lock:
-                    if conninfo not in _ready:
-                        await saver.setup()
-                        _ready.add(conninfo)
+            await _set_up(saver, conninfo)
             yield saver
         return
     # The same busy timeout as Django's connection, so the saver waits for the ORM's write lock instead of failing.

@@ -116,7 +116,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="")
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {"default": {"BACKEND": "opsagent.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL}}
     CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
     }
@@ -193,6 +193,8 @@ REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
 # Agent
 AGENT_HTTP_CHECK_ALLOW_PRIVATE = env.bool("AGENT_HTTP_CHECK_ALLOW_PRIVATE", default=False)
 AGENT_STALE_RUN_SECONDS = env.int("AGENT_STALE_RUN_SECONDS", default=120)
+# PostgreSQL only: checkpoint connections kept per process (0: connect for every run).
+AGENT_CHECKPOINT_POOL_SIZE = env.int("AGENT_CHECKPOINT_POOL_SIZE", default=10)
 LLM_REQUEST_TIMEOUT = env.float("LLM_REQUEST_TIMEOUT", default=120.0)
 LLM_CONNECTION_TEST_TIMEOUT = env.float("LLM_CONNECTION_TEST_TIMEOUT", default=10.0)
 

@@ -9,6 +9,9 @@ from opsagent.settings import *  # noqa: E402,F403
 LLM_MAX_RETRIES = 0  # upstream faults surface at once; retries are the production default
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 MEDIA_ROOT = BASE_DIR / "var" / "test-media"  # noqa: F405
+# Every async test runs on its own event loop, and a checkpoint pool belongs to one loop: the suite connects per run
+# unless a test (or a daphne process it starts, see tests/e2e/dify_servers.py) turns the pool on.
+AGENT_CHECKPOINT_POOL_SIZE = int(os.environ.get("AGENT_CHECKPOINT_POOL_SIZE", "0"))
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # The agent's checkpointer opens its own connection, which cannot see an in-memory test database: use a file

@@ -1,6 +1,8 @@
 """Checkpoints in the project's database: a conversation survives a restart (new saver, new graph, same thread)."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
@@ -45,3 +47,32 @@ async def test_sessions_do_not_share_history(plain_chat_app, plain_user, fake_up
     await run_all(TurnRequest(app=plain_chat_app, query="secret question", owner=plain_user))
     await run_all(TurnRequest(app=plain_chat_app, query="fresh", owner=plain_user))
     assert [m["content"] for m in fake_upstream.chat_requests[-1].messages] == ["Answer briefly.", "fresh"]
+
+
+@pytest.fixture
+def checkpoint_pool(settings):
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        pytest.skip("the checkpoint connection pool is PostgreSQL's")
+    settings.AGENT_CHECKPOINT_POOL_SIZE = 2
+
+
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_runs_on_one_loop_share_pooled_checkpoint_connections(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."))
+    try:
+        first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+        [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
+        second = await run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+                                           session_id=first[0].session_id))
+        await run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user))
+        assert [e.status for e in (first[-1], second[-1])] == ["normal", "normal"]
+        sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[1].messages]
+        assert sent == [("system", "Answer briefly."), ("user", "disk?"), ("assistant", "Disk 40%."),
+                        ("user", "and now?")]
+        # The same pool served all three runs, and they reused its connections.
+        assert list(checkpoint._pools[asyncio.get_running_loop()].values()) == [pool]
+        stats = pool.get_stats()
+        assert stats["connections_num"] <= 2  # connections opened in all
+    finally:
+        await checkpoint.checkpoint_pools_close()
+    assert asyncio.get_running_loop() not in checkpoint._pools

@@ -81,6 +81,7 @@ def start_daphne(transactional_db):
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DATABASE_URL": live_database_url(),
             "PYTHONUNBUFFERED": "1",
+            "AGENT_CHECKPOINT_POOL_SIZE": "4",  # one event loop per server: its checkpoint connections are pooled
             **env,
         }
         with log_path.open("wb") as log:

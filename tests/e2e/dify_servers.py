@@ -176,7 +176,9 @@ def provision_in_subprocess(*, env: dict[str, str], **fields: Any) -> None:
 
 def server_env(*, database_url: str, redis_url: str = "", **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    env.update({"DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
+    env.update({"DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
+                # A server runs one event loop: it keeps its checkpoint connections, as in production.
+                "AGENT_CHECKPOINT_POOL_SIZE": "4"})
     if redis_url:
         env["REDIS_URL"] = redis_url
     env.update(extra)

@@ -1,0 +1,34 @@
+"""Django's Redis cache with one connection pool per process.
+
+Django keeps a cache backend instance per thread and, under ASGI, per request context, and every instance of its
+RedisCache builds its own redis-py connection pool: each request then opened a new Redis connection (a few ms before
+its first cache read, and a connection left for the garbage collector). redis-py's pools are thread-safe, so the
+instances here share one pool per server URL.
+"""
+from __future__ import annotations
+
+import threading
+
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+
+_pools: dict[tuple[str, tuple], object] = {}
+_lock = threading.Lock()
+
+
+class SharedPoolRedisCacheClient(RedisCacheClient):
+    def _get_connection_pool(self, write):
+        server = self._servers[self._get_connection_pool_index(write)]
+        key = (server, tuple(sorted((k, repr(v)) for k, v in self._pool_options.items())))
+        pool = _pools.get(key)
+        if pool is None:
+            with _lock:
+                pool = _pools.get(key)
+                if pool is None:
+                    pool = _pools[key] = self._pool_class.from_url(server, **self._pool_options)
+        return pool
+
+
+class SharedPoolRedisCache(RedisCache):
+    def __init__(self, server, params):
+        super().__init__(server, params)
+        self._class = SharedPoolRedisCacheClient
