@@ -1,0 +1,40 @@
+"""With REDIS_URL, the cache shares one Redis connection pool per process: under ASGI Django builds a cache backend
+per request context, and each used to open its own connections."""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import caches
+
+from opsagent.cache import SharedPoolRedisCache
+
+
+def _connected_clients() -> int:
+    import redis
+
+    return redis.Redis.from_url(settings.CACHES["default"]["LOCATION"]).info("clients")["connected_clients"]
+
+
+@pytest.mark.skipif("redis" not in settings.CACHES["default"]["BACKEND"].lower(), reason="needs REDIS_URL")
+async def test_requests_in_their_own_contexts_reuse_the_processs_redis_connections():
+    assert isinstance(caches["default"], SharedPoolRedisCache)
+
+    def read() -> SharedPoolRedisCache:
+        backend = caches["default"]
+        backend.get("cache-test")
+        return backend
+
+    def in_a_new_request():  # a fresh context, as daphne gives each request
+        return asyncio.create_task(sync_to_async(read)(), context=contextvars.Context())
+
+    await in_a_new_request()  # the pool has its connection now
+    before = _connected_clients()
+    backends = []  # kept, so that no instance is collected and its id reused
+    for _ in range(20):
+        backends.append(await in_a_new_request())
+    assert len({id(b) for b in backends}) > 1  # Django did build several backend instances...
+    assert _connected_clients() - before <= 1  # ...and they did not open a connection each
