@@ -79,7 +79,7 @@ def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, hit_tar
     assert hit_target.hits == 0
 
 
-def test_staff_only_approval_is_403_for_a_user_and_works_for_staff(user_client, staff_user, agent_app,
+def test_staff_only_approval_is_403_for_a_user_and_works_for_staff(user_client, staff_client, agent_app,
                                                                      fake_upstream, hit_target):
     from agentcore.services import tool_policy_update
 
@@ -91,9 +91,7 @@ def test_staff_only_approval_is_403_for_a_user_and_works_for_staff(user_client, 
     assert Approval.objects.get(id=approval_id).status == "pending"
     assert hit_target.hits == 0
 
-    staff = APIClient()
-    staff.force_authenticate(staff_user)
-    response = staff.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
+    response = staff_client.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
     assert response.status_code == 200, response.json()
     assert response.json()["approval"]["decided_by"] == "staff"
     assert hit_target.hits == 1
@@ -115,7 +113,7 @@ def test_unknown_status_filter_is_a_field_error(user_client):
     assert response.status_code == 400 and "status" in response.json()
 
 
-def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(staff_user, agent_app, fake_upstream,
+def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(staff_client, agent_app, fake_upstream,
                                                                               hit_target):
     from agentcore.api.turns import turn_drain_sync, turn_prepare_sync
     from agentcore.runs import TurnRequest
@@ -131,9 +129,7 @@ def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(sta
     approval = Approval.objects.get(message_id=turn.message.id)
     assert hit_target.hits == 0
 
-    staff = APIClient()
-    staff.force_authenticate(staff_user)
-    response = staff.post(f"/api/approvals/{approval.id}/approve/", {}, format="json")
+    response = staff_client.post(f"/api/approvals/{approval.id}/approve/", {}, format="json")
 
     assert response.status_code == 200, response.json()
     assert response.json()["approval"]["decided_by"] == "staff"
