@@ -246,9 +246,8 @@ def _prepare(request: TurnRequest) -> Turn:
         # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
         # transaction, which saves a commit.
         message_close_stale()
-        if request.app is not None:
-            # The limit comes first, as in Dify: a client over it gets 429 whatever else is wrong with the request.
-            _check_capacity(request.app)
+        # The limit comes first, as in Dify: a client over it gets 429 whatever else is wrong with the request.
+        _check_capacity(request.app)
         session: Session | None = None
         if request.session_id:
             session = session_get_for(session_id=request.session_id, app=request.app, owner=request.owner,
@@ -264,8 +263,6 @@ def _prepare(request: TurnRequest) -> Turn:
         requested = {k: v for k, v in requested.items() if k in OVERRIDABLE}
         requested.update({k: getattr(overrides, k) for k in OVERRIDABLE if getattr(overrides, k) is not None})
         parameters = effective_parameters(config, **requested)
-        if request.app is None:
-            _check_capacity(app)
         created = session is None
         if created:
             session = Session.objects.create(
@@ -281,7 +278,7 @@ def _prepare(request: TurnRequest) -> Turn:
             tools=list(overrides.tools) if overrides.tools is not None else None,
         )
     return Turn(session=session, message=message, config=config, parameters=parameters, session_created=created,
-                tools=list(overrides.tools) if overrides.tools is not None else None,
+                tools=message.tools,
                 attachments=tuple(request.attachments))
 
 

@@ -181,7 +181,7 @@ async def run_shell(command: str, timeout: int = 30) -> str:
     })
 
 
-_plan_tool_template: dict[str, BaseTool] = {}
+_plan_tool_template: BaseTool | None = None
 
 
 class PlanItem(BaseModel):
@@ -207,11 +207,10 @@ def update_plan_tool(*, session_id: str) -> BaseTool:
 
     # Every run's closure has the same signature, so the schema derived from the first one is reused (with this
     # run's coroutine) instead of being derived again on every run.
-    template = _plan_tool_template.get("update_plan")
-    if template is None:
-        template = _plan_tool_template.setdefault(
-            "update_plan", StructuredTool.from_function(coroutine=update_plan, name="update_plan"))
-    return template.model_copy(update={"coroutine": update_plan})
+    global _plan_tool_template
+    if _plan_tool_template is None:  # two first runs at once would both build it: harmless, the result is the same
+        _plan_tool_template = StructuredTool.from_function(coroutine=update_plan, name="update_plan")
+    return _plan_tool_template.model_copy(update={"coroutine": update_plan})
 
 
 @lru_cache(maxsize=1)
