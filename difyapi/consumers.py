@@ -18,7 +18,7 @@ from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 
 from agentcore.events import RunEnd, RunError
 from agentcore.runs import (
@@ -119,13 +119,15 @@ def _chat_turn(header: str | None, body: bytes, content_type: str | None) -> tup
     payload = parse_json_body(body, content_type)
     try:
         call = chat_call_build(app=context.app, payload=payload)
-        turn = turn_prepare_sync(call.request)
+        # With files, their rows are written in the turn's transaction: a turn never exists without them.
+        with transaction.atomic() if call.files else contextlib.nullcontext():
+            turn = turn_prepare_sync(call.request)
+            if call.files:
+                message_files_record(message_id=turn.message.pk, files=call.files)
     except DifyError:
         raise
     except Exception as exc:
         raise dify_error_from(exc, app=context.app) from exc
-    if call.files:
-        message_files_record(message_id=turn.message.pk, files=call.files)
     return call, turn
 
 

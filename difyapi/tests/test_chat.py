@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
@@ -346,3 +346,20 @@ async def test_concurrency_limit_answers_too_many_requests(default_llm_config, f
         await running.read()
     status, _ = await post(key, body())
     assert status == 200
+
+
+async def test_a_turn_whose_files_cannot_be_recorded_leaves_no_rows(chat_app, fake_upstream, monkeypatch):
+    from difyapi.models import MessageFile
+
+    app, key = chat_app
+
+    def failing_bulk_create(*args, **kwargs):
+        raise DatabaseError("disk full")
+
+    monkeypatch.setattr(MessageFile.objects, "bulk_create", failing_bulk_create)
+    files = [{"type": "document", "transfer_method": "remote_url", "url": "https://files.example/notes.txt"}]
+    status, data = await post(key, body(response_mode="blocking", files=files))
+    assert status == 500 and data["code"] == "internal_server_error"
+    assert not await Message.objects.aexists()
+    assert not await Session.objects.aexists()
+    assert fake_upstream.chat_requests == []
