@@ -99,9 +99,12 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / '
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Django's SQLite backend, keeping a few idle connections per process (opsagent/db/backends/sqlite3).
+    DATABASES["default"]["ENGINE"] = "opsagent.db.backends.sqlite3"
     # WAL + a busy timeout let the ASGI server's threads and the agent's checkpointer share the file.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+         "pool_size": env.int("DATABASE_POOL_MAX_SIZE", default=4)}
     )
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's psycopg pool (compatible with CONN_MAX_AGE=0): each database_sync_to_async hop borrows an open

@@ -13,7 +13,7 @@ MEDIA_ROOT = BASE_DIR / "var" / "test-media"  # noqa: F405
 # unless a test (or a daphne process it starts, see tests/e2e/dify_servers.py) turns the pool on.
 AGENT_CHECKPOINT_POOL_SIZE = int(os.environ.get("AGENT_CHECKPOINT_POOL_SIZE", "0"))
 
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
     # The agent's checkpointer opens its own connection, which cannot see an in-memory test database: use a file
     # per test process instead.
     (BASE_DIR / "var").mkdir(exist_ok=True)  # noqa: F405

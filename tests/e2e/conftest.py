@@ -53,12 +53,12 @@ def live_database_url() -> str:
     from django.db import connection
 
     db = connection.settings_dict
-    if db["ENGINE"] == "django.db.backends.sqlite3":
+    if connection.vendor == "sqlite":
         name = str(db["NAME"])
         if name == ":memory:" or name.startswith("file:memorydb"):
             pytest.skip("the SQLite test database is in memory; a server process can't share it")
         return f"sqlite:///{Path(name).resolve()}"
-    if db["ENGINE"] == "django.db.backends.postgresql":
+    if connection.vendor == "postgresql":
         credentials = quote(db["USER"] or "", safe="")
         if db.get("PASSWORD"):
             credentials += ":" + quote(db["PASSWORD"], safe="")
