@@ -1,4 +1,5 @@
-"""The LangGraph checkpointer in the project's own database (PostgreSQL or SQLite), opened per run."""
+"""The LangGraph checkpointer in the project's own database (PostgreSQL or SQLite): a saver per run, over connections
+kept per event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -63,20 +64,68 @@ async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
     return pool
 
 
+# On SQLite, one checkpoint connection per event loop and database file, shared by the loop's runs (as the
+# PostgreSQL pool above): an aiosqlite connection is a thread of its own plus a new SQLite connection, whose first
+# statement and first write are its slowest, and under a burst every run would start both. The runs' savers share
+# the connection's lock too. A saver holds its lock for the whole of each operation, and that is what makes sharing
+# safe: a read still stepping through its rows holds a snapshot, and another saver writing on the same connection
+# meanwhile would fail at once ("database is locked") instead of waiting.
+_sqlite_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _sqlite_connect(path: str, timeout: float, *, shared: bool = False) -> aiosqlite.Connection:
+    # Autocommit: a run cancelled between an INSERT and its COMMIT (a stop, a disconnect) must not leave a
+    # transaction holding the database's write lock. The busy timeout is Django's, so the saver waits for the ORM's
+    # write lock instead of failing.
+    conn = aiosqlite.connect(path, timeout=timeout, isolation_level=None)
+    if shared:
+        # The shared connection lives as long as its loop, a server's whole life, and nothing closes it at exit:
+        # aiosqlite's worker thread would then keep the process from exiting. Each write is committed when made.
+        conn._thread.daemon = True
+    await conn
+    await conn.execute("PRAGMA synchronous=NORMAL")  # as Django's connections: WAL makes this durable enough
+    return conn
+
+
+async def _sqlite_connection_of_this_loop(path: str, timeout: float) -> aiosqlite.Connection:
+    connections = _sqlite_connections.setdefault(asyncio.get_running_loop(), {})
+    opening = connections.get(path)
+    if opening is None or (opening.done() and (opening.cancelled() or opening.exception() is not None)):
+        opening = connections[path] = asyncio.ensure_future(_sqlite_connect(path, timeout, shared=True))
+    # Shielded: a run cancelled while the connection opens leaves the opening to the runs that wait for it too.
+    return await asyncio.shield(opening)
+
+
+_sqlite_locks: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_saver(conn: aiosqlite.Connection, *, shared: bool) -> AsyncSqliteSaver:
+    saver = AsyncSqliteSaver(conn)
+    if shared:
+        saver.lock = _sqlite_locks.setdefault(conn, asyncio.Lock())
+    return saver
+
+
 async def checkpoint_pools_close() -> None:
     """Close this loop's checkpoint connections (for processes that end a loop and keep running)."""
     for pool in _pools.pop(asyncio.get_running_loop(), {}).values():
         await pool.close()
+    for opening in _sqlite_connections.pop(asyncio.get_running_loop(), {}).values():
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
 
 
 @asynccontextmanager
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
-    """A saver for the duration of one run: on PostgreSQL over this event loop's connection pool (or its own
-    connection when the pool is off), on SQLite on its own connection (opening one costs about a millisecond)."""
+    """A saver for the duration of one run, on this event loop's checkpoint connections (a pool on PostgreSQL, one
+    shared connection on SQLite), or on a connection of its own when AGENT_CHECKPOINT_POOL_SIZE is 0."""
     db = settings.DATABASES["default"]
+    pooled = settings.AGENT_CHECKPOINT_POOL_SIZE > 0
     if db["ENGINE"] == "django.db.backends.postgresql":
         conninfo = _postgres_conninfo()
-        if settings.AGENT_CHECKPOINT_POOL_SIZE > 0:
+        if pooled:
             saver = AsyncPostgresSaver(await _pool_of_this_loop(conninfo))
             await _set_up(saver, conninfo)
             yield saver
@@ -85,14 +134,11 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
             await _set_up(saver, conninfo)
             yield saver
         return
-    # The same busy timeout as Django's connection, so the saver waits for the ORM's write lock instead of failing.
-    # Autocommit: each of the saver's writes is one statement, and a run cancelled between its INSERT and its COMMIT
-    # (a stop, a disconnect) must not leave a transaction holding the database's write lock.
     timeout = float(db.get("OPTIONS", {}).get("timeout", 20))
     path = str(db["NAME"])
-    conn = await aiosqlite.connect(path, timeout=timeout, isolation_level=None)
+    conn = await (_sqlite_connection_of_this_loop(path, timeout) if pooled else _sqlite_connect(path, timeout))
     try:
-        saver = AsyncSqliteSaver(conn)
+        saver = _sqlite_saver(conn, shared=pooled)
         # A new saver runs its setup script (a write transaction on the shared file) before its first read or write,
         # in the middle of the run's stream: once a run has set the tables up, later savers skip it. The first one
         # sets up lazily, in its run: a saver opened ahead must not write while the turn's rows are being written.
@@ -102,7 +148,8 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
         if saver.is_setup:
             _ready.add(path)
     finally:
-        await asyncio.shield(conn.close())
+        if not pooled:
+            await asyncio.shield(conn.close())
 
 
 def first_read_known_empty(saver: BaseCheckpointSaver, *, thread_id: str) -> BaseCheckpointSaver:

@@ -76,3 +76,44 @@ async def test_runs_on_one_loop_share_pooled_checkpoint_connections(plain_chat_a
     finally:
         await checkpoint.checkpoint_pools_close()
     assert asyncio.get_running_loop() not in checkpoint._pools
+
+
+@pytest.fixture
+def shared_sqlite_checkpoints(settings):
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        pytest.skip("SQLite's shared checkpoint connection")
+    settings.AGENT_CHECKPOINT_POOL_SIZE = 1
+
+
+@pytest.mark.usefixtures("shared_sqlite_checkpoints")
+async def test_runs_on_one_loop_share_one_sqlite_checkpoint_connection(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."),
+                         Reply(text="Up 3 days."))
+    loop = asyncio.get_running_loop()
+    try:
+        first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+        [opening] = checkpoint._sqlite_connections[loop].values()
+        conn = opening.result()
+        # A follow-up and two new conversations at once, all on the one connection.
+        second, third, fourth = await asyncio.gather(
+            run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+                                session_id=first[0].session_id)),
+            run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user)),
+            run_all(TurnRequest(app=plain_chat_app, query="uptime?", owner=plain_user)),
+        )
+        assert [e[-1].status for e in (first, second, third, fourth)] == ["normal"] * 4
+        assert [o.result() for o in checkpoint._sqlite_connections[loop].values()] == [conn]
+        for events in (second, third, fourth):
+            async with checkpointer() as saver:
+                state = await graph.agent_graph(checkpointer=saver).aget_state(
+                    {"configurable": {"thread_id": events[0].session_id}})
+            assert state.values["messages"][-1].content == events[-1].answer
+        async with checkpointer() as saver:
+            state = await graph.agent_graph(checkpointer=saver).aget_state(
+                {"configurable": {"thread_id": first[0].session_id}})
+        assert [m.content for m in state.values["messages"]] == ["disk?", "Disk 40%.", "and now?", second[-1].answer]
+    finally:
+        await checkpoint.checkpoint_pools_close()
+    assert loop not in checkpoint._sqlite_connections
+    with pytest.raises(ValueError):  # closed
+        await conn.execute("SELECT 1")

@@ -132,3 +132,14 @@ def test_blocking_over_real_http(daphne_server, app_key, fake_upstream):
     data = response.json()
     assert data["answer"] == "blocking works" and data["event"] == "message"
     assert b'"answer":"blocking works"' in response.content  # compact JSON
+
+
+def test_a_server_that_answered_exits_at_once_on_sigterm(daphne_server, app_key, fake_upstream):
+    # The server keeps its checkpoint connections for its whole life (on SQLite an aiosqlite thread): none of them
+    # may keep the process alive after daphne stops.
+    fake_upstream.script(Reply(text="still here"))
+    response = httpx.post(f"{daphne_server.base_url}/v1/chat-messages",
+                          json=chat_body(response_mode="blocking"), headers=headers(app_key), timeout=20)
+    assert response.json()["answer"] == "still here"
+    daphne_server.process.terminate()
+    assert daphne_server.process.wait(10) == 0
