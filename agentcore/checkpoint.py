@@ -85,7 +85,11 @@ async def _sqlite_connect(path: str, timeout: float, *, shared: bool = False) ->
         # aiosqlite's worker thread would then keep the process from exiting. Each write is committed when made.
         conn._thread.daemon = True
     await conn
-    await conn.execute("PRAGMA synchronous=NORMAL")  # as Django's connections: WAL makes this durable enough
+    try:
+        await conn.execute("PRAGMA synchronous=NORMAL")  # as Django's connections: WAL makes this durable enough
+    except BaseException:  # cancelled meanwhile: a connection nobody holds would keep its thread alive
+        await asyncio.shield(conn.close())
+        raise
     return conn
 
 

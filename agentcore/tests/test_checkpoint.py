@@ -117,3 +117,31 @@ async def test_runs_on_one_loop_share_one_sqlite_checkpoint_connection(plain_cha
     assert loop not in checkpoint._sqlite_connections
     with pytest.raises(ValueError):  # closed
         await conn.execute("SELECT 1")
+
+
+async def test_an_opening_closed_at_any_point_leaves_no_connection_thread(settings):
+    # A client that leaves while its turn is prepared closes the run's checkpointer while it is still connecting.
+    # An aiosqlite connection left open would keep its worker thread (not a daemon) and the process alive.
+    import threading
+
+    from agentcore.checkpoint import SaverOpening
+
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        pytest.skip("SQLite's checkpoint connections are threads")
+
+    def worker_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name and t.is_alive()]
+
+    # Opening takes a few tenths of a millisecond on the connection's thread: close after 0 to 6 ms, in small steps.
+    # The openings stay referenced, as a request holds its own until it ends: garbage collection must not be what
+    # stops a connection's thread.
+    openings = []
+    for step in range(40):
+        openings.append(opening := SaverOpening())
+        await asyncio.sleep(step * 0.00015)
+        await opening.aclose()
+    for _ in range(100):
+        if not worker_threads():
+            break
+        await asyncio.sleep(0.02)
+    assert worker_threads() == []
