@@ -45,7 +45,7 @@ from agentcore.selectors import session_get_for, session_visible_q
 from agentcore.services import (
     approval_decide,
     approval_supersede,
-    message_close_stale,
+    message_close_stale_due,
     session_name_from,
 )
 from agentcore.tools.registry import ToolSetup, known_tool_names, tool_setup_load, tools_for_run
@@ -245,7 +245,7 @@ def _prepare(request: TurnRequest) -> Turn:
     with transaction.atomic():
         # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
         # transaction, which saves a commit.
-        message_close_stale()
+        message_close_stale_due()
         # The limit comes first, as in Dify: a client over it gets 429 whatever else is wrong with the request.
         _check_capacity(request.app)
         session: Session | None = None
@@ -303,7 +303,7 @@ def _prepare_resume(request: TurnRequest) -> Turn:
     if request.owner is not None and request.owner.is_staff:
         visible = {}  # staff decide approvals of every session, API ones included (admin, REST)
     with transaction.atomic():
-        message_close_stale()
+        message_close_stale_due()
         approval = (Approval.objects.select_related("session__app")
                     .filter(pk=approval_pk, **{f"session__{k}": v for k, v in visible.items()}).first())
         if approval is None or (request.session_id and str(approval.session_id) != str(request.session_id)):

@@ -1,6 +1,7 @@
 """Writes of the agent's domain: sessions, approvals, plans, tool policies, stale runs and the demo app."""
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -111,6 +112,27 @@ def message_close_stale(*, session: Session | None = None) -> int:
         stale = stale.filter(session=session)
     return stale.update(status=Message.Status.ERROR, error=STALE_RUN_ERROR, error_category="internal",
                         heartbeat_at=None)
+
+
+# When this process last swept (time.monotonic()); see message_close_stale_due.
+_last_stale_sweep = float("-inf")
+
+
+def message_close_stale_due() -> None:
+    """message_close_stale at most once every AGENT_STALE_SWEEP_SECONDS per process, in the caller's transaction.
+    Every turn starts with the sweep, but a run is stale only after AGENT_STALE_RUN_SECONDS: sweeping on each turn
+    would add a statement to every first token and find nothing nearly every time."""
+    global _last_stale_sweep
+    now = time.monotonic()
+    if now - _last_stale_sweep < settings.AGENT_STALE_SWEEP_SECONDS:
+        return
+    message_close_stale()
+
+    def swept() -> None:
+        global _last_stale_sweep
+        _last_stale_sweep = now
+
+    transaction.on_commit(swept)  # a turn rolled back (a 429, a bad id) swept nothing: the next one sweeps
 
 
 def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=None, end_user: str = "") -> Approval:

@@ -196,7 +196,10 @@ REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
 # Agent
 AGENT_HTTP_CHECK_ALLOW_PRIVATE = env.bool("AGENT_HTTP_CHECK_ALLOW_PRIVATE", default=False)
 AGENT_STALE_RUN_SECONDS = env.int("AGENT_STALE_RUN_SECONDS", default=120)
-# PostgreSQL only: checkpoint connections kept per process (0: connect for every run).
+# How often a process looks for such runs (when a turn starts, at most this often).
+AGENT_STALE_SWEEP_SECONDS = env.float("AGENT_STALE_SWEEP_SECONDS", default=10.0)
+# Checkpoint connections kept per process: a pool on PostgreSQL, one shared connection on SQLite (0: connect for
+# every run).
 AGENT_CHECKPOINT_POOL_SIZE = env.int("AGENT_CHECKPOINT_POOL_SIZE", default=10)
 LLM_REQUEST_TIMEOUT = env.float("LLM_REQUEST_TIMEOUT", default=120.0)
 LLM_CONNECTION_TEST_TIMEOUT = env.float("LLM_CONNECTION_TEST_TIMEOUT", default=10.0)

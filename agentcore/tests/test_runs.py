@@ -263,7 +263,8 @@ async def test_client_disconnect_stops_the_run(plain_chat_app, plain_user, fake_
 
 
 async def test_stale_running_message_is_closed_when_the_session_is_next_used(plain_chat_app, plain_user,
-                                                                            fake_upstream):
+                                                                            fake_upstream, settings):
+    settings.AGENT_STALE_SWEEP_SECONDS = 0  # every turn sweeps
     events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
     session = await Session.objects.aget(pk=events[0].session_id)
     dead = await Message.objects.acreate(session=session, query="lost", status="running",
@@ -275,6 +276,42 @@ async def test_stale_running_message_is_closed_when_the_session_is_next_used(pla
     await alive.arefresh_from_db()
     assert dead.status == "error" and dead.error == "interrupted: the server stopped during this answer"
     assert alive.status == "running"
+
+
+async def test_a_process_sweeps_for_stale_runs_at_most_every_sweep_interval(plain_chat_app, plain_user,
+                                                                           fake_upstream, settings):
+    settings.AGENT_STALE_SWEEP_SECONDS = 0
+    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))  # sweeps now
+    session = await Session.objects.aget(pk=events[0].session_id)
+    dead = await Message.objects.acreate(session=session, query="lost", status="running",
+                                         heartbeat_at=timezone.now() - timedelta(seconds=600))
+    settings.AGENT_STALE_SWEEP_SECONDS = 60
+    await run_all(TurnRequest(app=plain_chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
+    await dead.arefresh_from_db()
+    assert dead.status == "running"  # swept less than a minute ago: not looked for
+    settings.AGENT_STALE_SWEEP_SECONDS = 0.2
+    await asyncio.sleep(0.25)
+    await run_all(TurnRequest(app=plain_chat_app, query="once more", owner=plain_user, session_id=str(session.pk)))
+    await dead.arefresh_from_db()
+    assert dead.status == "error"
+
+
+async def test_a_turn_rolled_back_does_not_count_as_a_sweep(plain_chat_app, plain_user, fake_upstream, settings):
+    settings.AGENT_STALE_SWEEP_SECONDS = 60
+    session = await database_sync_to_async(session_create)(app=plain_chat_app, owner=plain_user)
+    dead = await Message.objects.acreate(session=session, query="lost", status="running",
+                                         heartbeat_at=timezone.now() - timedelta(seconds=600))
+    from agentcore import services
+
+    services._last_stale_sweep = float("-inf")  # as in a process that has not swept yet
+    with pytest.raises(ConfigNotFound):  # fails after the sweep, inside the turn's transaction
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="x", owner=plain_user,
+                                       overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
+    await dead.arefresh_from_db()
+    assert dead.status == "running"
+    await run_all(TurnRequest(app=plain_chat_app, query="y", owner=plain_user))
+    await dead.arefresh_from_db()
+    assert dead.status == "error"
 
 
 async def test_too_many_active_runs(plain_chat_app, plain_user, fake_upstream):
