@@ -66,9 +66,19 @@ def _from_cache(data: dict[str, Any]) -> LLMConfig:
     return config
 
 
+# The generation this process saw last. A lookup asks the shared cache for the current generation and for the entry
+# under this one in a single round trip (Redis): while no config changes, which is nearly always, that is the answer.
+_last_generation: int | None = None
+
+
 def _cached(key: str, load) -> LLMConfig | None:
-    full_key = f"llmconfig:{_generation()}:{key}"
-    hit = cache.get(full_key)
+    global _last_generation
+    guess = _last_generation
+    entries = cache.get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
+    generation = entries.get(_GENERATION_KEY) or _generation()
+    _last_generation = generation
+    full_key = f"llmconfig:{generation}:{key}"
+    hit = entries.get(full_key) if generation == guess else cache.get(full_key)
     if hit == _MISSING:
         return None
     if hit is not None:

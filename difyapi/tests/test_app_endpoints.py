@@ -91,6 +91,20 @@ def test_app_changes_reach_requests_that_had_the_app_cached(app, client):
     assert_error(client.get("/v1/info"), 403, "forbidden", "The app's API service has been disabled.")
 
 
+def test_a_key_that_now_belongs_to_another_app_reaches_that_app(app):
+    from django.core.cache import cache
+
+    from difyapi.auth import _cache_key, api_key_hash
+
+    key = make_key(app)
+    client = DifyClient(key)
+    assert client.get("/v1/info").json()["name"] == "Ops Helper"  # this process now expects the key's app
+    other = make_app(name="Other app")
+    ApiKey.objects.filter(app=app).update(app=other)
+    cache.delete(_cache_key(api_key_hash(key)))  # as an edit of the key would
+    assert client.get("/v1/info").json()["name"] == "Other app"
+
+
 def test_deleted_app_is_refused_even_when_it_was_cached(app, client):
     assert client.get("/v1/info").status_code == 200
     app.delete()

@@ -250,3 +250,23 @@ def test_extra_config_refuses_headers_and_unknown_keys(make_llm_config):
         make_llm_config(extra_config={"default_headers": {"X-Api-Key": "hdr-secret-0123456789"}})
     assert "extra_config" in excinfo.value.message_dict
     assert not LLMConfig.objects.filter(extra_config__has_key="default_headers").exists()
+
+
+def test_a_change_made_by_another_process_is_seen_by_the_next_lookup(make_llm_config):
+    from django.core.cache import cache
+
+    from llmconfigs.selectors import llm_config_cache_invalidate, llm_config_get
+
+    config = make_llm_config(model_name="model-a")
+    assert llm_config_get(config_id=config.pk).model_name == "model-a"  # cached under the current generation
+    assert llm_config_get(config_id=config.pk).model_name == "model-a"  # answered from that entry
+
+    # Another worker changes the row and invalidates the shared cache; this process's services are not involved.
+    LLMConfig.objects.filter(pk=config.pk).update(model_name="model-b")
+    llm_config_cache_invalidate()
+    assert llm_config_get(config_id=config.pk).model_name == "model-b"
+
+    # The shared cache lost everything (a Redis restart): the lookup starts a generation again and reads the row.
+    LLMConfig.objects.filter(pk=config.pk).update(model_name="model-c")
+    cache.clear()
+    assert llm_config_get(config_id=config.pk).model_name == "model-c"
