@@ -534,8 +534,15 @@ class _Run:
                                    max_iterations=app.max_iterations)
             config = {"configurable": {"thread_id": str(self.session.pk)},
                       "recursion_limit": 2 * app.max_iterations + 10}
+            # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool
+            # that ran (and may have changed something) is remembered even if the server dies in the next model
+            # call. Chat: one model step and nothing else, so its question and answer are written together when the
+            # run ends, however it ends (an answer, an error, a stop, a client gone): one write instead of three,
+            # none of them on the way to the first token. Only a server dying mid-answer loses that turn from the
+            # model's memory; its message stays in the history, marked as an error.
+            durability = "async" if self.agent else "exit"
             async for mode, chunk in graph.astream(self._graph_input(), config, context=context,
-                                                  stream_mode=["messages", "updates"]):
+                                                  stream_mode=["messages", "updates"], durability=durability):
                 if mode == "messages":
                     await self._on_chunk(queue, *chunk)
                 else:

@@ -418,6 +418,33 @@ async def test_the_next_turn_remembers_the_tool_steps_of_a_stopped_agent_run(ops
     assert fake_upstream.chat_requests[-1].messages[-2]["content"] == "w0 w1 "
 
 
+async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(ops_app, plain_user, fake_upstream):
+    # A tool may have changed something: its call and result are saved as soon as they happen, not when the run
+    # ends, so that a server dying in the middle of the next model call does not make the agent forget them.
+    from langchain_core.messages import AIMessage as LCAIMessage
+    from langchain_core.messages import ToolMessage as LCToolMessage
+
+    from agentcore.checkpoint import checkpointer
+    from agentcore.graph import agent_graph
+
+    fake_upstream.script(
+        Reply(tool_calls=[ToolCall("current_time", {})]),
+        Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1),
+    )
+    saved = None
+    async for event in run_turn(TurnRequest(app=ops_app, query="what time?", owner=plain_user)):
+        if isinstance(event, RunStarted):
+            started = event
+        if isinstance(event, TextDelta) and saved is None:
+            async with checkpointer() as saver:
+                state = await agent_graph(checkpointer=saver).aget_state(
+                    {"configurable": {"thread_id": started.session_id}})
+            saved = state.values.get("messages", [])
+            assert await run_stop(task_id=started.task_id, user=plain_user)
+    assert [type(m) for m in saved[1:]] == [LCAIMessage, LCToolMessage]
+    assert saved[1].tool_calls[0]["name"] == "current_time"
+
+
 async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_running(plain_chat_app, plain_user,
                                                                                     fake_upstream):
     from agentcore.runs import turn_prepare
