@@ -11,7 +11,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -41,6 +41,7 @@ from agentcore.events import (
 )
 from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Approval, Message, Session, Thought
+from agentcore.remote_files import RemoteFileError, remote_file_fetch
 from agentcore.selectors import session_get_for, session_visible_q
 from agentcore.services import (
     approval_decide,
@@ -87,7 +88,7 @@ class Attachment:
     kind: str  # "image" | "text"
     name: str
     mime_type: str = ""
-    url: str = ""  # image: http(s) URL or data: URL
+    url: str = ""  # image: http(s) URL or data: URL; text: where to fetch it when the run starts (no text yet)
     text: str = ""  # text document: its (size-limited) content
 
 
@@ -499,12 +500,28 @@ class _Run:
                 await asyncio.shield(self.saver.aclose())
             queue.put_nowait(_DONE)
 
-    def _graph_input(self) -> Any:
+    async def _attachments(self) -> list[Attachment]:
+        """The turn's attachments, with the text of documents given by URL fetched now (concurrently). A document
+        that cannot be fetched is given to the model as a note saying why, and the answer goes on."""
+        async def fetched(attachment: Attachment) -> Attachment:
+            if attachment.kind != "text" or not attachment.url or attachment.text:
+                return attachment
+            limit = settings.UPLOAD_FILE_SIZE_LIMIT_MB * 1024 * 1024
+            try:
+                text = (await remote_file_fetch(attachment.url, max_bytes=limit)).decode("utf-8", errors="replace")
+            except RemoteFileError as exc:
+                logger.info("remote document of message %s not fetched: %s", self.message.pk, exc)
+                text = f"[This file could not be fetched: {exc}.]"
+            return replace(attachment, text=text)
+
+        return list(await asyncio.gather(*(fetched(a) for a in self.turn.attachments)))
+
+    def _graph_input(self, attachments: list[Attachment]) -> Any:
         if self.turn.resume is not None:
             return Command(resume=self.turn.resume)
         content: Any = self.message.query
-        documents = [a for a in self.turn.attachments if a.kind == "text"]
-        images = [a for a in self.turn.attachments if a.kind == "image"]
+        documents = [a for a in attachments if a.kind == "text"]
+        images = [a for a in attachments if a.kind == "image"]
         if documents:
             content += "".join(f"\n\n<file name={a.name!r}>\n{truncate(a.text, ATTACHMENT_TEXT_LIMIT)}\n</file>"
                                for a in documents)
@@ -526,6 +543,7 @@ class _Run:
         model = _chat_model_for(self.config, overrides)
         if self.turn.resume is not None:
             await self._load_thoughts()
+        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [])
         async with self.saver.use() if self.saver is not None else checkpointer() as saver:
             if self.turn.session_created:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
@@ -541,7 +559,7 @@ class _Run:
             # none of them on the way to the first token. Only a server dying mid-answer loses that turn from the
             # model's memory; its message stays in the history, marked as an error.
             durability = "async" if self.agent else "exit"
-            async for mode, chunk in graph.astream(self._graph_input(), config, context=context,
+            async for mode, chunk in graph.astream(graph_input, config, context=context,
                                                   stream_mode=["messages", "updates"], durability=durability):
                 if mode == "messages":
                     await self._on_chunk(queue, *chunk)

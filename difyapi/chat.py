@@ -338,7 +338,10 @@ def _attachment(ref: FileRef, *, vision: bool) -> Attachment | None:
         data = _read(upload)
         return Attachment(kind="image", name=name, mime_type=mime or "image/png",
                           url=f"data:{mime or 'image/png'};base64,{base64.b64encode(data).decode()}")
-    if upload is not None and (extension in TEXT_EXTENSIONS or mime.startswith("text/")):
+    is_text = extension in TEXT_EXTENSIONS or mime.startswith("text/")
+    if upload is None and is_text:  # fetched when the run starts (agentcore.remote_files)
+        return Attachment(kind="text", name=name, mime_type=mime or "text/plain", url=ref.url)
+    if upload is not None and is_text:
         if upload.size > settings.UPLOAD_FILE_SIZE_LIMIT_MB * 1024 * 1024:
             raise DifyError("file_too_large", f"File size exceeded. {name}", 413)
         text = _read(upload).decode("utf-8", errors="replace")

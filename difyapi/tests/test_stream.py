@@ -279,6 +279,41 @@ async def test_a_text_document_reaches_the_model_as_text(chat_app, fake_upstream
     assert await MessageFile.objects.filter(upload_file=upload).acount() == 1
 
 
+@pytest.fixture
+def documents():
+    from agentcore.tests.test_remote_files import DocumentServer
+
+    server = DocumentServer()
+    yield server
+    server.close()
+
+
+async def test_a_text_document_given_by_url_is_fetched_for_the_model(chat_app, fake_upstream, documents, settings):
+    settings.REMOTE_FILES_ALLOW_PRIVATE = True  # the test's document server is on 127.0.0.1
+    app, key = chat_app
+    url = f"{documents.url}/notes.md"
+    files = [{"type": "document", "transfer_method": "remote_url", "url": url}]
+    call, raw = await stream(key, body(query="summarise the file", files=files))
+    events = data_events(raw)
+    assert events[-1]["event"] == "message_end"
+    sent = json.dumps(fake_upstream.chat_requests[-1].messages)
+    assert "/var is 93% full" in sent and "notes.md" in sent
+    assert documents.requests == ["/notes.md"]
+    row = await MessageFile.objects.aget(message_id=events[0]["message_id"])
+    assert (row.transfer_method, row.url) == ("remote_url", url)
+
+
+async def test_a_document_url_on_a_private_address_is_not_fetched(chat_app, fake_upstream, documents):
+    app, key = chat_app
+    files = [{"type": "document", "transfer_method": "remote_url", "url": f"{documents.url}/notes.md"}]
+    call, raw = await stream(key, body(query="summarise the file", files=files))
+    assert data_events(raw)[-1]["event"] == "message_end"  # the answer goes on, told why the file is missing
+    sent = json.dumps(fake_upstream.chat_requests[-1].messages)
+    assert "could not be fetched: refused: 127.0.0.1 resolves to 127.0.0.1, not a public address" in sent
+    assert "/var is 93% full" not in sent
+    assert documents.requests == []
+
+
 async def test_an_image_for_a_model_without_vision_is_only_recorded(chat_app, fake_upstream):
     app, key = chat_app
     upload = await sync_to_async(make_upload)(app, "alice", "dot.png", PNG, "image/png")
