@@ -29,31 +29,50 @@ def types(events: list[Event]) -> list[str]:
     return [event_to_dict(e)["type"] for e in events]
 
 
-class CountingTarget:
-    """A local HTTP server that counts GETs: proof of whether a tool really ran."""
+class LocalHTTPServer:
+    """A local HTTP server answering GETs from `routes` (path -> (status, headers, body)); it records the path and
+    Host header of every request that reaches it (404 for unknown paths)."""
 
-    def __init__(self):
-        self.hits = 0
-        target = self
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]):
+        self.routes = routes
+        self.requests: list[str] = []
+        self.hosts: list[str | None] = []
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                target.hits += 1
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
+                server.requests.append(self.path)
+                server.hosts.append(self.headers.get("Host"))
+                status, headers, payload = server.routes.get(self.path, (404, {}, b"not found"))
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": str(len(payload))}.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(payload)
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.http.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+class CountingTarget(LocalHTTPServer):
+    """A local HTTP server that counts GETs: proof of whether a tool really ran."""
+
+    def __init__(self):
+        super().__init__({"/health": (200, {}, b"ok")})
+        self.url = f"{self.base_url}/health"
+
+    @property
+    def hits(self) -> int:
+        return len(self.requests)
 
 
 @pytest.fixture

@@ -1,51 +1,25 @@
 """Documents given by URL: fetched with bounds, never from private addresses unless allowed, redirects re-checked."""
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from agentcore.remote_files import RemoteFileError, remote_address_refusal, remote_file_fetch
+from agentcore.tests.factories import LocalHTTPServer
 
 
-class DocumentServer:
-    """A local HTTP server with a few documents; counts the requests that reach it."""
+class DocumentServer(LocalHTTPServer):
+    """A few documents, a redirect, a redirect loop and a redirect to the cloud metadata address."""
 
     def __init__(self) -> None:
-        self.requests: list[str] = []
-        self.hosts: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                server.hosts.append(self.headers.get("Host"))
-                port = server.http.server_address[1]
-                routes = {
-                    "/notes.md": (200, {}, b"# Disk\n/var is 93% full"),
-                    "/big.txt": (200, {}, b"x" * 5000),
-                    "/hop": (302, {"Location": "/notes.md"}, b""),
-                    "/away": (302, {"Location": f"http://169.254.169.254:{port}/latest/meta-data"}, b""),
-                    "/loop": (302, {"Location": "/loop"}, b""),
-                }
-                status, headers, payload = routes.get(self.path, (404, {}, b"no such file"))
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": str(len(payload))}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__({})
+        self.routes.update({
+            "/notes.md": (200, {}, b"# Disk\n/var is 93% full"),
+            "/big.txt": (200, {}, b"x" * 5000),
+            "/hop": (302, {"Location": "/notes.md"}, b""),
+            "/away": (302, {"Location": f"http://169.254.169.254:{self.port}/latest/meta-data"}, b""),
+            "/loop": (302, {"Location": "/loop"}, b""),
+        })
+        self.url = self.base_url
 
 
 @pytest.fixture

@@ -386,15 +386,21 @@ async def test_the_next_turn_remembers_a_stopped_partial_answer(plain_chat_app, 
     assert sent[1:] == [("user", "tell me"), ("assistant", "alpha beta "), ("user", "go on")]
 
 
+async def _stopped_after_two_deltas(request: TurnRequest) -> list:
+    """The events of a turn stopped by its owner once two text deltas arrived; it must end as stopped."""
+    events = []
+    async for event in run_turn(request):
+        events.append(event)
+        if isinstance(event, TextDelta) and len([e for e in events if isinstance(e, TextDelta)]) == 2:
+            assert await run_stop(task_id=events[0].task_id, user=request.owner)
+    assert events[-1].status == "stopped"
+    return events
+
+
 async def test_the_next_turn_remembers_the_question_and_answer_of_a_run_stopped_mid_stream(plain_chat_app,
                                                                                            plain_user, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1), Reply(text="Again."))
-    events = []
-    async for event in run_turn(TurnRequest(app=plain_chat_app, query="tell me", owner=plain_user)):
-        events.append(event)
-        if isinstance(event, TextDelta) and len([e for e in events if isinstance(e, TextDelta)]) == 2:
-            assert await run_stop(task_id=events[0].task_id, user=plain_user)
-    assert events[-1].status == "stopped"
+    events = await _stopped_after_two_deltas(TurnRequest(app=plain_chat_app, query="tell me", owner=plain_user))
     await run_all(TurnRequest(app=plain_chat_app, query="go on", owner=plain_user, session_id=events[0].session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent[1:] == [("user", "tell me"), ("assistant", "w0 w1 "), ("user", "go on")]
@@ -406,12 +412,7 @@ async def test_the_next_turn_remembers_the_tool_steps_of_a_stopped_agent_run(ops
         Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1),
         Reply(text="Again."),
     )
-    events = []
-    async for event in run_turn(TurnRequest(app=ops_app, query="what time?", owner=plain_user)):
-        events.append(event)
-        if isinstance(event, TextDelta) and len([e for e in events if isinstance(e, TextDelta)]) == 2:
-            assert await run_stop(task_id=events[0].task_id, user=plain_user)
-    assert events[-1].status == "stopped"
+    events = await _stopped_after_two_deltas(TurnRequest(app=ops_app, query="what time?", owner=plain_user))
     await run_all(TurnRequest(app=ops_app, query="go on", owner=plain_user, session_id=events[0].session_id))
     roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
     assert roles[1:] == ["user", "assistant", "tool", "assistant", "user"]
