@@ -437,10 +437,15 @@ async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(o
         if isinstance(event, RunStarted):
             started = event
         if isinstance(event, TextDelta) and saved is None:
-            async with checkpointer() as saver:
-                state = await agent_graph(checkpointer=saver).aget_state(
-                    {"configurable": {"thread_id": started.session_id}})
-            saved = state.values.get("messages", [])
+            # The step's checkpoint is written while the next step runs: give it up to 2 s of the 4 s stream.
+            for _ in range(40):
+                async with checkpointer() as saver:
+                    state = await agent_graph(checkpointer=saver).aget_state(
+                        {"configurable": {"thread_id": started.session_id}})
+                saved = state.values.get("messages", [])
+                if len(saved) >= 3:
+                    break
+                await asyncio.sleep(0.05)
             assert await run_stop(task_id=started.task_id, user=plain_user)
     assert [type(m) for m in saved[1:]] == [LCAIMessage, LCToolMessage]
     assert saved[1].tool_calls[0]["name"] == "current_time"
