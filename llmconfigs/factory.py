@@ -7,6 +7,8 @@ import httpx
 import openai
 from django.conf import settings
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+from openai._base_client import make_request_options
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llmconfigs.errors import InvalidParameter, ProviderCallError
 from llmconfigs.models import LLMConfig
@@ -97,7 +99,36 @@ def chat_model(
             kwargs["presence_penalty"] = params["presence_penalty"]
     if extra_body:
         kwargs["extra_body"] = extra_body
-    return ChatOpenAI(**kwargs)
+    model = ChatOpenAI(**kwargs)
+    model.async_client = PayloadAsIsCompletions(model.async_client)
+    return model
+
+
+class PayloadAsIsCompletions:
+    """The OpenAI SDK's async chat completions, except that a streaming `create` posts LangChain's payload as it is.
+
+    LangChain hands `create` a payload that is already the wire format (plain JSON values, only the keys it sets). The
+    SDK would first walk it against its parameter types to drop omitted values and rename aliased keys, which the chat
+    completion parameters do not have. That walk costs about 0.1 ms per message of the conversation, on the way to
+    every first token: 10 ms for a conversation of a hundred messages. Everything else (retries, auth, timeouts,
+    extra headers and body, the streamed response) is the SDK's own `post`. Other calls are the SDK's, unchanged."""
+
+    def __init__(self, completions: Any):
+        self._completions = completions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._completions, name)
+
+    async def create(self, *, extra_headers: Any = None, extra_query: Any = None, extra_body: Any = None,
+                     timeout: Any = openai.NOT_GIVEN, **body: Any) -> Any:
+        if not body.get("stream"):
+            return await self._completions.create(extra_headers=extra_headers, extra_query=extra_query,
+                                                  extra_body=extra_body, timeout=timeout, **body)
+        options = make_request_options(extra_headers=extra_headers, extra_query=extra_query, extra_body=extra_body,
+                                       timeout=timeout, security={"bearer_auth": True})
+        return await self._completions._post("/chat/completions", body=body, options=options,
+                                             cast_to=ChatCompletion, stream=True,
+                                             stream_cls=openai.AsyncStream[ChatCompletionChunk])
 
 
 def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: int | None = None,

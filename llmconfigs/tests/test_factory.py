@@ -74,3 +74,48 @@ def test_upstream_401_is_classified_and_key_scrubbed(make_llm_config, fake_upstr
     assert error.category == "auth"
     assert config.api_key not in error.message
     assert "Incorrect API key provided" in error.message
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_streaming_call_sends_exactly_what_the_sdks_own_create_would(make_llm_config, fake_upstream):
+    # The factory's models post LangChain's payload as it is (PayloadAsIsCompletions). The same conversation through
+    # the SDK's own `create` must reach the provider as the same request: body and headers.
+    from asgiref.sync import sync_to_async
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    from llmconfigs.factory import PayloadAsIsCompletions
+
+    @tool
+    def disk_usage(path: str) -> str:
+        """How full the disk holding `path` is."""
+        return "93%"
+
+    config = await sync_to_async(make_llm_config)(
+        provider="deepseek", max_tokens=77, extra_config={"extra_body": {"enable_thinking": False}})
+    conversation = [
+        SystemMessage("You are terse."),
+        HumanMessage([{"type": "text", "text": "and this?"},
+                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]),
+        AIMessage("", tool_calls=[{"id": "call_1", "name": "disk_usage", "args": {"path": "/var"}}]),
+        ToolMessage("93%", tool_call_id="call_1"),
+        HumanMessage("ünïcode ✓ and \"quotes\""),
+    ]
+    requests = []
+    for as_is in (True, False):
+        model = chat_model(config, temperature=0.2, top_p=0.5)
+        assert isinstance(model.async_client, PayloadAsIsCompletions)
+        if not as_is:
+            model.async_client = model.async_client._completions
+        fake_upstream.script(Reply(text="fine"))
+        chunks = [c async for c in model.bind_tools([disk_usage]).astream(conversation)]
+        assert "".join(c.content for c in chunks) == "fine"
+        requests.append(fake_upstream.chat_requests[-1])
+    ours, sdks = requests
+    assert ours.body == sdks.body
+    assert ours.body["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png")
+    assert (ours.body["max_tokens"], ours.body["enable_thinking"], ours.body["tools"][0]["function"]["name"]) == (
+        77, False, "disk_usage")
+    skip = {"x-stainless-retry-count", "x-stainless-read-timeout", "content-length"}
+    assert {k: v for k, v in ours.headers.items() if k.lower() not in skip} == {
+        k: v for k, v in sdks.headers.items() if k.lower() not in skip}
