@@ -84,11 +84,25 @@ async def _sqlite_connect(path: str, timeout: float, *, shared: bool = False) ->
         # The shared connection lives as long as its loop, a server's whole life, and nothing closes it at exit:
         # aiosqlite's worker thread would then keep the process from exiting. Each write is committed when made.
         conn._thread.daemon = True
+    opening = asyncio.ensure_future(_sqlite_opened(conn))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # Cancelled (a client gone) while the connection's thread opens it: the opening finishes and is closed
+        # before this gives up, a millisecond later. A connection left behind would keep its thread alive, working
+        # for a loop that may be closed by then.
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
+        raise
+
+
+async def _sqlite_opened(conn: aiosqlite.Connection) -> aiosqlite.Connection:
     await conn
     try:
         await conn.execute("PRAGMA synchronous=NORMAL")  # as Django's connections: WAL makes this durable enough
-    except BaseException:  # cancelled meanwhile: a connection nobody holds would keep its thread alive
-        await asyncio.shield(conn.close())
+    except BaseException:
+        await conn.close()
         raise
     return conn
 
