@@ -1,5 +1,6 @@
 """Benchmark: time to first token through POST /v1/chat-messages (streaming, daphne) vs. straight to the same fake
-upstream; sequential and interleaved for chat and agent-chat apps, then 100 concurrent streams.
+upstream; sequential and interleaved for chat and agent-chat apps, follow-up messages in a long conversation (the
+direct side sends the same history), then 100 concurrent streams.
 
 Standalone: it starts the fake OpenAI-compatible upstream, creates a temporary database (SQLite unless
 --database-url is given), migrates it, creates an LLM config, a chat and an agent-chat app with keys, and starts
@@ -33,6 +34,7 @@ from tests.e2e.dify_servers import (  # noqa: E402
     server_env,
 )
 
+FAKE_ANSWER = "Hello from the fake upstream."  # the fake upstream's default answer, as it enters the history
 # Fresh keys per run: a shared Redis cache may still map an earlier run's key to that run's (gone) app.
 CHAT_KEY = f"app-bench-chat-{secrets.token_hex(12)}"
 AGENT_KEY = f"app-bench-agent-{secrets.token_hex(12)}"
@@ -64,9 +66,11 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[index]
 
 
-async def ttft_direct(client: httpx.AsyncClient, upstream: str) -> float:
-    """First content delta straight from the upstream (what a client of the provider would see)."""
-    body = {"model": "fake-bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
+async def ttft_direct(client: httpx.AsyncClient, upstream: str, turns: int = 0) -> float:
+    """First content delta straight from the upstream (what a client of the provider would see), after `turns`
+    earlier exchanges of history."""
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": FAKE_ANSWER}] * turns
+    body = {"model": "fake-bench", "stream": True, "messages": [*history, {"role": "user", "content": "hello"}]}
     started = time.perf_counter()
     async with client.stream("POST", f"{upstream}/chat/completions", json=body,
                              headers={"Authorization": "Bearer sk-bench"}) as response:
@@ -79,10 +83,11 @@ async def ttft_direct(client: httpx.AsyncClient, upstream: str) -> float:
     raise RuntimeError("the upstream sent no content")
 
 
-async def ttft_dify(client: httpx.AsyncClient, base: str, key: str) -> float:
-    """First answer event through /v1/chat-messages; the rest of the stream is read to its message_end."""
+async def ttft_dify(client: httpx.AsyncClient, base: str, key: str, conversation_id: str = "") -> float:
+    """First answer event through /v1/chat-messages (in a new conversation, or in `conversation_id`); the rest of
+    the stream is read to its message_end."""
     body = {"inputs": {}, "query": "hello", "user": "bench", "response_mode": "streaming",
-            "auto_generate_name": False}
+            "auto_generate_name": False, "conversation_id": conversation_id}
     started = time.perf_counter()
     first = None
     ended = False
@@ -145,6 +150,23 @@ async def sequential(base: str, upstream: str, key: str, n: int, name: str, serv
     return row
 
 
+async def follow_ups(base: str, upstream: str, key: str, n: int, *, turns: int) -> dict[str, float]:
+    """Follow-up messages in a conversation of `turns` exchanges (growing by one per message); the direct side sends
+    the provider a history of the same length each time."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        await ttft_dify(client, base, key)
+        conversations = (await client.get(f"{base}/v1/conversations", params={"user": "bench", "limit": 1},
+                                          headers={"Authorization": f"Bearer {key}"})).json()
+        conversation_id = conversations["data"][0]["id"]
+        for _ in range(turns - 1):
+            await ttft_dify(client, base, key, conversation_id)
+        direct, dify = [], []
+        for i in range(n):
+            direct.append(await ttft_direct(client, upstream, turns + i))
+            dify.append(await ttft_dify(client, base, key, conversation_id))
+    return report(f"chat follow-up ({2 * turns + 1}-{2 * (turns + n) - 1} msgs)", direct, dify)
+
+
 async def concurrent(base: str, upstream: str, key: str, streams: int) -> None:
     limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -170,6 +192,8 @@ def main() -> int:
     parser.add_argument("--database-url", default="",
                         help="a PostgreSQL server to create a temporary database on (default: a temporary SQLite file)")
     parser.add_argument("--redis-url", default="")
+    parser.add_argument("--history", type=int, default=25,
+                        help="exchanges in the conversation before the follow-up messages are timed")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="opsagent-bench-"))
@@ -197,6 +221,7 @@ def main() -> int:
                 chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)", pid))
                 agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n,
                                                "agent-chat (sequential)", pid))
+                asyncio.run(follow_ups(server.url, upstream_url, CHAT_KEY, args.n, turns=args.history))
                 asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))
             except Exception:
                 print("daphne's log:\n" + "".join(server.log[-80:]), flush=True)
