@@ -18,7 +18,7 @@ from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import transaction
 
 from agentcore.events import RunEnd, RunError
 from agentcore.runs import (
@@ -48,8 +48,7 @@ from difyapi.validation import parse_json_body, user_from
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-# Background work that outlives its request (connection closes, conversation names); referenced so it is not
-# garbage-collected.
+# Background work that outlives its request (conversation names); referenced so it is not garbage-collected.
 _background: set[asyncio.Task] = set()
 
 
@@ -143,14 +142,9 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         # request fails before the run.
         saver = SaverOpening()
         try:
-            try:
-                call, turn = await prepared_or_abandoned(sync_to_async(_chat_turn)(
-                    _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type")
-                ))
-            finally:
-                # As database_sync_to_async would, but after answering: closing the connection (CONN_MAX_AGE=0)
-                # costs about a millisecond that the stream need not wait for. It runs next on the same ORM thread.
-                _in_background(sync_to_async(close_old_connections)())
+            call, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
+                _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type")
+            ))
             try:
                 if call.streaming:
                     await self.stream(turn, saver)
