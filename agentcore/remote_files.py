@@ -7,13 +7,12 @@ answer cannot swap it), and each redirect is checked again. Size and time are bo
 """
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import socket
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 from django.conf import settings
+
+from agentcore.tools.builtin import ip_of, resolve
 
 FETCH_TIMEOUT_SECONDS = 10.0
 MAX_REDIRECTS = 3
@@ -27,9 +26,7 @@ def remote_address_refusal(address: str) -> str | None:
     """Why the server may not connect to `address` for a remote file, or None."""
     if settings.REMOTE_FILES_ALLOW_PRIVATE:
         return None
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip = ip_of(address)
     if not ip.is_global or ip.is_multicast:
         return "not a public address"
     return None
@@ -37,10 +34,9 @@ def remote_address_refusal(address: str) -> str | None:
 
 async def _checked_address(host: str, port: int) -> str:
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = await resolve(host, port)
     except OSError:
         raise RemoteFileError(f"cannot resolve {host}") from None
-    addresses = sorted({info[4][0] for info in infos})
     for address in addresses:  # all of them: one public and one private answer is refused
         reason = remote_address_refusal(address)
         if reason:

@@ -53,9 +53,7 @@ def address_refusal(address: str) -> str | None:
     refused unless AGENT_HTTP_CHECK_ALLOW_PRIVATE is set."""
     if settings.AGENT_HTTP_CHECK_ALLOW_PRIVATE:
         return None
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip = ip_of(address)
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
     if ip.is_link_local:
@@ -65,7 +63,16 @@ def address_refusal(address: str) -> str | None:
     return None
 
 
-async def _resolve(host: str, port: int) -> list[str]:
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP of a resolved address, without an IPv6 zone, IPv4-mapped IPv6 addresses as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (sorted, without duplicates)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({info[4][0] for info in infos})
 
@@ -77,7 +84,7 @@ async def http_check(url: str, timeout: float = 10.0) -> str:
         return "Error: only http:// and https:// URLs with a host can be checked."
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = await _resolve(parts.hostname, port)
+        addresses = await resolve(parts.hostname, port)
     except OSError as exc:
         return f"Error: cannot resolve {parts.hostname}: {exc}"
     # Every address is checked: a name that resolves to one public and one metadata address is refused.
@@ -118,7 +125,7 @@ async def http_check(url: str, timeout: float = 10.0) -> str:
 async def dns_lookup(host: str) -> str:
     """Resolve a host name to its IPv4 and IPv6 addresses."""
     try:
-        addresses = await asyncio.wait_for(_resolve(host, 0), timeout=10)
+        addresses = await asyncio.wait_for(resolve(host, 0), timeout=10)
     except (OSError, TimeoutError) as exc:
         return _json({"host": host, "ok": False, "error": str(exc) or "lookup timed out"})
     return _json({
