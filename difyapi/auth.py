@@ -15,6 +15,7 @@ from django.utils import timezone
 from agentcore.models import AgentApp
 from difyapi.errors import DifyError, forbidden, unauthorized
 from difyapi.models import ApiKey
+from opsagent.cache import cache_forget
 
 KEY_PREFIX = "app-"
 CACHE_TTL = 600
@@ -83,10 +84,7 @@ def _app(app_id: str) -> AgentApp | None:
 
 @receiver([post_save, post_delete], sender=AgentApp, dispatch_uid="difyapi.app_cache")
 def _forget_app(sender, instance: AgentApp, **kwargs) -> None:
-    key = _app_cache_key(str(instance.pk))
-    cache.delete(key)
-    # Again after the commit: a request between the save and the commit may have cached the old row again.
-    transaction.on_commit(lambda: cache.delete(key))
+    cache_forget(_app_cache_key(str(instance.pk)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 
+from django.core.cache import cache
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+from django.db import transaction
 
 _pools: dict[tuple[str, tuple], object] = {}
 _lock = threading.Lock()
@@ -32,3 +34,10 @@ class SharedPoolRedisCache(RedisCache):
     def __init__(self, server, params):
         super().__init__(server, params)
         self._class = SharedPoolRedisCacheClient
+
+
+def cache_forget(key: str) -> None:
+    """Delete a cached entry whose rows are changing: now, and again once the current transaction commits (a request
+    between the change and its commit may have cached the old rows again)."""
+    cache.delete(key)
+    transaction.on_commit(lambda: cache.delete(key))

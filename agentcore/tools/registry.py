@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
-from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from langchain_core.tools import BaseTool
@@ -15,6 +14,7 @@ from langchain_core.tools import BaseTool
 from agentcore.graph import ToolRule
 from agentcore.models import AgentApp, MCPServer, ToolPolicy
 from agentcore.tools import builtin
+from opsagent.cache import cache_forget
 
 SHELL_TOOL = "run_shell"
 
@@ -87,8 +87,7 @@ def tool_setup_load() -> ToolSetup:
 
 def tool_setup_changed() -> None:
     """Make every process read the tool setup again (now, and again once the current transaction commits)."""
-    cache.delete(TOOL_SETUP_VERSION_KEY)
-    transaction.on_commit(lambda: cache.delete(TOOL_SETUP_VERSION_KEY))
+    cache_forget(TOOL_SETUP_VERSION_KEY)
 
 
 @receiver([post_save, post_delete], sender=ToolPolicy, dispatch_uid="agentcore.tool_setup.policy")
