@@ -11,6 +11,7 @@ from django.utils import timezone
 from agentcore.errors import InvalidInput
 from agentcore.generation import session_generate_name
 from agentcore.models import AgentApp, Message, Session
+from difyapi import filetypes
 from difyapi.auth import api_key_create
 from difyapi.errors import DifyError, invalid_param
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
@@ -95,11 +96,6 @@ def _feedback_write(*, message: Message, end_user: EndUser, rating: str | None, 
 
 # ----- files -----
 
-IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif"})
-DOCUMENT_EXTENSIONS = frozenset({
-    "txt", "md", "markdown", "mdx", "csv", "json", "log", "yaml", "yml", "pdf", "html", "htm", "xml",
-    "docx", "xlsx", "xls", "pptx", "eml", "msg", "epub",
-})
 MB = 1024 * 1024
 
 
@@ -111,9 +107,9 @@ class FileKind:
 
 def file_kind(extension: str) -> FileKind | None:
     """The Dify file type of an extension and its size limit; None for types OpsAgent does not accept."""
-    if extension in IMAGE_EXTENSIONS:
+    if extension in filetypes.IMAGE_EXTENSIONS:
         return FileKind("image", settings.UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB)
-    if extension in DOCUMENT_EXTENSIONS:
+    if extension in filetypes.DOCUMENT_EXTENSIONS:
         return FileKind("document", settings.UPLOAD_FILE_SIZE_LIMIT_MB)
     return None
 
@@ -122,8 +118,17 @@ def file_extension(filename: str) -> str:
     return filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
 
 
+def _file_head(uploaded: UploadedFile) -> bytes:
+    uploaded.seek(0)
+    head = uploaded.read(filetypes.SNIFF_BYTES)
+    uploaded.seek(0)
+    return head
+
+
 def upload_file_create(*, app: AgentApp, end_user: EndUser, uploaded: UploadedFile) -> UploadFile:
-    """Validate and store one uploaded file under MEDIA_ROOT with Dify's checks and error codes (SPEC.md §8)."""
+    """Validate and store one uploaded file under MEDIA_ROOT with Dify's checks and error codes (SPEC.md §8). Its
+    type is sniffed from its bytes: the client's declared type (required, as in Dify) and its name never decide
+    how the file is served."""
     filename = uploaded.name or ""
     if not uploaded.content_type:
         raise DifyError("unsupported_file_type", "File type not allowed.", 415)
@@ -138,9 +143,11 @@ def upload_file_create(*, app: AgentApp, end_user: EndUser, uploaded: UploadedFi
     if uploaded.size > kind.size_limit_mb * MB:
         message = f"File size exceeded. {kind.type.capitalize()} files may be at most {kind.size_limit_mb} MB."
         raise DifyError("file_too_large", message, 413)
+    mime_type = filetypes.sniff_mime_type(_file_head(uploaded), extension=extension)
+    if mime_type is None:
+        raise DifyError("unsupported_file_type", "File type not allowed.", 415)
     upload = UploadFile(
-        app=app, end_user=end_user, name=filename[:255], size=uploaded.size, extension=extension,
-        mime_type=uploaded.content_type[:255],
+        app=app, end_user=end_user, name=filename[:255], size=uploaded.size, extension=extension, mime_type=mime_type,
     )
     upload.file.save(filename, uploaded, save=False)
     try:

@@ -14,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from agentcore.generation import message_suggested_questions
 from agentcore.models import AgentApp
-from difyapi import presenters, selectors, services
+from difyapi import filetypes, presenters, selectors, services
 from difyapi.auth import authenticate
 from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found
 from difyapi.presenters import dify_json_response
@@ -282,14 +282,24 @@ def file_upload(request: HttpRequest, app: AgentApp) -> HttpResponse:
     return dify_json_response(presenters.upload_file_to_dify(upload, base_url=_base_url(request)), status=201)
 
 
+# Clients' files are served from the service's own origin: should a browser ever treat one as a document, it gets
+# no script, no plugin, no requests and no same-origin access to the admin.
+FILE_CONTENT_SECURITY_POLICY = "sandbox; default-src 'none'; frame-ancestors 'none'"
+
+
 def _file_response(upload, *, as_attachment: bool) -> HttpResponse:
+    """The bytes of an upload: inline only for a safe raster image (unless a download is asked for), an attachment
+    otherwise, never with a type the upload's sniffing did not produce."""
+    content_type, may_be_inline = filetypes.served_type(upload.mime_type)
     try:
         handle = upload.file.open("rb")
     except FileNotFoundError:
         raise FILE_NOT_FOUND from None
-    response = FileResponse(handle, as_attachment=as_attachment, filename=upload.name,
-                            content_type=upload.mime_type or "application/octet-stream")
+    response = FileResponse(handle, as_attachment=as_attachment or not may_be_inline, filename=upload.name,
+                            content_type=content_type)
     response["Content-Length"] = str(upload.size)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response
 
 

@@ -65,9 +65,34 @@ def test_user_is_optional_and_defaults_to_default_user(app, client):
     assert EndUser.objects.get(pk=response.json()["created_by"]).session_id == "DEFAULT-USER"
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "a.md", "data.csv", "x.json", "app.log", "c.yaml", "r.pdf", "p.html"])
-def test_document_types_are_accepted(client, name):
-    assert upload(client, file=file(name, b"hello", "text/plain")).status_code == 201
+@pytest.mark.parametrize(("name", "content", "mime_type"), [
+    ("notes.txt", b"hello", "text/plain"), ("a.md", b"# hi", "text/markdown"), ("data.csv", b"a,b\n1,2", "text/csv"),
+    ("x.json", b"{}", "application/json"), ("app.log", b"ok", "text/plain"), ("c.yaml", b"a: 1", "text/plain"),
+    ("r.pdf", b"%PDF-1.7\n", "application/pdf"), ("p.html", b"<p>hi</p>", "text/plain"),
+    ("w.docx", b"PK\x03\x04\x14\x00", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
+])
+def test_document_types_are_accepted_with_the_type_of_their_bytes(client, name, content, mime_type):
+    response = upload(client, file=file(name, content, "application/x-anything"))
+    assert response.status_code == 201, response.content
+    assert response.json()["mime_type"] == mime_type
+    assert UploadFile.objects.get().mime_type == mime_type
+
+
+def test_declared_type_is_ignored_for_images(client):
+    jpeg_named_png = b"\xff\xd8\xff\xe0" + b"\x00" * 16
+    assert upload(client, file=file("chart.png", PNG, "text/html")).json()["mime_type"] == "image/png"
+    assert upload(client, file=file("photo.png", jpeg_named_png, "image/png")).json()["mime_type"] == "image/jpeg"
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("chart.png", b"<html><script>alert(1)</script></html>"), ("r.pdf", b"<script>alert(1)</script>"),
+    ("w.docx", b"hello"), ("notes.txt", b"MZ\x90\x00\x03\x00"), ("logo.svg", b"<svg/>"),
+    ("page.xhtml", b"<html/>"), ("empty.png", b""),
+])
+def test_bytes_that_are_not_what_the_name_says_are_415(client, name, content):
+    assert_error(upload(client, file=file(name, content, "image/png")), 415, "unsupported_file_type",
+                 "File type not allowed.")
+    assert not UploadFile.objects.exists()
 
 
 def test_no_file(client):
@@ -136,8 +161,29 @@ def test_preview_returns_the_bytes(client):
     assert response["Content-Type"] == "image/png"
     assert response.getvalue() == PNG
     assert "attachment" not in response.get("Content-Disposition", "")
+    assert response["X-Content-Type-Options"] == "nosniff" and "sandbox" in response["Content-Security-Policy"]
     response = client.get(f"/v1/files/{file_id}/preview", {"as_attachment": "true"})
     assert response["Content-Disposition"].startswith("attachment") and "chart.png" in response["Content-Disposition"]
+
+
+def test_preview_of_a_document_is_an_inert_attachment(client):
+    file_id = upload(client, file=file("page.html", b"<script>alert(1)</script>", "text/html")).json()["id"]
+    response = client.get(f"/v1/files/{file_id}/preview")
+    assert response.status_code == 200 and response.getvalue() == b"<script>alert(1)</script>"
+    assert response["Content-Type"] == "text/plain"
+    assert response["Content-Disposition"].startswith("attachment") and "page.html" in response["Content-Disposition"]
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Content-Security-Policy"] == "sandbox; default-src 'none'; frame-ancestors 'none'"
+
+
+@pytest.mark.parametrize("stored_type", ["text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", ""])
+def test_a_stored_active_type_is_never_served(app, client, stored_type):
+    # Rows written before types were sniffed kept the client's word.
+    row = UploadFile.objects.get(pk=upload(client, file=file()).json()["id"])
+    UploadFile.objects.filter(pk=row.pk).update(mime_type=stored_type)
+    response = client.get(f"/v1/files/{row.pk}/preview")
+    assert response["Content-Type"] == "application/octet-stream"
+    assert response["Content-Disposition"].startswith("attachment")
 
 
 def test_preview_of_another_apps_file_is_404(client):
