@@ -14,10 +14,12 @@ from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
 # Extends the admin's own base template, so no template file has to be shipped.
 _KEY_CREATED_TEMPLATE = engines["django"].from_string(
     """{% extends "admin/base_site.html" %}
+{% load static %}
+{% block extrastyle %}{{ block.super }}<link rel="stylesheet" href="{% static 'difyapi/admin.css' %}">{% endblock %}
 {% block content %}
 <h1>API key created for {{ key.app }}</h1>
 <p>Copy this key now. It is stored hashed and will never be shown again.</p>
-<p><code style="font-size:1.2em;user-select:all">{{ raw_key }}</code></p>
+<p><code class="api-key-once">{{ raw_key }}</code></p>
 <p>Clients send it as <code>Authorization: Bearer &lt;key&gt;</code> to <code>/v1/…</code>.</p>
 <p><a href="{{ changelist_url }}">Back to API keys</a></p>
 {% endblock %}"""

@@ -47,7 +47,8 @@ from difyapi.validation import parse_json_body, user_from
 
 logger = logging.getLogger(__name__)
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
+# Channels answers these without Django's middleware, so the header SecurityMiddleware adds elsewhere is set here.
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
 # Background work that outlives its request (conversation names); referenced so it is not garbage-collected.
 _background: set[asyncio.Task] = set()
 

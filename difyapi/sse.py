@@ -11,6 +11,7 @@ HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
+    (b"x-content-type-options", b"nosniff"),  # served by a Channels consumer, outside Django's SecurityMiddleware
 ]
 
 

@@ -65,6 +65,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 MIDDLEWARE = [
     "opsagent.middleware.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "opsagent.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -215,12 +216,38 @@ UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_VIDEO_FILE_SIZE_LIMIT", defaul
 WORKFLOW_FILE_UPLOAD_LIMIT = env.int("WORKFLOW_FILE_UPLOAD_LIMIT", default=10)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 110 * 1024 * 1024
 
-if not DEBUG:
-    SESSION_COOKIE_HTTPONLY = True
-    X_FRAME_OPTIONS = "DENY"
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
 
 # Swagger UI and Redoc served from the drf-spectacular-sidecar package, so /api/docs/ works without internet access.
 SPECTACULAR_SETTINGS.update(
     {"SWAGGER_UI_DIST": "SIDECAR", "SWAGGER_UI_FAVICON_HREF": "SIDECAR", "REDOC_DIST": "SIDECAR"}
 )
+
+# ----- Security headers and HTTPS (issue 15) -----
+# Headers on every response. Uploaded files carry a stricter policy of their own (difyapi.views).
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = env("DJANGO_SECURE_REFERRER_POLICY", default="same-origin")
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# Pages load scripts, styles, images and fonts from this origin only (the admin, the Swagger page at /api/docs/);
+# no inline script or style, no plugins, no framing, forms post back here. Empty turns the header off.
+CONTENT_SECURITY_POLICY = env(
+    "DJANGO_CONTENT_SECURITY_POLICY",
+    default="default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+)
+# HTTPS: all off by default, so `make run` serves plain http on 127.0.0.1; production behind TLS turns them on
+# (`manage.py check --deploy` is clean only then). See README, "Deployment security settings".
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+# Load balancer probes may stay on plain http.
+SECURE_REDIRECT_EXEMPT = env.list("DJANGO_SECURE_REDIRECT_EXEMPT", default=[r"^health/$"])
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=False)
+# "HEADER,value" of a proxy that terminates TLS and overwrites that header on every request, e.g.
+# "HTTP_X_FORWARDED_PROTO,https". Unset: only the connection itself says whether a request is secure.
+SECURE_PROXY_SSL_HEADER = tuple(env.list("DJANGO_SECURE_PROXY_SSL_HEADER", default=[])) or None
+if SECURE_PROXY_SSL_HEADER is not None and len(SECURE_PROXY_SSL_HEADER) != 2:
+    raise ImproperlyConfigured('DJANGO_SECURE_PROXY_SSL_HEADER is "HEADER,value", e.g. "HTTP_X_FORWARDED_PROTO,https".')
