@@ -35,6 +35,10 @@ def test_every_surface_sends_the_security_headers(daphne_server):
         response = httpx.request(method, daphne_server.base_url + "/v1/chat-messages", timeout=20)
         assert response.status_code in (401, 405)
         assert response.headers["x-content-type-options"] == "nosniff"
+    # Without the HTTPS environment (test_deploy_settings.py), plain http on loopback just works.
+    login = httpx.get(daphne_server.base_url + "/admin/login/", timeout=20)
+    assert login.status_code == 200 and "strict-transport-security" not in login.headers
+    assert "; secure" not in login.headers["set-cookie"].lower()
     assert "frame-ancestors 'none'" in settings.CONTENT_SECURITY_POLICY
     assert "'unsafe-inline'" not in settings.CONTENT_SECURITY_POLICY
 
