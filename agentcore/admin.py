@@ -12,12 +12,26 @@ from django.utils.html import format_html_join
 
 from agentcore.api.errors import ENGINE_ERRORS
 from agentcore.api.turns import turn_drain_sync
-from agentcore.mcp import mcp_server_test
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
+from agentcore.permissions import (
+    DECIDE_APPROVALS,
+    MANAGE_MCP_STDIO,
+    has_perms,
+    may_see_mcp_secrets,
+    mcp_server_is_command,
+)
 from agentcore.runs import ApprovalDecision, TurnRequest, turn_prepare
-from agentcore.services import tool_policy_update
+from agentcore.services import (
+    mcp_server_create,
+    mcp_server_delete,
+    mcp_server_headers_refusal,
+    mcp_server_run_test,
+    mcp_server_update,
+    tool_policy_update,
+)
 from agentcore.tools.registry import SHELL_TOOL
 from llmconfigs.secrets import mask_secret
+from opsagent.middleware import audit_context
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -111,7 +125,8 @@ class MessageAdmin(admin.ModelAdmin):
 @admin.register(Approval)
 class ApprovalAdmin(admin.ModelAdmin):
     """Approving or rejecting here resumes the paused run and runs it to its end inside the action, so the admin
-    sees the outcome at once (the tool's result and the answer are on the session's page)."""
+    sees the outcome at once (the tool's result and the answer are on the session's page). The actions need the
+    permission to change approvals; run_shell needs agentcore.approve_shell too (the run service checks it)."""
 
     list_display = ["tool", "status", "approver", "session", "decided_by", "decided_at", "created_at"]
     list_filter = ["status", "approver", "tool"]
@@ -127,11 +142,14 @@ class ApprovalAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Approve selected tool calls (runs them and resumes the answer)")
+    def has_decide_permission(self, request) -> bool:
+        return has_perms(request.user, DECIDE_APPROVALS)
+
+    @admin.action(description="Approve selected tool calls (runs them and resumes the answer)", permissions=["decide"])
     def approve(self, request, queryset):
         self._decide(request, queryset, "approve")
 
-    @admin.action(description="Reject selected tool calls (the agent is told and continues)")
+    @admin.action(description="Reject selected tool calls (the agent is told and continues)", permissions=["decide"])
     def reject(self, request, queryset):
         self._decide(request, queryset, "reject")
 
@@ -183,6 +201,9 @@ class MCPServerForm(forms.ModelForm):
         fields = ["name", "transport", "command", "args", "env", "url", "headers", "enabled", "allowed_tools",
                   "requires_approval_default"]
 
+    # Set by MCPServerAdmin.get_form: whether the user may add or change stdio servers.
+    may_manage_stdio = False
+
     def clean_env(self):
         return self._kept("env")
 
@@ -195,14 +216,62 @@ class MCPServerForm(forms.ModelForm):
             return value
         return (getattr(self.instance, name) or {}) if self.instance.pk else {}
 
+    def entered(self, name: str) -> bool:
+        """Whether the user typed new env/headers (blank keeps the stored ones)."""
+        return bool((self.data.get(self.add_prefix(name)) or "").strip())
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.instance.pk and not self.entered("headers") and "url" in cleaned:
+            refusal = mcp_server_headers_refusal(stored_url=self.instance.url, stored_headers=self.instance.headers,
+                                                 url=cleaned["url"])
+            if refusal:
+                self.add_error("headers", refusal)
+        return cleaned
+
+    def clean_transport(self):
+        transport = self.cleaned_data.get("transport")
+        if transport == MCPServer.Transport.STDIO and not self.may_manage_stdio:
+            raise forms.ValidationError(f"A stdio server is a command run on the host: adding one, or changing a "
+                                        f"server into one, needs the permission {MANAGE_MCP_STDIO}.")
+        return transport
+
 
 @admin.register(MCPServer)
 class MCPServerAdmin(admin.ModelAdmin):
+    """Writes go through the services (audited; a stdio server needs agentcore.manage_mcp_stdio). Without that
+    permission a stdio server is read-only here and its args are shown masked; env and headers always are."""
+
     form = MCPServerForm
     list_display = ["name", "transport", "enabled", "requires_approval_default", "updated_at"]
     list_filter = ["transport", "enabled"]
     readonly_fields = ["masked_env", "masked_headers"]
     actions = ["test_connection"]
+
+    def has_change_permission(self, request, obj=None):
+        if mcp_server_is_command(obj) and not has_perms(request.user, MANAGE_MCP_STDIO):
+            return False
+        return super().has_change_permission(request, obj)
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if may_see_mcp_secrets(request.user):
+            return fields
+        return ["masked_args" if name == "args" else name for name in fields]
+
+    def get_readonly_fields(self, request, obj=None):
+        if may_see_mcp_secrets(request.user):
+            return self.readonly_fields
+        return [*self.readonly_fields, "masked_args"]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.may_manage_stdio = has_perms(request.user, MANAGE_MCP_STDIO)
+        return form
+
+    @admin.display(description="args")
+    def masked_args(self, server: MCPServer) -> str:
+        return ", ".join(mask_secret(str(arg)) for arg in server.args or []) or "-"
 
     @admin.display(description="stored env")
     def masked_env(self, server: MCPServer) -> str:
@@ -212,10 +281,25 @@ class MCPServerAdmin(admin.ModelAdmin):
     def masked_headers(self, server: MCPServer) -> str:
         return _masked(server.headers)
 
-    @admin.action(description="Test: connect and list the server's tools")
+    def save_model(self, request, obj, form, change):
+        fields = {name: value for name, value in form.cleaned_data.items()
+                  if name not in ("env", "headers") or form.entered(name) or not change}
+        context = audit_context(request, source="admin")
+        saved = (mcp_server_update(server=obj, **fields, **context) if change
+                 else mcp_server_create(**fields, **context))
+        obj.pk, obj.updated_at = saved.pk, saved.updated_at
+
+    def delete_model(self, request, obj):
+        mcp_server_delete(server=obj, **audit_context(request, source="admin"))
+
+    @admin.action(description="Test: connect and list the server's tools", permissions=["change"])
     def test_connection(self, request, queryset):
         for server in queryset:
-            result = mcp_server_test(server=server)
+            try:
+                result = mcp_server_run_test(server=server, **audit_context(request, source="admin"))
+            except ENGINE_ERRORS as exc:
+                self.message_user(request, f"{server.name}: {exc.message}", messages.ERROR)
+                continue
             if result.get("ok"):
                 names = ", ".join(_tool_names(result.get("tools") or [])) or "no tools"
                 self.message_user(request, f"{server.name}: connected; tools: {names}", messages.SUCCESS)

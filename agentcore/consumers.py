@@ -7,12 +7,14 @@ import json
 import logging
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from agentcore import selectors
 from agentcore.api.errors import ENGINE_ERRORS, client_field
 from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
+from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
 
 logger = logging.getLogger(__name__)
@@ -37,13 +39,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         if not (self.user and self.user.is_authenticated):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        self.session = await (
-            selectors.session_list_for(user=self.user)
-            .select_related("app")
-            .filter(id=self.scope["url_route"]["kwargs"]["session_id"])
-            .afirst()
-        )
-        if self.session is None:
+        try:
+            # The socket is for chatting: someone else's session needs agentcore.change_session.
+            self.session = await database_sync_to_async(selectors.session_get_for)(
+                session_id=self.scope["url_route"]["kwargs"]["session_id"], owner=self.user)
+        except SessionNotFound:
             await self.close(code=CLOSE_SESSION_NOT_FOUND)
 
     async def disconnect(self, code):

@@ -36,6 +36,13 @@ class ApprovalForbidden(AgentError):
     status = 403
 
 
+class PermissionRefused(AgentError):
+    """The caller lacks a Django permission the operation needs (named in the message)."""
+
+    code = "permission_denied"
+    status = 403
+
+
 class TooManyActiveRuns(AgentError):
     code = "too_many_active_runs"
     status = 429

@@ -180,7 +180,7 @@ class ToolPolicy(models.Model):
 
     class Approver(models.TextChoices):
         REQUESTER = "requester", "The person chatting"
-        STAFF = "staff", "Staff only"
+        STAFF = "staff", "Approvers only (permission to change approvals)"
 
     name = models.CharField(max_length=200, primary_key=True)
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.BUILTIN)
@@ -227,6 +227,9 @@ class Approval(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["status", "-created_at"])]
+        # change_approval is "decide approvals of others and of tools whose approver is staff"; this one is needed,
+        # on top, to let a tool run a command line on the host.
+        permissions = [("approve_shell", "Can decide approvals of run_shell (commands on the host)")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(status="pending", decided_at__isnull=True)
@@ -284,6 +287,9 @@ class MCPServer(models.Model):
     class Meta:
         verbose_name = "MCP server"
         ordering = ["name"]
+        # A stdio server is a command line run as the service's user: adding, changing or testing one needs this on
+        # top of the model permission.
+        permissions = [("manage_mcp_stdio", "Can add, change and test stdio MCP servers (commands on the host)")]
         constraints = [
             models.CheckConstraint(condition=Q(transport__in=["stdio", "streamable_http"]), name="mcp_transport_known"),
             models.CheckConstraint(

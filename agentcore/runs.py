@@ -41,6 +41,7 @@ from agentcore.events import (
 )
 from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Approval, Message, Session, Thought
+from agentcore.permissions import CHANGE_SESSIONS, DECIDE_APPROVALS, has_perms
 from agentcore.remote_files import RemoteFileError, remote_file_fetch
 from agentcore.selectors import session_get_for, session_visible_q
 from agentcore.services import (
@@ -300,9 +301,9 @@ def _prepare_resume(request: TurnRequest) -> Turn:
     except ValueError:
         raise ApprovalNotFound("Approval not found.", field="approval_id") from None
     visible = session_visible_q(app=request.app, owner=request.owner, end_user=request.end_user,
-                                source=request.source)
-    if request.owner is not None and request.owner.is_staff:
-        visible = {}  # staff decide approvals of every session, API ones included (admin, REST)
+                                source=request.source, permission=DECIDE_APPROVALS)
+    if has_perms(request.owner, DECIDE_APPROVALS):
+        visible = {}  # approvers decide approvals of every session, API ones included (admin, REST)
     with transaction.atomic():
         message_close_stale_due()
         approval = (Approval.objects.select_related("session__app")
@@ -310,7 +311,7 @@ def _prepare_resume(request: TurnRequest) -> Turn:
         if approval is None or (request.session_id and str(approval.session_id) != str(request.session_id)):
             raise ApprovalNotFound("Approval not found.", field="approval_id")
         session = approval.session
-        # The decider is the Django user, if any: API end users come without one, so they are never staff.
+        # The decider is the Django user, if any: API end users come without one, so they hold no permission.
         approval = approval_decide(approval_id=approval.pk, decision=decision.decision, comment=decision.comment,
                                    user=request.owner, end_user="" if request.owner else request.end_user)
         message = Message.objects.select_for_update().get(pk=approval.message_id)
@@ -355,7 +356,7 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
         visible = {"session__end_user": end_user, "session__source": Session.Source.API}
         if app_id is not None:
             visible["session__app_id"] = app_id
-    elif user is not None and user.is_staff:
+    elif await database_sync_to_async(has_perms)(user, CHANGE_SESSIONS):
         visible = {}
     elif user is not None:
         visible = {"session__owner": user}

@@ -8,6 +8,7 @@ from django.db.models import Prefetch, QuerySet
 
 from agentcore.errors import SessionNotFound
 from agentcore.models import AgentApp, Approval, Message, Session, Task, Thought, ToolPolicy
+from agentcore.permissions import CHANGE_SESSIONS, VIEW_SESSIONS, has_perms, may_see_every_approval
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -17,13 +18,14 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-def session_visible_q(*, app: AgentApp | None, owner=None, end_user: str = "", source: str = Session.Source.CONSOLE
-                      ) -> dict[str, Any]:
+def session_visible_q(*, app: AgentApp | None, owner=None, end_user: str = "", source: str = Session.Source.CONSOLE,
+                      permission: str = VIEW_SESSIONS) -> dict[str, Any]:
     """Filter kwargs for the sessions a caller may use: API sessions belong to (app, end_user); console sessions to
-    their owner, and staff see every console session."""
+    their owner, and users holding `permission` (the one for what the caller is about to do: view, change or delete
+    a session, decide an approval) reach every console session."""
     if source == Session.Source.API:
         return {"app": app, "end_user": end_user, "source": Session.Source.API, "is_deleted": False}
-    if owner is not None and owner.is_staff:
+    if has_perms(owner, permission):
         return {"source": Session.Source.CONSOLE, "is_deleted": False}
     if owner is None:
         return {"pk__in": []}
@@ -31,22 +33,25 @@ def session_visible_q(*, app: AgentApp | None, owner=None, end_user: str = "", s
 
 
 def session_get_for(*, session_id: Any, app: AgentApp | None = None, owner=None, end_user: str = "",
-                    source: str = Session.Source.CONSOLE) -> Session:
-    """The session if the caller may see it, else SessionNotFound (unknown, deleted and foreign look the same)."""
+                    source: str = Session.Source.CONSOLE, permission: str = CHANGE_SESSIONS) -> Session:
+    """The session if the caller may use it (chat in it, by default), else SessionNotFound (unknown, deleted and
+    foreign look the same)."""
     pk = _uuid(session_id)
     session = None
     if pk is not None:
         session = (Session.objects.select_related("app")
-                   .filter(pk=pk, **session_visible_q(app=app, owner=owner, end_user=end_user, source=source))
+                   .filter(pk=pk, **session_visible_q(app=app, owner=owner, end_user=end_user, source=source,
+                                                     permission=permission))
                    .first())
     if session is None:
         raise SessionNotFound("Conversation not found.", field="session_id")
     return session
 
 
-def session_list_for(*, user) -> QuerySet[Session]:
-    """Console sessions of `user` (every console session for staff), newest first."""
-    return Session.objects.select_related("app", "llm_config").filter(**session_visible_q(app=None, owner=user))
+def session_list_for(*, user, permission: str = VIEW_SESSIONS) -> QuerySet[Session]:
+    """Console sessions of `user` (every console session for holders of `permission`), newest first."""
+    return Session.objects.select_related("app", "llm_config").filter(
+        **session_visible_q(app=None, owner=user, permission=permission))
 
 
 def message_list(*, session: Session) -> QuerySet[Message]:
@@ -61,11 +66,12 @@ def task_list(*, session: Session) -> QuerySet[Task]:
 
 
 def approval_list(*, status: str | None = None, user=None) -> QuerySet[Approval]:
-    """Approvals, newest first; a non-staff user sees only those of their own console sessions."""
+    """Approvals, newest first; a user who may not see every approval sees only those of their own console
+    sessions."""
     qs = Approval.objects.select_related("session", "message", "decided_by")
     if status:
         qs = qs.filter(status=status)
-    if user is not None and not user.is_staff:
+    if user is not None and not may_see_every_approval(user):
         qs = qs.filter(session__owner=user, session__source=Session.Source.CONSOLE)
     return qs.order_by("-created_at")
 

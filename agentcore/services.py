@@ -10,12 +10,27 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, ApprovalNotFound, InvalidInput
-from agentcore.models import AgentApp, Approval, Message, Session, Task, ToolPolicy
+from agentcore.errors import (
+    ApprovalAlreadyDecided,
+    ApprovalForbidden,
+    ApprovalNotFound,
+    InvalidInput,
+    PermissionRefused,
+)
+from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, ToolPolicy
+from agentcore.permissions import (
+    MANAGE_MCP_STDIO,
+    approval_decision_permissions,
+    has_perms,
+    mcp_server_is_command,
+)
 from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL, tool_setup_changed
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
+from llmconfigs.models import AuditLog
+from llmconfigs.secrets import url_origin
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
+from llmconfigs.services import audit_record
 
 STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
 NAME_LIMIT = 50
@@ -150,9 +165,10 @@ def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=
             raise ApprovalNotFound("Approval not found.", field="approval_id")
         if approval.status != Approval.Status.PENDING:
             raise ApprovalAlreadyDecided(f"This approval was already {approval.status}.", field="approval_id")
-        staff_only = approval.approver == ToolPolicy.Approver.STAFF or approval.tool == SHELL_TOOL
-        if staff_only and not (user is not None and user.is_staff):
-            raise ApprovalForbidden(f"Only staff may approve {approval.tool}.", field="approval_id")
+        needed = approval_decision_permissions(tool=approval.tool, approver=approval.approver)
+        if needed and not has_perms(user, *needed):
+            raise ApprovalForbidden(f"Deciding {approval.tool} needs the permission {', '.join(needed)}.",
+                                    field="approval_id")
         approval.status = Approval.Status.APPROVED if decision == "approve" else Approval.Status.REJECTED
         approval.comment = (comment or "")[:2000]
         approval.decided_by = user if user is not None and user.is_authenticated else None
@@ -235,6 +251,94 @@ def tool_policy_update(*, name: str, **fields: Any) -> ToolPolicy:
             setattr(policy, key, value)
         policy.save()
     return policy
+
+
+# MCP server fields an audit record may show as they are; args, env and headers can hold tokens.
+_MCP_PLAIN_FIELDS = ("name", "transport", "command", "url", "enabled", "allowed_tools", "requires_approval_default")
+_MCP_SECRET_FIELDS = ("args", "env", "headers")
+_MCP_FIELDS = (*_MCP_PLAIN_FIELDS, *_MCP_SECRET_FIELDS)
+
+
+def _mcp_command_allowed(actor, server: MCPServer) -> None:
+    if mcp_server_is_command(server) and not has_perms(actor, MANAGE_MCP_STDIO):
+        raise PermissionRefused(
+            f"A stdio MCP server is a command run on the host: adding, changing or testing one needs the permission "
+            f"{MANAGE_MCP_STDIO}.", field="transport")
+
+
+def _mcp_changes(before: dict[str, Any], server: MCPServer) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in _MCP_FIELDS:
+        old, new = before.get(name), getattr(server, name)
+        if old != new:
+            changes[name] = {"changed": True} if name in _MCP_SECRET_FIELDS else {"old": old, "new": new}
+    return changes
+
+
+def mcp_server_headers_refusal(*, stored_url: str, stored_headers: dict | None, url: str) -> str:
+    """Why stored headers (tokens) may not follow a server to `url` without being entered again ("" if they may):
+    they go only to the origin they were entered for."""
+    if not stored_headers or url_origin(stored_url) == url_origin(url):
+        return ""
+    return (f"The URL now points at {url_origin(url) or 'no server'}, not {url_origin(stored_url)} where the stored "
+            "headers were entered; enter the headers again to send them there.")
+
+
+def mcp_server_create(*, actor=None, source: str = "", ip_address: str | None = None, user_agent: str = "",
+                      **fields: Any) -> MCPServer:
+    """Register an MCP server; a stdio one (a command line) needs MANAGE_MCP_STDIO."""
+    server = MCPServer(**fields)
+    _mcp_command_allowed(actor, server)
+    with transaction.atomic():
+        server.save()
+        audit_record(actor=actor, action=AuditLog.Action.CREATE, target=server, source=source, ip_address=ip_address,
+                     user_agent=user_agent, changes=_mcp_changes({}, server))
+    return server
+
+
+def mcp_server_update(*, server: MCPServer, actor=None, source: str = "", ip_address: str | None = None,
+                      user_agent: str = "", **fields: Any) -> MCPServer:
+    """Change an MCP server. Any change to a stdio server, or into one, needs MANAGE_MCP_STDIO. Stored headers go
+    only to the origin they were entered for: moving an HTTP server's URL to another host needs them again."""
+    with transaction.atomic():
+        locked = MCPServer.objects.select_for_update().get(pk=server.pk)
+        before = {name: getattr(locked, name) for name in _MCP_FIELDS}
+        _mcp_command_allowed(actor, locked)
+        for name, value in fields.items():
+            setattr(locked, name, value)
+        _mcp_command_allowed(actor, locked)
+        refusal = "" if "headers" in fields else mcp_server_headers_refusal(
+            stored_url=before["url"], stored_headers=before["headers"], url=locked.url)
+        if refusal:
+            raise InvalidInput(refusal, field="headers")
+        locked.save()
+        changes = _mcp_changes(before, locked)
+        if changes:
+            audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, source=source,
+                         ip_address=ip_address, user_agent=user_agent, changes=changes)
+    return locked
+
+
+def mcp_server_delete(*, server: MCPServer, actor=None, source: str = "", ip_address: str | None = None,
+                      user_agent: str = "") -> None:
+    with transaction.atomic():
+        audit_record(actor=actor, action=AuditLog.Action.DELETE, target=server, source=source, ip_address=ip_address,
+                     user_agent=user_agent, changes={"name": {"old": server.name}})
+        server.delete()
+
+
+def mcp_server_run_test(*, server: MCPServer, actor=None, source: str = "", ip_address: str | None = None,
+                        user_agent: str = "") -> dict[str, Any]:
+    """Connect to the server and list its tools (agentcore.mcp.mcp_server_test), audited. Testing a stdio server
+    starts its command, so it needs MANAGE_MCP_STDIO like changing it."""
+    from agentcore.mcp import mcp_server_test
+
+    _mcp_command_allowed(actor, server)
+    result = mcp_server_test(server=server)
+    outcome = {"ok": result["ok"], "tools": len(result.get("tools") or [])} if result["ok"] else {"ok": False}
+    audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=server, source=source,
+                 ip_address=ip_address, user_agent=user_agent, changes=outcome)
+    return result
 
 
 def agent_app_seed_demo() -> AgentApp:

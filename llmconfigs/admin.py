@@ -24,7 +24,7 @@ from llmconfigs.services import (
     llm_config_test_connection,
     llm_config_update,
 )
-from opsagent.middleware import client_ip
+from opsagent.middleware import audit_context
 
 # Lookups that would filter or order by the key; the changelist refuses them instead of leaking it by bisection.
 _SECRET_FIELDS = ("api_key",)
@@ -53,8 +53,12 @@ class LLMConfigForm(forms.ModelForm):
     def clean(self):
         cleaned = super().clean()
         if cleaned.get("new_api_key"):
-            # So that the model's clean() (run next, by _post_clean) judges the key the config will have.
+            # So that the model's clean() (run next, by _post_clean) judges the key the config will have, bound to
+            # the endpoint the form points it at (a key left blank stays bound to where it was entered).
             self.instance.api_key = cleaned["new_api_key"]
+            self.instance.api_key_origin = LLMConfig(
+                provider=cleaned.get("provider") or "", base_url=cleaned.get("base_url") or ""
+            ).endpoint_origin()
         return cleaned
 
     def _update_errors(self, errors):
@@ -191,7 +195,9 @@ class LLMConfigAdmin(admin.ModelAdmin):
 
     @admin.display(description="Stored key")
     def masked_key(self, obj: LLMConfig) -> str:
-        return obj.api_key_mask or "(none)"
+        if not obj.api_key_mask:
+            return "(none)"
+        return f"{obj.api_key_mask}, sent only to {obj.api_key_origin}"
 
     @admin.display(description="Providers")
     def provider_help(self, obj: LLMConfig) -> str:
@@ -200,7 +206,7 @@ class LLMConfigAdmin(admin.ModelAdmin):
     # ----- writes, through the services -----
 
     def _audit(self, request) -> dict:
-        return {"actor": request.user, "source": "admin", "ip_address": client_ip(request)}
+        return audit_context(request, source="admin")
 
     def save_model(self, request, obj, form, change):
         fields = {name: form.cleaned_data[name] for name in form.cleaned_data if name != "new_api_key"}
@@ -296,7 +302,7 @@ class AuditLogAdmin(admin.ModelAdmin):
     search_fields = ["target_repr", "actor_repr", "target_id"]
     date_hierarchy = "created_at"
     fields = ["created_at", "actor", "actor_repr", "action", "target_type", "target_id", "target_repr", "source",
-              "ip_address", "changes_pretty"]
+              "ip_address", "user_agent", "changes_pretty"]
     readonly_fields = fields
 
     @admin.display(description="Changes")

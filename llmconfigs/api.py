@@ -5,7 +5,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import exceptions, permissions, serializers, status, viewsets
+from rest_framework import exceptions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
@@ -22,7 +22,8 @@ from llmconfigs.services import (
     llm_config_test_connection,
     llm_config_update,
 )
-from opsagent.middleware import client_ip
+from opsagent.middleware import audit_context
+from opsagent.permissions import ActionPermissions
 
 # ----- serializers -----
 
@@ -116,10 +117,10 @@ class AuditLogSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditLog
         fields = ["id", "actor", "actor_repr", "action", "target_type", "target_id", "target_repr", "source",
-                  "ip_address", "changes", "created_at"]
+                  "ip_address", "user_agent", "changes", "created_at"]
 
 
-# ----- errors and permissions -----
+# ----- errors -----
 
 
 class Conflict(exceptions.APIException):
@@ -152,13 +153,6 @@ class ServiceErrorsMixin:
         return super().handle_exception(_api_error(exc))
 
 
-class IsStaffOrReadOnly(permissions.BasePermission):
-    message = "Only staff users may change LLM configurations."
-
-    def has_permission(self, request, view) -> bool:
-        return request.method in permissions.SAFE_METHODS or bool(request.user and request.user.is_staff)
-
-
 def _bool_param(request, name: str) -> bool | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -172,7 +166,7 @@ def _bool_param(request, name: str) -> bool | None:
 
 
 def _audit_context(request) -> dict:
-    return {"actor": request.user, "source": "api", "ip_address": client_ip(request)}
+    return audit_context(request, source="api")
 
 
 # ----- views -----
@@ -189,10 +183,23 @@ _LIST_PARAMETERS = [
     responses={204: None, 409: OpenApiResponse(description="The config is the current default.")}
 ))
 class LLMConfigViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
-    """LLM configurations: any authenticated user reads (keys masked), staff write."""
+    """LLM configurations: any authenticated user reads them (keys only as masks, so that API users can pick a model);
+    every write and the connection test need the model's permissions, as in the admin."""
 
     serializer_class = LLMConfigSerializer
-    permission_classes = [permissions.IsAuthenticated, IsStaffOrReadOnly]
+    permission_classes = [ActionPermissions]
+    action_permissions = {
+        "list": (), "retrieve": (), "default": (), "providers": (),
+        "create": ("llmconfigs.add_llmconfig",),
+        "update": ("llmconfigs.change_llmconfig",),
+        "partial_update": ("llmconfigs.change_llmconfig",),
+        "destroy": ("llmconfigs.delete_llmconfig",),
+        "set_default": ("llmconfigs.change_llmconfig",),
+        "activate": ("llmconfigs.change_llmconfig",),
+        "deactivate": ("llmconfigs.change_llmconfig",),
+        # The test sends the stored key upstream: the admin offers it to those who may change the config.
+        "test": ("llmconfigs.change_llmconfig",),
+    }
 
     def get_queryset(self):
         if self.action != "list":
@@ -275,10 +282,11 @@ class LLMConfigViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
     OpenApiParameter("target_id", OpenApiTypes.STR),
 ]))
 class AuditLogViewSet(viewsets.ReadOnlyModelViewSet):
-    """The audit trail of configuration changes (staff only). Secrets appear only as masks."""
+    """The audit trail of configuration changes (needs llmconfigs.view_auditlog). Secrets appear only as masks."""
 
     serializer_class = AuditLogSerializer
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = [ActionPermissions]
+    action_permissions = {"list": ("llmconfigs.view_auditlog",), "retrieve": ("llmconfigs.view_auditlog",)}
 
     def get_queryset(self):
         params = self.request.query_params

@@ -24,6 +24,16 @@ def effective_base_url(config: LLMConfig) -> str:
     return (config.base_url or provider_spec(config.provider).default_base_url).rstrip("/")
 
 
+def _api_key_for_call(config: LLMConfig) -> str:
+    """The key a client of `config` is built with. A key entered for another endpoint is refused before any client
+    exists: whatever changed the base URL or provider without the key (the services refuse that), the key stays
+    where its owner sent it."""
+    refusal = config.key_origin_error()
+    if refusal:
+        raise ProviderCallError("auth", refusal)
+    return config.api_key or PLACEHOLDER_KEY
+
+
 def effective_parameters(config: LLMConfig, **overrides: Any) -> dict[str, Any]:
     """The sampling parameters a call with `overrides` sends, after per-provider validation of the overrides.
 
@@ -78,7 +88,7 @@ def chat_model(
     extra_body.update((config.extra_config or {}).get("extra_body", {}))
     kwargs: dict[str, Any] = {
         "model": config.model_name,
-        "api_key": config.api_key or PLACEHOLDER_KEY,
+        "api_key": _api_key_for_call(config),
         "base_url": effective_base_url(config),
         "temperature": params["temperature"],
         "top_p": params["top_p"],
@@ -136,7 +146,7 @@ def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: 
     spec = provider_spec(config.provider)
     return OpenAIEmbeddings(
         model=config.model_name,
-        api_key=config.api_key or PLACEHOLDER_KEY,
+        api_key=_api_key_for_call(config),
         base_url=effective_base_url(config),
         check_embedding_ctx_length=False,
         chunk_size=int((config.extra_config or {}).get("embedding_batch_size", spec.embedding_batch_size)),

@@ -17,6 +17,7 @@ from llmconfigs.providers import (
     Provider,
     parameter_errors,
 )
+from llmconfigs.secrets import url_origin
 
 # What extra_config may hold. It is shown in clear to API readers, so nothing in it may be a credential.
 EXTRA_CONFIG_KEYS = {"extra_body", "vision", "embedding_batch_size"}
@@ -31,6 +32,9 @@ class LLMConfig(models.Model):
     api_key = encrypted(models.TextField(blank=True, default=""))
     # What may be shown of the key ("sk-a…f9e2"), kept beside it so that listing configs never decrypts anything.
     api_key_mask = models.CharField(max_length=16, blank=True, default="", editable=False)
+    # Where the key may be sent: the origin (scheme://host:port) of the endpoint it was entered for. Pointing the
+    # config at another origin needs the key again (clean()), and no client is built for a key away from home.
+    api_key_origin = models.CharField(max_length=300, blank=True, default="", editable=False)
     base_url = models.CharField(max_length=500, blank=True, default="", help_text="Blank: the provider's default.")
     max_tokens = models.PositiveIntegerField(null=True, blank=True)
     temperature = models.FloatField(default=0.7)
@@ -115,6 +119,18 @@ class LLMConfig(models.Model):
         # Never include the key: reprs end up in tracebacks and logs.
         return f"<LLMConfig {self.pk} {self.name!r} {self.provider}/{self.model_name}>"
 
+    def endpoint_origin(self) -> str:
+        """The origin of the endpoint this config calls (its base URL, else its provider's default)."""
+        spec = PROVIDERS.get(self.provider)
+        return url_origin(self.base_url or (spec.default_base_url if spec else ""))
+
+    def key_origin_error(self) -> str:
+        """Why the stored key may not be sent to the current endpoint ("" when it may)."""
+        if not self.api_key or self.api_key_origin == self.endpoint_origin():
+            return ""
+        return (f"The API key was entered for {self.api_key_origin or 'another endpoint'}; this config now calls "
+                f"{self.endpoint_origin() or 'no endpoint'}. Enter the API key again to send it there.")
+
     def clean(self) -> None:
         """Per-provider validation with messages per field (the database only knows the widest ranges)."""
         errors: dict[str, str] = {}
@@ -138,6 +154,8 @@ class LLMConfig(models.Model):
                 errors["is_embedding"] = f"{spec.label} does not offer embeddings through its OpenAI-compatible API."
             if self.is_active and spec.requires_api_key and not self.api_key:
                 errors["api_key"] = f"{spec.label} needs an API key (keyless configs must stay inactive)."
+            elif self.key_origin_error():
+                errors["api_key"] = self.key_origin_error()
         if self.base_url:
             try:
                 URLValidator(schemes=["http", "https"])(self.base_url)
@@ -185,6 +203,7 @@ class AuditLog(models.Model):
     target_repr = models.CharField(max_length=300, blank=True, default="")
     source = models.CharField(max_length=16, blank=True, default="", help_text="admin, api, command, ...")
     ip_address = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True, default="", help_text="As the client sent it.")
     changes = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

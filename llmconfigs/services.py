@@ -39,6 +39,7 @@ def audit_record(
     changes: dict[str, Any] | None = None,
     source: str = "",
     ip_address: str | None = None,
+    user_agent: str = "",
 ) -> AuditLog:
     """Append one audit row. `changes` must already be free of secrets (use masks). `target` is a model instance, or
     a string naming what was acted on when it is not a row (e.g. "settings.FIELD_ENCRYPTION_KEY")."""
@@ -46,7 +47,7 @@ def audit_record(
     if isinstance(target, str):
         return AuditLog.objects.create(
             actor=user, actor_repr=user.get_username() if user else "", action=action, target_type=target,
-            target_repr=target, source=source, ip_address=ip_address, changes=changes or {},
+            target_repr=target, source=source, ip_address=ip_address, user_agent=user_agent, changes=changes or {},
         )
     return AuditLog.objects.create(
         actor=user,
@@ -57,6 +58,7 @@ def audit_record(
         target_repr=str(target)[:300],
         source=source,
         ip_address=ip_address,
+        user_agent=user_agent,
         changes=changes or {},
     )
 
@@ -69,11 +71,13 @@ def _invalidate_cache() -> None:
 
 
 def _set_api_key(config: LLMConfig, api_key: str | None) -> bool:
-    """Store a new key unless `api_key` is None or blank (blank on edit keeps the stored key)."""
+    """Store a new key unless `api_key` is None or blank (blank on edit keeps the stored key), bound to the endpoint
+    the config calls now (set its provider and base URL first)."""
     if api_key is None or not api_key.strip():
         return False
     config.api_key = api_key.strip()
     config.api_key_mask = mask_secret(config.api_key)
+    config.api_key_origin = config.endpoint_origin()
     return True
 
 
@@ -105,7 +109,7 @@ def _conflicts_refused():
 
 
 def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_address: str | None = None,
-                      **fields: Any) -> LLMConfig:
+                      user_agent: str = "", **fields: Any) -> LLMConfig:
     config = LLMConfig(**fields)
     _set_api_key(config, api_key)
     config.created_by = config.updated_by = actor if getattr(actor, "is_authenticated", False) else None
@@ -121,20 +125,20 @@ def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_add
         if config.api_key:
             changes["api_key"] = {"new": config.api_key_mask}
         audit_record(actor=actor, action=AuditLog.Action.CREATE, target=config, changes=changes, source=source,
-                     ip_address=ip_address)
+                     ip_address=ip_address, user_agent=user_agent)
         _invalidate_cache()
     return config
 
 
 _AUDITED_FIELDS = [
-    "name", "provider", "model_name", "base_url", "max_tokens", "temperature", "top_p", "frequency_penalty",
-    "presence_penalty", "description", "is_active", "is_default", "is_embedding", "extra_config",
+    "name", "provider", "model_name", "base_url", "api_key_origin", "max_tokens", "temperature", "top_p",
+    "frequency_penalty", "presence_penalty", "description", "is_active", "is_default", "is_embedding", "extra_config",
     "input_price_per_million", "output_price_per_million", "currency",
 ]
 
 
 def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = None, source: str = "",
-                      ip_address: str | None = None, **fields: Any) -> LLMConfig:
+                      ip_address: str | None = None, user_agent: str = "", **fields: Any) -> LLMConfig:
     """Update fields; `api_key` None or blank keeps the stored key. `is_default=True` takes the default through
     llm_config_set_default in the same transaction (rows locked)."""
     wants_default = fields.pop("is_default", None)
@@ -161,15 +165,16 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
             changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
-                         ip_address=ip_address)
+                         ip_address=ip_address, user_agent=user_agent)
         _invalidate_cache()
         if wants_default and not locked.is_default:
-            locked = llm_config_set_default(config=locked, actor=actor, source=source, ip_address=ip_address)
+            locked = llm_config_set_default(config=locked, actor=actor, source=source, ip_address=ip_address,
+                                            user_agent=user_agent)
     return locked
 
 
 def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
-                           ) -> LLMConfig:
+                           user_agent: str = "") -> LLMConfig:
     """Make `config` the one default of its kind (chat or embedding): one transaction, rows locked.
 
     Every config of the kind is locked, in primary-key order. Locking only the current default would let concurrent
@@ -199,7 +204,7 @@ def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", i
                     target=target,
                     changes={"is_default": {"old": False, "new": True}, "previous_default": previous},
                     source=source,
-                    ip_address=ip_address,
+                    ip_address=ip_address, user_agent=user_agent,
                 )
                 _invalidate_cache()
                 return LLMConfig.objects.get(pk=target.pk)
@@ -240,7 +245,8 @@ def llm_config_record_usage(
     )
 
 
-def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None) -> None:
+def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+                      user_agent: str = "") -> None:
     """Delete a config, unless it is the current default (that would leave every chat without a model)."""
     with transaction.atomic():
         locked = LLMConfig.objects.select_for_update().filter(pk=config.pk).first()
@@ -255,6 +261,7 @@ def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_add
         # Recorded first, while the row still has its id; a failed delete rolls the record back with it.
         audit_record(
             actor=actor, action=AuditLog.Action.DELETE, target=locked, source=source, ip_address=ip_address,
+            user_agent=user_agent,
             changes={"name": {"old": locked.name}, "api_key": {"old": locked.api_key_mask}},
         )
         locked.delete()
@@ -262,18 +269,20 @@ def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_add
 
 
 def llm_config_activate(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
-                        ) -> LLMConfig:
-    return _llm_config_set_active(config=config, active=True, actor=actor, source=source, ip_address=ip_address)
+                        user_agent: str = "") -> LLMConfig:
+    return _llm_config_set_active(config=config, active=True, actor=actor, source=source, ip_address=ip_address,
+                                  user_agent=user_agent)
 
 
 def llm_config_deactivate(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
-                          ) -> LLMConfig:
+                          user_agent: str = "") -> LLMConfig:
     """Deactivate a config; the default is refused (another config must become the default first)."""
-    return _llm_config_set_active(config=config, active=False, actor=actor, source=source, ip_address=ip_address)
+    return _llm_config_set_active(config=config, active=False, actor=actor, source=source, ip_address=ip_address,
+                                  user_agent=user_agent)
 
 
 def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: str, ip_address: str | None,
-                           ) -> LLMConfig:
+                           user_agent: str) -> LLMConfig:
     with transaction.atomic():
         locked = LLMConfig.objects.select_for_update().get(pk=config.pk)
         if locked.is_active == active:
@@ -293,6 +302,7 @@ def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: st
         audit_record(
             actor=actor, action=AuditLog.Action.ACTIVATE if active else AuditLog.Action.DEACTIVATE, target=locked,
             changes={"is_active": {"old": not active, "new": active}}, source=source, ip_address=ip_address,
+            user_agent=user_agent,
         )
         _invalidate_cache()
     return locked
@@ -316,7 +326,7 @@ _CONNECTION_TEST_MAX_TOKENS = 8
 
 
 def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
-                               ) -> ConnectionTestResult:
+                               user_agent: str = "") -> ConnectionTestResult:
     """One real minimal call through the production factory (streaming chat, or an embedding), with the short
     connection-test timeout and no retries. Returns ok + latency, or the provider's error with the key scrubbed."""
     config = LLMConfig.objects.get(pk=config.pk)
@@ -339,7 +349,7 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
         )
         logger.warning("Connection test of LLM config %s failed: %s: %s", config.pk, result.category, result.message)
     audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=config, changes=result.as_dict(),
-                 source=source, ip_address=ip_address)
+                 source=source, ip_address=ip_address, user_agent=user_agent)
     return result
 
 

@@ -83,3 +83,18 @@ def client_ip(request) -> str | None:
     """The client's address for audit records. REMOTE_ADDR only: X-Forwarded-For is client-controlled unless a trusted
     proxy rewrites it, and an audit trail must not record what the client chose to claim."""
     return request.META.get("REMOTE_ADDR") or None
+
+
+# Enough to tell clients apart; a client-chosen header must not grow the audit table without bound.
+USER_AGENT_LIMIT = 300
+
+
+def user_agent(request) -> str:
+    """The client's User-Agent header for audit records (client-supplied: a hint, not proof), cut to a bound."""
+    return (request.META.get("HTTP_USER_AGENT") or "")[:USER_AGENT_LIMIT]
+
+
+def audit_context(request, *, source: str) -> dict:
+    """The keyword arguments every audited service takes about who acted, from where (admin, api, ...)."""
+    return {"actor": request.user, "source": source, "ip_address": client_ip(request),
+            "user_agent": user_agent(request)}

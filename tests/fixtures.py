@@ -61,9 +61,40 @@ def default_llm_config(make_llm_config):
     return make_llm_config(name="default-chat", model_name="fake-default", default=True)
 
 
+# The apps whose permissions an OpsAgent operator is granted in the admin.
+OPSAGENT_APPS = ("llmconfigs", "agentcore", "difyapi")
+
+
+@pytest.fixture
+def grant(db, django_user_model):
+    """grant(user, "app.codename", ...): give `user` those permissions; returns the user read again (Django caches
+    a user's permissions on the instance)."""
+    from django.contrib.auth.models import Permission
+
+    def give(user, *names: str):
+        for name in names:
+            app_label, codename = name.split(".", 1)
+            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+        return django_user_model.objects.get(pk=user.pk)
+
+    return give
+
+
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user(username="staff", password="pw-staff-123", is_staff=True)
+    """A staff member granted every permission of OpsAgent's apps (the custom ones too), as an operator would be in
+    the admin. The staff flag itself grants nothing: see bare_staff_user."""
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user(username="staff", password="pw-staff-123", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=OPSAGENT_APPS))
+    return django_user_model.objects.get(pk=user.pk)
+
+
+@pytest.fixture
+def bare_staff_user(django_user_model):
+    """is_staff and no permission at all: the REST API and the admin must let it do nothing an API user can't."""
+    return django_user_model.objects.create_user(username="bare-staff", password="pw-bare-123", is_staff=True)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from agentcore.models import Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
+from agentcore.permissions import may_see_mcp_secrets
 from agentcore.runs import TurnOverrides
 from llmconfigs.secrets import mask_secret
 
@@ -175,6 +176,13 @@ class MCPServerSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "transport", "command", "args", "env", "url", "headers", "enabled", "allowed_tools",
                   "requires_approval_default", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        if not may_see_mcp_secrets(request.user if request else None):
+            data["args"] = [mask_secret(str(arg)) for arg in data.get("args") or []]
+        return data
 
     def validate_args(self, value):
         if not isinstance(value, list) or not all(isinstance(arg, str) for arg in value):

@@ -7,18 +7,18 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
-from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentcore import selectors, services
 from agentcore.api import serializers
 from agentcore.api.errors import ENGINE_ERRORS, api_error
-from agentcore.api.permissions import IsStaffOrReadOnly
 from agentcore.api.turns import turn_drain_sync, turn_prepare_sync, turn_sse
-from agentcore.mcp import mcp_server_test
 from agentcore.models import AgentApp, Approval, MCPServer, Session
+from agentcore.permissions import CHANGE_SESSIONS, DELETE_SESSIONS, VIEW_SESSIONS
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop
+from opsagent.middleware import audit_context
+from opsagent.permissions import ActionPermissions
 
 
 def _validated(serializer_class, data) -> dict:
@@ -45,7 +45,9 @@ def _app(app_id) -> AgentApp:
 
 
 class ChatView(APIView):
-    permission_classes = [IsAuthenticated]
+    # Chatting in someone else's session needs agentcore.change_session (the run service checks it).
+    permission_classes = [ActionPermissions]
+    action_permissions = {"post": ()}
 
     @extend_schema(
         request=serializers.ChatRequestSerializer,
@@ -96,13 +98,20 @@ class ChatView(APIView):
     update=extend_schema(request=serializers.SessionUpdateSerializer),
 )
 class SessionViewSet(viewsets.ModelViewSet):
+    """Every user manages their own sessions; other people's need the session model's view, change or delete
+    permission (the queryset narrows, so a session out of reach is a 404)."""
+
     serializer_class = serializers.SessionSerializer
-    permission_classes = [IsAuthenticated]
+    permission_classes = [ActionPermissions]
+    action_permissions = {name: () for name in (
+        "list", "retrieve", "create", "update", "partial_update", "destroy", "messages", "tasks")}
+    _reach = {"update": CHANGE_SESSIONS, "partial_update": CHANGE_SESSIONS, "destroy": DELETE_SESSIONS}
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Session.objects.none()
-        return selectors.session_list_for(user=self.request.user)
+        return selectors.session_list_for(user=self.request.user,
+                                          permission=self._reach.get(self.action, VIEW_SESSIONS))
 
     def get_serializer_class(self):
         if self.action in ("update", "partial_update"):
@@ -143,7 +152,8 @@ class SessionViewSet(viewsets.ModelViewSet):
 
 
 class ToolViewSet(viewsets.ViewSet):
-    permission_classes = [IsStaffOrReadOnly]
+    permission_classes = [ActionPermissions]
+    action_permissions = {"list": (), "partial_update": ("agentcore.change_toolpolicy",)}
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
 
@@ -172,10 +182,13 @@ def _tool(name: str) -> dict:
     )
 )
 class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """Tool calls waiting for (or given) a decision; deciding resumes the paused run and answers its outcome."""
+    """Tool calls waiting for (or given) a decision; deciding resumes the paused run and answers its outcome. Users
+    see and decide the approvals of their own sessions; the rest (every session, tools whose approver is staff,
+    run_shell) is the run service's permission check."""
 
     serializer_class = serializers.ApprovalSerializer
-    permission_classes = [IsAuthenticated]
+    permission_classes = [ActionPermissions]
+    action_permissions = {"list": (), "retrieve": (), "approve": (), "reject": ()}
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
@@ -220,21 +233,47 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
 
 class MCPServerViewSet(viewsets.ModelViewSet):
-    """MCP servers the agent takes tools from. Env and headers are secrets: write-only, read back masked."""
+    """MCP servers the agent takes tools from, behind the MCP server model's permissions; a stdio server (a command
+    line) also needs agentcore.manage_mcp_stdio to be added, changed or tested (the services check it). Env and
+    headers are secrets: write-only, read back masked; stdio args are masked too for those who may not manage
+    stdio servers."""
 
     serializer_class = serializers.MCPServerSerializer
-    permission_classes = [IsStaffOrReadOnly]
+    permission_classes = [ActionPermissions]
+    action_permissions = {
+        "list": ("agentcore.view_mcpserver",),
+        "retrieve": ("agentcore.view_mcpserver",),
+        "create": ("agentcore.add_mcpserver",),
+        "update": ("agentcore.change_mcpserver",),
+        "partial_update": ("agentcore.change_mcpserver",),
+        "destroy": ("agentcore.delete_mcpserver",),
+        "test": ("agentcore.change_mcpserver",),
+    }
     queryset = MCPServer.objects.all()
 
+    def perform_create(self, serializer):
+        serializer.instance = _engine_call(services.mcp_server_create, **serializer.validated_data,
+                                           **audit_context(self.request, source="api"))
+
+    def perform_update(self, serializer):
+        serializer.instance = _engine_call(services.mcp_server_update, server=serializer.instance,
+                                           **serializer.validated_data, **audit_context(self.request, source="api"))
+
+    def perform_destroy(self, instance):
+        services.mcp_server_delete(server=instance, **audit_context(self.request, source="api"))
+
     @extend_schema(request=None, responses=serializers.MCPServerTestSerializer)
-    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser])
+    @action(detail=True, methods=["post"])
     def test(self, request, pk=None):
-        result = mcp_server_test(server=self.get_object())
+        result = _engine_call(services.mcp_server_run_test, server=self.get_object(),
+                              **audit_context(request, source="api"))
         return Response(serializers.MCPServerTestSerializer(result).data)
 
 
 class RunStopView(APIView):
-    permission_classes = [IsAuthenticated]
+    # Stopping someone else's run needs agentcore.change_session (run_stop checks it).
+    permission_classes = [ActionPermissions]
+    action_permissions = {"post": ()}
 
     @extend_schema(request=None, responses=serializers.RunStopResponseSerializer)
     def post(self, request, task_id):

@@ -255,7 +255,10 @@ def test_connection_test_endpoint_ok_and_failures(staff_client, make_llm_config,
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    staff_client.patch(f"{URL}{config.pk}/", {"base_url": f"http://127.0.0.1:{port}/v1"}, format="json")
+    # A new host takes the key again (test_key_exfiltration.py covers the refusal).
+    moved = staff_client.patch(f"{URL}{config.pk}/", {"base_url": f"http://127.0.0.1:{port}/v1", "api_key": KEY},
+                               format="json")
+    assert moved.status_code == 200
     assert staff_client.post(f"{URL}{config.pk}/test/").json()["category"] == "unreachable"
 
 
