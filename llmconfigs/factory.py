@@ -214,12 +214,13 @@ def provider_exception_scrubbed(exc: BaseException, *, api_key: str) -> BaseExce
     if isinstance(exc, openai.APIConnectionError):
         return type(exc)(message=scrub(exc.message, api_key), request=_keyless_request(exc.request, api_key))
     if isinstance(exc, openai.APIError):
+        message = scrub(exc.message, api_key)
+        request = _keyless_request(exc.request, api_key)
+        body = _scrubbed(exc.body, api_key)
         try:
-            return type(exc)(scrub(exc.message, api_key), _keyless_request(exc.request, api_key),
-                             body=_scrubbed(exc.body, api_key))
+            return type(exc)(message, request, body=body)
         except TypeError:  # a subclass with another signature: the base class keeps the category
-            return openai.APIError(scrub(exc.message, api_key), _keyless_request(exc.request, api_key),
-                                   body=_scrubbed(exc.body, api_key))
+            return openai.APIError(message, request, body=body)
     text = str(exc)
     if text != scrub(text, api_key):
         return ProviderCallError("upstream_error", scrub(text, api_key), status_code=getattr(exc, "status_code", None))
