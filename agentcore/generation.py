@@ -49,8 +49,10 @@ def _complete(config: LLMConfig, messages: list[BaseMessage]) -> str:
     try:
         reply = model.invoke(messages)
     except Exception as exc:  # any provider/transport failure: classify it, never leak the key
-        raise provider_error(exc, api_key=config.api_key) from None
-    return reply.content if isinstance(reply.content, str) else str(reply.content)
+        error = provider_error(exc, api_key=config.api_key)
+    else:
+        return reply.content if isinstance(reply.content, str) else str(reply.content)
+    raise error  # outside the except clause, so the unscrubbed original is not kept as its context
 
 
 def _clean_name(text: str) -> str:

@@ -18,6 +18,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
+from llmconfigs.factory import chat_model_key, provider_exception_scrubbed
+
 TOOL_TIMEOUT_SECONDS = 120.0
 OBSERVATION_LIMIT = 8000
 NOT_RUN = "Not run: the turn ended before this tool could run."
@@ -120,8 +122,15 @@ async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[
     # applies to old sessions too.
     agent = runtime.context
     prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
-    response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(state["messages"]))
-    return {"messages": [response], "iterations": state.get("iterations", 0) + 1}
+    try:
+        response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(state["messages"]))
+    except Exception as exc:
+        # LangGraph writes the node's exception into the checkpoint (`__error__`): it must hold no key, whichever
+        # path inside the provider client raised it.
+        error = provider_exception_scrubbed(exc, api_key=chat_model_key(agent.model))
+    else:
+        return {"messages": [response], "iterations": state.get("iterations", 0) + 1}
+    raise error  # outside the except clause, so the unscrubbed original is not kept as its context
 
 
 def route(state: AgentState, runtime: Runtime[AgentContext]) -> str:

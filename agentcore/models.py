@@ -6,7 +6,14 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from agentcore.network import validate_hosts, validate_networks, validate_ports
 from llmconfigs.encryption import encrypted
+
+NETWORK_ALLOW_HELP = (
+    " Loopback and private addresses are refused to this app's tools (http_check) and to documents given by URL "
+    "unless listed here (its end users may be anonymous). Link-local and cloud metadata addresses are refused "
+    "whatever is listed."
+)
 
 
 class AgentApp(models.Model):
@@ -37,6 +44,20 @@ class AgentApp(models.Model):
     user_input_form = models.JSONField(default=list, blank=True, help_text="Dify-style input form definition.")
     file_upload = models.JSONField(default=dict, blank=True, help_text="Dify-style file upload settings.")
     is_active = models.BooleanField(default=True, help_text="Serve this app's API.")
+    network_allow_hosts = models.JSONField(
+        default=list, blank=True, validators=[validate_hosts],
+        help_text='Host names whose private addresses this app may reach, e.g. ["grafana.internal"].'
+        + NETWORK_ALLOW_HELP,
+    )
+    network_allow_networks = models.JSONField(
+        default=list, blank=True, validators=[validate_networks],
+        help_text='Private networks (CIDR) this app may reach, e.g. ["10.20.0.0/16", "127.0.0.1/32"].'
+        + NETWORK_ALLOW_HELP,
+    )
+    network_allow_ports = models.JSONField(
+        default=list, blank=True, validators=[validate_ports],
+        help_text="Ports on which the listed hosts and networks may be reached, e.g. [80, 443]; empty: any port.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -41,6 +41,7 @@ from agentcore.events import (
 )
 from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Approval, Message, Session, Thought
+from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, DECIDE_APPROVALS, has_perms
 from agentcore.remote_files import RemoteFileError, remote_file_fetch
 from agentcore.selectors import session_get_for, session_visible_q
@@ -504,12 +505,15 @@ class _Run:
     async def _attachments(self) -> list[Attachment]:
         """The turn's attachments, with the text of documents given by URL fetched now (concurrently). A document
         that cannot be fetched is given to the model as a note saying why, and the answer goes on."""
+        allow = allow_list_for(self.session.app)
+
         async def fetched(attachment: Attachment) -> Attachment:
             if attachment.kind != "text" or not attachment.url or attachment.text:
                 return attachment
             limit = settings.UPLOAD_FILE_SIZE_LIMIT_MB * 1024 * 1024
             try:
-                text = (await remote_file_fetch(attachment.url, max_bytes=limit)).decode("utf-8", errors="replace")
+                body = await remote_file_fetch(attachment.url, max_bytes=limit, allow=allow)
+                text = body.decode("utf-8", errors="replace")
             except RemoteFileError as exc:
                 logger.info("remote document of message %s not fetched: %s", self.message.pk, exc)
                 text = f"[This file could not be fetched: {exc}.]"

@@ -1,6 +1,7 @@
 """Builds LangChain chat and embedding models from an LLMConfig: every provider through its OpenAI-compatible API."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -110,35 +111,81 @@ def chat_model(
     if extra_body:
         kwargs["extra_body"] = extra_body
     model = ChatOpenAI(**kwargs)
-    model.async_client = PayloadAsIsCompletions(model.async_client)
+    model.async_client = ProviderCompletions(model.async_client, api_key=config.api_key)
     return model
 
 
-class PayloadAsIsCompletions:
-    """The OpenAI SDK's async chat completions, except that a streaming `create` posts LangChain's payload as it is.
+def chat_model_key(model: Any) -> str:
+    """The API key a chat model sends (empty for a model that has none), for scrubbing its errors."""
+    key = getattr(model, "openai_api_key", None)
+    return key.get_secret_value() if key is not None else ""
 
-    LangChain hands `create` a payload that is already the wire format (plain JSON values, only the keys it sets). The
-    SDK would first walk it against its parameter types to drop omitted values and rename aliased keys, which the chat
-    completion parameters do not have. That walk costs about 0.1 ms per message of the conversation, on the way to
-    every first token: 10 ms for a conversation of a hundred messages. Everything else (retries, auth, timeouts,
-    extra headers and body, the streamed response) is the SDK's own `post`. Other calls are the SDK's, unchanged."""
 
-    def __init__(self, completions: Any):
+class ProviderCompletions:
+    """The OpenAI SDK's async chat completions as OpsAgent calls them: errors leave it scrubbed of the key, and a
+    streaming `create` posts LangChain's payload as it is.
+
+    Errors: a provider may echo the key (or the Authorization header) in its error text, and whatever sees the
+    exception next (LangChain's callbacks, LangGraph's `__error__` checkpoint write, logs) would keep it. Each error
+    is replaced by a scrubbed copy of the same class (`provider_exception_scrubbed`) before it leaves this client.
+
+    Payload: LangChain hands `create` a payload that is already the wire format (plain JSON values, only the keys it
+    sets). The SDK would first walk it against its parameter types to drop omitted values and rename aliased keys,
+    which the chat completion parameters do not have. That walk costs about 0.1 ms per message of the conversation,
+    on the way to every first token: 10 ms for a conversation of a hundred messages. Everything else (retries, auth,
+    timeouts, extra headers and body, the streamed response) is the SDK's own `post`. Other calls are the SDK's,
+    unchanged."""
+
+    def __init__(self, completions: Any, *, api_key: str):
         self._completions = completions
+        self._api_key = api_key
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._completions, name)
 
     async def create(self, *, extra_headers: Any = None, extra_query: Any = None, extra_body: Any = None,
                      timeout: Any = openai.NOT_GIVEN, **body: Any) -> Any:
-        if not body.get("stream"):
-            return await self._completions.create(extra_headers=extra_headers, extra_query=extra_query,
-                                                  extra_body=extra_body, timeout=timeout, **body)
-        options = make_request_options(extra_headers=extra_headers, extra_query=extra_query, extra_body=extra_body,
-                                       timeout=timeout, security={"bearer_auth": True})
-        return await self._completions._post("/chat/completions", body=body, options=options,
-                                             cast_to=ChatCompletion, stream=True,
-                                             stream_cls=openai.AsyncStream[ChatCompletionChunk])
+        try:
+            if not body.get("stream"):
+                return await self._completions.create(extra_headers=extra_headers, extra_query=extra_query,
+                                                      extra_body=extra_body, timeout=timeout, **body)
+            options = make_request_options(extra_headers=extra_headers, extra_query=extra_query,
+                                           extra_body=extra_body, timeout=timeout, security={"bearer_auth": True})
+            stream = await self._completions._post("/chat/completions", body=body, options=options,
+                                                   cast_to=ChatCompletion, stream=True,
+                                                   stream_cls=openai.AsyncStream[ChatCompletionChunk])
+            return ScrubbedStream(stream, api_key=self._api_key)
+        except openai.OpenAIError as exc:
+            error = provider_exception_scrubbed(exc, api_key=self._api_key)
+        raise error  # outside the except clause, so the original is not kept as its context
+
+
+class ScrubbedStream:
+    """A streamed completion whose errors mid-stream (an `error` event) leave scrubbed, like the call's own."""
+
+    def __init__(self, stream: openai.AsyncStream, *, api_key: str):
+        self._stream = stream
+        self._api_key = api_key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def __aenter__(self) -> ScrubbedStream:
+        await self._stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._stream.__aexit__(*exc_info)
+
+    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        error = None
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except openai.OpenAIError as exc:
+            error = provider_exception_scrubbed(exc, api_key=self._api_key)
+        if error is not None:
+            raise error
 
 
 def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: int | None = None,
@@ -153,6 +200,58 @@ def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: 
         timeout=timeout if timeout is not None else settings.LLM_REQUEST_TIMEOUT,
         max_retries=max_retries if max_retries is not None else settings.LLM_MAX_RETRIES,
     )
+
+
+def provider_exception_scrubbed(exc: BaseException, *, api_key: str) -> BaseException:
+    """`exc` as it may leave a provider call: for the SDK's errors a copy of the same class (so the status code,
+    error type and code, and every mapping of them, stay as they were) whose message, body and response text hold no
+    key and whose request has no credential headers; any other exception whose text holds the key becomes an
+    `upstream_error` ProviderCallError with that text scrubbed; anything else is returned as it is."""
+    if isinstance(exc, openai.APIStatusError):
+        response = exc.response
+        request = _keyless_request(response.request, api_key)
+        try:
+            text = response.text
+        except Exception:  # noqa: BLE001 - a body that was never read has nothing to scrub
+            text = ""
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("content-encoding",
+                                                                                  "content-length")]
+        response = type(response)(response.status_code, headers=headers, content=scrub(text, api_key).encode(),
+                                  request=request)
+        return type(exc)(scrub(exc.message, api_key), response=response, body=_scrubbed(exc.body, api_key))
+    if isinstance(exc, openai.APITimeoutError):
+        return type(exc)(request=_keyless_request(exc.request, api_key))
+    if isinstance(exc, openai.APIConnectionError):
+        return type(exc)(message=scrub(exc.message, api_key), request=_keyless_request(exc.request, api_key))
+    if isinstance(exc, openai.APIError):
+        message = scrub(exc.message, api_key)
+        request = _keyless_request(exc.request, api_key)
+        body = _scrubbed(exc.body, api_key)
+        try:
+            return type(exc)(message, request, body=body)
+        except TypeError:  # a subclass with another signature: the base class keeps the category
+            return openai.APIError(message, request, body=body)
+    text = str(exc)
+    if text != scrub(text, api_key):
+        return ProviderCallError("upstream_error", scrub(text, api_key), status_code=getattr(exc, "status_code", None))
+    return exc
+
+
+def _keyless_request(request: Any, api_key: str) -> Any:
+    """A copy of an SDK request without the headers that carry credentials (and without the body)."""
+    headers = [(k, v) for k, v in request.headers.items()
+               if k.lower() not in ("authorization", "api-key", "x-api-key") and scrub(v, api_key) == v]
+    return type(request)(request.method, request.url, headers=headers)
+
+
+def _scrubbed(value: Any, api_key: str) -> Any:
+    if isinstance(value, str):
+        return scrub(value, api_key)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, api_key) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, api_key) for v in value]
+    return value
 
 
 def provider_error(exc: BaseException, *, api_key: str = "") -> ProviderCallError:

@@ -195,9 +195,6 @@ LOGGING = {
 REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
 
 # Agent
-AGENT_HTTP_CHECK_ALLOW_PRIVATE = env.bool("AGENT_HTTP_CHECK_ALLOW_PRIVATE", default=False)
-# Documents given by URL (Dify remote_url files) are fetched from public addresses only unless this is set.
-REMOTE_FILES_ALLOW_PRIVATE = env.bool("REMOTE_FILES_ALLOW_PRIVATE", default=False)
 AGENT_STALE_RUN_SECONDS = env.int("AGENT_STALE_RUN_SECONDS", default=120)
 # How often a process looks for such runs (when a turn starts, at most this often).
 AGENT_STALE_SWEEP_SECONDS = env.float("AGENT_STALE_SWEEP_SECONDS", default=10.0)

@@ -11,8 +11,10 @@ from agentcore.tests.factories import CountingTarget
 
 @pytest.fixture
 def agent_app(default_llm_config):
+    # The tests' HTTP targets listen on loopback, which an app reaches only through its network allow-list.
     return AgentApp.objects.create(name="OpsAgent", mode=AgentApp.Mode.AGENT_CHAT,
-                                   system_prompt="You are an operations assistant.")
+                                   system_prompt="You are an operations assistant.",
+                                   network_allow_networks=["127.0.0.1/32"])
 
 
 @pytest.fixture

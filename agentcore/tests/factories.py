@@ -13,7 +13,9 @@ from agentcore.runs import TurnRequest, run_turn
 
 @pytest.fixture
 def ops_app(default_llm_config):
-    return AgentApp.objects.create(name="Ops", mode=AgentApp.Mode.AGENT_CHAT, system_prompt="You are an ops agent.")
+    # The tests' HTTP targets listen on loopback, which an app reaches only through its network allow-list.
+    return AgentApp.objects.create(name="Ops", mode=AgentApp.Mode.AGENT_CHAT, system_prompt="You are an ops agent.",
+                                   network_allow_networks=["127.0.0.1/32"])
 
 
 @pytest.fixture
@@ -80,3 +82,54 @@ def counting_target():
     target = CountingTarget()
     yield target
     target.close()
+
+
+class ScriptedDNS:
+    """Answers for chosen host names, in the order given (other names resolve for real): installed in place of
+    agentcore.network.resolve, the one function every checked connection resolves through."""
+
+    def __init__(self, real):
+        self.answers: dict[str, list[str]] = {}
+        self.asked: list[str] = []
+        self._real = real
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        if host in self.answers:
+            return list(self.answers[host])
+        return await self._real(host, port)
+
+
+@pytest.fixture
+def scripted_dns(monkeypatch):
+    from agentcore import network
+
+    dns = ScriptedDNS(network.resolve)
+    monkeypatch.setattr(network, "resolve", dns.resolve)
+    return dns
+
+
+@pytest.fixture
+def outbound_connections(monkeypatch):
+    """Every TCP connection httpx opens, as (host, port). Connections to addresses off this machine are refused
+    here, like a firewall would: a test proves a request was never attempted without sending one anywhere."""
+    import ipaddress
+
+    import httpcore
+    from httpcore._backends.anyio import AnyIOBackend
+
+    attempts: list[tuple[str, int]] = []
+    connect = AnyIOBackend.connect_tcp
+
+    async def guarded(self, host, port, *args, **kwargs):
+        attempts.append((host, port))
+        try:
+            local = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            local = host == "localhost"
+        if not local:
+            raise httpcore.ConnectError(f"test firewall: no connection to {host}")
+        return await connect(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(AnyIOBackend, "connect_tcp", guarded)
+    return attempts

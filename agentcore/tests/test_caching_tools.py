@@ -5,6 +5,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from agentcore.models import Session, Task, ToolPolicy
+from agentcore.network import NOTHING_PRIVATE
 from agentcore.runs import TurnRequest
 from agentcore.services import tool_policy_update
 from agentcore.tests import factories
@@ -50,8 +51,8 @@ async def test_turns_do_not_rewrite_existing_policy_rows(ops_app, plain_user, fa
 async def test_plan_tool_of_each_run_writes_to_its_own_session(ops_app, plain_user):
     first = await Session.objects.acreate(app=ops_app, owner=plain_user, name="a")
     second = await Session.objects.acreate(app=ops_app, owner=plain_user, name="b")
-    tool_a = builtin_tools(session_id=str(first.pk))["update_plan"]
-    tool_b = builtin_tools(session_id=str(second.pk))["update_plan"]
+    tool_a = builtin_tools(session_id=str(first.pk), allow=NOTHING_PRIVATE)["update_plan"]
+    tool_b = builtin_tools(session_id=str(second.pk), allow=NOTHING_PRIVATE)["update_plan"]
     await tool_a.ainvoke({"tasks": [{"title": "check A"}]})
     await tool_b.ainvoke({"tasks": [{"title": "check B"}, {"title": "fix B"}]})
     assert [t.title async for t in Task.objects.filter(session=first)] == ["check A"]

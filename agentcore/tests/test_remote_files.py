@@ -1,14 +1,22 @@
-"""Documents given by URL: fetched with bounds, never from private addresses unless allowed, redirects re-checked."""
+"""Documents given by URL: fetched with bounds, private targets only through the app's allow-list, every address of
+every hop checked (no request is made when one of them may not be reached)."""
 from __future__ import annotations
 
 import pytest
 
-from agentcore.remote_files import RemoteFileError, remote_address_refusal, remote_file_fetch
+from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
+from agentcore.remote_files import RemoteFileError, remote_file_fetch
+from agentcore.tests import factories
 from agentcore.tests.factories import LocalHTTPServer
+
+scripted_dns = factories.scripted_dns
+outbound_connections = factories.outbound_connections
+LOOPBACK = NetworkAllowList(networks=parse_networks(["127.0.0.1/32", "::1/128"]))
+PUBLIC = "93.184.215.14"
 
 
 class DocumentServer(LocalHTTPServer):
-    """A few documents, a redirect, a redirect loop and a redirect to the cloud metadata address."""
+    """A few documents, a redirect, a redirect loop and redirects to names the tests' DNS answers for."""
 
     def __init__(self) -> None:
         super().__init__({})
@@ -17,6 +25,7 @@ class DocumentServer(LocalHTTPServer):
             "/big.txt": (200, {}, b"x" * 5000),
             "/hop": (302, {"Location": "/notes.md"}, b""),
             "/away": (302, {"Location": f"http://169.254.169.254:{self.port}/latest/meta-data"}, b""),
+            "/to-mixed": (302, {"Location": f"http://mixed.example:{self.port}/notes.md"}, b""),
             "/loop": (302, {"Location": "/loop"}, b""),
         })
         self.url = self.base_url
@@ -29,65 +38,82 @@ def documents():
     server.close()
 
 
-@pytest.fixture
-def private_allowed(settings):
-    settings.REMOTE_FILES_ALLOW_PRIVATE = True
-
-
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.0.10", "169.254.169.254", "::1",
-                                     "::ffff:127.0.0.1", "fd00::1", "100.64.0.1", "0.0.0.0", "224.0.0.1"])
-def test_private_and_special_addresses_are_refused_by_default(address):
-    assert remote_address_refusal(address) == "not a public address"
-
-
-@pytest.mark.parametrize("address", ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"])
-def test_public_addresses_are_allowed(address):
-    assert remote_address_refusal(address) is None
-
-
 async def test_a_loopback_url_is_refused_without_a_request(documents):
-    with pytest.raises(RemoteFileError, match="resolves to 127.0.0.1, not a public address"):
-        await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000)
+    with pytest.raises(RemoteFileError, match="resolves to 127.0.0.1, a private address"):
+        await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000, allow=NOTHING_PRIVATE)
     assert documents.requests == []
 
 
-@pytest.mark.usefixtures("private_allowed")
+async def test_an_allow_list_for_another_port_opens_nothing(documents):
+    allow = NetworkAllowList(networks=parse_networks(["127.0.0.0/8"]), ports=frozenset({documents.port + 1}))
+    with pytest.raises(RemoteFileError, match="a private address"):
+        await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000, allow=allow)
+    assert documents.requests == []
+
+
 async def test_a_document_is_fetched_and_redirects_are_followed(documents):
-    assert await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000) == b"# Disk\n/var is 93% full"
-    assert await remote_file_fetch(f"{documents.url}/hop", max_bytes=10_000) == b"# Disk\n/var is 93% full"
+    assert await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
+    assert await remote_file_fetch(f"{documents.url}/hop", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
     assert documents.requests == ["/notes.md", "/hop", "/notes.md"]
 
 
-async def test_a_redirect_is_checked_again(documents, monkeypatch):
-    import agentcore.remote_files as remote_files
-
-    # The first hop's address passes (as a public one would); the redirect's target is checked as the first was.
-    checked = []
-
-    def first_only(address):
-        checked.append(address)
-        return None if len(checked) == 1 else "not a public address"
-
-    monkeypatch.setattr(remote_files, "remote_address_refusal", first_only)
-    with pytest.raises(RemoteFileError, match="169.254.169.254, not a public address"):
-        await remote_file_fetch(f"{documents.url}/away", max_bytes=10_000)
+async def test_a_redirect_to_metadata_is_refused_even_when_the_first_hop_is_allowed(documents, outbound_connections):
+    with pytest.raises(RemoteFileError, match="169.254.169.254, a link-local address"):
+        await remote_file_fetch(f"{documents.url}/away", max_bytes=10_000, allow=LOOPBACK)
     assert documents.requests == ["/away"]
+    assert outbound_connections == [("127.0.0.1", documents.port)]
 
 
-@pytest.mark.usefixtures("private_allowed")
+@pytest.mark.parametrize("answers", [
+    [PUBLIC, "127.0.0.1"], ["127.0.0.1", PUBLIC],
+    [PUBLIC, "169.254.169.254"], ["169.254.169.254", PUBLIC],
+    [PUBLIC, "fd00:ec2::254"], ["100.100.100.200", PUBLIC],
+], ids=lambda answers: "+".join(answers))
+async def test_a_name_with_one_refused_address_is_not_fetched(documents, scripted_dns, outbound_connections, answers):
+    # The DNS form of SSRF: a name that resolves to a public address and a private or metadata one, in either order.
+    scripted_dns.answers["mixed.example"] = answers
+    with pytest.raises(RemoteFileError, match="refused: mixed.example resolves to"):
+        await remote_file_fetch(f"http://mixed.example:{documents.port}/notes.md", max_bytes=10_000,
+                                allow=NOTHING_PRIVATE)
+    assert outbound_connections == []
+    assert documents.requests == []
+
+
+@pytest.mark.parametrize("answers", [[PUBLIC, "10.1.2.3"], ["10.1.2.3", PUBLIC], [PUBLIC, "169.254.169.254"],
+                                     ["169.254.169.254", PUBLIC]], ids=lambda answers: "+".join(answers))
+async def test_a_redirect_to_a_name_with_one_refused_address_is_not_followed(documents, scripted_dns,
+                                                                           outbound_connections, answers):
+    scripted_dns.answers["mixed.example"] = answers
+    with pytest.raises(RemoteFileError, match="refused: mixed.example resolves to"):
+        await remote_file_fetch(f"{documents.url}/to-mixed", max_bytes=10_000, allow=LOOPBACK)
+    assert outbound_connections == [("127.0.0.1", documents.port)]  # the first hop only
+    assert documents.requests == ["/to-mixed"]
+
+
+async def test_a_host_on_the_allow_list_is_fetched_from_its_checked_address(documents, scripted_dns):
+    scripted_dns.answers["docs.internal"] = ["127.0.0.1"]
+    allow = NetworkAllowList(hosts=frozenset({"docs.internal"}), ports=frozenset({documents.port}))
+    assert await remote_file_fetch(f"http://docs.internal:{documents.port}/notes.md", max_bytes=10_000,
+                                   allow=allow) == b"# Disk\n/var is 93% full"
+    assert documents.hosts == [f"docs.internal:{documents.port}"]
+
+
 async def test_size_status_and_redirect_limits(documents):
     with pytest.raises(RemoteFileError, match="larger than 1000 bytes"):
-        await remote_file_fetch(f"{documents.url}/big.txt", max_bytes=1000)
+        await remote_file_fetch(f"{documents.url}/big.txt", max_bytes=1000, allow=LOOPBACK)
     with pytest.raises(RemoteFileError, match="answered HTTP 404"):
-        await remote_file_fetch(f"{documents.url}/gone.txt", max_bytes=1000)
+        await remote_file_fetch(f"{documents.url}/gone.txt", max_bytes=1000, allow=LOOPBACK)
     with pytest.raises(RemoteFileError, match="more than 3 redirects"):
-        await remote_file_fetch(f"{documents.url}/loop", max_bytes=1000)
+        await remote_file_fetch(f"{documents.url}/loop", max_bytes=1000, allow=LOOPBACK)
     with pytest.raises(RemoteFileError, match="only http and https"):
-        await remote_file_fetch("file:///etc/passwd", max_bytes=1000)
+        await remote_file_fetch("file:///etc/passwd", max_bytes=1000, allow=LOOPBACK)
 
 
-@pytest.mark.usefixtures("private_allowed")
-async def test_the_request_goes_to_the_checked_address_with_the_names_host_header(documents):
-    port = documents.url.rsplit(":", 1)[1]
-    assert await remote_file_fetch(f"http://localhost:{port}/notes.md", max_bytes=10_000)
-    assert documents.hosts[-1] == f"localhost:{port}"
+async def test_the_request_goes_to_the_checked_address_with_the_names_host_header(documents, outbound_connections):
+    # The connection goes to the address that was checked, not to the name (whose second lookup could answer
+    # differently: DNS rebinding).
+    assert await remote_file_fetch(f"http://localhost:{documents.port}/notes.md", max_bytes=10_000, allow=LOOPBACK)
+    assert documents.hosts[-1] == f"localhost:{documents.port}"
+    assert outbound_connections == [("127.0.0.1", documents.port)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.test import override_settings
 
 from agentcore.errors import InvalidInput
 from agentcore.events import ThoughtUpdate
-from agentcore.models import Task, Thought, ToolPolicy
+from agentcore.models import AgentApp, Task, Thought, ToolPolicy
+from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
 from agentcore.runs import TurnOverrides, TurnRequest, turn_prepare
 from agentcore.selectors import tool_list
 from agentcore.services import tool_policy_update
@@ -20,6 +20,9 @@ from tests.fakes.upstream import Reply, ToolCall
 pytestmark = pytest.mark.django_db(transaction=True)
 ops_app = factories.ops_app
 counting_target = factories.counting_target
+scripted_dns = factories.scripted_dns
+outbound_connections = factories.outbound_connections
+LOOPBACK = NetworkAllowList(networks=parse_networks(["127.0.0.1/32", "::1/128"]))
 
 
 def _tool_names(request) -> set[str]:
@@ -93,22 +96,82 @@ async def test_update_plan_writes_the_sessions_tasks(ops_app, plain_user, fake_u
     assert tasks == [("Check DNS", "done", 0), ("Check HTTP", "in_progress", 1)]
 
 
+EVERYTHING = NetworkAllowList(hosts=frozenset({"metadata.google.internal"}),
+                              networks=parse_networks(["0.0.0.0/0", "::/0"]))
+PUBLIC = "93.184.215.14"
+
+
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/",
-                                 "http://100.100.100.200/"])
-async def test_http_check_refuses_metadata_and_link_local(url):
-    assert (await builtin.http_check(url)).startswith("Error: refused")
+                                 "http://100.100.100.200/", "http://[fd00:ec2::254]/", "http://[::ffff:169.254.169.254]/",
+                                 "http://[64:ff9b::a9fe:a9fe]/", "http://metadata.google.internal/"])
+async def test_http_check_refuses_metadata_and_link_local_whatever_the_allow_list(url, scripted_dns,
+                                                                                  outbound_connections):
+    scripted_dns.answers["metadata.google.internal"] = ["169.254.169.254"]
+    assert (await builtin.http_check_url(url, allow=EVERYTHING)).startswith("Error: refused")
+    assert outbound_connections == []
 
 
 async def test_http_check_refuses_other_schemes():
-    assert "only http" in await builtin.http_check("file:///etc/passwd")
-    assert "only http" in await builtin.http_check("ftp://example.com/")
+    assert "only http" in await builtin.http_check_url("file:///etc/passwd", allow=EVERYTHING)
+    assert "only http" in await builtin.http_check_url("ftp://example.com/", allow=EVERYTHING)
 
 
-async def test_http_check_allows_metadata_only_when_configured(counting_target):
-    with override_settings(AGENT_HTTP_CHECK_ALLOW_PRIVATE=True):
-        result = await builtin.http_check("http://169.254.169.254/", timeout=0.5)
-    assert not result.startswith("Error: refused")
-    assert json.loads(await builtin.http_check(counting_target.url))["status"] == 200  # loopback stays allowed
+async def test_http_check_reaches_loopback_only_through_the_allow_list(counting_target):
+    refused = await builtin.http_check_url(counting_target.url, allow=NOTHING_PRIVATE)
+    assert refused == ("Error: refused: 127.0.0.1 resolves to 127.0.0.1, a private address this app's network "
+                       "allow-list does not open.")
+    other_port = NetworkAllowList(networks=parse_networks(["127.0.0.0/8"]),
+                                  ports=frozenset({counting_target.port + 1}))
+    assert (await builtin.http_check_url(counting_target.url, allow=other_port)).startswith("Error: refused")
+    assert counting_target.hits == 0
+    listed = NetworkAllowList(networks=parse_networks(["127.0.0.0/8"]), ports=frozenset({counting_target.port}))
+    assert json.loads(await builtin.http_check_url(counting_target.url, allow=listed))["status"] == 200
+    by_name = NetworkAllowList(hosts=frozenset({"localhost"}))
+    local_url = counting_target.url.replace("127.0.0.1", "localhost")
+    assert json.loads(await builtin.http_check_url(local_url, allow=by_name))["status"] == 200
+    assert counting_target.hits == 2
+
+
+@pytest.mark.parametrize("answers", [
+    [PUBLIC, "127.0.0.1"], ["127.0.0.1", PUBLIC],
+    [PUBLIC, "169.254.169.254"], ["169.254.169.254", PUBLIC],
+    [PUBLIC, "fd00:ec2::254"], ["100.100.100.200", PUBLIC],
+], ids=lambda answers: "+".join(answers))
+async def test_http_check_of_a_name_with_one_refused_address_sends_nothing(counting_target, scripted_dns,
+                                                                         outbound_connections, answers):
+    # The DNS form of SSRF: one public and one private or metadata answer, in either order.
+    scripted_dns.answers["mixed.example"] = answers
+    result = await builtin.http_check_url(f"http://mixed.example:{counting_target.port}/health",
+                                          allow=NOTHING_PRIVATE)
+    assert result.startswith("Error: refused: mixed.example resolves to")
+    assert outbound_connections == []
+    assert counting_target.hits == 0
+
+
+@pytest.mark.parametrize("answers", [[PUBLIC, "169.254.169.254"], ["169.254.169.254", PUBLIC]],
+                         ids=lambda answers: "+".join(answers))
+async def test_http_check_reports_a_redirect_to_such_a_name_without_following_it(scripted_dns, outbound_connections,
+                                                                               answers):
+    scripted_dns.answers["mixed.example"] = answers
+    target = factories.LocalHTTPServer({"/go": (302, {"Location": "http://mixed.example/latest/meta-data"}, b"")})
+    try:
+        result = json.loads(await builtin.http_check_url(f"{target.base_url}/go", allow=LOOPBACK))
+    finally:
+        target.close()
+    assert result["status"] == 302 and result["location"] == "http://mixed.example/latest/meta-data"
+    assert outbound_connections == [("127.0.0.1", target.port)]
+    assert "mixed.example" not in scripted_dns.asked
+
+
+async def test_each_run_checks_with_its_own_apps_allow_list(ops_app, plain_user, fake_upstream, counting_target):
+    closed = await AgentApp.objects.acreate(name="Public", mode=AgentApp.Mode.AGENT_CHAT)
+    for app in (closed, ops_app, closed):
+        fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
+                             Reply(text="Done."))
+        await run_all(TurnRequest(app=app, query="check it", owner=plain_user))
+    observations = [t.observation async for t in Thought.objects.filter(tool="http_check").order_by("created_at")]
+    assert [o.startswith("Error: refused") for o in observations] == [True, False, True]
+    assert counting_target.hits == 1
 
 
 async def test_dns_lookup_and_system_status_are_real():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import shutil
@@ -11,24 +10,21 @@ import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, Field
 
 from agentcore.graph import truncate
+from agentcore.network import NetworkAllowList, NetworkRefused, resolve, target_check
 
 HTTP_MAX_TIMEOUT = 30.0
 HTTP_MAX_BYTES = 5 * 1024 * 1024
 SHELL_MAX_TIMEOUT = 120
 SHELL_OUTPUT_LIMIT = 8000
 PLAN_MAX_TASKS = 50
-# Cloud metadata endpoints outside the link-local range (Alibaba, AWS IPv6).
-METADATA_ADDRESSES = {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")}
 
 
 def _json(data: dict[str, Any]) -> str:
@@ -45,59 +41,24 @@ async def current_time(timezone: str = "UTC") -> str:
     return _json({"timezone": timezone, "iso": now.isoformat(timespec="seconds"), "unix": int(now.timestamp())})
 
 
-def address_refusal(address: str) -> str | None:
-    """Why an address may not be checked, or None.
-
-    Loopback and private networks stay allowed (checking internal services is what an ops agent is for); link-local
-    (169.254.0.0/16 holds the cloud metadata service), metadata, multicast, unspecified and reserved addresses are
-    refused unless AGENT_HTTP_CHECK_ALLOW_PRIVATE is set."""
-    if settings.AGENT_HTTP_CHECK_ALLOW_PRIVATE:
-        return None
-    ip = ip_of(address)
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-        return "not a unicast address"
-    return None
+HTTP_CHECK_DESCRIPTION = (
+    "GET an http(s) URL and report its status code, latency and size. Redirects are reported, not followed."
+)
 
 
-def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The IP of a resolved address, without an IPv6 zone, IPv4-mapped IPv6 addresses as IPv4."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
-
-async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (sorted, without duplicates)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
-
-
-async def http_check(url: str, timeout: float = 10.0) -> str:
-    """GET an http(s) URL and report its status code, latency and size. Redirects are reported, not followed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "Error: only http:// and https:// URLs with a host can be checked."
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+async def http_check_url(url: str, *, timeout: float = 10.0, allow: NetworkAllowList) -> str:
+    """The `http_check` tool's work for a run whose app's network allow-list is `allow`."""
     try:
-        addresses = await resolve(parts.hostname, port)
-    except OSError as exc:
-        return f"Error: cannot resolve {parts.hostname}: {exc}"
-    # Every address is checked: a name that resolves to one public and one metadata address is refused.
-    for address in addresses:
-        reason = address_refusal(address)
-        if reason:
-            return f"Error: refused: {parts.hostname} resolves to {address}, {reason}."
+        target = await target_check(url, allow=allow)
+    except NetworkRefused as exc:
+        return f"Error: {exc}."
     timeout = min(max(float(timeout), 0.5), HTTP_MAX_TIMEOUT)
     started = time.monotonic()
     size = 0
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-            async with client.stream("GET", url, headers={"User-Agent": "OpsAgent-http-check"}) as response:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+            async with client.stream("GET", target.url, headers={**target.headers, "User-Agent": "OpsAgent-http-check"},
+                                     extensions=target.extensions) as response:
                 first_byte = time.monotonic() - started
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
@@ -115,11 +76,18 @@ async def http_check(url: str, timeout: float = 10.0) -> str:
         "total_ms": round((time.monotonic() - started) * 1000, 1),
         "bytes": size,
         "truncated": size >= HTTP_MAX_BYTES,
-        "addresses": addresses,
+        "addresses": target.addresses,
     }
     if "location" in response.headers:
         result["location"] = response.headers["location"]
     return _json(result)
+
+
+def http_check_tool(*, allow: NetworkAllowList) -> BaseTool:
+    async def http_check(url: str, timeout: float = 10.0) -> str:
+        return await http_check_url(url, timeout=timeout, allow=allow)
+
+    return _per_run_tool(http_check, description=HTTP_CHECK_DESCRIPTION)
 
 
 async def dns_lookup(host: str) -> str:
@@ -188,7 +156,18 @@ async def run_shell(command: str, timeout: int = 30) -> str:
     })
 
 
-_plan_tool_template: BaseTool | None = None
+# Tools bound to one run (its session, its app's network allow-list) are copies of one template per name: every
+# run's closure has the same signature, so the schema derived from the first one (about a millisecond) is reused
+# with this run's coroutine.
+_per_run_templates: dict[str, BaseTool] = {}
+
+
+def _per_run_tool(coroutine, *, description: str | None = None) -> BaseTool:
+    template = _per_run_templates.get(coroutine.__name__)
+    if template is None:  # two first runs at once would both build it: harmless, the result is the same
+        template = _per_run_templates[coroutine.__name__] = StructuredTool.from_function(
+            coroutine=coroutine, name=coroutine.__name__, description=description)
+    return template.model_copy(update={"coroutine": coroutine})
 
 
 class PlanItem(BaseModel):
@@ -212,23 +191,19 @@ def update_plan_tool(*, session_id: str) -> BaseTool:
             return f"Error: {exc}"
         return _json({"ok": True, "tasks": saved})
 
-    # Every run's closure has the same signature, so the schema derived from the first one is reused (with this
-    # run's coroutine) instead of being derived again on every run.
-    global _plan_tool_template
-    if _plan_tool_template is None:  # two first runs at once would both build it: harmless, the result is the same
-        _plan_tool_template = StructuredTool.from_function(coroutine=update_plan, name="update_plan")
-    return _plan_tool_template.model_copy(update={"coroutine": update_plan})
+    return _per_run_tool(update_plan)
 
 
 @lru_cache(maxsize=1)
-def _session_free_tools() -> tuple[BaseTool, ...]:
+def _run_free_tools() -> tuple[BaseTool, ...]:
     # Built once per process: deriving a tool's schema from its signature costs about a millisecond per tool.
     return tuple(
         StructuredTool.from_function(coroutine=fn, name=fn.__name__)
-        for fn in (current_time, http_check, dns_lookup, system_status, run_shell)
+        for fn in (current_time, dns_lookup, system_status, run_shell)
     )
 
 
-def builtin_tools(*, session_id: str) -> dict[str, BaseTool]:
-    tools = [*_session_free_tools(), update_plan_tool(session_id=session_id)]
+def builtin_tools(*, session_id: str, allow: NetworkAllowList) -> dict[str, BaseTool]:
+    """The built-in tools of one run: `allow` is its app's network allow-list (loopback and private targets)."""
+    tools = [*_run_free_tools(), http_check_tool(allow=allow), update_plan_tool(session_id=session_id)]
     return {tool.name: tool for tool in tools}

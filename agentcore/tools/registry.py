@@ -13,6 +13,7 @@ from langchain_core.tools import BaseTool
 
 from agentcore.graph import ToolRule
 from agentcore.models import AgentApp, MCPServer, ToolPolicy
+from agentcore.network import allow_list_for
 from agentcore.tools import builtin
 from opsagent.cache import cache_forget
 
@@ -33,7 +34,7 @@ def _doc(fn) -> str:
 
 BUILTIN_DEFAULTS: dict[str, BuiltinDefault] = {
     "current_time": BuiltinDefault(_doc(builtin.current_time)),
-    "http_check": BuiltinDefault(_doc(builtin.http_check)),
+    "http_check": BuiltinDefault(builtin.HTTP_CHECK_DESCRIPTION),
     "dns_lookup": BuiltinDefault(_doc(builtin.dns_lookup)),
     "system_status": BuiltinDefault(_doc(builtin.system_status)),
     # Disabled until an admin enables it; approval and approver are also enforced in rule_for(), whatever the row says.
@@ -106,7 +107,7 @@ async def tools_for_run(
 
     if setup is None:
         setup = await sync_to_async(tool_setup_load)()
-    available = builtin.builtin_tools(session_id=session_id)
+    available = builtin.builtin_tools(session_id=session_id, allow=allow_list_for(app))
     available.update(await mcp_tools(servers=setup.servers, known=setup.policies.keys()))
     policies = setup.policies
     if not available.keys() <= policies.keys():  # MCP tools seen for the first time got their rows just now

@@ -288,9 +288,10 @@ def documents():
     server.close()
 
 
-async def test_a_text_document_given_by_url_is_fetched_for_the_model(chat_app, fake_upstream, documents, settings):
-    settings.REMOTE_FILES_ALLOW_PRIVATE = True  # the test's document server is on 127.0.0.1
+async def test_a_text_document_given_by_url_is_fetched_for_the_model(chat_app, fake_upstream, documents):
     app, key = chat_app
+    app.network_allow_networks = ["127.0.0.1/32"]  # the test's document server is on loopback
+    await app.asave()
     url = f"{documents.url}/notes.md"
     files = [{"type": "document", "transfer_method": "remote_url", "url": url}]
     call, raw = await stream(key, body(query="summarise the file", files=files))
@@ -309,7 +310,8 @@ async def test_a_document_url_on_a_private_address_is_not_fetched(chat_app, fake
     call, raw = await stream(key, body(query="summarise the file", files=files))
     assert data_events(raw)[-1]["event"] == "message_end"  # the answer goes on, told why the file is missing
     sent = json.dumps(fake_upstream.chat_requests[-1].messages)
-    assert "could not be fetched: refused: 127.0.0.1 resolves to 127.0.0.1, not a public address" in sent
+    assert ("could not be fetched: refused: 127.0.0.1 resolves to 127.0.0.1, a private address this app's network "
+            "allow-list does not open") in sent
     assert "/var is 93% full" not in sent
     assert documents.requests == []
 

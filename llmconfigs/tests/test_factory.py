@@ -1,8 +1,10 @@
-"""The factory against the real fake upstream: what reaches the provider, per provider and per override."""
+"""The factory against the real fake upstream: what reaches the provider, per provider and per override, and what
+its errors carry (never the key)."""
+import openai
 import pytest
 
-from llmconfigs.errors import InvalidParameter
-from llmconfigs.factory import chat_model, provider_error
+from llmconfigs.errors import InvalidParameter, ProviderCallError
+from llmconfigs.factory import chat_model, provider_error, provider_exception_scrubbed
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db
@@ -78,13 +80,13 @@ def test_upstream_401_is_classified_and_key_scrubbed(make_llm_config, fake_upstr
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_streaming_call_sends_exactly_what_the_sdks_own_create_would(make_llm_config, fake_upstream):
-    # The factory's models post LangChain's payload as it is (PayloadAsIsCompletions). The same conversation through
+    # The factory's models post LangChain's payload as it is (ProviderCompletions). The same conversation through
     # the SDK's own `create` must reach the provider as the same request: body and headers.
     from asgiref.sync import sync_to_async
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
     from langchain_core.tools import tool
 
-    from llmconfigs.factory import PayloadAsIsCompletions
+    from llmconfigs.factory import ProviderCompletions
 
     @tool
     def disk_usage(path: str) -> str:
@@ -104,7 +106,7 @@ async def test_a_streaming_call_sends_exactly_what_the_sdks_own_create_would(mak
     requests = []
     for as_is in (True, False):
         model = chat_model(config, temperature=0.2, top_p=0.5)
-        assert isinstance(model.async_client, PayloadAsIsCompletions)
+        assert isinstance(model.async_client, ProviderCompletions)
         if not as_is:
             model.async_client = model.async_client._completions
         fake_upstream.script(Reply(text="fine"))
@@ -119,3 +121,57 @@ async def test_a_streaming_call_sends_exactly_what_the_sdks_own_create_would(mak
     skip = {"x-stainless-retry-count", "x-stainless-read-timeout", "content-length"}
     assert {k: v for k, v in ours.headers.items() if k.lower() not in skip} == {
         k: v for k, v in sdks.headers.items() if k.lower() not in skip}
+
+
+def _key_holders(exc: BaseException) -> list[str]:
+    """Every text an exception carries (its chain included): message, repr, body, response text, request headers."""
+    texts = []
+    while exc is not None:
+        texts += [str(exc), repr(exc), repr(getattr(exc, "body", None))]
+        response = getattr(exc, "response", None)
+        if response is not None:
+            texts += [response.text, repr(dict(response.request.headers))]
+        request = getattr(exc, "request", None)
+        if request is not None:
+            texts.append(repr(dict(request.headers)))
+        exc = exc.__cause__ or exc.__context__
+    return texts
+
+
+ECHO = "Incorrect API key provided: {api_key}. You sent: {authorization}."
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("reply", "error_class", "status"), [
+    (Reply(status=401, error_message=ECHO), openai.AuthenticationError, 401),
+    (Reply(status=429, error_message=ECHO, error_type="rate_limit_exceeded"), openai.RateLimitError, 429),
+    (Reply(status=500, error_message=ECHO, error_type="server_error"), openai.InternalServerError, 500),
+    (Reply(text="partial answer", stream_error=ECHO, error_type="server_error"), openai.APIError, None),
+], ids=["401", "429", "500", "mid-stream"])
+async def test_a_streaming_calls_errors_leave_the_client_without_the_key(make_llm_config, fake_upstream, reply,
+                                                                       error_class, status):
+    from asgiref.sync import sync_to_async
+    from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
+
+    _cached_async_httpx_client.cache_clear()  # pooled connections belong to an earlier test's event loop
+    config = await sync_to_async(make_llm_config)()
+    fake_upstream.script(reply)
+    with pytest.raises(error_class) as excinfo:
+        await chat_model(config, streaming=True).ainvoke("hi")
+    error = excinfo.value
+    assert fake_upstream.chat_requests[-1].api_key == config.api_key  # the upstream did echo the real key
+    # The same category as before, so every mapping of it still holds; the text says what the provider said.
+    assert getattr(error, "status_code", None) == status and error.type == reply.error_type
+    assert provider_error(error, api_key="").category == {401: "auth", 429: "rate_limit"}.get(status, "upstream_error")
+    assert "Incorrect API key provided: sk-…" in str(error) and "You sent: Bearer sk-…" in str(error)
+    middle = config.api_key[8:-6]
+    assert not [text for text in _key_holders(error) if config.api_key in text or middle in text]
+
+
+def test_provider_exception_scrubbed_leaves_keyless_errors_alone_and_wraps_foreign_ones():
+    plain = ValueError("nothing secret here")
+    assert provider_exception_scrubbed(plain, api_key="sk-abcdefghijklmnop") is plain
+    foreign = provider_exception_scrubbed(RuntimeError("proxy said sk-abcdefghijklmnop is wrong"),
+                                          api_key="sk-abcdefghijklmnop")
+    assert isinstance(foreign, ProviderCallError) and foreign.category == "upstream_error"
+    assert "sk-abcdefghijklmnop" not in str(foreign) and "proxy said sk-…mnop is wrong" == str(foreign)

@@ -31,8 +31,9 @@ class ToolCall:
 
 @dataclass
 class Reply:
-    """One scripted upstream answer. `error_message` may contain `{api_key}`: the key the client sent (worst case of
-    a provider that echoes it) so tests can prove OpsAgent scrubs it."""
+    """One scripted upstream answer. `error_message` may contain `{api_key}` (the key the client sent) and
+    `{authorization}` (its whole Authorization header): the worst case of a provider that echoes them, so tests can
+    prove OpsAgent scrubs them."""
 
     text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -43,6 +44,7 @@ class Reply:
     delay: float = 0.0  # seconds between stream chunks
     first_delay: float = 0.0  # seconds before the first byte of the body (and before a non-stream answer)
     cut_after: int | None = None  # streaming: drop the connection after this many content chunks
+    stream_error: str = ""  # streaming: after the content chunks, an error event with this message (placeholders too)
     hang: float = 0.0  # wait this long before answering at all (timeouts)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -160,8 +162,13 @@ class FakeUpstream:
         return received
 
     @staticmethod
-    def _error(reply: Reply, received: Received) -> web.Response:
-        message = reply.error_message.replace("{api_key}", received.api_key) or f"fake upstream error {reply.status}"
+    def _echo(text: str, received: Received) -> str:
+        return text.replace("{api_key}", received.api_key).replace("{authorization}",
+                                                                   received.headers.get("Authorization", ""))
+
+    @classmethod
+    def _error(cls, reply: Reply, received: Received) -> web.Response:
+        message = cls._echo(reply.error_message, received) or f"fake upstream error {reply.status}"
         payload = {"error": {"message": message, "type": reply.error_type, "code": None, "param": None}}
         return web.json_response(payload, status=reply.status)
 
@@ -238,6 +245,11 @@ class FakeUpstream:
                 await send({"content": piece})
             if reply.cut_after is not None:
                 request.transport.close()
+                return response
+            if reply.stream_error:
+                error = {"message": self._echo(reply.stream_error, received), "type": reply.error_type}
+                await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+                await response.write_eof()
                 return response
             for call in tool_calls:
                 await send({"tool_calls": [call]})

@@ -1,0 +1,114 @@
+"""Network reach: which addresses an app may reach, and allow-lists that are validated where admins write them."""
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.urls import reverse
+
+from agentcore.models import AgentApp
+from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, address_refusal, allow_list_for, parse_networks
+
+INTERNAL = NetworkAllowList(hosts=frozenset({"grafana.internal"}), networks=parse_networks(["10.20.0.0/16"]),
+                            ports=frozenset({443}))
+EVERYTHING = NetworkAllowList(hosts=frozenset({"metadata.internal"}), networks=parse_networks(["0.0.0.0/0", "::/0"]))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "10.1.2.3", "172.16.0.1",
+                                     "192.168.0.10", "fd00::1", "100.64.0.1"])
+def test_loopback_and_private_addresses_are_refused_by_default(address):
+    assert address_refusal(address, host="x.example", port=80, allow=NOTHING_PRIVATE) == \
+        "a private address this app's network allow-list does not open"
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"])
+def test_public_addresses_are_reachable(address):
+    assert address_refusal(address, host="example.com", port=8443, allow=NOTHING_PRIVATE) is None
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("169.254.169.254", "a link-local address"), ("fe80::1%eth0", "a link-local address"),
+    ("::ffff:169.254.169.254", "a link-local address"), ("64:ff9b::a9fe:a9fe", "a link-local address"),
+    ("100.100.100.200", "a cloud metadata address"), ("fd00:ec2::254", "a cloud metadata address"),
+    ("0.0.0.0", "not a unicast address"), ("224.0.0.1", "not a unicast address"),
+    ("240.0.0.1", "not a unicast address"),
+])
+def test_link_local_metadata_and_non_unicast_are_refused_even_when_listed(address, reason):
+    assert address_refusal(address, host="metadata.internal", port=80, allow=EVERYTHING) == reason
+
+
+def test_a_private_target_needs_a_listed_network_or_host_and_a_listed_port():
+    assert address_refusal("10.20.3.4", host="db.internal", port=443, allow=INTERNAL) is None
+    assert address_refusal("10.20.3.4", host="db.internal", port=5432, allow=INTERNAL) is not None
+    assert address_refusal("10.21.0.1", host="db.internal", port=443, allow=INTERNAL) is not None
+    assert address_refusal("192.168.9.9", host="Grafana.Internal.", port=443, allow=INTERNAL) is None
+    assert address_refusal("192.168.9.9", host="grafana.internal", port=80, allow=INTERNAL) is not None
+    assert address_refusal("192.168.9.9", host="other.internal", port=443, allow=INTERNAL) is not None
+
+
+def _app(**fields) -> AgentApp:
+    return AgentApp(name="x", **fields)
+
+
+@pytest.mark.parametrize(("fields", "field", "message"), [
+    ({"network_allow_networks": ["10.0.0.1/8"]}, "network_allow_networks", "CIDR form"),
+    ({"network_allow_networks": ["10.0.0.0/8", "intranet"]}, "network_allow_networks", "'intranet'"),
+    ({"network_allow_networks": ["169.254.0.0/16"]}, "network_allow_networks", "never reachable"),
+    ({"network_allow_networks": ["100.100.100.200/32"]}, "network_allow_networks", "never reachable"),
+    ({"network_allow_networks": "10.0.0.0/8"}, "network_allow_networks", "must be a list"),
+    ({"network_allow_networks": [f"10.{i}.0.0/16" for i in range(101)]}, "network_allow_networks", "at most 100"),
+    ({"network_allow_hosts": ["10.1.2.3"]}, "network_allow_hosts", "list it under networks"),
+    ({"network_allow_hosts": ["bad_name.internal"]}, "network_allow_hosts", "not a host name"),
+    ({"network_allow_hosts": [""]}, "network_allow_hosts", "non-empty strings"),
+    ({"network_allow_ports": [0]}, "network_allow_ports", "from 1 to 65535"),
+    ({"network_allow_ports": ["443"]}, "network_allow_ports", "from 1 to 65535"),
+    ({"network_allow_ports": [True]}, "network_allow_ports", "from 1 to 65535"),
+])
+def test_bad_allow_list_entries_are_refused_with_the_fields_name(fields, field, message):
+    with pytest.raises(ValidationError) as caught:
+        _app(**fields).clean_fields()
+    assert list(caught.value.message_dict) == [field]
+    assert message in caught.value.message_dict[field][0]
+
+
+def test_a_stored_allow_list_is_read_and_an_invalid_one_opens_nothing(caplog):
+    app = _app(network_allow_hosts=["grafana.internal"], network_allow_networks=["10.20.0.0/16", "fd12::/16"],
+               network_allow_ports=[443])
+    assert allow_list_for(app) == NetworkAllowList(hosts=frozenset({"grafana.internal"}),
+                                                   networks=parse_networks(["10.20.0.0/16", "fd12::/16"]),
+                                                   ports=frozenset({443}))
+    # Written around the validation (e.g. SQL): nothing is opened, and the log says why.
+    broken = _app(network_allow_networks=["10.0.0.0/8", "169.254.0.0/16"])
+    assert allow_list_for(broken) is NOTHING_PRIVATE
+    assert "invalid network allow-list" in caplog.text
+
+
+@pytest.mark.django_db
+def test_the_admin_edits_an_apps_allow_list_and_explains_a_bad_entry(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser(username="root", password="pw-root-12345"))
+    app = AgentApp.objects.create(name="Ops")
+    url = reverse("admin:agentcore_agentapp_change", args=[app.pk])
+    page = client.get(url).content.decode()
+    assert "Link-local and cloud metadata addresses are refused whatever is listed" in page
+    form = {"name": "Ops", "mode": "agent-chat", "suggested_questions": "[]", "model_parameters": "{}",
+            "enabled_tools": "[]", "max_iterations": 8, "max_active_requests": 0, "user_input_form": "[]",
+            "file_upload": "{}", "is_active": "on", "network_allow_hosts": '["grafana.internal"]',
+            "network_allow_networks": '["10.20.0.0/16", "169.254.169.254/32"]', "network_allow_ports": "[443]"}
+    response = client.post(url, form)
+    assert response.status_code == 200
+    assert "is link-local, multicast or a metadata address: never reachable" in response.content.decode()
+    app.refresh_from_db()
+    assert app.network_allow_networks == []
+    response = client.post(url, {**form, "network_allow_networks": '["10.20.0.0/16"]'})
+    assert response.status_code == 302
+    app.refresh_from_db()
+    assert (app.network_allow_hosts, app.network_allow_networks, app.network_allow_ports) == \
+        (["grafana.internal"], ["10.20.0.0/16"], [443])
+
+
+def test_a_retired_deployment_wide_switch_is_reported(monkeypatch):
+    from django.core import checks
+
+    monkeypatch.setenv("REMOTE_FILES_ALLOW_PRIVATE", "1")
+    warnings = [m for m in checks.run_checks(tags=[checks.Tags.security]) if m.id == "agentcore.W001"]
+    assert [w.msg for w in warnings] == [
+        "REMOTE_FILES_ALLOW_PRIVATE is set but no longer read: loopback and private targets are opened per app."]
