@@ -1,13 +1,17 @@
-"""Request body limits inside daphne. Daphne (through Twisted) reads a whole request body, into memory or a temporary
-file, before the ASGI app hears of the request, then queues all of it for the app at once: a limit checked by the app
-comes too late to save that memory. This request class applies `opsagent.limits` while the body arrives, so a body
-over its path's limit is answered with the surface's 413 as soon as its size is known and is never stored."""
+"""Size limits inside daphne. Daphne (through Twisted) reads a whole request body, into memory or a temporary file,
+before the ASGI app hears of the request, then queues all of it for the app at once: a limit checked by the app comes
+too late to save that memory. This request class applies `opsagent.limits` while the body arrives, so a body over its
+path's limit is answered with the surface's 413 as soon as its size is known and is never stored. WebSocket messages
+get WEBSOCKET_MESSAGE_MAX_BYTES as daphne's own limit, closed with 1009 (daphne's default drops the connection
+without a close frame, and an app may not send 1009 through it)."""
 from __future__ import annotations
 
 import io
+import sys
 from urllib.parse import unquote
 
-from daphne import http_protocol
+from daphne import http_protocol, ws_protocol
+from django.conf import settings
 
 from opsagent.limits import body_limit, too_large
 
@@ -71,6 +75,19 @@ class BoundedWebRequest(http_protocol.WebRequest):
         reactor.callLater(LINGER_SECONDS, channel.transport.loseConnection)
 
 
+class BoundedWebSocketFactory(ws_protocol.WebSocketFactory):
+    def setProtocolOptions(self, **options):
+        limit = settings.WEBSOCKET_MESSAGE_MAX_BYTES
+        for name in ("maxMessagePayloadSize", "maxFramePayloadSize"):
+            options[name] = min(options.get(name) or limit, limit)
+        super().setProtocolOptions(failByDrop=False, **options)
+
+
 def install() -> None:
-    """Make daphne build its requests from BoundedWebRequest (its HTTP factory looks the class up by this name)."""
+    """Make daphne build its requests from BoundedWebRequest (its HTTP factory looks the class up by this name) and,
+    inside a daphne process (whose server module is loaded before the app), its WebSocket factory from
+    BoundedWebSocketFactory."""
     http_protocol.WebRequest = BoundedWebRequest
+    server = sys.modules.get("daphne.server")
+    if server is not None:
+        server.WebSocketFactory = BoundedWebSocketFactory

@@ -113,8 +113,8 @@ def _message_size(message: dict[str, Any]) -> int:
 
 class WebSocketMessageLimit:
     """Closes a WebSocket with 1009 on a message over WEBSOCKET_MESSAGE_MAX_BYTES; the consumer sees a disconnect
-    with that code instead of the message. (Daphne refuses frames over its own --websocket_max_message_size, 1 MB by
-    default, before they get here.)"""
+    with that code instead of the message. Under daphne the same limit is daphne's own (opsagent.daphne_limits), so
+    such a message never gets here."""
 
     def __init__(self, app):
         self.app = app
