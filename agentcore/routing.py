@@ -12,14 +12,23 @@ from django.http.request import validate_host
 from django.urls import path
 
 from agentcore.consumers import SessionConsumer
+from opsagent.middleware import scope_client_ip
+from opsagent.throttling import auth_failure_record, auth_locked_for
 
 
 @database_sync_to_async
-def _token_user(key: str):
+def _token_user(key: str, ip: str | None):
+    """The token's user; None for a wrong token (counted against the address) and for any token while the address is
+    locked after too many failures."""
     from rest_framework.authtoken.models import Token
 
+    if auth_locked_for(ip=ip):
+        return None
     token = Token.objects.select_related("user").filter(key=key).first()
-    return token.user if token and token.user.is_active else None
+    if token and token.user.is_active:
+        return token.user
+    auth_failure_record(ip=ip)
+    return None
 
 
 def _cross_site(scope) -> bool:
@@ -44,7 +53,7 @@ class TokenAuthMiddleware:
     async def __call__(self, scope, receive, send):
         keys = parse_qs(scope.get("query_string", b"").decode("latin1")).get("token")
         if keys:
-            scope = {**scope, "user": await _token_user(keys[0]) or AnonymousUser()}
+            scope = {**scope, "user": await _token_user(keys[0], scope_client_ip(scope)) or AnonymousUser()}
         elif _cross_site(scope):
             scope = {**scope, "user": AnonymousUser()}
         return await self.inner(scope, receive, send)

@@ -13,9 +13,10 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from agentcore.models import AgentApp
-from difyapi.errors import DifyError, forbidden, unauthorized
+from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unauthorized
 from difyapi.models import ApiKey
 from opsagent.cache import cache_forget
+from opsagent.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
 
 KEY_PREFIX = "app-"
 CACHE_TTL = 600
@@ -114,20 +115,28 @@ _key_apps: dict[str, str] = {}
 KEY_APPS_LIMIT = 4096
 
 
-def authenticate(header: str | None) -> AppContext:
-    """Resolve the Bearer key to its app (cached, revocation-aware) or raise the DifyError Dify would send."""
+def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
+    """Resolve the Bearer key to its app (cached, revocation-aware) or raise the DifyError Dify would send. An address
+    with too many wrong keys is refused (429) whatever key it sends, so that guessing learns nothing until the lock
+    ends; the lock is read in the key's own cache round trip, and only failures are counted."""
     token = parse_bearer(header)
     digest = api_key_hash(token)
     app_guess = _key_apps.get(digest)
+    lock = auth_lock_key(ip=client_ip)
     names = [_cache_key(digest), _used_key(digest)] + ([_app_cache_key(app_guess)] if app_guess else [])
-    entries = cache.get_many(names)  # one round trip with Redis
+    entries = cache.get_many(names + ([lock] if lock else []))  # one round trip with Redis
+    locked_for = auth_lock_remaining(entries.get(lock))
+    if locked_for:
+        raise too_many_auth_failures(locked_for)
     cached = entries.get(_cache_key(digest))
     if cached == "invalid":
+        auth_failure_record(ip=client_ip)
         raise unauthorized("Access token is invalid")
     if cached is None:
         key = ApiKey.objects.filter(key_hash=digest, revoked_at__isnull=True).only("id", "app_id").first()
         if key is None:
             cache.set(_cache_key(digest), "invalid", CACHE_TTL_INVALID)
+            auth_failure_record(ip=client_ip)
             raise unauthorized("Access token is invalid")
         cached = {"key_id": str(key.pk), "app_id": str(key.app_id)}
         cache.set(_cache_key(digest), cached, CACHE_TTL)

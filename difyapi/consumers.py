@@ -44,6 +44,7 @@ from difyapi.chat import (
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError
 from difyapi.sse import HEADERS, PING, encode_event, json_bytes
 from difyapi.validation import parse_json_body, user_from
+from opsagent.middleware import scope_client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 class DifyHttpConsumer(AsyncConsumer):
-    """One Dify JSON request: collects the body, hands it to `respond` in a task, and stops on disconnect."""
+    """One Dify JSON request: collects the body, hands it to `respond` in a task, and stops on disconnect. A body
+    that comes in several parts (anything over one read, so possibly large) has its key checked before the rest is
+    buffered; a body in one part, which is most requests, is checked in the request's single hop instead. (The size
+    of a body is bounded before it gets here: opsagent.limits.)"""
 
     # The run listens on its own stop group; the consumer itself needs no channel (and no channel-layer round trip).
     channel_layer_alias = None
@@ -70,12 +74,15 @@ class DifyHttpConsumer(AsyncConsumer):
         super().__init__(*args, **kwargs)
         self.body: list[bytes] = []
         self.task: asyncio.Task | None = None
+        self.context: AppContext | None = None  # set when the key was checked before the body had arrived
 
     async def http_request(self, message: dict[str, Any]) -> None:
         self.body.append(message.get("body", b""))
-        if message.get("more_body"):
+        if not message.get("more_body"):
+            self.task = asyncio.create_task(self._answer_errors(self._respond(b"".join(self.body))))
             return
-        self.task = asyncio.create_task(self._respond_safely(b"".join(self.body)))
+        if self.context is None and not await self._answer_errors(self._admit()):
+            raise StopConsumer()  # answered: the rest of the body is never read
 
     async def http_disconnect(self, message: dict[str, Any]) -> None:
         if self.task is not None and not self.task.done():
@@ -84,11 +91,20 @@ class DifyHttpConsumer(AsyncConsumer):
                 await self.task
         raise StopConsumer()
 
-    async def _respond_safely(self, body: bytes) -> None:
+    async def _admit(self) -> None:
+        if self.scope.get("method") != "POST":
+            raise METHOD_NOT_ALLOWED
+        self.context = await self.authenticate()
+
+    async def _respond(self, body: bytes) -> None:
+        if self.scope.get("method") != "POST":
+            raise METHOD_NOT_ALLOWED
+        await self.respond(body)
+
+    async def _answer_errors(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run `work`; an error it raises is answered in the Dify envelope (False). Never a traceback to the client."""
         try:
-            if self.scope.get("method") != "POST":
-                raise METHOD_NOT_ALLOWED
-            await self.respond(body)
+            await work
         except DifyError as exc:
             await self.send_json(exc.status, exc.payload(), headers=exc.headers)
         except asyncio.CancelledError:
@@ -96,12 +112,19 @@ class DifyHttpConsumer(AsyncConsumer):
         except Exception:
             logger.exception("Dify request failed: %s", self.scope.get("path"))
             await self.send_json(INTERNAL.status, INTERNAL.payload())
+        else:
+            return True
+        return False
 
     async def respond(self, body: bytes) -> None:
         raise NotImplementedError
 
     async def authenticate(self) -> AppContext:
-        return await database_sync_to_async(authenticate)(_header(self.scope, b"authorization"))
+        if self.context is not None:
+            return self.context
+        return await database_sync_to_async(authenticate)(
+            _header(self.scope, b"authorization"), client_ip=scope_client_ip(self.scope)
+        )
 
     def payload(self, body: bytes) -> dict[str, Any]:
         return parse_json_body(body, _header(self.scope, b"content-type"))
@@ -112,10 +135,13 @@ class DifyHttpConsumer(AsyncConsumer):
         await self.send({"type": "http.response.body", "body": json_bytes(data)})
 
 
-def _chat_turn(header: str | None, body: bytes, content_type: str | None) -> tuple[ChatCall, Turn]:
-    """Authentication, validation and the turn's rows in one hop off the event loop: every hop costs a database
-    connection and a turn of the shared ORM thread, which all concurrent requests wait for."""
-    context = authenticate(header)
+def _chat_turn(
+    header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None
+) -> tuple[ChatCall, Turn]:
+    """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
+    loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
+    wait for."""
+    context = context or authenticate(header, client_ip=client_ip)
     payload = parse_json_body(body, content_type)
     try:
         call = chat_call_build(app=context.app, payload=payload)
@@ -144,7 +170,8 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         saver = SaverOpening()
         try:
             call, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
-                _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type")
+                _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
+                scope_client_ip(self.scope), self.context,
             ))
             try:
                 if call.streaming:

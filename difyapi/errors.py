@@ -32,6 +32,20 @@ def unauthorized(message: str) -> DifyError:
     return DifyError("unauthorized", message, 401, headers={"WWW-Authenticate": 'Bearer realm="api"'})
 
 
+def too_many_auth_failures(retry_after: int) -> DifyError:
+    return DifyError(
+        "too_many_requests",
+        f"Too many failed authentication attempts from this address. Try again in {retry_after} seconds.",
+        429,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def request_too_large(limit: int) -> DifyError:
+    """A body over the endpoint's limit (Werkzeug's RequestEntityTooLarge, as Dify names it)."""
+    return DifyError("request_entity_too_large", f"The request body is too large: at most {limit} bytes.", 413)
+
+
 def invalid_param(message: str) -> DifyError:
     return DifyError("invalid_param", message, 400)
 

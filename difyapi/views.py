@@ -7,7 +7,8 @@ import html
 import logging
 from collections.abc import Callable
 
-from django.core.exceptions import TooManyFilesSent
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
 from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
@@ -16,7 +17,7 @@ from agentcore.generation import message_suggested_questions
 from agentcore.models import AgentApp
 from difyapi import filetypes, presenters, selectors, services
 from difyapi.auth import authenticate
-from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found
+from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found, request_too_large
 from difyapi.presenters import dify_json_response
 from difyapi.validation import (
     bool_from,
@@ -30,6 +31,7 @@ from difyapi.validation import (
     user_from,
     uuid_from,
 )
+from opsagent.middleware import client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,15 @@ def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
                         headers={"Allow": ", ".join(sorted(allowed))},
                     )
                 if authenticated:
-                    app = authenticate(request.META.get("HTTP_AUTHORIZATION")).app
+                    app = authenticate(request.META.get("HTTP_AUTHORIZATION"), client_ip=client_ip(request)).app
                     return view(request, app, *args, **kwargs)
                 return view(request, *args, **kwargs)
             except DifyError as exc:
                 return exc.response()
+            except RequestDataTooBig:
+                # Form fields beside an upload's file over DATA_UPLOAD_MAX_MEMORY_SIZE (opsagent.limits refuses
+                # larger bodies before they get here).
+                return request_too_large(settings.DATA_UPLOAD_MAX_MEMORY_SIZE).response()
             except Exception:
                 logger.exception("unhandled error in %s", view.__name__)
                 return INTERNAL.response()

@@ -1,4 +1,5 @@
-"""ASGI entry point: Django for HTTP, with the Dify streaming consumer and the agent WebSocket routed by Channels."""
+"""ASGI entry point: Django for HTTP, with the Dify streaming consumer and the agent WebSocket routed by Channels, all
+behind the limits on request bodies and WebSocket messages."""
 import os
 
 from django.core.asgi import get_asgi_application
@@ -12,10 +13,14 @@ from django.urls import re_path  # noqa: E402
 
 from agentcore.routing import websocket_application  # noqa: E402
 from difyapi.routing import http_urlpatterns as dify_http_urlpatterns  # noqa: E402
+from opsagent import daphne_limits  # noqa: E402
+from opsagent.limits import HttpBodyLimit, WebSocketMessageLimit  # noqa: E402
+
+daphne_limits.install()
 
 application = ProtocolTypeRouter(
     {
-        "http": URLRouter([*dify_http_urlpatterns, re_path(r"", django_asgi_app)]),
-        "websocket": websocket_application,
+        "http": HttpBodyLimit(URLRouter([*dify_http_urlpatterns, re_path(r"", django_asgi_app)])),
+        "websocket": WebSocketMessageLimit(websocket_application),
     }
 )

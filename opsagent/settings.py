@@ -153,7 +153,7 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "opsagent.authentication.ThrottledTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -211,7 +211,22 @@ UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_IMAGE_FILE_SIZE_LIMIT", defaul
 UPLOAD_AUDIO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_AUDIO_FILE_SIZE_LIMIT", default=50)
 UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_VIDEO_FILE_SIZE_LIMIT", default=100)
 WORKFLOW_FILE_UPLOAD_LIMIT = env.int("WORKFLOW_FILE_UPLOAD_LIMIT", default=10)
-DATA_UPLOAD_MAX_MEMORY_SIZE = 110 * 1024 * 1024
+
+# Limits and throttling (issue 15: request sizes, guessing). See opsagent/limits.py and opsagent/throttling.py.
+# Every request body except an upload's (whose limit follows the upload size limits above) and every non-file field
+# of a form.
+REQUEST_BODY_MAX_BYTES = env.int("REQUEST_BODY_MAX_BYTES", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
+WEBSOCKET_MESSAGE_MAX_BYTES = env.int("WEBSOCKET_MESSAGE_MAX_BYTES", default=1024 * 1024)
+# Failed authentications (wrong app keys, API tokens, admin passwords) per client address: at the limit within the
+# window, the address is refused (429) for one window, whatever it sends. 0 turns the limit off.
+AUTH_FAILURE_LIMIT = env.int("AUTH_FAILURE_LIMIT", default=20)
+AUTH_FAILURE_WINDOW_SECONDS = env.int("AUTH_FAILURE_WINDOW_SECONDS", default=300)
+# Failed admin logins per username, from any address: at the limit, the username is locked for this long.
+ADMIN_LOGIN_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
+ADMIN_LOGIN_LOCKOUT_SECONDS = env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900)
+# Addresses of reverse proxies whose X-Forwarded-For is believed (empty: the connection's address is the client's).
+TRUSTED_PROXY_IPS = env.list("TRUSTED_PROXY_IPS", default=[])
 
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
 

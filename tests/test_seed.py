@@ -109,7 +109,7 @@ def test_seed_creates_the_demo_app_with_a_working_key_once(env):
     first = _seed()
     key = next(line.strip() for line in first.splitlines() if line.strip().startswith("app-"))
     assert AgentApp.objects.get().mode == "agent-chat"
-    assert authenticate(f"Bearer {key}").app == AgentApp.objects.get()
+    assert authenticate(f"Bearer {key}", client_ip="127.0.0.1").app == AgentApp.objects.get()
 
     second = _seed()
     assert key not in second
