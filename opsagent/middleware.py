@@ -106,7 +106,6 @@ def _client_address(remote: str | None, forwarded: str | None) -> str | None:
     return hops[0] if hops else remote
 
 
-
 # Enough to tell clients apart; a client-chosen header must not grow the audit table without bound.
 USER_AGENT_LIMIT = 300
 
