@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from agentcore.models import MCPServer, ToolPolicy
+from tests.stored_secrets import assert_stored_encrypted
 
 pytestmark = pytest.mark.django_db
 
@@ -68,6 +69,7 @@ def test_mcp_server_secrets_are_write_only_and_masked(staff_client, user_client)
     assert response.status_code == 200
     server = MCPServer.objects.get(id=server_id)
     assert server.headers == {"Authorization": f"Bearer {SECRET}"} and not server.enabled
+    assert_stored_encrypted(server, "headers", {"Authorization": f"Bearer {SECRET}"}, secrets=(SECRET,))
 
 
 def test_users_can_not_write_mcp_servers(user_client):

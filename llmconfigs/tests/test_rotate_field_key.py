@@ -6,71 +6,78 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from agentcore.models import MCPServer
-from llmconfigs.encryption import cipher_for
 from llmconfigs.models import AuditLog, LLMConfig
+from tests.stored_secrets import assert_stored_encrypted, field_key_cipher, stored_bytes
 
 pytestmark = pytest.mark.django_db
 
 OLD_KEY = "the-old-field-encryption-key"
-NEW_KEY = "the-new-field-encryption-key"
+API_KEY = "sk-rotate-me-1234567890"
+ENV = {"TOKEN": "env-secret"}
+HEADERS = {"Authorization": "Bearer header-secret"}
 
 
 @pytest.fixture
-def encrypted_with_old_key(settings, make_llm_config):
-    """Rows written while FIELD_ENCRYPTION_KEY was OLD_KEY; then the setting changes to NEW_KEY."""
-    _use_key(settings, OLD_KEY)
-    config = make_llm_config(api_key="sk-rotate-me-1234567890")
+def encrypted_with_old_key(make_llm_config):
+    """Rows as a server running with FIELD_ENCRYPTION_KEY=OLD_KEY left them, read by this one (the current key):
+    written through the ORM, then their columns overwritten with the values encrypted under OLD_KEY. Only rows
+    change, never the fields' wiring, so the encryption the project really configures is what the tests see."""
+    config = make_llm_config(api_key=API_KEY)
     server = MCPServer.objects.create(
-        name="ops", transport="streamable_http", url="http://127.0.0.1:1/mcp",
-        env={"TOKEN": "env-secret"}, headers={"Authorization": "Bearer header-secret"},
+        name="ops", transport="streamable_http", url="http://127.0.0.1:1/mcp", env=ENV, headers=HEADERS,
     )
-    _use_key(settings, NEW_KEY)
+    old = field_key_cipher(OLD_KEY)
+    _overwrite(config, "api_key", old.encrypt(pickle.dumps(API_KEY)))
+    _overwrite(server, "env", old.encrypt(pickle.dumps(ENV)))
+    _overwrite(server, "headers", old.encrypt(pickle.dumps(HEADERS)))
     return config, server
-
-
-def _use_key(settings, key: str) -> None:
-    """Point the encrypted fields at `key` as a restart with FIELD_ENCRYPTION_KEY=key would."""
-    settings.FIELD_ENCRYPTION_KEY = key
-    cipher = cipher_for(key)
-    for model, names in ((LLMConfig, ["api_key"]), (MCPServer, ["env", "headers"])):
-        for name in names:
-            model._meta.get_field(name)._fernet = cipher
-
-
-@pytest.fixture(autouse=True)
-def _restore_test_key(settings):
-    original = settings.FIELD_ENCRYPTION_KEY
-    yield
-    _use_key(settings, original)
 
 
 def test_rotation_re_encrypts_every_encrypted_field(encrypted_with_old_key, capsys):
     config, server = encrypted_with_old_key
-    assert _readable_key(config) != "sk-rotate-me-1234567890"  # unreadable with the new key until rotated
+    assert _readable_key(config) is None  # unreadable with the current key until rotated
 
     call_command("rotate_field_key", "--old-key", OLD_KEY)
 
-    assert LLMConfig.objects.get(pk=config.pk).api_key == "sk-rotate-me-1234567890"
+    assert LLMConfig.objects.get(pk=config.pk).api_key == API_KEY
     fresh = MCPServer.objects.get(pk=server.pk)
-    assert fresh.env == {"TOKEN": "env-secret"}
-    assert fresh.headers == {"Authorization": "Bearer header-secret"}
+    assert (fresh.env, fresh.headers) == (ENV, HEADERS)
+    assert_stored_encrypted(config, "api_key", API_KEY, secrets=(API_KEY,))
+    assert_stored_encrypted(server, "env", ENV, secrets=("env-secret",))
+    assert_stored_encrypted(server, "headers", HEADERS, secrets=("header-secret",))
     out = capsys.readouterr().out
-    assert "llmconfigs.LLMConfig.api_key: 1 value(s)" in out
-    assert "agentcore.MCPServer.headers: 1 value(s)" in out
+    assert "llmconfigs.LLMConfig.api_key: 1 value(s) re-encrypted." in out
+    assert "agentcore.MCPServer.env: 1 value(s) re-encrypted." in out
+    assert "agentcore.MCPServer.headers: 1 value(s) re-encrypted." in out
     row = AuditLog.objects.get(action="rotate_key")
-    assert row.source == "command"
-    assert "OLD" not in str(row.changes) and OLD_KEY not in str(row.changes)
+    assert row.source == "command" and row.target_repr == "settings.FIELD_ENCRYPTION_KEY"
+    assert row.changes == {"rows": {"llmconfigs.LLMConfig.api_key": 1, "agentcore.MCPServer.env": 1,
+                                    "agentcore.MCPServer.headers": 1}}
 
 
 def test_a_wrong_old_key_is_refused_and_nothing_changes(encrypted_with_old_key):
-    config, _ = encrypted_with_old_key
-    table = LLMConfig._meta.db_table
-    before = _raw_keys(table)
+    config, server = encrypted_with_old_key
+    before = [stored_bytes(config, "api_key"), stored_bytes(server, "env"), stored_bytes(server, "headers")]
 
-    with pytest.raises(CommandError, match="does not decrypt"):
+    with pytest.raises(CommandError, match=r"The old key does not decrypt 1 of 1 value\(s\) of [\w.]+; nothing was"):
         call_command("rotate_field_key", "--old-key", "not-the-old-key")
 
-    assert _raw_keys(table) == before
+    assert [stored_bytes(config, "api_key"), stored_bytes(server, "env"), stored_bytes(server, "headers")] == before
+    assert not AuditLog.objects.filter(action="rotate_key").exists()
+
+
+def test_one_value_the_old_key_does_not_decrypt_refuses_the_whole_rotation(encrypted_with_old_key, make_llm_config):
+    config, server = encrypted_with_old_key
+    stray = make_llm_config(api_key="sk-under-a-third-key-000")
+    _overwrite(stray, "api_key", field_key_cipher("a-third-key").encrypt(pickle.dumps("sk-under-a-third-key-000")))
+    before = [stored_bytes(config, "api_key"), stored_bytes(stray, "api_key"), stored_bytes(server, "env")]
+
+    refusal = r"does not decrypt 1 of 2 value\(s\) of llmconfigs.LLMConfig.api_key"
+    with pytest.raises(CommandError, match=refusal) as exc:
+        call_command("rotate_field_key", "--old-key", OLD_KEY)
+
+    assert "already decrypt" not in str(exc.value)  # the current key does not read it either: no "done before" hint
+    assert [stored_bytes(config, "api_key"), stored_bytes(stray, "api_key"), stored_bytes(server, "env")] == before
     assert not AuditLog.objects.filter(action="rotate_key").exists()
 
 
@@ -80,25 +87,32 @@ def test_rerunning_after_a_rotation_says_it_was_already_done(encrypted_with_old_
         call_command("rotate_field_key", "--old-key", OLD_KEY)
 
 
-def _raw_keys(table: str) -> list[bytes]:
+def test_an_empty_old_key_is_refused():
+    with pytest.raises(CommandError, match="--old-key must not be empty"):
+        call_command("rotate_field_key", "--old-key", "")
+
+
+def _overwrite(instance, field_name: str, raw: bytes) -> None:
+    model, quote = type(instance), connection.ops.quote_name
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT api_key FROM {connection.ops.quote_name(table)} ORDER BY name")
-        return [bytes(row[0]) for row in cursor.fetchall()]
+        cursor.execute(
+            f"UPDATE {quote(model._meta.db_table)} SET {quote(model._meta.get_field(field_name).column)} = %s "
+            f"WHERE {quote(model._meta.pk.column)} = %s",
+            [connection.Database.Binary(raw), model._meta.pk.get_db_prep_value(instance.pk, connection)],
+        )
 
 
 def _readable_key(config) -> str | None:
     try:
         return LLMConfig.objects.get(pk=config.pk).api_key
-    except Exception:  # wrong AES key: bad padding or garbage that does not unpickle
+    except Exception:  # wrong key: the signature check fails
         return None
 
 
 def test_stored_keys_decrypt_with_the_field_key_alone_whatever_the_secret_key(settings, make_llm_config):
     config = make_llm_config(api_key="sk-independent-of-secret-key-42")
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT api_key FROM llmconfigs_llmconfig WHERE id = %s", [config.pk.hex if
-                       connection.vendor == "sqlite" else config.pk])
-        raw = bytes(cursor.fetchone()[0])
     settings.SECRET_KEY = "a-completely-different-django-secret"
 
-    assert pickle.loads(cipher_for(settings.FIELD_ENCRYPTION_KEY).decrypt(raw)) == "sk-independent-of-secret-key-42"
+    assert_stored_encrypted(config, "api_key", "sk-independent-of-secret-key-42",
+                            secrets=("sk-independent-of-secret-key-42",))
+    assert LLMConfig.objects.get(pk=config.pk).api_key == "sk-independent-of-secret-key-42"
