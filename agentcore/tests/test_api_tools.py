@@ -117,7 +117,8 @@ def test_mcp_server_test_connects_and_lists_tools(staff_client, user_client, tmp
     broken = MCPServer.objects.create(name="broken", command=sys.executable, args=[str(tmp_path / "missing.py")])
     response = staff_client.post(f"/api/mcp-servers/{broken.id}/test/")
     assert response.status_code == 200
-    assert response.json()["ok"] is False and response.json()["error"]
+    # The process starts, then exits on the missing script before the MCP handshake: the session sees it close.
+    assert response.json() == {"ok": False, "error": "McpError: Connection closed"}
 
 
 def test_schema_generates_without_warnings(staff_client, capsys):

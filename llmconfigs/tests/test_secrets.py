@@ -1,6 +1,7 @@
 """The key never reaches a log line or an error text, through a whole create / test / fail / update / delete cycle."""
 import logging
 
+import openai
 import pytest
 
 from llmconfigs.factory import provider_error
@@ -46,9 +47,10 @@ def test_provider_error_texts_are_scrubbed(make_llm_config, fake_upstream):
 
     config = make_llm_config(api_key=KEY)
     fake_upstream.script(Reply(status=403, error_message="key {api_key} is not allowed"))
-    with pytest.raises(Exception) as excinfo:  # noqa: B017 - whatever openai raises, we classify it next
+    with pytest.raises(openai.PermissionDeniedError) as excinfo:
         chat_model(config, streaming=False).invoke("hi")
     error = provider_error(excinfo.value, api_key=KEY)
+    assert (error.category, error.status_code) == ("auth", 403)
     assert KEY in str(excinfo.value)  # the raw exception does echo it: that is why we scrub
     assert KEY not in str(error) and KEY not in error.message
     assert "not allowed" in error.message
