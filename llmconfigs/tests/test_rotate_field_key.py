@@ -66,25 +66,44 @@ def test_a_wrong_old_key_is_refused_and_nothing_changes(encrypted_with_old_key):
     assert not AuditLog.objects.filter(action="rotate_key").exists()
 
 
-def test_one_value_the_old_key_does_not_decrypt_refuses_the_whole_rotation(encrypted_with_old_key, make_llm_config):
+def test_values_the_old_key_does_not_decrypt_refuse_the_whole_rotation(encrypted_with_old_key, make_llm_config):
     config, server = encrypted_with_old_key
-    stray = make_llm_config(api_key="sk-under-a-third-key-000")
-    _overwrite(stray, "api_key", field_key_cipher("a-third-key").encrypt(pickle.dumps("sk-under-a-third-key-000")))
-    before = [stored_bytes(config, "api_key"), stored_bytes(stray, "api_key"), stored_bytes(server, "env")]
+    strays = [make_llm_config(api_key=f"sk-under-a-third-key-00{n}") for n in (1, 2)]
+    third = field_key_cipher("a-third-key")
+    for n, stray in enumerate(strays, 1):
+        _overwrite(stray, "api_key", third.encrypt(pickle.dumps(f"sk-under-a-third-key-00{n}")))
+    rows = [config, *strays]
+    before = [stored_bytes(row, "api_key") for row in rows] + [stored_bytes(server, "env")]
 
-    refusal = r"does not decrypt 1 of 2 value\(s\) of llmconfigs.LLMConfig.api_key"
-    with pytest.raises(CommandError, match=refusal) as exc:
+    refusal = r"does not decrypt 2 of 3 value\(s\) of llmconfigs.LLMConfig.api_key; nothing was changed\.$"
+    with pytest.raises(CommandError, match=refusal):  # the current key does not read them either: no "done before"
         call_command("rotate_field_key", "--old-key", OLD_KEY)
 
-    assert "already decrypt" not in str(exc.value)  # the current key does not read it either: no "done before" hint
-    assert [stored_bytes(config, "api_key"), stored_bytes(stray, "api_key"), stored_bytes(server, "env")] == before
+    assert [stored_bytes(row, "api_key") for row in rows] + [stored_bytes(server, "env")] == before
     assert not AuditLog.objects.filter(action="rotate_key").exists()
 
 
-def test_rerunning_after_a_rotation_says_it_was_already_done(encrypted_with_old_key):
-    call_command("rotate_field_key", "--old-key", OLD_KEY)
-    with pytest.raises(CommandError, match="already decrypt with the current"):
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite has no row locks")
+def test_rotation_locks_the_rows_it_re_encrypts(encrypted_with_old_key):
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
         call_command("rotate_field_key", "--old-key", OLD_KEY)
+
+    reads = [q["sql"] for q in queries.captured_queries if "IS NOT NULL" in q["sql"]]  # the ciphertext reads
+    assert len(reads) == 3 and all(sql.endswith(" FOR UPDATE") for sql in reads), reads
+
+
+def test_rerunning_after_a_rotation_says_it_was_already_done(encrypted_with_old_key, make_llm_config):
+    second = make_llm_config(api_key="sk-a-second-key-to-rotate")
+    _overwrite(second, "api_key", field_key_cipher(OLD_KEY).encrypt(pickle.dumps("sk-a-second-key-to-rotate")))
+    call_command("rotate_field_key", "--old-key", OLD_KEY)
+    with pytest.raises(CommandError) as refused:
+        call_command("rotate_field_key", "--old-key", OLD_KEY)
+    assert str(refused.value) == (
+        "The old key does not decrypt 2 of 2 value(s) of llmconfigs.LLMConfig.api_key; nothing was changed. They "
+        "already decrypt with the current FIELD_ENCRYPTION_KEY: was the rotation done before?"
+    )
 
 
 def test_an_empty_old_key_is_refused():
