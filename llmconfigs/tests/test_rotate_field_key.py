@@ -106,9 +106,11 @@ def test_rerunning_after_a_rotation_says_it_was_already_done(encrypted_with_old_
     )
 
 
-def test_an_empty_old_key_is_refused():
-    with pytest.raises(CommandError, match="--old-key must not be empty"):
+def test_an_empty_or_missing_old_key_is_refused():
+    with pytest.raises(CommandError, match=r"^--old-key must not be empty\.$"):
         call_command("rotate_field_key", "--old-key", "")
+    with pytest.raises(CommandError, match=r"^Error: the following arguments are required: --old-key$"):
+        call_command("rotate_field_key")
 
 
 def _overwrite(instance, field_name: str, raw: bytes) -> None:
@@ -135,3 +137,12 @@ def test_stored_keys_decrypt_with_the_field_key_alone_whatever_the_secret_key(se
     assert_stored_encrypted(config, "api_key", "sk-independent-of-secret-key-42",
                             secrets=("sk-independent-of-secret-key-42",))
     assert LLMConfig.objects.get(pk=config.pk).api_key == "sk-independent-of-secret-key-42"
+
+
+def test_a_rotation_by_a_user_is_audited_under_their_name(encrypted_with_old_key, staff_user):
+    from llmconfigs.services import encrypted_fields_rotate_key
+
+    encrypted_fields_rotate_key(old_key=OLD_KEY, actor=staff_user, source="admin")
+
+    row = AuditLog.objects.get(action="rotate_key")
+    assert (row.actor, row.actor_repr, row.source) == (staff_user, "staff", "admin")
