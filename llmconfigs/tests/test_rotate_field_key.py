@@ -49,6 +49,7 @@ def test_rotation_re_encrypts_every_encrypted_field(encrypted_with_old_key, caps
     assert "llmconfigs.LLMConfig.api_key: 1 value(s) re-encrypted." in out
     assert "agentcore.MCPServer.env: 1 value(s) re-encrypted." in out
     assert "agentcore.MCPServer.headers: 1 value(s) re-encrypted." in out
+    assert out.endswith("\nEvery encrypted field now uses the current FIELD_ENCRYPTION_KEY.\n")
     row = AuditLog.objects.get(action="rotate_key")
     assert row.source == "command" and row.target_repr == "settings.FIELD_ENCRYPTION_KEY"
     assert row.changes == {"rows": {"llmconfigs.LLMConfig.api_key": 1, "agentcore.MCPServer.env": 1,

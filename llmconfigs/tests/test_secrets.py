@@ -59,3 +59,22 @@ def test_provider_error_texts_are_scrubbed(make_llm_config, fake_upstream):
 def test_repr_and_str_of_a_config_do_not_contain_the_key(make_llm_config):
     config = make_llm_config(api_key=KEY)
     assert KEY not in repr(config) and KEY not in str(config)
+
+
+def test_the_mask_shows_three_and_four_characters_only_of_keys_long_enough():
+    from llmconfigs.secrets import mask_secret
+
+    assert mask_secret("") == ""
+    assert mask_secret("sk-abcdefgh") == "…****"  # 11 characters: showing 7 would give most of it away
+    assert mask_secret("sk-abcdefghi") == "sk-…fghi"
+    assert mask_secret(KEY) == "sk-…6789"
+
+
+def test_scrub_masks_every_given_secret_of_four_characters_or_more_and_bearer_tokens():
+    from llmconfigs.secrets import scrub
+
+    assert scrub("pin 1234 and 1234 again", "1234") == "pin …**** and …**** again"
+    assert scrub("abc stays", "abc") == "abc stays"  # too short to scrub without mangling ordinary text
+    assert scrub(f"bad key {KEY}", "", KEY) == "bad key sk-…6789"
+    assert scrub("Authorization: BEARER abcdefgh12 rest") == "Authorization: BEARER [redacted] rest"
+    assert scrub("bearer short7 rest") == "bearer short7 rest"  # under 8 characters: not a key
