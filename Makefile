@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MANAGE := DJANGO_READ_DOT_ENV_FILE=1 $(PY) manage.py
 
-.PHONY: run test install install-dev lint bench
+.PHONY: run test install install-dev lint bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,17 @@ lint: install-dev
 
 bench: install-dev
 	$(PY) bench/llmconfigs_list.py
+
+# Mutation testing of the security-critical modules (configured in pyproject.toml, scores in docs/mutation.md): slow,
+# so not part of `make test` or CI. MUTANTS picks mutants by name pattern (whole modules, or the security-relevant
+# functions of larger ones), e.g. `make mutate MUTANTS='llmconfigs.pricing.*'`; the work copy and results are in mutants/.
+MUTANTS ?= llmconfigs.encryption.* llmconfigs.secrets.* llmconfigs.management.commands.rotate_field_key.* \
+	llmconfigs.pricing.* llmconfigs.services.x_llm_config_record_usage* llmconfigs.services.x_encrypted_fields_rotate_key* \
+	llmconfigs.services.x__decrypts* difyapi.selectors.* agentcore.services.x_approval_* difyapi.auth.* \
+	agentcore.remote_files.* agentcore.tools.builtin.x_address_refusal* agentcore.tools.builtin.x_ip_of* \
+	agentcore.tools.builtin.x_resolve* agentcore.tools.builtin.x_http_check* agentcore.api.permissions.*
+
+mutate: install-dev
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')
+	@echo "Surviving mutants (inspect one with: $(VENV)/bin/mutmut show NAME):"
+	@$(VENV)/bin/mutmut results | grep -v ': not checked$$' || echo "    none"

@@ -7,6 +7,7 @@ from django.core.management import CommandError, call_command
 
 from llmconfigs.models import LLMConfig
 from llmconfigs.providers import PROVIDERS
+from tests.stored_secrets import assert_stored_encrypted
 
 pytestmark = pytest.mark.django_db
 
@@ -46,6 +47,7 @@ def test_llm_variables_map_to_the_default_config(env):
         "default-deepseek", "deepseek", "deepseek-reasoner", "https://proxy.example.com/v1"
     )
     assert config.api_key == KEY and config.is_default and config.is_active
+    assert_stored_encrypted(config, "api_key", KEY, secrets=(KEY,))
     assert "Created default LLM config 'default-deepseek'" in out
     assert KEY not in out
 

@@ -12,6 +12,7 @@ from django.urls import reverse
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Thought, ToolPolicy
 from agentcore.tests import api_support
 from tests.fakes.upstream import Reply, ToolCall
+from tests.stored_secrets import assert_stored_encrypted
 
 agent_app = api_support.agent_app
 hit_target = api_support.hit_target
@@ -75,6 +76,7 @@ def test_mcp_secrets_are_kept_when_left_blank_and_replaced_when_given(admin_clie
     assert response.status_code == 302
     mcp_server.refresh_from_db()
     assert mcp_server.env == {"API_TOKEN": "new-value-123456"}
+    assert_stored_encrypted(mcp_server, "env", {"API_TOKEN": "new-value-123456"}, secrets=("new-value-123456",))
     response = admin_client.post(url, {**form, "env": '{"API_TOKEN": 5}'})
     assert response.status_code == 200 and "JSON object of strings" in response.content.decode()
 

@@ -126,7 +126,9 @@ def test_too_many_active_runs_is_429(user_client, plain_user, agent_app, fake_up
 
 @pytest.mark.django_db(transaction=True)
 def test_anonymous_chat_is_refused(api_client, agent_app):
-    assert api_client.post("/api/agent/chat/", {"message": "hi"}, format="json").status_code in (401, 403)
+    response = api_client.post("/api/agent/chat/", {"message": "hi"}, format="json")
+    assert response.status_code == 401  # not authenticated (403 would be "authenticated but not allowed")
+    assert response.json() == {"detail": "Authentication credentials were not provided."}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -91,7 +91,9 @@ def test_staff_see_every_session(staff_client, plain_user, agent_app):
 
 
 def test_anonymous_is_refused(api_client, agent_app):
-    assert api_client.get("/api/sessions/").status_code in (401, 403)
+    response = api_client.get("/api/sessions/")
+    assert response.status_code == 401  # not authenticated (403 would be "authenticated but not allowed")
+    assert response.json() == {"detail": "Authentication credentials were not provided."}
 
 
 def test_messages_list_with_thoughts_in_constant_queries(user_client, plain_user, agent_app):

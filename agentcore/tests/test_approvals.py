@@ -142,10 +142,12 @@ async def test_run_shell_needs_a_staff_approval_and_never_runs_before(ops_app, p
 async def test_run_shell_stays_approval_only(transactional_db):
     from agentcore.errors import InvalidInput
 
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match=r"^run_shell always requires an approval\.$") as caught:
         await database_sync_to_async(tool_policy_update)(name="run_shell", requires_approval=False)
-    with pytest.raises(InvalidInput):
+    assert caught.value.field == "requires_approval"
+    with pytest.raises(InvalidInput, match=r"^Only staff may approve run_shell\.$") as caught:
         await database_sync_to_async(tool_policy_update)(name="run_shell", approver="requester")
+    assert caught.value.field == "approver"
 
 
 async def test_a_new_query_supersedes_a_paused_turn(ops_app, plain_user, fake_upstream, counting_target,

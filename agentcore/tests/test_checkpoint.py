@@ -115,7 +115,7 @@ async def test_runs_on_one_loop_share_one_sqlite_checkpoint_connection(plain_cha
     finally:
         await checkpoint.checkpoint_pools_close()
     assert loop not in checkpoint._sqlite_connections
-    with pytest.raises(ValueError):  # closed
+    with pytest.raises(ValueError, match="^no active connection$"):  # closed, not merely failing
         await conn.execute("SELECT 1")
 
 

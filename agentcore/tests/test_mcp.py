@@ -39,7 +39,9 @@ async def test_server_test_lists_its_tools_and_creates_policies(ops_server):
 def test_server_test_reports_a_broken_server(transactional_db):
     server = MCPServer.objects.create(name="broken", transport="stdio", command="/nonexistent/mcp-server")
     result = mcp_server_test(server=server)
-    assert result["ok"] is False and result["error"]
+    # The reason, not just any failure: the command could not be started.
+    assert result == {"ok": False, "error": "FileNotFoundError: [Errno 2] No such file or directory: "
+                                            "'/nonexistent/mcp-server'"}
 
 
 async def test_agent_calls_an_mcp_tool_end_to_end(ops_app, plain_user, fake_upstream, ops_server):

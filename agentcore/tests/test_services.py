@@ -35,8 +35,9 @@ def test_session_create_and_update_validate_model_and_parameters(ops_app, plain_
     with pytest.raises(InvalidParameter) as caught:  # zhipu refuses temperature 0
         session_update(session=session, model_parameters={"temperature": 0})
     assert caught.value.field == "model_parameters"
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match=r"^Unknown model parameter\(s\): seed; allowed: ") as caught:
         session_update(session=session, model_parameters={"seed": 1})
+    assert caught.value.field == "model_parameters"
     with pytest.raises(ConfigNotFound) as caught:
         session_update(session=session, llm_config_id="00000000-0000-0000-0000-000000000000")
     assert caught.value.field == "llm_config_id"
@@ -77,8 +78,11 @@ def test_task_replace_and_list(ops_app, plain_user):
     task_replace(session_id=session.pk, tasks=[{"title": "a"}, {"title": "b", "status": "done"}])
     task_replace(session_id=session.pk, tasks=[{"title": "c", "status": "in_progress"}])
     assert [(t.title, t.status) for t in task_list(session=session)] == [("c", "in_progress")]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^unknown status 'someday'; use one of "):
         task_replace(session_id=session.pk, tasks=[{"title": "x", "status": "someday"}])
+    with pytest.raises(ValueError, match=r"^every step needs a title$"):
+        task_replace(session_id=session.pk, tasks=[{"title": "  ", "status": "done"}])
+    assert [(t.title, t.status) for t in task_list(session=session)] == [("c", "in_progress")]  # nothing half-written
 
 
 def test_approval_list_and_decide(ops_app, plain_user, staff_user):
@@ -89,8 +93,9 @@ def test_approval_list_and_decide(ops_app, plain_user, staff_user):
     approval_decide(approval_id=approval.pk, decision="reject", comment="no", user=staff_user)
     assert list(approval_list(status="pending")) == []
     assert approval_list(status="rejected").get().decided_by == staff_user
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match=r"^decision must be 'approve' or 'reject'\.$") as caught:
         approval_decide(approval_id=approval.pk, decision="maybe")
+    assert caught.value.field == "decision"
 
 
 def test_message_close_stale(ops_app, plain_user, settings):

@@ -205,8 +205,9 @@ def test_tool_policy_update(db):
     with pytest.raises(InvalidInput) as caught:
         tool_policy_update(name="nope", enabled=True)
     assert caught.value.field == "name"
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match=r"^approver must be one of requester, staff\.$") as caught:
         tool_policy_update(name="dns_lookup", approver="anyone")
+    assert caught.value.field == "approver"
     assert tool_policy_update(name="run_shell", enabled=True).enabled is True
     tool_policy_sync_twice = [tool_list(), tool_list()]
     assert len(tool_policy_sync_twice[0]) == len(tool_policy_sync_twice[1])

@@ -265,7 +265,7 @@ async def test_an_inactive_config_is_refused_naming_it(chat_app, make_llm_config
     inactive = await sync_to_async(make_llm_config)(name="retired", model_name="fake-retired", is_active=False)
     status, data = await post(key, body(model_config_id=str(inactive.pk)))
     assert status == 400 and data["code"] == "invalid_param"
-    assert "model_config_id" in data["message"] or "retired" in data["message"]
+    assert data["message"] == "LLM config 'retired' (model_config_id) is inactive."
     assert fake_upstream.chat_requests == []
 
 

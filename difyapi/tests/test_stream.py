@@ -167,15 +167,17 @@ async def test_agent_chat_stream_with_a_tool_call(agent_app, fake_upstream):
 
 
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "category", "text"),
     [
-        Reply(status=401, error_message="Incorrect API key provided: {api_key}"),
-        Reply(status=429, error_message="Rate limit reached for requests"),
-        Reply(status=500, error_message="upstream exploded"),
+        (Reply(status=401, error_message="Incorrect API key provided: {api_key}"), "auth",
+         "Incorrect API key provided"),
+        (Reply(status=429, error_message="Rate limit reached for requests"), "rate_limit",
+         "Rate limit reached for requests"),
+        (Reply(status=500, error_message="upstream exploded"), "upstream_error", "upstream exploded"),
     ],
 )
 async def test_upstream_failure_after_the_stream_started_is_one_error_event(chat_app, default_llm_config,
-                                                                             fake_upstream, reply):
+                                                                             fake_upstream, reply, category, text):
     _, key = chat_app
     fake_upstream.script(reply)
     call, raw = await stream(key, body())
@@ -187,7 +189,8 @@ async def test_upstream_failure_after_the_stream_started_is_one_error_event(chat
     assert (error["status"], error["code"]) == (400, "completion_request_error")
     assert default_llm_config.api_key not in raw.decode()
     message = await Message.objects.aget(pk=error["message_id"])
-    assert message.status == "error" and message.error
+    assert (message.status, message.error_category) == ("error", category)
+    assert text in message.error and text in error["message"]
 
 
 async def test_cut_stream_saves_the_partial_answer_as_error(chat_app, fake_upstream):

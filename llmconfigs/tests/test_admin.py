@@ -6,6 +6,7 @@ from django.urls import reverse
 
 from llmconfigs.models import AuditLog, LLMConfig
 from tests.fakes.upstream import Reply
+from tests.stored_secrets import assert_stored_encrypted
 
 pytestmark = pytest.mark.django_db
 
@@ -100,6 +101,7 @@ def test_a_new_key_replaces_it_and_history_does_not_contain_it(admin_client, mak
     new_key = "sk-brand-new-admin-key-1234abcd"
     admin_client.post(_change_url(config), _form(config, new_api_key=new_key))
     assert LLMConfig.objects.get(pk=config.pk).api_key == new_key
+    assert_stored_encrypted(config, "api_key", new_key, secrets=(new_key,))
 
     entry = LogEntry.objects.get(object_id=str(config.pk))
     assert new_key not in entry.change_message and KEY not in entry.change_message

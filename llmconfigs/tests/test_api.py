@@ -7,6 +7,7 @@ from django.db import IntegrityError
 
 from llmconfigs.models import AuditLog, LLMConfig
 from tests.fakes.upstream import Reply
+from tests.stored_secrets import assert_stored_encrypted
 
 pytestmark = pytest.mark.django_db
 
@@ -63,7 +64,9 @@ def test_create_returns_masked_config_and_stores_encrypted_key(staff_client, fak
     assert "api_key" not in data
     assert data["api_key_mask"] == "sk-…cdef"
     assert data["temperature"] == 0.4 and data["is_default"] is False
-    assert LLMConfig.objects.get(pk=data["id"]).api_key == KEY
+    config = LLMConfig.objects.get(pk=data["id"])
+    assert config.api_key == KEY
+    assert_stored_encrypted(config, "api_key", KEY, secrets=(KEY, KEY[-12:]))
     audit = AuditLog.objects.get(action="create")
     assert (audit.actor, audit.source, audit.ip_address) == (staff_user, "api", "10.9.8.7")
 

@@ -70,10 +70,10 @@ def test_override_outside_provider_range_is_refused_with_field(make_llm_config, 
 def test_upstream_401_is_classified_and_key_scrubbed(make_llm_config, fake_upstream):
     config = make_llm_config()
     fake_upstream.script(Reply(status=401, error_message="Incorrect API key provided: {api_key}"))
-    with pytest.raises(Exception) as excinfo:
+    with pytest.raises(openai.AuthenticationError) as excinfo:
         chat_model(config, streaming=False).invoke("hi")
     error = provider_error(excinfo.value, api_key=config.api_key)
-    assert error.category == "auth"
+    assert (error.category, error.status_code) == ("auth", 401)
     assert config.api_key not in error.message
     assert "Incorrect API key provided" in error.message
 

@@ -1,6 +1,7 @@
 """The key never reaches a log line or an error text, through a whole create / test / fail / update / delete cycle."""
 import logging
 
+import openai
 import pytest
 
 from llmconfigs.factory import provider_error
@@ -46,9 +47,10 @@ def test_provider_error_texts_are_scrubbed(make_llm_config, fake_upstream):
 
     config = make_llm_config(api_key=KEY)
     fake_upstream.script(Reply(status=403, error_message="key {api_key} is not allowed"))
-    with pytest.raises(Exception) as excinfo:  # noqa: B017 - whatever openai raises, we classify it next
+    with pytest.raises(openai.PermissionDeniedError) as excinfo:
         chat_model(config, streaming=False).invoke("hi")
     error = provider_error(excinfo.value, api_key=KEY)
+    assert (error.category, error.status_code) == ("auth", 403)
     assert KEY in str(excinfo.value)  # the raw exception does echo it: that is why we scrub
     assert KEY not in str(error) and KEY not in error.message
     assert "not allowed" in error.message
@@ -57,3 +59,22 @@ def test_provider_error_texts_are_scrubbed(make_llm_config, fake_upstream):
 def test_repr_and_str_of_a_config_do_not_contain_the_key(make_llm_config):
     config = make_llm_config(api_key=KEY)
     assert KEY not in repr(config) and KEY not in str(config)
+
+
+def test_the_mask_shows_three_and_four_characters_only_of_keys_long_enough():
+    from llmconfigs.secrets import mask_secret
+
+    assert mask_secret("") == ""
+    assert mask_secret("sk-abcdefgh") == "…****"  # 11 characters: showing 7 would give most of it away
+    assert mask_secret("sk-abcdefghi") == "sk-…fghi"
+    assert mask_secret(KEY) == "sk-…6789"
+
+
+def test_scrub_masks_every_given_secret_of_four_characters_or_more_and_bearer_tokens():
+    from llmconfigs.secrets import scrub
+
+    assert scrub("pin 1234 and 1234 again", "1234") == "pin …**** and …**** again"
+    assert scrub("abc stays", "abc") == "abc stays"  # too short to scrub without mangling ordinary text
+    assert scrub(f"bad key {KEY}", "", KEY) == "bad key sk-…6789"
+    assert scrub("Authorization: BEARER abcdefgh12 rest") == "Authorization: BEARER [redacted] rest"
+    assert scrub("bearer short7 rest") == "bearer short7 rest"  # under 8 characters: not a key

@@ -158,6 +158,26 @@ def test_record_usage_adds_counts_tokens_and_cost(make_llm_config):
     assert fresh.last_used_at is not None
 
 
+def test_record_usage_sums_costs_ignores_negative_counts_and_touches_only_its_config(make_llm_config):
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    config, other = make_llm_config(), make_llm_config()
+    before = timezone.now()
+    llm_config_record_usage(config_id=config.pk, prompt_tokens=4, completion_tokens=6, cost=Decimal("0.0000030"))
+    llm_config_record_usage(config_id=str(config.pk), prompt_tokens=-5, completion_tokens=-7,
+                            cost=Decimal("0.0000012"))
+    fresh = LLMConfig.objects.get(pk=config.pk)
+    assert (fresh.usage_count, fresh.prompt_tokens_total, fresh.completion_tokens_total, fresh.total_tokens_total) == (
+        2, 4, 6, 10
+    )
+    assert fresh.cost_total == Decimal("0.0000042")
+    assert before <= fresh.last_used_at <= timezone.now()
+    untouched = LLMConfig.objects.get(pk=other.pk)
+    assert (untouched.usage_count, untouched.total_tokens_total, untouched.last_used_at) == (0, 0, None)
+
+
 # ----- connection test against the real fake upstream -----
 
 
