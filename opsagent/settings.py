@@ -64,6 +64,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
     "opsagent.middleware.RequestLogMiddleware",
+    "opsagent.middleware.QueryTextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -157,7 +158,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["opsagent.parsers.BoundedJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "opsagent.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -214,6 +215,26 @@ UPLOAD_AUDIO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_AUDIO_FILE_SIZE_LIMIT", defaul
 UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_VIDEO_FILE_SIZE_LIMIT", default=100)
 WORKFLOW_FILE_UPLOAD_LIMIT = env.int("WORKFLOW_FILE_UPLOAD_LIMIT", default=10)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 110 * 1024 * 1024
+
+# Input limits (issue 15): bounds on what is inside a client's request, on every surface (README "Input limits").
+# Any JSON a client sends (/v1 and /api bodies, WebSocket frames) may nest at most this deep.
+JSON_MAX_DEPTH = env.int("JSON_MAX_DEPTH", default=32)
+# A chat query (/v1 `query`, /api and WebSocket `message`), in characters.
+QUERY_MAX_LENGTH = env.int("QUERY_MAX_LENGTH", default=100_000)
+# A chat's or session's `inputs`: compact JSON size, keys (counted at every level), key and string lengths, depth.
+INPUTS_MAX_BYTES = env.int("INPUTS_MAX_BYTES", default=64 * 1024)
+INPUTS_MAX_KEYS = env.int("INPUTS_MAX_KEYS", default=100)
+INPUTS_MAX_KEY_LENGTH = env.int("INPUTS_MAX_KEY_LENGTH", default=255)
+INPUTS_MAX_VALUE_LENGTH = env.int("INPUTS_MAX_VALUE_LENGTH", default=32 * 1024)
+INPUTS_MAX_DEPTH = env.int("INPUTS_MAX_DEPTH", default=5)
+# Feedback text on a message (/v1 `content`), in characters.
+FEEDBACK_CONTENT_MAX_LENGTH = env.int("FEEDBACK_CONTENT_MAX_LENGTH", default=10_000)
+# Uploads (/v1/files/upload) per end user and per app within a sliding window; 0 switches a bound off.
+UPLOAD_QUOTA_WINDOW_SECONDS = env.int("UPLOAD_QUOTA_WINDOW_SECONDS", default=24 * 3600)
+UPLOAD_QUOTA_USER_FILES = env.int("UPLOAD_QUOTA_USER_FILES", default=100)
+UPLOAD_QUOTA_USER_MB = env.int("UPLOAD_QUOTA_USER_MB", default=200)
+UPLOAD_QUOTA_APP_FILES = env.int("UPLOAD_QUOTA_APP_FILES", default=10_000)
+UPLOAD_QUOTA_APP_MB = env.int("UPLOAD_QUOTA_APP_MB", default=10_240)
 
 if not DEBUG:
     SESSION_COOKIE_HTTPONLY = True
