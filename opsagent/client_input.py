@@ -1,9 +1,11 @@
 """What every value a client sends must be before any surface reads it: JSON no deeper than JSON_MAX_DEPTH, text
-without NUL characters (PostgreSQL refuses them) or lone surrogates (they cannot be encoded as UTF-8), and JSON
-objects within the size bounds a caller asks for. Each surface maps `ClientInputError` to its own wire format."""
+without NUL characters (PostgreSQL refuses them) or lone surrogates (they cannot be encoded as UTF-8), finite
+numbers, and JSON objects within the size bounds a caller asks for. Each surface maps `ClientInputError` to its own
+wire format."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +52,8 @@ def _too_deep() -> ClientInputError:
 
 def json_check(value: Any, *, strip_nul: Collection[str] = ()) -> None:
     """Walk a parsed JSON value without recursion: depth at most JSON_MAX_DEPTH, every key and string storable as
-    text. NUL characters are removed instead from the top-level string fields named in `strip_nul` (Dify strips them
-    from `query`)."""
+    text, every number finite. NUL characters are removed instead from the top-level string fields named in
+    `strip_nul` (Dify strips them from `query`)."""
     if isinstance(value, dict):
         for name in strip_nul:
             if isinstance(value.get(name), str):
@@ -64,6 +66,9 @@ def json_check(value: Any, *, strip_nul: Collection[str] = ()) -> None:
             problem = text_problem(item)
             if problem is not None:
                 raise ClientInputError(f"{path or 'value'} {problem}", field=_top(path))
+        elif isinstance(item, float) and not math.isfinite(item):
+            # NaN and Infinity (or 1e999) are not JSON: PostgreSQL's jsonb refuses them.
+            raise ClientInputError(f"{path or 'value'} must be a finite number", field=_top(path))
         elif isinstance(item, dict | list):
             if depth >= max_depth:
                 raise _too_deep()
