@@ -12,12 +12,15 @@ from django.http.request import validate_host
 from django.urls import path
 
 from agentcore.consumers import SessionConsumer
+from opsagent.client_input import text_problem
 
 
 @database_sync_to_async
 def _token_user(key: str):
     from rest_framework.authtoken.models import Token
 
+    if text_problem(key) is not None:  # a NUL character: no token has one, and PostgreSQL would refuse the query
+        return None
     token = Token.objects.select_related("user").filter(key=key).first()
     return token.user if token and token.user.is_active else None
 

@@ -14,7 +14,9 @@ from opsagent.client_input import text_problem
 logger = logging.getLogger("opsagent.requests")
 
 
-class RequestLogMiddleware:
+class HybridMiddleware:
+    """A middleware that runs on the event loop under ASGI (no thread hop per request) and plainly under WSGI."""
+
     sync_capable = True
     async_capable = True
 
@@ -22,6 +24,9 @@ class RequestLogMiddleware:
         self.get_response = get_response
         if iscoroutinefunction(get_response):
             markcoroutinefunction(self)
+
+
+class RequestLogMiddleware(HybridMiddleware):
 
     def __call__(self, request):
         if iscoroutinefunction(self):
@@ -63,17 +68,9 @@ def client_ip(request) -> str | None:
     return request.META.get("REMOTE_ADDR") or None
 
 
-class QueryTextMiddleware:
+class QueryTextMiddleware(HybridMiddleware):
     """Refuses a request whose path or query string holds text no column can store (a NUL character) before a view
     passes it to the database, in its surface's format: Dify's envelope under /v1, DRF's field errors elsewhere."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request):
         refusal = _query_text_refusal(request)
