@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import httpx
@@ -235,6 +236,39 @@ def test_refusals_name_the_field(daphne_server, v1_setup):
         response = client.get("/v1/app/feedbacks?page=" + BIGINT_PLUS)
         assert response.status_code == 400 and "page" in response.json()["message"]
     assert Message.objects.count() == 1  # nothing half-written
+
+
+def raw_request(server, method: str, path: str, header: bytes) -> tuple[int, bytes]:
+    """(status, body) of a request carrying a header no HTTP client library would send."""
+    request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n"
+               .encode() + header + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        chunks = b""
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            chunks, body = chunks + rest[: int(size, 16)], rest[int(size, 16) + 2:]
+        body = chunks
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_nul_in_headers_and_cookies(daphne_server, v1_setup, admin_user):
+    """The HTTP server itself refuses such a request (400, before the application): no token or session lookup ever
+    gets a NUL character."""
+    headers = [b"Authorization: Token abc\x00def", b"Authorization: Bearer app-\x00abc",
+               b"Cookie: sessionid=abcdefgh\x00ijkl; csrftoken=x", b"X-Anything: a\x00b"]
+    paths = [("GET", "/api/llm-configs/"), ("GET", "/api/sessions/"), ("POST", "/api/agent/chat/"),
+             ("GET", "/admin/"), ("GET", "/v1/info"), ("GET", "/v1/conversations"), ("POST", "/v1/chat-messages")]
+    for header in headers:
+        for method, path in paths:
+            status, body = raw_request(daphne_server, method, path, header)
+            assert status < 500, f"{method} {path} {header!r}: {status} {body[:200]!r}"
+    assert "Traceback" not in daphne_server.log()
 
 
 @pytest.fixture
