@@ -174,10 +174,12 @@ def _upload_quota_check(upload: UploadFile) -> None:
     ):
         used = rows.aggregate(files=Count("pk"), size=Sum("size"))
         if (max_files and used["files"] > max_files) or (max_mb and (used["size"] or 0) > max_mb * MB):
+            bounds = " and ".join(bound for bound in (max_files and f"{max_files} files", max_mb and f"{max_mb} MB")
+                                  if bound)
             raise DifyError(
                 "rate_limit_error",
-                f"Upload quota exceeded: this {scope} may upload at most {max_files or 'any number of'} files and "
-                f"{max_mb or 'any number of'} MB per {settings.UPLOAD_QUOTA_WINDOW_SECONDS} seconds.",
+                f"Upload quota exceeded: this {scope} may upload at most {bounds} per "
+                f"{settings.UPLOAD_QUOTA_WINDOW_SECONDS} seconds.",
                 429,
             )
 
