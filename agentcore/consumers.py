@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
 from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
+from opsagent.client_input import ClientInputError, json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         try:
-            content = json.loads(text_data or bytes_data or "")
+            content = json_loads(text_data or bytes_data or "")
+        except ClientInputError as exc:
+            fields = {exc.field: [exc.message]} if exc.field else None
+            await self._error("invalid_input", exc.message, fields=fields)
+            return
         except ValueError:
             await self._error("invalid_json", "Messages must be JSON objects.")
             return

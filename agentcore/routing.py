@@ -12,6 +12,7 @@ from django.http.request import validate_host
 from django.urls import path
 
 from agentcore.consumers import SessionConsumer
+from opsagent.client_input import text_problem
 from opsagent.middleware import scope_client_ip
 from opsagent.throttling import auth_failure_record, auth_locked_for
 
@@ -24,9 +25,11 @@ def _token_user(key: str, ip: str | None):
 
     if auth_locked_for(ip=ip):
         return None
-    token = Token.objects.select_related("user").filter(key=key).first()
-    if token and token.user.is_active:
-        return token.user
+    # A NUL character: no token has one, and PostgreSQL would refuse the query.
+    if text_problem(key) is None:
+        token = Token.objects.select_related("user").filter(key=key).first()
+        if token and token.user.is_active:
+            return token.user
     auth_failure_record(ip=ip)
     return None
 

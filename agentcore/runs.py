@@ -48,6 +48,7 @@ from agentcore.selectors import session_get_for, session_visible_q
 from agentcore.services import (
     approval_decide,
     approval_supersede,
+    inputs_check,
     message_close_stale_due,
     session_name_from,
 )
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
-QUERY_LIMIT = 100_000
 ATTACHMENT_TEXT_LIMIT = 100_000
 MAX_ATTACHMENTS = 10
 INTERNAL_ERROR = "The agent failed unexpectedly; the error was logged."
@@ -219,10 +219,9 @@ def _validate(request: TurnRequest) -> None:
     if request.approval is None:
         if not isinstance(request.query, str) or not request.query.strip():
             raise InvalidInput("query is required.", field="query")
-        if len(request.query) > QUERY_LIMIT:
-            raise InvalidInput(f"query is longer than {QUERY_LIMIT} characters.", field="query")
-    if not isinstance(request.inputs, dict):
-        raise InvalidInput("inputs must be an object.", field="inputs")
+        if len(request.query) > settings.QUERY_MAX_LENGTH:
+            raise InvalidInput(f"query is longer than {settings.QUERY_MAX_LENGTH} characters.", field="query")
+    inputs_check(request.inputs)
     if len(request.attachments) > MAX_ATTACHMENTS:
         raise InvalidInput(f"At most {MAX_ATTACHMENTS} files per message.", field="files")
     for attachment in request.attachments:

@@ -31,6 +31,7 @@ from llmconfigs.models import AuditLog
 from llmconfigs.secrets import url_origin
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
 from llmconfigs.services import audit_record
+from opsagent.client_input import ClientInputError, ObjectBounds, object_check
 
 STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
 NAME_LIMIT = 50
@@ -48,6 +49,24 @@ DEMO_SYSTEM_PROMPT = """You are OpsAgent, a careful site-reliability assistant.
 def session_name_from(query: str) -> str:
     query = " ".join(query.split())
     return query if len(query) <= NAME_LIMIT else query[:NAME_LIMIT - 3] + "..."
+
+
+def inputs_check(inputs: Any) -> dict[str, Any]:
+    """`inputs` (of a turn or a session) when it is an object within the INPUTS_* bounds; else InvalidInput."""
+    if not isinstance(inputs, dict):
+        raise InvalidInput("inputs must be an object.", field="inputs")
+    bounds = ObjectBounds(
+        max_bytes=settings.INPUTS_MAX_BYTES,
+        max_keys=settings.INPUTS_MAX_KEYS,
+        max_key_length=settings.INPUTS_MAX_KEY_LENGTH,
+        max_string_length=settings.INPUTS_MAX_VALUE_LENGTH,
+        max_depth=settings.INPUTS_MAX_DEPTH,
+    )
+    try:
+        object_check(inputs, field="inputs", bounds=bounds)
+    except ClientInputError as exc:
+        raise InvalidInput(exc.message, field="inputs") from None
+    return inputs
 
 
 def _validated_parameters(parameters: Any, *, config_id: Any, app: AgentApp) -> dict[str, Any]:
@@ -87,10 +106,11 @@ def _chat_config_id(llm_config_id: Any) -> Any:
 def session_create(*, app: AgentApp, owner=None, end_user: str = "", source: str = Session.Source.CONSOLE,
                    name: str = "", inputs: dict | None = None, llm_config_id: Any = None,
                    model_parameters: dict | None = None) -> Session:
+    inputs = inputs_check(inputs or {})
     config_id = _chat_config_id(llm_config_id)
     parameters = _validated_parameters(model_parameters, config_id=config_id, app=app)
     return Session.objects.create(app=app, owner=owner, end_user=end_user, source=source, name=name[:255],
-                                  inputs=inputs or {}, llm_config_id=config_id, model_parameters=parameters)
+                                  inputs=inputs, llm_config_id=config_id, model_parameters=parameters)
 
 
 def session_update(*, session: Session, llm_config_id: Any = _UNSET, model_parameters: Any = _UNSET,

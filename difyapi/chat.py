@@ -25,6 +25,7 @@ from agentcore.events import ApprovalRequired, RunEnd, RunError, RunStarted, Tex
 from agentcore.generation import session_generate_name
 from agentcore.models import AgentApp, Session, Thought
 from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
+from agentcore.services import inputs_check
 from difyapi.errors import APP_UNAVAILABLE, INTERNAL, DifyError, forbidden, invalid_param, not_found
 from difyapi.models import MessageFile, UploadFile
 from difyapi.presenters import (
@@ -55,6 +56,8 @@ PROVIDER_NOT_INITIALIZE = "provider_not_initialize"
 COMPLETION_REQUEST_ERROR = "completion_request_error"
 STREAM_INTERNAL_MESSAGE = "Internal Server Error, please contact support."
 AWAITING_APPROVAL = "Awaiting approval: answer with the `approval` field of the next message."
+# Dify strips NUL characters from the query (SPEC §2); in any other field they are refused.
+CHAT_NUL_STRIPPED = ("query",)
 
 
 # ----- the request -----
@@ -93,6 +96,7 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any]) -> ChatCall:
     inputs = payload.get("inputs")
     if not isinstance(inputs, dict):
         raise invalid_param("inputs is required" if inputs is None else "inputs must be an object")
+    inputs_check(inputs)  # what the client sent, before the form keeps its variables
     conversation_id = uuid_from(payload.get("conversation_id"), field="conversation_id")
     overrides = _overrides(payload, inputs)
     auto_generate_name = bool_from(payload.get("auto_generate_name"), field="auto_generate_name", default=True)
@@ -123,7 +127,6 @@ def _query(value: Any, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise invalid_param("query must be a string")
-    value = value.replace("\x00", "")
     if required and not value.strip():
         raise invalid_param("query is required")
     return value
@@ -241,6 +244,8 @@ def _file_upload_settings(app: AgentApp) -> tuple[bool, int, list[str] | None]:
     limit = config.get("number_limits") or image.get("number_limits")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         limit = settings.WORKFLOW_FILE_UPLOAD_LIMIT
+    # Dify's workflow limit caps every app's own number.
+    limit = min(limit, settings.WORKFLOW_FILE_UPLOAD_LIMIT)
     allowed = config.get("allowed_file_types")
     return enabled, limit, allowed if isinstance(allowed, list) and allowed else None
 

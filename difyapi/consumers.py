@@ -32,6 +32,7 @@ from agentcore.runs import (
 )
 from difyapi.auth import AppContext, authenticate
 from difyapi.chat import (
+    CHAT_NUL_STRIPPED,
     STREAM_INTERNAL_MESSAGE,
     ChatCall,
     DifyTurn,
@@ -142,7 +143,7 @@ def _chat_turn(
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
     wait for."""
     context = context or authenticate(header, client_ip=client_ip)
-    payload = parse_json_body(body, content_type)
+    payload = parse_json_body(body, content_type, strip_nul=CHAT_NUL_STRIPPED)
     try:
         call = chat_call_build(app=context.app, payload=payload)
         # With files, their rows are written in the turn's transaction: a turn never exists without them.

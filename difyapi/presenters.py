@@ -118,7 +118,8 @@ def file_signed_url(upload: UploadFile, *, base_url: str = "") -> str:
 
 
 def file_signature_valid(*, file_id: str, timestamp: str, nonce: str, sign: str) -> bool:
-    if not (timestamp.isdigit() and nonce and sign):
+    # Unix seconds: a few ASCII digits (str.isdigit also takes "²", and int() refuses thousands of digits).
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 20 and nonce and sign):
         return False
     if time.time() - int(timestamp) > FILE_URL_TTL:
         return False

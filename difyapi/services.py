@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Sum
 from django.utils import timezone
 
 from agentcore.errors import InvalidInput
@@ -15,6 +17,7 @@ from difyapi import filetypes
 from difyapi.auth import api_key_create
 from difyapi.errors import DifyError, invalid_param
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
+from opsagent.client_input import text_problem
 
 
 def end_user_get_or_create(*, app: AgentApp, user: str) -> EndUser:
@@ -126,15 +129,15 @@ def _file_head(uploaded: UploadedFile) -> bytes:
 
 
 def upload_file_create(*, app: AgentApp, end_user: EndUser, uploaded: UploadedFile) -> UploadFile:
-    """Validate and store one uploaded file under MEDIA_ROOT with Dify's checks and error codes (SPEC.md §8). Its
-    type is sniffed from its bytes: the client's declared type (required, as in Dify) and its name never decide
-    how the file is served."""
+    """Validate and store one uploaded file under MEDIA_ROOT with Dify's checks and error codes (SPEC.md §8), within
+    the end user's and the app's upload quotas. Its type is sniffed from its bytes: the client's declared type
+    (required, as in Dify) and its name never decide how the file is served."""
     filename = uploaded.name or ""
     if not uploaded.content_type:
         raise DifyError("unsupported_file_type", "File type not allowed.", 415)
     if not filename:
         raise DifyError("filename_not_exists_error", "The specified filename does not exist.", 400)
-    if "/" in filename or "\\" in filename:
+    if "/" in filename or "\\" in filename or text_problem(filename) is not None:
         raise invalid_param("Filename contains invalid characters")
     extension = file_extension(filename)
     kind = file_kind(extension)
@@ -151,11 +154,39 @@ def upload_file_create(*, app: AgentApp, end_user: EndUser, uploaded: UploadedFi
     )
     upload.file.save(filename, uploaded, save=False)
     try:
-        upload.save()
+        with transaction.atomic():
+            upload.save()
+            _upload_quota_check(upload)
     except Exception:
-        upload.file.delete(save=False)  # no orphaned bytes when the row could not be written
+        upload.file.delete(save=False)  # no orphaned bytes when the row could not be written or was over quota
         raise
     return upload
+
+
+def _upload_quota_check(upload: UploadFile) -> None:
+    """Refuse (rolling back the new row) an upload that takes its end user or its app over a quota in the window.
+
+    Race-free on both databases: the row is written first, so SQLite (one writer at a time) holds its write lock
+    while counting; on PostgreSQL the app row lock orders concurrent uploads of the app, and each counts after the
+    ones before it committed. So of two uploads racing for the last slot, the second always sees the first."""
+    AgentApp.objects.select_for_update().filter(pk=upload.app_id).first()
+    since = timezone.now() - timedelta(seconds=settings.UPLOAD_QUOTA_WINDOW_SECONDS)
+    recent = UploadFile.objects.filter(app_id=upload.app_id, created_at__gte=since)
+    for scope, rows, max_files, max_mb in (
+        ("end user", recent.filter(end_user_id=upload.end_user_id), settings.UPLOAD_QUOTA_USER_FILES,
+         settings.UPLOAD_QUOTA_USER_MB),
+        ("app", recent, settings.UPLOAD_QUOTA_APP_FILES, settings.UPLOAD_QUOTA_APP_MB),
+    ):
+        used = rows.aggregate(files=Count("pk"), size=Sum("size"))
+        if (max_files and used["files"] > max_files) or (max_mb and (used["size"] or 0) > max_mb * MB):
+            bounds = " and ".join(bound for bound in (max_files and f"{max_files} files", max_mb and f"{max_mb} MB")
+                                  if bound)
+            raise DifyError(
+                "rate_limit_error",
+                f"Upload quota exceeded: this {scope} may upload at most {bounds} per "
+                f"{settings.UPLOAD_QUOTA_WINDOW_SECONDS} seconds.",
+                429,
+            )
 
 
 # ----- apps and keys -----

@@ -1,16 +1,18 @@
 """Request parsing for /v1: JSON bodies, `user`, UUIDs, limits, choices, failing with Dify's errors (SPEC §1, §11)."""
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from difyapi.errors import INVALID_JSON, UNSUPPORTED_MEDIA_TYPE, invalid_param
+from opsagent.client_input import ClientInputError, json_loads, text_problem
 
 # Dify's shared end user for requests that may omit `user` (GET /messages, /conversations, /files/upload).
 DEFAULT_USER = "DEFAULT-USER"
 USER_REQUIRED_MESSAGE = "Arg user must be provided."
+# The EndUser column's width.
+USER_MAX_LENGTH = 255
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -19,16 +21,20 @@ def is_json_content_type(content_type: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def parse_json_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+def parse_json_body(body: bytes, content_type: str | None, *, strip_nul: Collection[str] = ()) -> dict[str, Any]:
     """The JSON object of a request body: 415 `unsupported_media_type` without a JSON content type, 400 `bad_request`
-    for an empty, unparseable or non-object body (what Flask's `request.get_json()` gives Dify)."""
+    for an empty, unparseable or non-object body (what Flask's `request.get_json()` gives Dify), 400 `invalid_param`
+    naming the field for nesting deeper than JSON_MAX_DEPTH or text PostgreSQL cannot store (NUL characters, except
+    in the top-level fields of `strip_nul`, where they are removed; lone surrogates)."""
     if not is_json_content_type(content_type):
         raise UNSUPPORTED_MEDIA_TYPE
     if not body or not body.strip():
         raise INVALID_JSON
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+        data = json_loads(body, strip_nul=strip_nul)
+    except ClientInputError as exc:
+        raise invalid_param(exc.message) from None
+    except ValueError:
         raise INVALID_JSON from None
     if not isinstance(data, dict):
         raise INVALID_JSON
@@ -48,8 +54,16 @@ def user_from(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str) or not value.strip():
         raise invalid_param(USER_REQUIRED_MESSAGE)
-    if len(value) > 255:
-        raise invalid_param("user must be at most 255 characters.")
+    if len(value) > USER_MAX_LENGTH:
+        raise invalid_param(f"user must be at most {USER_MAX_LENGTH} characters.")
+    return text_from(value, field="user")
+
+
+def text_from(value: str, *, field: str) -> str:
+    """`value` when it can be stored as text (form fields and file names do not pass the JSON checks); else 400."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise invalid_param(f"{field} {problem}")
     return value
 
 

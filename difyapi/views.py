@@ -43,6 +43,9 @@ NOT_FOUND_MESSAGE = (
 )
 FILE_NOT_FOUND = DifyError("file_not_found", "The requested file was not found.", 404)
 RATINGS = ("like", "dislike")
+# The last page of /app/feedbacks anyone may ask for (Dify's own bound on paged logs): the offset stays far inside
+# what a database integer holds.
+FEEDBACK_PAGE_MAX = 99_999
 
 
 def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
@@ -157,7 +160,7 @@ def message_feedback(request: HttpRequest, app: AgentApp, message_id) -> HttpRes
     rating = body.get("rating")
     if rating is not None and rating not in RATINGS:
         raise invalid_param("rating must be one of the following: ['like', 'dislike', null]")
-    content = str_from(body.get("content"), field="content", max_length=10_000)
+    content = str_from(body.get("content"), field="content", max_length=settings.FEEDBACK_CONTENT_MAX_LENGTH)
     message = selectors.message_get(app=app, user=user, message_id=message_id)
     end_user = services.end_user_get_or_create(app=app, user=user)
     services.message_feedback_submit(message=message, end_user=end_user, rating=rating, content=content)
@@ -167,7 +170,7 @@ def message_feedback(request: HttpRequest, app: AgentApp, message_id) -> HttpRes
 @dify_endpoint("GET")
 def app_feedbacks(request: HttpRequest, app: AgentApp) -> HttpResponse:
     query = query_dict(request)
-    page = int_from(query.get("page"), field="page", default=1, minimum=1)
+    page = int_from(query.get("page"), field="page", default=1, minimum=1, maximum=FEEDBACK_PAGE_MAX)
     limit = limit_from(query.get("limit"), maximum=101)
     feedbacks = selectors.feedback_list(app=app, page=page, limit=limit)
     return dify_json_response({"data": [presenters.feedback_to_dify(feedback) for feedback in feedbacks]})

@@ -18,9 +18,13 @@ from llmconfigs.providers import (
     parameter_errors,
 )
 from llmconfigs.secrets import url_origin
+from opsagent.client_input import ClientInputError, ObjectBounds, object_check
 
 # What extra_config may hold. It is shown in clear to API readers, so nothing in it may be a credential.
 EXTRA_CONFIG_KEYS = {"extra_body", "vision", "embedding_batch_size"}
+# It is merged into every request body sent upstream: a few parameters, never a document.
+EXTRA_CONFIG_BOUNDS = ObjectBounds(max_bytes=16 * 1024, max_keys=100, max_key_length=255, max_string_length=8192,
+                                   max_depth=6)
 
 
 class LLMConfig(models.Model):
@@ -174,6 +178,11 @@ class LLMConfig(models.Model):
                 )
             elif not isinstance(self.extra_config.get("extra_body", {}), dict):
                 errors["extra_config"] = "extra_config.extra_body must be a JSON object."
+            else:
+                try:
+                    object_check(self.extra_config, field="extra_config", bounds=EXTRA_CONFIG_BOUNDS)
+                except ClientInputError as exc:
+                    errors["extra_config"] = exc.message
         if errors:
             raise ValidationError(errors)
 

@@ -1,15 +1,22 @@
 """Project middleware: the request log (method, path, status and duration of every request, warning when slow; never
-bodies, query strings or headers, so no key or token can reach the log) and the Content-Security-Policy header."""
+bodies, query strings or headers, so no key or token can reach the log), the Content-Security-Policy header, and the
+refusal of paths and query strings holding text no column can store."""
 import logging
 import time
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.http import HttpResponse, JsonResponse
+
+from difyapi.errors import invalid_param
+from opsagent.client_input import text_problem
 
 logger = logging.getLogger("opsagent.requests")
 
 
-class RequestLogMiddleware:
+class HybridMiddleware:
+    """A middleware that runs on the event loop under ASGI (no thread hop per request) and plainly under WSGI."""
+
     sync_capable = True
     async_capable = True
 
@@ -17,6 +24,9 @@ class RequestLogMiddleware:
         self.get_response = get_response
         if iscoroutinefunction(get_response):
             markcoroutinefunction(self)
+
+
+class RequestLogMiddleware(HybridMiddleware):
 
     def __call__(self, request):
         if iscoroutinefunction(self):
@@ -52,18 +62,13 @@ class RequestLogMiddleware:
         )
 
 
-class ContentSecurityPolicyMiddleware:
+class ContentSecurityPolicyMiddleware(HybridMiddleware):
     """Django 5.2 has no CSP of its own: this adds settings.CONTENT_SECURITY_POLICY to every response that does not
     set a stricter one itself (uploaded files do)."""
 
-    sync_capable = True
-    async_capable = True
-
     def __init__(self, get_response):
-        self.get_response = get_response
+        super().__init__(get_response)
         self.policy = settings.CONTENT_SECURITY_POLICY
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request):
         if iscoroutinefunction(self):
@@ -119,3 +124,42 @@ def audit_context(request, *, source: str) -> dict:
     """The keyword arguments every audited service takes about who acted, from where (admin, api, ...)."""
     return {"actor": request.user, "source": source, "ip_address": client_ip(request),
             "user_agent": user_agent(request)}
+
+
+class QueryTextMiddleware(HybridMiddleware):
+    """Refuses a request whose path or query string holds text no column can store (a NUL character) before a view
+    passes it to the database, in its surface's format: Dify's envelope under /v1, DRF's field errors elsewhere."""
+
+    def __call__(self, request):
+        refusal = _query_text_refusal(request)
+        if iscoroutinefunction(self):
+            return self._acall(request, refusal)
+        return refusal if refusal is not None else self.get_response(request)
+
+    async def _acall(self, request, refusal):
+        return refusal if refusal is not None else await self.get_response(request)
+
+
+def _query_text_refusal(request) -> HttpResponse | None:
+    problem = _query_text_problem(request)
+    if problem is None:
+        return None
+    field, message = problem
+    if request.path_info.startswith("/v1/"):
+        return invalid_param(f"{field} {message}").response()
+    return JsonResponse({field: [f"{message[0].upper()}{message[1:]}."]}, status=400)
+
+
+def _query_text_problem(request) -> tuple[str, str] | None:
+    problem = text_problem(request.path_info)
+    if problem is not None:
+        return "path", problem
+    for key, values in request.GET.lists():
+        problem = text_problem(key)
+        if problem is not None:
+            return "query string", problem
+        for value in values:
+            problem = text_problem(value)
+            if problem is not None:
+                return key, problem
+    return None

@@ -64,6 +64,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
     "opsagent.middleware.RequestLogMiddleware",
+    "opsagent.middleware.QueryTextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "opsagent.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -158,7 +159,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["opsagent.parsers.BoundedJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "opsagent.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -227,6 +228,26 @@ ADMIN_LOGIN_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
 ADMIN_LOGIN_LOCKOUT_SECONDS = env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900)
 # Addresses of reverse proxies whose X-Forwarded-For is believed (empty: the connection's address is the client's).
 TRUSTED_PROXY_IPS = env.list("TRUSTED_PROXY_IPS", default=[])
+
+# Input limits (issue 15): bounds on what is inside a client's request, on every surface (README "Input limits").
+# Any JSON a client sends (/v1 and /api bodies, WebSocket frames) may nest at most this deep.
+JSON_MAX_DEPTH = env.int("JSON_MAX_DEPTH", default=32)
+# A chat query (/v1 `query`, /api and WebSocket `message`), in characters.
+QUERY_MAX_LENGTH = env.int("QUERY_MAX_LENGTH", default=100_000)
+# A chat's or session's `inputs`: compact JSON size, keys (counted at every level), key and string lengths, depth.
+INPUTS_MAX_BYTES = env.int("INPUTS_MAX_BYTES", default=64 * 1024)
+INPUTS_MAX_KEYS = env.int("INPUTS_MAX_KEYS", default=100)
+INPUTS_MAX_KEY_LENGTH = env.int("INPUTS_MAX_KEY_LENGTH", default=255)
+INPUTS_MAX_VALUE_LENGTH = env.int("INPUTS_MAX_VALUE_LENGTH", default=32 * 1024)
+INPUTS_MAX_DEPTH = env.int("INPUTS_MAX_DEPTH", default=5)
+# Feedback text on a message (/v1 `content`), in characters.
+FEEDBACK_CONTENT_MAX_LENGTH = env.int("FEEDBACK_CONTENT_MAX_LENGTH", default=10_000)
+# Uploads (/v1/files/upload) per end user and per app within a sliding window; 0 switches a bound off.
+UPLOAD_QUOTA_WINDOW_SECONDS = env.int("UPLOAD_QUOTA_WINDOW_SECONDS", default=24 * 3600)
+UPLOAD_QUOTA_USER_FILES = env.int("UPLOAD_QUOTA_USER_FILES", default=100)
+UPLOAD_QUOTA_USER_MB = env.int("UPLOAD_QUOTA_USER_MB", default=200)
+UPLOAD_QUOTA_APP_FILES = env.int("UPLOAD_QUOTA_APP_FILES", default=10_000)
+UPLOAD_QUOTA_APP_MB = env.int("UPLOAD_QUOTA_APP_MB", default=10_240)
 
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
 

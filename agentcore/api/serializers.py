@@ -1,25 +1,35 @@
 """Request and response shapes of the agent's REST API (validation of input only; the services do the work)."""
 from __future__ import annotations
 
+from django.conf import settings
 from rest_framework import serializers
 
 from agentcore.models import Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import may_see_mcp_secrets
 from agentcore.runs import TurnOverrides
 from llmconfigs.secrets import mask_secret
+from opsagent.client_input import ClientInputError, ObjectBounds, object_check
+
+# Bounds of the MCP server fields that hold lists of strings (a command line's arguments, tool names) and maps of
+# strings (env, headers).
+LIST_MAX_ITEMS = 200
+LIST_ITEM_MAX_LENGTH = 4096
+SECRET_MAP_BOUNDS = ObjectBounds(max_bytes=64 * 1024, max_keys=100, max_key_length=255, max_string_length=8192,
+                                 max_depth=1)
 
 
 class TurnSerializer(serializers.Serializer):
     """A query with its per-turn overrides (shared by REST chat and the WebSocket `chat` message)."""
 
-    message = serializers.CharField(trim_whitespace=False, max_length=100_000)
+    message = serializers.CharField(trim_whitespace=False, max_length=settings.QUERY_MAX_LENGTH)
     inputs = serializers.DictField(required=False, default=dict)
     model_config_id = serializers.UUIDField(required=False, allow_null=True)
     model = serializers.CharField(required=False, allow_null=True, allow_blank=False, max_length=200)
     temperature = serializers.FloatField(required=False, allow_null=True)
     max_tokens = serializers.IntegerField(required=False, allow_null=True)
     top_p = serializers.FloatField(required=False, allow_null=True)
-    tools = serializers.ListField(child=serializers.CharField(max_length=200), required=False, allow_null=True)
+    tools = serializers.ListField(child=serializers.CharField(max_length=200), required=False, allow_null=True,
+                                  max_length=LIST_MAX_ITEMS)
 
     def validate_message(self, value: str) -> str:
         if not value.strip():
@@ -161,6 +171,11 @@ class SecretMapField(serializers.DictField):
         # Strictly strings: a number silently turned into text is not what the server will be given.
         if isinstance(data, dict) and not all(isinstance(value, str) for value in data.values()):
             raise serializers.ValidationError("Every value must be a string.")
+        if isinstance(data, dict):
+            try:
+                object_check(data, field=self.field_name, bounds=SECRET_MAP_BOUNDS)
+            except ClientInputError as exc:
+                raise serializers.ValidationError(exc.message) from None
         return super().to_internal_value(data)
 
     def to_representation(self, value):
@@ -187,6 +202,10 @@ class MCPServerSerializer(serializers.ModelSerializer):
     def validate_args(self, value):
         if not isinstance(value, list) or not all(isinstance(arg, str) for arg in value):
             raise serializers.ValidationError("A list of strings.")
+        if len(value) > LIST_MAX_ITEMS or any(len(arg) > LIST_ITEM_MAX_LENGTH for arg in value):
+            raise serializers.ValidationError(
+                f"At most {LIST_MAX_ITEMS} strings of at most {LIST_ITEM_MAX_LENGTH} characters each."
+            )
         return value
 
     def validate_allowed_tools(self, value):
