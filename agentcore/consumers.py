@@ -14,6 +14,7 @@ from agentcore.api.errors import ENGINE_ERRORS, client_field
 from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
+from opsagent.dependencies import dependency_down
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ CLOSE_SESSION_NOT_FOUND = 4404
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
     """Runs each turn in its own asyncio task so that `stop` and a disconnect are seen while the answer streams."""
+
+    # A run listens on its own stop group; the socket needs no channel of its own, so it keeps working (and says
+    # why a turn cannot start) while Redis is down.
+    channel_layer_alias = None
 
     async def connect(self):
         self.user = self.scope.get("user")
@@ -135,8 +140,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             fields = {field: [exc.message]} if field else None
             await self._error(exc.code, exc.message, fields=fields)
             return
-        except Exception:
+        except Exception as exc:
             # The socket outlives a fault in one turn: the client is told, the details go to the log only.
+            failure = dependency_down(exc)
+            if failure is not None:
+                await self._error("service_unavailable", failure.message)
+                return
             logger.exception("agent turn could not start (session %s)", self.session.id)
             await self._error("internal", "The answer could not be started.")
             return

@@ -16,7 +16,7 @@ from agentcore.generation import message_suggested_questions
 from agentcore.models import AgentApp
 from difyapi import presenters, selectors, services
 from difyapi.auth import authenticate
-from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found
+from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found, unexpected_error
 from difyapi.presenters import dify_json_response
 from difyapi.validation import (
     bool_from,
@@ -64,9 +64,11 @@ def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
                 return view(request, *args, **kwargs)
             except DifyError as exc:
                 return exc.response()
-            except Exception:
-                logger.exception("unhandled error in %s", view.__name__)
-                return INTERNAL.response()
+            except Exception as exc:
+                error = unexpected_error(exc)
+                if error is INTERNAL:
+                    logger.exception("unhandled error in %s", view.__name__)
+                return error.response()
 
         return wrapper
 
