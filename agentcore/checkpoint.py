@@ -16,7 +16,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from opsagent.dependencies import DependencyUnavailable, database
+from opsagent.dependencies import database
 
 # Databases whose checkpoint tables exist already (the name changes under pytest-django, so it is part of the key).
 _ready: set[str] = set()
@@ -167,10 +167,10 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
     db = settings.DATABASES["default"]
     pooled = settings.AGENT_CHECKPOINT_POOL_SIZE > 0
     if db["ENGINE"].endswith("postgresql"):
-        if database.is_down:  # the run's turn was written moments ago: the database went down since
-            raise DependencyUnavailable(database.name)
         conninfo = _postgres_conninfo()
-        if pooled:
+        # While the database is (or was until this moment) down, the pool's connections are suspect: a connection of
+        # the run's own fails at once if the server is gone, and does not wait out the pool's reconnection delay.
+        if pooled and not database.is_down:
             saver = AsyncPostgresSaver(await _pool_of_this_loop(conninfo))
             await _set_up(saver, conninfo)
             yield saver

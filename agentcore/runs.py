@@ -792,7 +792,7 @@ def _classify(exc: BaseException, *, api_key: str) -> ProviderCallError:
     else is an internal error whose details go to the log only."""
     failure = dependency_down(exc)
     if failure is not None:
-        logger.warning("agent run lost a dependency: %s", failure.message)
+        logger.warning("agent run lost a dependency: %s (%r)", failure.message, exc)
         return ProviderCallError(UNAVAILABLE, failure.message, status_code=503)
     if isinstance(exc, openai.OpenAIError | httpx.HTTPError | TimeoutError | ConnectionError | ProviderCallError):
         return provider_error(exc, api_key=api_key)

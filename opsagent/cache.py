@@ -45,7 +45,7 @@ def _guarded(operation):
         try:
             result = operation(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            redis_server.down()
+            redis_server.down(exc)
             raise DependencyUnavailable(redis_server.name) from exc
         redis_server.up()
         return result

@@ -62,11 +62,11 @@ class Dependency:
             self._retry_at = now + settings.DEPENDENCY_RETRY_SECONDS
             return True
 
-    def down(self) -> None:
+    def down(self, cause: BaseException | None = None) -> None:
         with self._lock:
             if not self._retry_at:
-                logger.warning("%s is unreachable: failing requests that need it for %ss between retries",
-                               self.name, settings.DEPENDENCY_RETRY_SECONDS)
+                logger.warning("%s is unreachable (%r): failing requests that need it for %ss between retries",
+                               self.name, cause, settings.DEPENDENCY_RETRY_SECONDS)
             self._retry_at = time.monotonic() + settings.DEPENDENCY_RETRY_SECONDS
 
     def up(self) -> None:
@@ -98,10 +98,10 @@ def dependency_down(exc: BaseException | None) -> DependencyUnavailable | None:
         if isinstance(exc, DependencyUnavailable):
             return exc
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            redis_server.down()
+            redis_server.down(exc)
             return DependencyUnavailable(redis_server.name)
         if _is_connection_failure(exc):
-            database.down()
+            database.down(exc)
             return DependencyUnavailable(database.name)
         exc = exc.__cause__ or exc.__context__
     return None

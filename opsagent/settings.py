@@ -97,7 +97,9 @@ TEMPLATES = [
 # When dependencies fail (opsagent/dependencies.py): how long a connection attempt may take, and how long a dependency
 # found down fails requests at once (503) before one request tries it again.
 DATABASE_CONNECT_TIMEOUT = env.int("DATABASE_CONNECT_TIMEOUT", default=2)
-REDIS_TIMEOUT = env.float("REDIS_TIMEOUT", default=1.0)
+REDIS_CONNECT_TIMEOUT = env.float("REDIS_CONNECT_TIMEOUT", default=1.0)
+# A command's reply: longer, since a busy Redis (or a loaded host) can stall for a second without being down.
+REDIS_TIMEOUT = env.float("REDIS_TIMEOUT", default=3.0)
 DEPENDENCY_RETRY_SECONDS = env.float("DEPENDENCY_RETRY_SECONDS", default=2.0)
 
 # Database: SQLite file in the project by default; DATABASE_URL=postgres://... in production.
@@ -142,11 +144,12 @@ if REDIS_URL:
     # Short timeouts and no retries: redis-py retries a failed connection three times with a growing delay (a
     # second per cache call with Redis down); the circuit breaker decides when to try again.
     CACHES = {"default": {"BACKEND": "opsagent.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL, "OPTIONS": {
-        "socket_connect_timeout": REDIS_TIMEOUT, "socket_timeout": REDIS_TIMEOUT, "retry": RedisRetry(NoBackoff(), 0),
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": REDIS_TIMEOUT,
+        "retry": RedisRetry(NoBackoff(), 0),
     }}}
     # The layer's receive blocks on Redis for up to 5 s (channels-redis' BZPOPMIN): its socket timeout is longer.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [{
-        "address": REDIS_URL, "socket_connect_timeout": REDIS_TIMEOUT, "socket_timeout": 10 + REDIS_TIMEOUT,
+        "address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": 5 + REDIS_TIMEOUT,
         "retry": AsyncRedisRetry(NoBackoff(), 0),
     }]}}}
 else:

@@ -22,7 +22,7 @@ from psycopg_pool import PoolClosed, PoolTimeout
 from opsagent.dependencies import DependencyUnavailable, database
 
 # How long a request waits for the pool before it checks that the database is there at all.
-POOL_WAIT_SLICE = 0.5
+POOL_WAIT_SLICE = 1.0
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -46,7 +46,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
         try:
             return self.Database.connect(**conn_params)
         except psycopg.OperationalError as exc:
-            database.down()
+            database.down(exc)
             raise DependencyUnavailable(database.name) from exc
 
     def _probe(self, conn_params) -> None:
