@@ -16,6 +16,8 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from opsagent.dependencies import database
+
 # Databases whose checkpoint tables exist already (the name changes under pytest-django, so it is part of the key).
 _ready: set[str] = set()
 _setup_lock = asyncio.Lock()
@@ -29,6 +31,7 @@ def _postgres_conninfo() -> str:
         "password": db.get("PASSWORD") or None,
         "host": db.get("HOST") or None,
         "port": str(db["PORT"]) if db.get("PORT") else None,
+        "connect_timeout": str(settings.DATABASE_CONNECT_TIMEOUT),
     }
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
@@ -50,16 +53,38 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConn
 )
 
 
+# Pools being closed in the background (referenced so that their tasks are not garbage-collected).
+_closing: set[asyncio.Task] = set()
+
+
+def _pool_timeout() -> float:
+    """How long a run waits for a checkpoint connection: as long as a request waits for Django's pool."""
+    options = settings.DATABASES["default"].get("OPTIONS", {}).get("pool")
+    return float(options.get("timeout", 30.0)) if isinstance(options, dict) else 30.0
+
+
 async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
     pools = _pools.setdefault(asyncio.get_running_loop(), {})
     pool = pools.get(conninfo)
+    if pool is not None and pool.recoveries != database.recoveries:
+        # Made before the database last came back: its connections are dead and it may be waiting out a
+        # reconnection delay. A fresh pool connects at once; the old one closes in the background.
+        del pools[conninfo]
+        _closing.add(task := asyncio.create_task(pool.close()))
+        task.add_done_callback(_closing.discard)
+        pool = None
     if pool is None:
         pool = pools[conninfo] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=settings.AGENT_CHECKPOINT_POOL_SIZE, open=False,
             # What the saver needs of its connections: each write commits at once; no server-side prepared
             # statements (they break behind PgBouncer); rows as dicts.
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            # As Django's pool (opsagent/db/backends/postgresql): connections that died with the server are dropped
+            # when borrowed, and reconnecting never waits long between attempts.
+            check=AsyncConnectionPool.check_connection, reconnect_timeout=settings.DEPENDENCY_RETRY_SECONDS,
+            timeout=_pool_timeout(),
         )
+        pool.recoveries = database.recoveries
     await pool.open()  # a no-op once open; concurrent first runs wait for the same opening
     return pool
 
@@ -141,9 +166,11 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
     shared connection on SQLite), or on a connection of its own when AGENT_CHECKPOINT_POOL_SIZE is 0."""
     db = settings.DATABASES["default"]
     pooled = settings.AGENT_CHECKPOINT_POOL_SIZE > 0
-    if db["ENGINE"] == "django.db.backends.postgresql":
+    if db["ENGINE"].endswith("postgresql"):
         conninfo = _postgres_conninfo()
-        if pooled:
+        # While the database is (or was until this moment) down, the pool's connections are suspect: a connection of
+        # the run's own fails at once if the server is gone, and does not wait out the pool's reconnection delay.
+        if pooled and not database.is_down:
             saver = AsyncPostgresSaver(await _pool_of_this_loop(conninfo))
             await _set_up(saver, conninfo)
             yield saver

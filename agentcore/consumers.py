@@ -16,6 +16,7 @@ from agentcore.api.turns import turn_event_messages
 from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
 from opsagent.client_input import ClientInputError, json_loads
+from opsagent.dependencies import dependency_down
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ CLOSE_SESSION_NOT_FOUND = 4404
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
     """Runs each turn in its own asyncio task so that `stop` and a disconnect are seen while the answer streams."""
+
+    # A run listens on its own stop group; the socket needs no channel of its own, so it keeps working (and says
+    # why a turn cannot start) while Redis is down.
+    channel_layer_alias = None
 
     async def connect(self):
         self.user = self.scope.get("user")
@@ -139,8 +144,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             fields = {field: [exc.message]} if field else None
             await self._error(exc.code, exc.message, fields=fields)
             return
-        except Exception:
+        except Exception as exc:
             # The socket outlives a fault in one turn: the client is told, the details go to the log only.
+            failure = dependency_down(exc)
+            if failure is not None:
+                await self._error("service_unavailable", failure.message)
+                return
             logger.exception("agent turn could not start (session %s)", self.session.id)
             await self._error("internal", "The answer could not be started.")
             return

@@ -44,7 +44,7 @@ from agentcore.models import AgentApp, Approval, Message, Session, Thought
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, DECIDE_APPROVALS, has_perms
 from agentcore.remote_files import RemoteFileError, remote_file_fetch
-from agentcore.selectors import session_get_for, session_visible_q
+from agentcore.selectors import message_running_live, session_get_for, session_visible_q
 from agentcore.services import (
     approval_decide,
     approval_supersede,
@@ -59,16 +59,18 @@ from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import usage_cost
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
 from llmconfigs.services import llm_config_record_usage
+from opsagent.dependencies import dependency_down
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5.0
 ATTACHMENT_TEXT_LIMIT = 100_000
 MAX_ATTACHMENTS = 10
 INTERNAL_ERROR = "The agent failed unexpectedly; the error was logged."
+# The RunError category of a run that lost a dependency of ours (the database, Redis): a 503 for the client.
+UNAVAILABLE = "unavailable"
 
 
 # ----- the interface types -----
@@ -289,7 +291,9 @@ def _check_capacity(app: AgentApp) -> None:
         return
     # The app row lock serialises concurrent starts, so two of them cannot both see "one slot left".
     AgentApp.objects.select_for_update().filter(pk=app.pk).first()
-    running = Message.objects.filter(session__app=app, status=Message.Status.RUNNING).count()
+    # Only live runs count: one whose process died stops counting when its heartbeat goes stale, before the sweep
+    # marks it failed.
+    running = message_running_live(app=app).count()
     if running >= app.max_active_requests:
         raise TooManyActiveRuns(f"This app already has {running} answers running; try again shortly.")
 
@@ -434,7 +438,14 @@ class _Run:
                 for helper in helpers:
                     helper.cancel()
                 if channel:
-                    await asyncio.shield(layer.group_discard(group, channel))
+                    try:
+                        await asyncio.shield(layer.group_discard(group, channel))
+                    except Exception as exc:
+                        # The run is over and saved: losing Redis now must not turn its end into an error. The
+                        # group entry expires by itself (channels-redis' group expiry).
+                        if dependency_down(exc) is None:
+                            raise
+                        logger.warning("run %s left its stop group without Redis: %s", self.message.pk, exc)
 
         try:
             yield RunStarted(
@@ -476,17 +487,39 @@ class _Run:
         await self._save_end(Message.Status.STOPPED)
 
     async def _listen(self, layer, channel: str, producer: asyncio.Task) -> None:
-        while True:
-            message = await layer.receive(channel)
-            if message.get("type") == "run.stop" and not producer.done():
-                self.stop_requested = True
-                producer.cancel()
+        try:
+            while True:
+                message = await layer.receive(channel)
+                if message.get("type") == "run.stop" and not producer.done():
+                    self.stop_requested = True
+                    producer.cancel()
+        except Exception as exc:
+            # Redis went away mid-answer: the answer goes on (a disconnect still stops it), only a stop sent
+            # through another worker can no longer reach it.
+            if dependency_down(exc) is None:
+                raise
+            logger.warning("run %s no longer hears stop requests: %s", self.message.pk, exc)
 
     async def _heartbeat(self) -> None:
-        interval = getattr(settings, "AGENT_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+        """Tell other processes this run is alive, and keep what it has said so far: if this process dies, the
+        stale-run sweep (agentcore.services.message_close_stale) ends the run with that partial answer. One row
+        update every AGENT_HEARTBEAT_SECONDS, the answer only when it grew."""
+        saved = None
         while True:
-            await asyncio.sleep(interval)
-            await Message.objects.filter(pk=self.message.pk).aupdate(heartbeat_at=timezone.now())
+            await asyncio.sleep(settings.AGENT_HEARTBEAT_SECONDS)
+            fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+            answer = self._answer()
+            if answer != saved:
+                fields["answer"] = answer
+            try:
+                # Only while running: the row of a run that ended meanwhile keeps its final state.
+                await Message.objects.filter(pk=self.message.pk, status=Message.Status.RUNNING).aupdate(**fields)
+            except Exception as exc:
+                if dependency_down(exc) is None:
+                    raise
+                logger.warning("heartbeat of run %s not written: %s", self.message.pk, exc)
+                continue
+            saved = answer
 
     # -- the producer side --
     async def _produce(self, queue: asyncio.Queue) -> None:
@@ -759,8 +792,12 @@ class _Run:
 
 
 def _classify(exc: BaseException, *, api_key: str) -> ProviderCallError:
-    """Provider faults keep their category and scrubbed message; anything else is an internal error whose details
-    go to the log only."""
+    """Provider faults keep their category and scrubbed message; a dependency of ours gone is `unavailable`; anything
+    else is an internal error whose details go to the log only."""
+    failure = dependency_down(exc)
+    if failure is not None:
+        logger.warning("agent run lost a dependency: %s (%r)", failure.message, exc)
+        return ProviderCallError(UNAVAILABLE, failure.message, status_code=503)
     if isinstance(exc, openai.OpenAIError | httpx.HTTPError | TimeoutError | ConnectionError | ProviderCallError):
         return provider_error(exc, api_key=api_key)
     logger.exception("agent run failed", exc_info=exc)
@@ -768,6 +805,6 @@ def _classify(exc: BaseException, *, api_key: str) -> ProviderCallError:
 
 
 __all__ = [
-    "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest", "run_stop", "run_turn",
-    "stop_group", "turn_prepare", "turn_prepare_sync", "turn_run",
+    "UNAVAILABLE", "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest", "run_stop",
+    "run_turn", "stop_group", "turn_prepare", "turn_prepare_sync", "turn_run",
 ]

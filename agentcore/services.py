@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +23,7 @@ from agentcore.permissions import (
     has_perms,
     mcp_server_is_command,
 )
+from agentcore.selectors import run_stale_cutoff
 from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL, tool_setup_changed
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
@@ -140,9 +140,9 @@ def session_delete(*, session: Session) -> None:
 
 
 def message_close_stale(*, session: Session | None = None) -> int:
-    """Mark runs whose process died (no heartbeat for AGENT_STALE_RUN_SECONDS) as failed; returns how many."""
-    cutoff = timezone.now() - timedelta(seconds=settings.AGENT_STALE_RUN_SECONDS)
-    stale = Message.objects.filter(status=Message.Status.RUNNING, heartbeat_at__lt=cutoff)
+    """Mark runs whose process died (no heartbeat for AGENT_STALE_RUN_SECONDS) as failed; returns how many. Their
+    answer stays as the last heartbeat saved it: what was streamed until then."""
+    stale = Message.objects.filter(status=Message.Status.RUNNING, heartbeat_at__lt=run_stale_cutoff())
     if session is not None:
         stale = stale.filter(session=session)
     return stale.update(status=Message.Status.ERROR, error=STALE_RUN_ERROR, error_category="internal",

@@ -24,9 +24,17 @@ from agentcore.errors import (
 from agentcore.events import ApprovalRequired, RunEnd, RunError, RunStarted, TextDelta, ThoughtUpdate, Usage
 from agentcore.generation import session_generate_name
 from agentcore.models import AgentApp, Session, Thought
-from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
+from agentcore.runs import UNAVAILABLE, ApprovalDecision, Attachment, TurnOverrides, TurnRequest
 from agentcore.services import inputs_check
-from difyapi.errors import APP_UNAVAILABLE, INTERNAL, DifyError, forbidden, invalid_param, not_found
+from difyapi.errors import (
+    APP_UNAVAILABLE,
+    INTERNAL,
+    DifyError,
+    forbidden,
+    invalid_param,
+    not_found,
+    unexpected_error,
+)
 from difyapi.models import MessageFile, UploadFile
 from difyapi.presenters import (
     message_metadata,
@@ -414,8 +422,10 @@ def dify_error_from(exc: Exception, *, app: AgentApp) -> DifyError:
         return DifyError(PROVIDER_NOT_INITIALIZE, exc.message, 400)
     if isinstance(exc, LLMConfigError | AgentError):
         return invalid_param(_naming_field(exc.message, exc.field))
-    logger.exception("chat-messages failed before the run started")
-    return INTERNAL
+    error = unexpected_error(exc)
+    if error is INTERNAL:
+        logger.exception("chat-messages failed before the run started")
+    return error
 
 
 def _naming_field(message: str, field_name: str | None) -> str:
@@ -428,6 +438,8 @@ def run_error_to_dify(error: RunError) -> DifyError:
     """A failed run: a provider fault is `completion_request_error` with its (scrubbed) text, anything else 500."""
     if error.category == "internal":
         return DifyError("internal_server_error", STREAM_INTERNAL_MESSAGE, 500)
+    if error.category == UNAVAILABLE:
+        return DifyError("service_unavailable", error.message, 503)
     return DifyError(COMPLETION_REQUEST_ERROR, error.message or "Completion request failed.", 400)
 
 

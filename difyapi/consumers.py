@@ -42,7 +42,7 @@ from difyapi.chat import (
     message_files_record,
     run_error_to_dify,
 )
-from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError
+from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
 from difyapi.sse import HEADERS, PING, encode_event, json_bytes
 from difyapi.validation import parse_json_body, user_from
 from opsagent.middleware import scope_client_ip
@@ -110,9 +110,13 @@ class DifyHttpConsumer(AsyncConsumer):
             await self.send_json(exc.status, exc.payload(), headers=exc.headers)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            logger.exception("Dify request failed: %s", self.scope.get("path"))
-            await self.send_json(INTERNAL.status, INTERNAL.payload())
+        except Exception as exc:
+            error = unexpected_error(exc)
+            if error is INTERNAL:
+                logger.exception("Dify request failed: %s", self.scope.get("path"))
+            else:
+                logger.warning("Dify request failed: %s: %s", self.scope.get("path"), error.message)
+            await self.send_json(error.status, error.payload(), headers=error.headers)
         else:
             return True
         return False
@@ -207,11 +211,15 @@ class ChatMessagesConsumer(DifyHttpConsumer):
                             )
         except asyncio.CancelledError:
             raise
-        except Exception:
-            # The engine reports its faults as RunError; this is a bug on our side after the headers went out.
-            logger.exception("Dify stream failed after it started")
-            error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
-                     "message": STREAM_INTERNAL_MESSAGE}
+        except Exception as exc:
+            # The engine reports its faults as RunError; this is a dependency of ours gone (503) or a bug on our
+            # side after the headers went out.
+            failure = unexpected_error(exc)
+            if failure is INTERNAL:
+                logger.exception("Dify stream failed after it started")
+                failure = DifyError(INTERNAL.code, STREAM_INTERNAL_MESSAGE, 500)
+            error = {"event": "error", **dify.head, "status": failure.status, "code": failure.code,
+                     "message": failure.message}
             async with lock:
                 ended = True
                 await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})

@@ -6,6 +6,8 @@ from typing import Any
 
 from django.http import HttpResponse
 
+from opsagent.dependencies import DependencyUnavailable, dependency_down, retry_after
+
 
 class DifyError(Exception):
     def __init__(self, code: str, message: str, status: int = 400, *, headers: dict[str, str] | None = None):
@@ -79,3 +81,14 @@ INTERNAL = DifyError(
     "overloaded or there is an error in the application.",
     500,
 )
+
+
+def dependency_error(failure: DependencyUnavailable) -> DifyError:
+    """Our own dependency is down: 503 with the code Dify's server (Werkzeug) gives a 503, `service_unavailable`."""
+    return DifyError("service_unavailable", failure.message, 503, headers={"Retry-After": str(retry_after())})
+
+
+def unexpected_error(exc: BaseException) -> DifyError:
+    """The envelope for an exception nothing else mapped: 503 when a dependency of ours is down, else 500."""
+    failure = dependency_down(exc)
+    return dependency_error(failure) if failure is not None else INTERNAL

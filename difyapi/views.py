@@ -17,7 +17,15 @@ from agentcore.generation import message_suggested_questions
 from agentcore.models import AgentApp
 from difyapi import filetypes, presenters, selectors, services
 from difyapi.auth import authenticate
-from difyapi.errors import INTERNAL, DifyError, bad_request, invalid_param, not_found, request_too_large
+from difyapi.errors import (
+    INTERNAL,
+    DifyError,
+    bad_request,
+    invalid_param,
+    not_found,
+    request_too_large,
+    unexpected_error,
+)
 from difyapi.presenters import dify_json_response
 from difyapi.validation import (
     bool_from,
@@ -73,9 +81,11 @@ def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
                 # Form fields beside an upload's file over DATA_UPLOAD_MAX_MEMORY_SIZE (opsagent.limits refuses
                 # larger bodies before they get here).
                 return request_too_large(settings.DATA_UPLOAD_MAX_MEMORY_SIZE).response()
-            except Exception:
-                logger.exception("unhandled error in %s", view.__name__)
-                return INTERNAL.response()
+            except Exception as exc:
+                error = unexpected_error(exc)
+                if error is INTERNAL:
+                    logger.exception("unhandled error in %s", view.__name__)
+                return error.response()
 
         return wrapper
 

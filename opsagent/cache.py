@@ -4,14 +4,22 @@ Django keeps a cache backend instance per thread and, under ASGI, per request co
 RedisCache builds its own redis-py connection pool: each request then opened a new Redis connection (a few ms before
 its first cache read, and a connection left for the garbage collector). redis-py's pools are thread-safe, so the
 instances here share one pool per server URL.
+
+Every operation goes through the Redis circuit breaker (opsagent.dependencies): with Redis down, a request fails at
+once with DependencyUnavailable (a 503) instead of a traceback, and without waiting for a connection attempt.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 from django.core.cache import cache
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.db import transaction
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from opsagent.dependencies import DependencyUnavailable, redis_server
 
 _pools: dict[tuple[str, tuple], object] = {}
 _lock = threading.Lock()
@@ -28,6 +36,26 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
                 if pool is None:
                     pool = _pools[key] = self._pool_class.from_url(server, **self._pool_options)
         return pool
+
+
+def _guarded(operation):
+    @functools.wraps(operation)
+    def call(self, *args, **kwargs):
+        redis_server.check()
+        try:
+            result = operation(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            redis_server.down(exc)
+            raise DependencyUnavailable(redis_server.name) from exc
+        redis_server.up()
+        return result
+
+    return call
+
+
+for _name in ("add", "get", "set", "touch", "delete", "get_many", "has_key", "incr", "set_many", "delete_many",
+              "clear"):
+    setattr(SharedPoolRedisCacheClient, _name, _guarded(getattr(RedisCacheClient, _name)))
 
 
 class SharedPoolRedisCache(RedisCache):

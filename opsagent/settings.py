@@ -64,6 +64,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
     "opsagent.middleware.RequestLogMiddleware",
+    "opsagent.dependencies.DependencyFailureMiddleware",
     "opsagent.middleware.QueryTextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "opsagent.middleware.ContentSecurityPolicyMiddleware",
@@ -95,6 +96,14 @@ TEMPLATES = [
     },
 ]
 
+# When dependencies fail (opsagent/dependencies.py): how long a connection attempt may take, and how long a dependency
+# found down fails requests at once (503) before one request tries it again.
+DATABASE_CONNECT_TIMEOUT = env.int("DATABASE_CONNECT_TIMEOUT", default=2)
+REDIS_CONNECT_TIMEOUT = env.float("REDIS_CONNECT_TIMEOUT", default=1.0)
+# A command's reply: longer, since a busy Redis (or a loaded host) can stall for a second without being down.
+REDIS_TIMEOUT = env.float("REDIS_TIMEOUT", default=3.0)
+DEPENDENCY_RETRY_SECONDS = env.float("DEPENDENCY_RETRY_SECONDS", default=2.0)
+
 # Database: SQLite file in the project by default; DATABASE_URL=postgres://... in production.
 # CONN_MAX_AGE=0: under ASGI each request runs in its own thread-sensitive context and persistent connections leak.
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
@@ -106,25 +115,45 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL + a busy timeout let the ASGI server's threads and the agent's checkpointer share the file.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-         "pool_size": env.int("DATABASE_POOL_MAX_SIZE", default=4)}
+         "pool_size": env.int("DATABASE_POOL_MAX_SIZE", default=4),
+         # A transaction takes the write lock when it begins: one that read first and wrote later could not wait
+         # for the lock (SQLite refuses the upgrade at once, "database is locked") and the request failed.
+         "transaction_mode": "IMMEDIATE"}
     )
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's psycopg pool (compatible with CONN_MAX_AGE=0): each database_sync_to_async hop borrows an open
-    # connection instead of opening one, which costs a few milliseconds on every hop of every request.
+    # connection instead of opening one, which costs a few milliseconds on every hop of every request. The
+    # project's backend (opsagent/db/backends/postgresql) adds the fast failure and recovery described below.
+    DATABASES["default"]["ENGINE"] = "opsagent.db.backends.postgresql"
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("pool", {
         "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
         "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
         "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+        # A pool that cannot connect retries with a doubling delay for this long; the backend replaces the pool
+        # when the database is back, so this only bounds the work of a pool left alone.
+        "reconnect_timeout": DEPENDENCY_RETRY_SECONDS,
     })
+    DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", DATABASE_CONNECT_TIMEOUT)
 DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="")
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "opsagent.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL}}
-    CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
-    }
+    from redis.asyncio.retry import Retry as AsyncRedisRetry
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry as RedisRetry
+
+    # Short timeouts and no retries: redis-py retries a failed connection three times with a growing delay (a
+    # second per cache call with Redis down); the circuit breaker decides when to try again.
+    CACHES = {"default": {"BACKEND": "opsagent.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL, "OPTIONS": {
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": REDIS_TIMEOUT,
+        "retry": RedisRetry(NoBackoff(), 0),
+    }}}
+    # The layer's receive blocks on Redis for up to 5 s (channels-redis' BZPOPMIN): its socket timeout is longer.
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [{
+        "address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": 5 + REDIS_TIMEOUT,
+        "retry": AsyncRedisRetry(NoBackoff(), 0),
+    }]}}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "opsagent"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -196,9 +225,13 @@ LOGGING = {
 REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
 
 # Agent
-AGENT_STALE_RUN_SECONDS = env.int("AGENT_STALE_RUN_SECONDS", default=120)
+# Runs of a dead process (heartbeat): a running answer's row gets `heartbeat_at` and the answer so far every
+# AGENT_HEARTBEAT_SECONDS; one without a heartbeat for AGENT_STALE_RUN_SECONDS is dead (it no longer counts against
+# an app's max_active_requests, and is marked failed keeping that answer).
+AGENT_HEARTBEAT_SECONDS = env.float("AGENT_HEARTBEAT_SECONDS", default=3.0)
+AGENT_STALE_RUN_SECONDS = env.float("AGENT_STALE_RUN_SECONDS", default=15.0)
 # How often a process looks for such runs (when a turn starts, at most this often).
-AGENT_STALE_SWEEP_SECONDS = env.float("AGENT_STALE_SWEEP_SECONDS", default=10.0)
+AGENT_STALE_SWEEP_SECONDS = env.float("AGENT_STALE_SWEEP_SECONDS", default=5.0)
 # Checkpoint connections kept per process: a pool on PostgreSQL, one shared connection on SQLite (0: connect for
 # every run).
 AGENT_CHECKPOINT_POOL_SIZE = env.int("AGENT_CHECKPOINT_POOL_SIZE", default=10)

@@ -11,7 +11,8 @@ from asgiref.sync import async_to_sync
 
 from agentcore.api.errors import ENGINE_ERRORS, api_error
 from agentcore.events import Event, RunEnd, RunError, RunStarted, TextDelta, Usage, event_to_dict
-from agentcore.runs import Turn, TurnRequest, turn_prepare, turn_run
+from agentcore.runs import UNAVAILABLE, Turn, TurnRequest, turn_prepare, turn_run
+from opsagent.dependencies import dependency_down
 
 
 def turn_prepare_sync(request: TurnRequest) -> Turn:
@@ -87,11 +88,21 @@ def turn_drain_sync(turn: Turn) -> TurnResult:
 async def turn_event_messages(turn: Turn) -> AsyncIterator[dict[str, Any]]:
     """The run's events as JSON-ready dicts, closed by an `end` event even when the run failed."""
     result = TurnResult(turn)
-    # aclosing: when the client goes away, the cancellation reaches turn_run's cleanup (partial answer saved).
-    async with aclosing(turn_run(turn)) as events:
-        async for event in events:
-            result.add(event)
-            yield event_to_dict(event)
+    try:
+        # aclosing: when the client goes away, the cancellation reaches turn_run's cleanup (partial answer saved).
+        async with aclosing(turn_run(turn)) as events:
+            async for event in events:
+                result.add(event)
+                yield event_to_dict(event)
+    except Exception as exc:
+        # A dependency of ours lost after the answer began (its end could not be saved): an error event, as for a
+        # run that failed, instead of a stream cut short.
+        failure = dependency_down(exc)
+        if failure is None:
+            raise
+        error = RunError(category=UNAVAILABLE, message=failure.message, status_code=503)
+        result.add(error)
+        yield event_to_dict(error)
     if result.error:
         yield result.end_event()
 

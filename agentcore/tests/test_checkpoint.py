@@ -51,7 +51,7 @@ async def test_sessions_do_not_share_history(plain_chat_app, plain_user, fake_up
 
 @pytest.fixture
 def checkpoint_pool(settings):
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         pytest.skip("the checkpoint connection pool is PostgreSQL's")
     settings.AGENT_CHECKPOINT_POOL_SIZE = 2
 
@@ -80,7 +80,7 @@ async def test_runs_on_one_loop_share_pooled_checkpoint_connections(plain_chat_a
 
 @pytest.fixture
 def shared_sqlite_checkpoints(settings):
-    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         pytest.skip("SQLite's shared checkpoint connection")
     settings.AGENT_CHECKPOINT_POOL_SIZE = 1
 
@@ -126,7 +126,7 @@ async def test_an_opening_closed_at_any_point_leaves_no_connection_thread(settin
 
     from agentcore.checkpoint import SaverOpening
 
-    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         pytest.skip("SQLite's checkpoint connections are threads")
 
     def worker_threads() -> list[threading.Thread]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -326,6 +327,22 @@ async def test_too_many_active_runs(plain_chat_app, plain_user, fake_upstream):
     await turn_prepare(TurnRequest(app=plain_chat_app, query="three", owner=plain_user))
 
 
+async def test_a_dead_run_does_not_count_against_the_limit_before_the_sweep(plain_chat_app, plain_user, settings,
+                                                                            monkeypatch, fake_upstream):
+    settings.AGENT_STALE_RUN_SECONDS = 15
+    settings.AGENT_STALE_SWEEP_SECONDS = 600
+    from agentcore import services
+
+    monkeypatch.setattr(services, "_last_stale_sweep", time.monotonic())  # swept a moment ago: no sweep now
+    plain_chat_app.max_active_requests = 1
+    await plain_chat_app.asave()
+    session = await database_sync_to_async(session_create)(app=plain_chat_app, owner=plain_user)
+    await Message.objects.acreate(session=session, query="lost", heartbeat_at=timezone.now() - timedelta(seconds=16))
+    await turn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    with pytest.raises(TooManyActiveRuns):
+        await turn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+
+
 async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upstream, default_llm_config):
     await LLMConfig.objects.filter(pk=default_llm_config.pk).aupdate(input_price_per_million=2,
                                                                     output_price_per_million=8)
@@ -361,6 +378,20 @@ async def test_heartbeat_is_touched_while_the_run_is_alive(plain_chat_app, plain
                 beats.add((await Message.objects.aget(pk=message_id)).heartbeat_at)
     assert len(beats) >= 2
     assert (await Message.objects.aget(pk=message_id)).heartbeat_at is None
+
+
+async def test_heartbeat_saves_the_answer_so_far(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(20)), delay=0.1))
+    saved = []
+    with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
+        async for event in run_turn(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+            if isinstance(event, RunStarted):
+                message_id = event.message_id
+            elif isinstance(event, TextDelta):
+                saved.append((await Message.objects.aget(pk=message_id)).answer)
+    # While it streamed, the row held a growing prefix of the answer (what a killed worker leaves behind).
+    partial = [answer for answer in saved if answer]
+    assert partial and all(answer.startswith("w0") for answer in partial) and len(partial[0]) < len(partial[-1])
 
 
 async def test_api_stop_is_scoped_to_the_end_user_and_app(plain_chat_app, fake_upstream):

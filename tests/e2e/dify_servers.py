@@ -190,7 +190,7 @@ def database_url_for_tests() -> str:
     from django.conf import settings
 
     db = settings.DATABASES["default"]
-    assert db["ENGINE"] == "django.db.backends.postgresql", db["ENGINE"]
+    assert db["ENGINE"].endswith("postgresql"), db["ENGINE"]
     user = db.get("USER") or "postgres"
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
     return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
