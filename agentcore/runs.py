@@ -549,7 +549,9 @@ class _Run:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=app.system_prompt,
-                                   max_iterations=app.max_iterations)
+                                   max_iterations=app.max_iterations,
+                                   max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
+                                   max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
             config = {"configurable": {"thread_id": str(self.session.pk)},
                       "recursion_limit": 2 * app.max_iterations + 10}
             # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool
