@@ -27,7 +27,7 @@ from langchain_openai import ChatOpenAI
 from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
 from langgraph.types import Command
 
-from agentcore.checkpoint import SaverOpening, checkpointer, first_read_known_empty
+from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.events import (
     ApprovalRequired,
@@ -455,6 +455,9 @@ class _Run:
             raise
         finally:
             await release()
+            # After the last event went out (or the client left): off the stream's path, in the run's own task, so
+            # that a run never ends with its prune still to come.
+            await checkpoint_prune(thread_id=str(self.session.pk))
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])
