@@ -173,28 +173,24 @@ class ChatMessagesConsumer(DifyHttpConsumer):
                     if data is not None:
                         async with lock:
                             ended = data["event"] in TERMINAL_EVENTS
-                            # The last event ends the response at once: the run's cleanup after it (the
-                            # conversation's checkpoint pruning) is no reason for the client to wait.
                             await self.send(
-                                {"type": "http.response.body", "body": encode_event(data), "more_body": not ended}
+                                {"type": "http.response.body", "body": encode_event(data), "more_body": True}
                             )
         except asyncio.CancelledError:
             raise
         except Exception:
             # The engine reports its faults as RunError; this is a bug on our side after the headers went out.
             logger.exception("Dify stream failed after it started")
-            if not ended:
-                error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
-                         "message": STREAM_INTERNAL_MESSAGE}
-                async with lock:
-                    ended = True
-                    await self.send({"type": "http.response.body", "body": encode_event(error)})
+            error = {"event": "error", **dify.head, "status": 500, "code": "internal_server_error",
+                     "message": STREAM_INTERNAL_MESSAGE}
+            async with lock:
+                ended = True
+                await self.send({"type": "http.response.body", "body": encode_event(error), "more_body": True})
         finally:
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
-        if not ended:
-            await self.send({"type": "http.response.body", "body": b""})
+        await self.send({"type": "http.response.body", "body": b""})
 
     async def _ping(self, lock: asyncio.Lock, ended) -> None:
         interval = settings.DIFY_PING_INTERVAL
