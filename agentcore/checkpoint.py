@@ -1,5 +1,5 @@
 """The LangGraph checkpointer in the project's own database (PostgreSQL or SQLite): a saver per run, over connections
-kept per event loop."""
+kept per event loop, and the pruning of a conversation's superseded checkpoints."""
 from __future__ import annotations
 
 import asyncio
