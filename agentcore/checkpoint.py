@@ -1,8 +1,9 @@
 """The LangGraph checkpointer in the project's own database (PostgreSQL or SQLite): a saver per run, over connections
-kept per event loop."""
+kept per event loop, and the pruning of a conversation's superseded checkpoints."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,6 +18,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from opsagent.dependencies import database
+
+logger = logging.getLogger(__name__)
 
 # Databases whose checkpoint tables exist already (the name changes under pytest-django, so it is part of the key).
 _ready: set[str] = set()
@@ -152,7 +155,11 @@ def _sqlite_saver(conn: aiosqlite.Connection, *, shared: bool) -> AsyncSqliteSav
 
 
 async def checkpoint_pools_close() -> None:
-    """Close this loop's checkpoint connections (for processes that end a loop and keep running)."""
+    """Close this loop's checkpoint connections (for processes that end a loop and keep running), once the prunes
+    still running on it are done."""
+    prunes = _prunes.pop(asyncio.get_running_loop(), set())
+    if prunes:
+        await asyncio.wait(prunes)
     for pool in _pools.pop(asyncio.get_running_loop(), {}).values():
         await pool.close()
     for opening in _sqlite_connections.pop(asyncio.get_running_loop(), {}).values():
@@ -195,6 +202,55 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
     finally:
         if not pooled:
             await asyncio.shield(conn.close())
+
+
+# Prunes running on each loop: referenced until they end (a task only the loop knows of may be garbage-collected
+# while it runs), and waited for before the loop's connections close.
+_prunes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Task]] = weakref.WeakKeyDictionary()
+
+# SQLite: the checkpoints of a thread older than the latest of their namespace, and the writes pending on them. Each
+# statement stands alone: a checkpoint saved between the two only leaves writes that the next prune deletes, and
+# writes saved before their own checkpoint (a run saves both in the background) belong to a newer checkpoint than
+# the latest one saved, so they stay.
+_SQLITE_PRUNE = (
+    """DELETE FROM writes WHERE thread_id = ?1 AND checkpoint_id < (
+        SELECT max(c.checkpoint_id) FROM checkpoints c
+        WHERE c.thread_id = ?1 AND c.checkpoint_ns = writes.checkpoint_ns)""",
+    """DELETE FROM checkpoints WHERE thread_id = ?1 AND checkpoint_id < (
+        SELECT max(c.checkpoint_id) FROM checkpoints c
+        WHERE c.thread_id = ?1 AND c.checkpoint_ns = checkpoints.checkpoint_ns)""",
+)
+
+
+async def checkpoint_prune(*, thread_id: str) -> None:
+    """Delete what a conversation no longer needs from the checkpoint tables: every checkpoint but the latest, and
+    the writes pending on them (on PostgreSQL also the channel blobs only they used). Resuming reads the latest
+    checkpoint and its pending writes only: the next turn's history, a stopped run's partial answer and a pending
+    approval's interrupt are all there. Without this, every step's checkpoint stays, each with the history as it
+    was then: storage quadratic in the length of the conversation.
+
+    The prune runs in a task of its own that a cancelled caller (a client gone) does not cancel. It is best effort:
+    one that fails (a second prune of the thread at the same moment on PostgreSQL) is logged, and the next one of
+    the thread deletes everything superseded, its own run's checkpoints and any left before."""
+    task = asyncio.ensure_future(_prune(thread_id))
+    prunes = _prunes.setdefault(asyncio.get_running_loop(), set())
+    prunes.add(task)
+    task.add_done_callback(prunes.discard)
+    await asyncio.shield(task)
+
+
+async def _prune(thread_id: str) -> None:
+    try:
+        async with checkpointer() as saver:
+            if isinstance(saver, AsyncPostgresSaver):
+                await saver.aprune([thread_id], strategy="keep_latest")
+                return
+            await saver.setup()
+            async with saver.lock:
+                for sql in _SQLITE_PRUNE:
+                    await saver.conn.execute(sql, (thread_id,))
+    except Exception:
+        logger.warning("could not prune the checkpoints of thread %s", thread_id, exc_info=True)
 
 
 def first_read_known_empty(saver: BaseCheckpointSaver, *, thread_id: str) -> BaseCheckpointSaver:

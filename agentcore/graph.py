@@ -8,12 +8,12 @@ from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AnyMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
@@ -49,6 +49,33 @@ def close_dangling_tool_calls(messages: list[AnyMessage]) -> list[AnyMessage]:
                 if call["id"] not in answered:
                     result.append(ToolMessage(content=NOT_RUN, tool_call_id=call["id"], name=call["name"]))
     return result
+
+
+def history_window(messages: list[AnyMessage], *, max_messages: int, max_chars: int) -> list[AnyMessage]:
+    """The part of the conversation the model is given: the latest turns (a turn starts at a human message) that
+    fit in `max_messages` messages and `max_chars` characters, counted together with the current turn, which is
+    always kept whole. Cutting only where a turn starts keeps every tool call with its result and gives the model a
+    history that opens with the user."""
+    start = None
+    count = chars = 0
+    for i in range(len(messages) - 1, -1, -1):
+        count += 1
+        chars += message_chars(messages[i])
+        if isinstance(messages[i], HumanMessage):
+            if start is not None and (count > max_messages or chars > max_chars):
+                break
+            start = i
+    return messages if start is None else messages[start:]
+
+
+def message_chars(message: AnyMessage) -> int:
+    """A message's size in characters, as a stand-in for its tokens: its text, its content blocks (an image's
+    data URL too, which is what it costs to store) and its tool calls' arguments."""
+    content = message.content
+    size = len(content) if isinstance(content, str) else len(json.dumps(content, default=str))
+    if isinstance(message, AIMessage):
+        size += sum(len(call["name"]) + len(json.dumps(call["args"], default=str)) for call in message.tool_calls)
+    return size
 
 
 def truncate(text: str, limit: int = OBSERVATION_LIMIT) -> str:
@@ -92,6 +119,9 @@ class AgentContext:
     rules: dict[str, ToolRule] = field(default_factory=dict)
     system_prompt: str = ""
     max_iterations: int = 8
+    # The history window (see history_window): AGENT_HISTORY_MAX_MESSAGES and AGENT_HISTORY_MAX_CHARS.
+    max_history_messages: int = field(kw_only=True)
+    max_history_chars: int = field(kw_only=True)
 
     def bound_model(self) -> Any:
         return self.model.bind_tools([tool_schema(t) for t in self.tools.values()]) if self.tools else self.model
@@ -121,15 +151,22 @@ async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[
     # The system prompt is added at call time, so the checkpoint keeps only the conversation and an edited prompt
     # applies to old sessions too.
     agent = runtime.context
+    history = state["messages"]
+    window = history_window(history, max_messages=agent.max_history_messages, max_chars=agent.max_history_chars)
     prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
     try:
-        response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(state["messages"]))
+        response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(window))
     except Exception as exc:
         # LangGraph writes the node's exception into the checkpoint (`__error__`): it must hold no key, whichever
         # path inside the provider client raised it.
         error = provider_exception_scrubbed(exc, api_key=chat_model_key(agent.model))
     else:
-        return {"messages": [response], "iterations": state.get("iterations", 0) + 1}
+        # The state keeps what a later call can be given, no more: turns that left the window leave the checkpoint
+        # too (the Message table keeps the whole conversation), so that what each step stores and loads stays
+        # bounded however long the conversation grows.
+        trimmed = len(window) < len(history)
+        messages = [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed else [response]
+        return {"messages": messages, "iterations": state.get("iterations", 0) + 1}
     raise error  # outside the except clause, so the unscrubbed original is not kept as its context
 
 

@@ -27,7 +27,7 @@ from langchain_openai import ChatOpenAI
 from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
 from langgraph.types import Command
 
-from agentcore.checkpoint import SaverOpening, checkpointer, first_read_known_empty
+from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.events import (
     ApprovalRequired,
@@ -467,6 +467,9 @@ class _Run:
             raise
         finally:
             await release()
+            # After the last event went out (or the client left): off the stream's path, in the run's own task, so
+            # that a run never ends with its prune still to come.
+            await checkpoint_prune(thread_id=str(self.session.pk))
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])
@@ -586,7 +589,9 @@ class _Run:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=app.system_prompt,
-                                   max_iterations=app.max_iterations)
+                                   max_iterations=app.max_iterations,
+                                   max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
+                                   max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
             config = {"configurable": {"thread_id": str(self.session.pk)},
                       "recursion_limit": 2 * app.max_iterations + 10}
             # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool

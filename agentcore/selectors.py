@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
@@ -111,3 +112,30 @@ def tool_list() -> list[dict[str, Any]]:
 
 def tool_policy_list() -> QuerySet[ToolPolicy]:
     return ToolPolicy.objects.select_related("mcp_server").order_by("source", "name")
+
+
+# The checkpoint tables of each saver and the sizes of their stored values (PostgreSQL: jsonb counted as its text).
+_CHECKPOINT_SIZES = {
+    "postgresql": (
+        "SELECT coalesce(sum(octet_length(checkpoint::text) + octet_length(metadata::text)), 0) FROM checkpoints",
+        "SELECT coalesce(sum(octet_length(blob)), 0) FROM checkpoint_blobs",
+        "SELECT coalesce(sum(octet_length(blob)), 0) FROM checkpoint_writes",
+    ),
+    "sqlite": (
+        "SELECT coalesce(sum(length(checkpoint) + length(metadata)), 0) FROM checkpoints",
+        "SELECT coalesce(sum(length(value)), 0) FROM writes",
+    ),
+}
+
+
+def checkpoint_storage_bytes(*, thread_id: str | None = None) -> int:
+    """Bytes of stored values in the checkpoint tables, of one conversation (its session id) or of all of them."""
+    total = 0
+    with connection.cursor() as cursor:
+        for sql in _CHECKPOINT_SIZES[connection.vendor]:
+            if thread_id is None:
+                cursor.execute(sql)
+            else:
+                cursor.execute(f"{sql} WHERE thread_id = %s", [str(thread_id)])
+            total += cursor.fetchone()[0]
+    return total

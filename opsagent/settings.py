@@ -235,6 +235,14 @@ AGENT_STALE_SWEEP_SECONDS = env.float("AGENT_STALE_SWEEP_SECONDS", default=5.0)
 # Checkpoint connections kept per process: a pool on PostgreSQL, one shared connection on SQLite (0: connect for
 # every run).
 AGENT_CHECKPOINT_POOL_SIZE = env.int("AGENT_CHECKPOINT_POOL_SIZE", default=10)
+
+# Conversation memory and checkpoint storage (issue 15, item 10). The model is given the latest whole turns of a
+# conversation that fit in both limits (counted with the current turn, which is always given whole); the
+# checkpoint keeps only those, and a conversation's superseded checkpoints are deleted after each run. The Message
+# table keeps the whole conversation for the history endpoints. Characters stand in for tokens (about 4 per token
+# in English, 1 to 2 in Chinese).
+AGENT_HISTORY_MAX_MESSAGES = env.int("AGENT_HISTORY_MAX_MESSAGES", default=100)
+AGENT_HISTORY_MAX_CHARS = env.int("AGENT_HISTORY_MAX_CHARS", default=200_000)
 LLM_REQUEST_TIMEOUT = env.float("LLM_REQUEST_TIMEOUT", default=120.0)
 LLM_CONNECTION_TEST_TIMEOUT = env.float("LLM_CONNECTION_TEST_TIMEOUT", default=10.0)
 

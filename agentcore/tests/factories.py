@@ -5,6 +5,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
 
 from agentcore.events import Event, event_to_dict
 from agentcore.models import AgentApp
@@ -25,6 +27,17 @@ def plain_chat_app(default_llm_config):
 
 async def run_all(request: TurnRequest) -> list[Event]:
     return [event async for event in run_turn(request)]
+
+
+@database_sync_to_async
+def checkpoint_rows(thread_id: str) -> tuple[int, int]:
+    """(checkpoints, pending writes) stored for a conversation."""
+    writes = "checkpoint_writes" if connection.vendor == "postgresql" else "writes"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM checkpoints WHERE thread_id = %s", [thread_id])
+        checkpoints = cursor.fetchone()[0]
+        cursor.execute(f"SELECT count(*) FROM {writes} WHERE thread_id = %s", [thread_id])
+        return checkpoints, cursor.fetchone()[0]
 
 
 def types(events: list[Event]) -> list[str]:

@@ -10,7 +10,7 @@ from agentcore.models import Approval, Message, Thought
 from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, run_turn, turn_prepare, turn_run
 from agentcore.services import approval_decide, tool_policy_update
 from agentcore.tests import factories
-from agentcore.tests.factories import run_all, types
+from agentcore.tests.factories import checkpoint_rows, run_all, types
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -200,3 +200,20 @@ async def test_the_resumed_run_keeps_the_turns_tool_subset(ops_app, plain_user, 
     assert counting_target.hits == 1
     assert {t["function"]["name"] for t in fake_upstream.chat_requests[-1].body["tools"]} == {"http_check",
                                                                                               "current_time"}
+
+
+async def test_an_approval_resumes_after_the_paused_conversations_older_checkpoints_are_pruned(
+        ops_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
+    fake_upstream.script(Reply(text="Hello."))
+    first = await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+    session_id = first[0].session_id
+    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url, session_id=session_id)
+    # The pause's own checkpoint stays, with the interrupt pending on it; everything before it is gone.
+    checkpoints, writes = await checkpoint_rows(session_id)
+    assert checkpoints == 1 and writes >= 1
+    fake_upstream.script(Reply(text="It answered 200."))
+    events = await run_all(TurnRequest(app=ops_app, owner=plain_user, session_id=session_id, approval=ApprovalDecision(
+        approval_id=paused[-1].pending_approvals[0]["id"], decision="approve")))
+    assert events[-1].status == "normal" and counting_target.hits == 1
+    roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "tool"]

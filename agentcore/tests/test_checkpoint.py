@@ -8,13 +8,15 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from agentcore import checkpoint, graph
 from agentcore.checkpoint import checkpointer
+from agentcore.models import Message
 from agentcore.runs import TurnRequest
 from agentcore.tests import factories
-from agentcore.tests.factories import run_all
-from tests.fakes.upstream import Reply
+from agentcore.tests.factories import checkpoint_rows, run_all
+from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
 plain_chat_app = factories.plain_chat_app
+ops_app = factories.ops_app
 
 
 async def test_a_new_saver_and_graph_see_the_conversation(plain_chat_app, plain_user, fake_upstream):
@@ -145,3 +147,45 @@ async def test_an_opening_closed_at_any_point_leaves_no_connection_thread(settin
             break
         await asyncio.sleep(0.02)
     assert worker_threads() == []
+
+
+async def test_a_conversation_keeps_only_its_latest_checkpoint(plain_chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."))
+    first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+    session_id = first[0].session_id
+    for query in ("and now?", "load?"):
+        await run_all(TurnRequest(app=plain_chat_app, query=query, owner=plain_user, session_id=session_id))
+    assert (await checkpoint_rows(session_id))[0] == 1
+    async with checkpointer() as saver:
+        state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": session_id}})
+    assert [m.content for m in state.values["messages"]] == ["disk?", "Disk 40%.", "and now?", "Still 40%.",
+                                                             "load?", "Load 0.1."]
+
+
+async def test_an_agent_turn_leaves_one_checkpoint_and_no_writes_of_older_ones(ops_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Noon."),
+                         Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Still noon."))
+    first = await run_all(TurnRequest(app=ops_app, query="time?", owner=plain_user))
+    await run_all(TurnRequest(app=ops_app, query="again?", owner=plain_user, session_id=first[0].session_id))
+    assert await checkpoint_rows(first[0].session_id) == (1, 0)  # a finished run leaves nothing pending
+    roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool"]
+
+
+async def test_the_model_is_given_the_window_and_the_checkpoint_keeps_only_that(settings, plain_chat_app,
+                                                                               plain_user, fake_upstream):
+    settings.AGENT_HISTORY_MAX_MESSAGES = 5
+    fake_upstream.script(*(Reply(text=f"answer {n}") for n in range(5)))
+    first = await run_all(TurnRequest(app=plain_chat_app, query="question 0", owner=plain_user))
+    session_id = first[0].session_id
+    for n in range(1, 5):
+        await run_all(TurnRequest(app=plain_chat_app, query=f"question {n}", owner=plain_user, session_id=session_id))
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
+    assert sent == [("system", "Answer briefly."), ("user", "question 2"), ("assistant", "answer 2"),
+                    ("user", "question 3"), ("assistant", "answer 3"), ("user", "question 4")]
+    async with checkpointer() as saver:
+        state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": session_id}})
+    assert [m.content for m in state.values["messages"]] == [
+        "question 2", "answer 2", "question 3", "answer 3", "question 4", "answer 4"]
+    # The whole conversation stays in the history that clients read.
+    assert await Message.objects.filter(session_id=session_id).acount() == 5
