@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.dify_overhead import CHAT_KEY, bench_server  # noqa: E402
+from bench.dify_overhead import CHAT_KEY, bench_server, cpu_seconds  # noqa: E402
 from tests.e2e.dify_servers import PYTHON  # noqa: E402
 
 WINDOW = 100  # turns timed together at the start and at the end
@@ -54,22 +54,27 @@ def checkpoint_bytes(env: dict[str, str]) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-async def conversation(base: str, env: dict[str, str], turns: int, query_chars: int) -> None:
+async def conversation(base: str, env: dict[str, str], server_pid: int, turns: int, query_chars: int) -> None:
     query = ("Is the disk on web-1 filling up again? " * (query_chars // 39 + 1))[:query_chars]
     times: list[float] = []
+    cpu: list[float] = []
     conversation_id = ""
     marks = sorted({WINDOW, turns // 4, turns // 2, turns})
     async with httpx.AsyncClient(timeout=60) as client:
         for n in range(1, turns + 1):
+            before = cpu_seconds(server_pid)
             seconds, conversation_id = await turn(client, base, f"{n}: {query}", conversation_id)
+            cpu.append(cpu_seconds(server_pid) - before)
             times.append(seconds)
             if n in marks:
-                recent = times[-WINDOW:]
-                print(f"turn {n:>5}: last {len(recent)} turns p50 {statistics.median(recent) * 1000:6.1f} ms, "
-                      f"checkpoint storage {checkpoint_bytes(env):>12,} bytes", flush=True)
-    first, last = statistics.median(times[:WINDOW]), statistics.median(times[-WINDOW:])
-    print(f"{turns} turns of {query_chars} characters: per-turn p50 {first * 1000:.1f} ms (turns 1-{WINDOW}) -> "
-          f"{last * 1000:.1f} ms (last {WINDOW}); total {sum(times):.0f} s", flush=True)
+                # The server's CPU time varies much less than latency on a shared machine.
+                print(f"turn {n:>5}: last {WINDOW} turns p50 {statistics.median(times[-WINDOW:]) * 1000:6.1f} ms, "
+                      f"server CPU {statistics.mean(cpu[-WINDOW:]) * 1000:5.1f} ms/turn, "
+                      f"checkpoint storage {checkpoint_bytes(env):>10,} bytes", flush=True)
+    print(f"{turns} turns of {query_chars} characters: per-turn p50 {statistics.median(times[:WINDOW]) * 1000:.1f} ms "
+          f"(turns 1-{WINDOW}) -> {statistics.median(times[-WINDOW:]) * 1000:.1f} ms (last {WINDOW}); server CPU "
+          f"{statistics.mean(cpu[:WINDOW]) * 1000:.1f} -> {statistics.mean(cpu[-WINDOW:]) * 1000:.1f} ms/turn; "
+          f"total {sum(times):.0f} s", flush=True)
 
 
 def main() -> int:
@@ -83,7 +88,7 @@ def main() -> int:
 
     with bench_server(database_url=args.database_url, redis_url=args.redis_url,
                       apps=[("bench-chat", "chat", CHAT_KEY)]) as (server, env, _):
-        asyncio.run(conversation(server.url, env, args.turns, args.query_chars))
+        asyncio.run(conversation(server.url, env, server.process.pid, args.turns, args.query_chars))
     return 0
 
 

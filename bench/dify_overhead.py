@@ -85,13 +85,16 @@ def bench_server(*, database_url: str, redis_url: str, apps: list[tuple[str, str
         manage("migrate", "--noinput", env=env)
         for name, mode, key in apps:
             provision_in_subprocess(env=env, name=name, mode=mode, upstream_url=upstream_url, key=key)
-        with Daphne(env=env) as server:
+        server = Daphne(env=env)
+        try:
+            server.start(timeout=120)  # slow on a busy machine
             print(f"daphne on {server.url}, fake upstream on {upstream_url}", flush=True)
-            try:
-                yield server, env, upstream_url
-            except Exception:
-                print("daphne's log:\n" + "".join(server.log[-80:]), flush=True)
-                raise
+            yield server, env, upstream_url
+        except Exception:
+            print("daphne's log:\n" + "".join(server.log[-80:]), flush=True)
+            raise
+        finally:
+            server.stop()
     finally:
         upstream.terminate()
         upstream.wait(10)
