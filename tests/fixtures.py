@@ -33,6 +33,16 @@ def _clear_cache():
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _dependencies_up():
+    """A test that found a dependency down leaves no open circuit breaker to the next one."""
+    from opsagent.dependencies import database, redis_server
+
+    yield
+    database.up()
+    redis_server.up()
+
+
 @pytest.fixture
 def make_llm_config(db, fake_upstream):
     """Create an LLMConfig through the service, pointing at the fake upstream unless told otherwise."""

@@ -3,6 +3,12 @@ import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production")
 os.environ.setdefault("FIELD_ENCRYPTION_KEY", "test-field-encryption-key")
+# A loaded test machine is slow, not down: generous timeouts, so a stall is not taken for a dead dependency (the
+# tests of dead dependencies kill them outright: refused connections fail at once whatever the timeout). Set in the
+# environment, so that the daphne processes the tests start inherit them.
+os.environ.setdefault("REDIS_CONNECT_TIMEOUT", "10")
+os.environ.setdefault("REDIS_TIMEOUT", "10")
+os.environ.setdefault("DATABASE_CONNECT_TIMEOUT", "10")
 
 from opsagent.settings import *  # noqa: E402,F403
 
