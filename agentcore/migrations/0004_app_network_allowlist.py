@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agentcore', '0002_message_tools'),
+        ('agentcore', '0003_approval_and_mcp_permissions'),
     ]
 
     operations = [
