@@ -112,6 +112,15 @@ def plain_user(django_user_model):
     return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
 
 
+def client_for(user):
+    """An APIClient authenticated as `user` (for tests that act as several users)."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
 @pytest.fixture
 def api_client():
     from rest_framework.test import APIClient

@@ -1,19 +1,13 @@
 """One test per permission rule of /api/llm-configs/ and /api/audit-logs/: a staff user without the permission gets
 403 and nothing changes; the same user granted it is let through."""
 import pytest
-from rest_framework.test import APIClient
 
 from llmconfigs.models import AuditLog, LLMConfig
+from tests.fixtures import client_for
 
 pytestmark = pytest.mark.django_db
 
 URL = "/api/llm-configs/"
-
-
-def _client(user) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 def _call(client, method: str, path: str, body=None):
@@ -44,26 +38,26 @@ def test_each_write_and_sensitive_read_needs_its_permission(bare_staff_user, gra
     path = path.format(id=config.pk)
     before = list(LLMConfig.objects.values())
 
-    refused = _call(_client(bare_staff_user), method, path, body)
+    refused = _call(client_for(bare_staff_user), method, path, body)
     assert refused.status_code == 403, refused.content
     assert list(LLMConfig.objects.values()) == before
 
-    allowed = _call(_client(grant(bare_staff_user, permission)), method, path, body)
+    allowed = _call(client_for(grant(bare_staff_user, permission)), method, path, body)
     assert allowed.status_code == allowed_status, allowed.content
 
 
 def test_an_audit_row_needs_view_auditlog(bare_staff_user, grant, make_llm_config):
     make_llm_config()
     row = AuditLog.objects.first()
-    assert _client(bare_staff_user).get(f"/api/audit-logs/{row.pk}/").status_code == 403
-    assert _client(grant(bare_staff_user, "llmconfigs.view_auditlog")).get(f"/api/audit-logs/{row.pk}/").json()[
+    assert client_for(bare_staff_user).get(f"/api/audit-logs/{row.pk}/").status_code == 403
+    assert client_for(grant(bare_staff_user, "llmconfigs.view_auditlog")).get(f"/api/audit-logs/{row.pk}/").json()[
         "id"] == row.pk
 
 
 @pytest.mark.parametrize("path", [URL, URL + "{id}/", URL + "default/", URL + "providers/"])
 def test_any_authenticated_user_reads_configs_masked(plain_user, make_llm_config, path):
     config = make_llm_config(default=True)
-    response = _client(plain_user).get(path.format(id=config.pk))
+    response = client_for(plain_user).get(path.format(id=config.pk))
     assert response.status_code == 200
     assert config.api_key not in response.content.decode()
 
@@ -71,5 +65,5 @@ def test_any_authenticated_user_reads_configs_masked(plain_user, make_llm_config
 def test_a_superuser_needs_no_explicit_permission(django_user_model, make_llm_config):
     root = django_user_model.objects.create_superuser(username="root", password="pw-root-123")
     config = make_llm_config()
-    assert _client(root).patch(f"{URL}{config.pk}/", {"temperature": 0.2}, format="json").status_code == 200
-    assert _client(root).get("/api/audit-logs/").status_code == 200
+    assert client_for(root).patch(f"{URL}{config.pk}/", {"temperature": 0.2}, format="json").status_code == 200
+    assert client_for(root).get("/api/audit-logs/").status_code == 200
