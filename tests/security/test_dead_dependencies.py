@@ -195,6 +195,17 @@ def assert_rest_503(response: httpx.Response, dependency: str) -> None:
     assert body["code"] == "service_unavailable" and dependency in body["detail"]
 
 
+def assert_every_surface_503(
+    server, app_key: str, api_token: str, chat_app, dependency: str, health_field: str
+) -> None:
+    """Dify blocking and streaming, REST chat and /health/ all answer the dependency's 503."""
+    assert_dify_503(dify_chat(server, app_key), dependency)
+    assert_dify_503(dify_chat(server, app_key, response_mode="streaming"), dependency)
+    assert_rest_503(rest_chat(server, api_token, chat_app), dependency)
+    health = httpx.get(f"{server.base_url}/health/", timeout=QUICK)
+    assert health.status_code == 503 and health.json()[health_field] == "unavailable"
+
+
 def wait_for_retry() -> None:
     time.sleep(float(RETRY) + 0.2)  # the servers try the dependency again after DEPENDENCY_RETRY_SECONDS
 
@@ -208,11 +219,7 @@ def test_redis_down_is_a_503_on_every_surface_and_its_return_is_served(start_dap
     assert dify_chat(server, app_key).json()["answer"] == "up"
 
     redis_server.kill()
-    assert_dify_503(dify_chat(server, app_key), "redis")
-    assert_dify_503(dify_chat(server, app_key, response_mode="streaming"), "redis")
-    assert_rest_503(rest_chat(server, api_token, chat_app), "redis")
-    health = httpx.get(f"{server.base_url}/health/", timeout=QUICK)
-    assert health.status_code == 503 and health.json()["cache"] == "unavailable"
+    assert_every_surface_503(server, app_key, api_token, chat_app, "redis", health_field="cache")
     assert "Traceback" not in server.log()
 
     redis_server.start()
@@ -252,11 +259,7 @@ def test_postgres_cut_is_a_quick_503_and_its_return_is_served_at_once(start_daph
     assert first.status_code == 200 and first.json()["answer"] == "answer 0"
 
     database_proxy.cut()
-    assert_dify_503(dify_chat(server, app_key), "database")
-    assert_dify_503(dify_chat(server, app_key, response_mode="streaming"), "database")
-    assert_rest_503(rest_chat(server, api_token, chat_app), "database")
-    health = httpx.get(f"{server.base_url}/health/", timeout=QUICK)
-    assert health.status_code == 503 and health.json()["database"] == "unavailable"
+    assert_every_surface_503(server, app_key, api_token, chat_app, "database", health_field="database")
 
     database_proxy.restore()
     wait_for_retry()
