@@ -7,6 +7,7 @@ table, checkpoint tables included) and in no line of the server's log; the error
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -54,9 +55,13 @@ def database_bytes() -> bytes:
     """Every stored byte: the SQLite files, or on PostgreSQL every column of every table of the test schema (bytea
     as its raw bytes, so that keys inside binary checkpoint blobs are found too)."""
     if connection.vendor == "sqlite":
+        # Read by a child process: opening and closing the file here would drop every POSIX lock this process holds
+        # on it, including the shared lock of its own SQLite connection. The next daphne to close its connection
+        # would then take itself for the last one and delete the WAL this process still writes to, and every later
+        # write of this process would land in a deleted file that no server can see.
         name = Path(connection.settings_dict["NAME"])
-        return b"".join(path.read_bytes() for path in (name, Path(f"{name}-wal"), Path(f"{name}-journal"))
-                        if path.exists())
+        paths = [str(path) for path in (name, Path(f"{name}-wal"), Path(f"{name}-journal")) if path.exists()]
+        return subprocess.run(["cat", *paths], capture_output=True, check=True).stdout
     chunks = []
     with connection.cursor() as cursor:
         cursor.execute("SELECT table_name, column_name FROM information_schema.columns "

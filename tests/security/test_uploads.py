@@ -8,7 +8,6 @@ import zlib
 
 import httpx
 import pytest
-from django.db import connection
 
 from agentcore.models import AgentApp
 from difyapi.auth import api_key_create
@@ -103,17 +102,6 @@ def test_uploaded_markup_is_only_ever_downloaded(daphne_server, app_key):
             assert fetched.headers["content-type"] == stored_as
 
 
-# Known test-isolation fault, not yet understood (2026-12-01): on SQLite, when the whole security suite runs,
-# test_secret_scrubbing.py then this module's first test run before these two, the daphne they start answers 401 for
-# the key their fixture just wrote (the row is in the test database). Each passes alone, after any other module, and
-# on PostgreSQL always. Left visible here instead of hidden; the issue 15 note says so.
-SQLITE_ORDER_FAULT = pytest.mark.xfail(
-    connection.vendor == "sqlite", strict=False,
-    reason="SQLite test-isolation fault after test_secret_scrubbing (see the comment above)",
-)
-
-
-@SQLITE_ORDER_FAULT
 def test_markup_claiming_an_image_or_active_type_is_refused(daphne_server, app_key):
     for name, declared, content in REFUSED:
         response = upload(daphne_server, app_key, name, content, declared)
@@ -123,7 +111,6 @@ def test_markup_claiming_an_image_or_active_type_is_refused(daphne_server, app_k
     assert not UploadFile.objects.exists()
 
 
-@SQLITE_ORDER_FAULT
 def test_images_are_inline_as_their_own_type_and_never_sniffed(daphne_server, app_key):
     png = png_bytes()
     answer = upload(daphne_server, app_key, "chart.png", png, "image/png")
