@@ -42,6 +42,7 @@ test: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: install-dev
 	$(PY) bench/llmconfigs_list.py

@@ -31,7 +31,7 @@ from agentcore.services import (
 )
 from agentcore.tools.registry import SHELL_TOOL
 from llmconfigs.secrets import mask_secret
-from opsagent.middleware import audit_context
+from opsagent.common.clients import audit_context
 
 
 class ReadOnlyInline(admin.TabularInline):

@@ -17,7 +17,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from opsagent.dependencies import database
+from opsagent.common.dependencies import database
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
             # What the saver needs of its connections: each write commits at once; no server-side prepared
             # statements (they break behind PgBouncer); rows as dicts.
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-            # As Django's pool (opsagent/db/backends/postgresql): connections that died with the server are dropped
-            # when borrowed, and reconnecting never waits long between attempts.
+            # As Django's pool (opsagent/common/db/backends/postgresql): connections that died with the server are
+            # dropped when borrowed, and reconnecting never waits long between attempts.
             check=AsyncConnectionPool.check_connection, reconnect_timeout=settings.DEPENDENCY_RETRY_SECONDS,
             timeout=_pool_timeout(),
         )

@@ -15,8 +15,8 @@ from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
 from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
-from opsagent.client_input import ClientInputError, json_loads
-from opsagent.dependencies import dependency_down
+from opsagent.common.client_input import ClientInputError, json_loads
+from opsagent.common.dependencies import dependency_down
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from django.http.request import validate_host
 from django.urls import path
 
 from agentcore.consumers import SessionConsumer
-from opsagent.client_input import text_problem
-from opsagent.middleware import scope_client_ip
-from opsagent.throttling import auth_failure_record, auth_locked_for
+from opsagent.common.client_input import text_problem
+from opsagent.common.clients import scope_client_ip
+from opsagent.common.throttling import auth_failure_record, auth_locked_for
 
 
 @database_sync_to_async

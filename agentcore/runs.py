@@ -59,7 +59,7 @@ from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import usage_cost
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
 from llmconfigs.services import llm_config_record_usage
-from opsagent.dependencies import dependency_down
+from opsagent.common.dependencies import dependency_down
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User

@@ -31,7 +31,7 @@ from llmconfigs.models import AuditLog
 from llmconfigs.secrets import url_origin
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
 from llmconfigs.services import audit_record
-from opsagent.client_input import ClientInputError, ObjectBounds, object_check
+from opsagent.common.client_input import ClientInputError, ObjectBounds, object_check
 
 STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
 NAME_LIMIT = 50

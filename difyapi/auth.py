@@ -15,8 +15,8 @@ from django.utils import timezone
 from agentcore.models import AgentApp
 from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unauthorized
 from difyapi.models import ApiKey
-from opsagent.cache import cache_forget
-from opsagent.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
+from opsagent.common.cache import cache_forget
+from opsagent.common.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
 
 KEY_PREFIX = "app-"
 CACHE_TTL = 600

@@ -45,7 +45,7 @@ from difyapi.chat import (
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
 from difyapi.sse import HEADERS, PING, encode_event, json_bytes
 from difyapi.validation import parse_json_body, user_from
-from opsagent.middleware import scope_client_ip
+from opsagent.common.clients import scope_client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class DifyHttpConsumer(AsyncConsumer):
     """One Dify JSON request: collects the body, hands it to `respond` in a task, and stops on disconnect. A body
     that comes in several parts (anything over one read, so possibly large) has its key checked before the rest is
     buffered; a body in one part, which is most requests, is checked in the request's single hop instead. (The size
-    of a body is bounded before it gets here: opsagent.limits.)"""
+    of a body is bounded before it gets here: opsagent.common.limits.)"""
 
     # The run listens on its own stop group; the consumer itself needs no channel (and no channel-layer round trip).
     channel_layer_alias = None

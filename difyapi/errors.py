@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpResponse
 
-from opsagent.dependencies import DependencyUnavailable, dependency_down, retry_after
+from opsagent.common.dependencies import DependencyUnavailable, dependency_down, retry_after
+from opsagent.common.surfaces import Refusal, Surface
 
 
 class DifyError(Exception):
@@ -24,10 +26,10 @@ class DifyError(Exception):
         return json.dumps(self.payload(), ensure_ascii=False, separators=(",", ":")).encode()
 
     def response(self) -> HttpResponse:
-        response = HttpResponse(self.body(), status=self.status, content_type="application/json")
-        for name, value in self.headers.items():
-            response[name] = value
-        return response
+        return self.refusal().response()
+
+    def refusal(self) -> Refusal:
+        return Refusal(self.status, self.body(), headers=tuple(self.headers.items()))
 
 
 def unauthorized(message: str) -> DifyError:
@@ -92,3 +94,34 @@ def unexpected_error(exc: BaseException) -> DifyError:
     """The envelope for an exception nothing else mapped: 503 when a dependency of ours is down, else 500."""
     failure = dependency_down(exc)
     return dependency_error(failure) if failure is not None else INTERNAL
+
+
+MB = 1024 * 1024
+UPLOAD_PATHS = frozenset({"/v1/files/upload"})
+
+
+def _largest_upload_mb() -> int:
+    return max(settings.UPLOAD_FILE_SIZE_LIMIT_MB, settings.UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB)
+
+
+class DifySurface(Surface):
+    """/v1's refusals made before any view runs (opsagent.common.surfaces), in Dify's envelope; registered by
+    DifyApiConfig.ready()."""
+
+    def body_limit(self, path: str) -> int:
+        """Uploads may be as large as the largest accepted file plus room for the form around it."""
+        if path in UPLOAD_PATHS:
+            return _largest_upload_mb() * MB + settings.REQUEST_BODY_MAX_BYTES
+        return settings.REQUEST_BODY_MAX_BYTES
+
+    def too_large(self, path: str, limit: int) -> Refusal:
+        if path in UPLOAD_PATHS:
+            return DifyError("file_too_large",
+                             f"File size exceeded. Files may be at most {_largest_upload_mb()} MB.", 413).refusal()
+        return request_too_large(limit).refusal()
+
+    def bad_text(self, field: str, message: str) -> Refusal:
+        return invalid_param(f"{field} {message}").refusal()
+
+    def unavailable(self, failure: DependencyUnavailable) -> Refusal:
+        return dependency_error(failure).refusal()

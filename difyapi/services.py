@@ -17,7 +17,7 @@ from difyapi import filetypes
 from difyapi.auth import api_key_create
 from difyapi.errors import DifyError, invalid_param
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
-from opsagent.client_input import text_problem
+from opsagent.common.client_input import text_problem
 
 
 def end_user_get_or_create(*, app: AgentApp, user: str) -> EndUser:

@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from difyapi.errors import INVALID_JSON, UNSUPPORTED_MEDIA_TYPE, invalid_param
-from opsagent.client_input import ClientInputError, json_loads, text_problem
+from opsagent.common.client_input import ClientInputError, json_loads, text_problem
 
 # Dify's shared end user for requests that may omit `user` (GET /messages, /conversations, /files/upload).
 DEFAULT_USER = "DEFAULT-USER"

@@ -39,7 +39,7 @@ from difyapi.validation import (
     user_from,
     uuid_from,
 )
-from opsagent.middleware import client_ip
+from opsagent.common.clients import client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
             except DifyError as exc:
                 return exc.response()
             except RequestDataTooBig:
-                # Form fields beside an upload's file over DATA_UPLOAD_MAX_MEMORY_SIZE (opsagent.limits refuses
+                # Form fields beside an upload's file over DATA_UPLOAD_MAX_MEMORY_SIZE (opsagent.common.limits refuses
                 # larger bodies before they get here).
                 return request_too_large(settings.DATA_UPLOAD_MAX_MEMORY_SIZE).response()
             except Exception as exc:

@@ -24,7 +24,7 @@ from llmconfigs.services import (
     llm_config_test_connection,
     llm_config_update,
 )
-from opsagent.middleware import audit_context
+from opsagent.common.clients import audit_context
 
 # Lookups that would filter or order by the key; the changelist refuses them instead of leaking it by bisection.
 _SECRET_FIELDS = ("api_key",)

@@ -22,8 +22,8 @@ from llmconfigs.services import (
     llm_config_test_connection,
     llm_config_update,
 )
-from opsagent.middleware import audit_context
-from opsagent.permissions import ActionPermissions
+from opsagent.common.clients import audit_context
+from opsagent.common.permissions import ActionPermissions
 
 # ----- serializers -----
 

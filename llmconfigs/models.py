@@ -18,7 +18,7 @@ from llmconfigs.providers import (
     parameter_errors,
 )
 from llmconfigs.secrets import url_origin
-from opsagent.client_input import ClientInputError, ObjectBounds, object_check
+from opsagent.common.client_input import ClientInputError, ObjectBounds, object_check
 
 # What extra_config may hold. It is shown in clear to API readers, so nothing in it may be a credential.
 EXTRA_CONFIG_KEYS = {"extra_body", "vision", "embedding_batch_size"}

@@ -8,7 +8,10 @@ class OpsAgentConfig(AppConfig):
     def ready(self):
         from django.contrib import admin
 
-        from opsagent.authentication import ThrottledAdminLoginForm
+        from opsagent.common import surfaces
+        from opsagent.common.authentication import ThrottledAdminLoginForm
 
-        # Admin logins count against the brakes on guessing (opsagent.throttling).
+        # Admin logins count against the brakes on guessing (opsagent.common.throttling).
         admin.site.login_form = ThrottledAdminLoginForm
+        # The REST API (mounted under /api by opsagent.urls) refuses in DRF's format.
+        surfaces.register("/api", surfaces.RestSurface())

@@ -14,7 +14,7 @@ from django.urls import re_path  # noqa: E402
 from agentcore.routing import websocket_application  # noqa: E402
 from difyapi.routing import http_urlpatterns as dify_http_urlpatterns  # noqa: E402
 from opsagent import daphne_limits  # noqa: E402
-from opsagent.limits import HttpBodyLimit, WebSocketMessageLimit  # noqa: E402
+from opsagent.common.limits import HttpBodyLimit, WebSocketMessageLimit  # noqa: E402
 
 daphne_limits.install()
 

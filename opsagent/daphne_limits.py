@@ -1,9 +1,9 @@
 """Size limits inside daphne. Daphne (through Twisted) reads a whole request body, into memory or a temporary file,
 before the ASGI app hears of the request, then queues all of it for the app at once: a limit checked by the app comes
-too late to save that memory. This request class applies `opsagent.limits` while the body arrives, so a body over its
-path's limit is answered with the surface's 413 as soon as its size is known and is never stored. WebSocket messages
-get WEBSOCKET_MESSAGE_MAX_BYTES as daphne's own limit, closed with 1009 (daphne's default drops the connection
-without a close frame, and an app may not send 1009 through it)."""
+too late to save that memory. This request class applies `opsagent.common.limits` while the body arrives, so a body
+over its path's limit is answered with the surface's 413 as soon as its size is known and is never stored. WebSocket
+messages get WEBSOCKET_MESSAGE_MAX_BYTES as daphne's own limit, closed with 1009 (daphne's default drops the
+connection without a close frame, and an app may not send 1009 through it)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from daphne import http_protocol, ws_protocol
 from django.conf import settings
 
-from opsagent.limits import body_limit, too_large
+from opsagent.common.limits import body_limit, too_large
 
 # After the 413, what the client still sends is read and dropped for this long before the connection closes: closing
 # on unread data resets the connection, and the client could lose the answer before reading it.
@@ -65,12 +65,12 @@ class BoundedWebRequest(http_protocol.WebRequest):
         from twisted.internet import reactor  # daphne has installed its reactor by the time a request arrives
 
         self.refused = True
-        status, headers, body = too_large(path, self.body_max)
-        head = [b"HTTP/1.1 %d %s" % (status, REASONS[status])]
-        head += [name + b": " + value for name, value in headers]
-        head += [b"Content-Length: %d" % len(body), b"Connection: close"]
+        refusal = too_large(path, self.body_max)
+        head = [b"HTTP/1.1 %d %s" % (refusal.status, REASONS[refusal.status])]
+        head += [name + b": " + value for name, value in refusal.raw_headers()]
+        head += [b"Content-Length: %d" % len(refusal.body), b"Connection: close"]
         channel = self.channel
-        channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + refusal.body)
         channel.dataReceived = lambda data: None
         reactor.callLater(LINGER_SECONDS, channel.transport.loseConnection)
 

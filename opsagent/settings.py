@@ -63,11 +63,11 @@ LOCAL_APPS = [
 INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
-    "opsagent.middleware.RequestLogMiddleware",
-    "opsagent.dependencies.DependencyFailureMiddleware",
-    "opsagent.middleware.QueryTextMiddleware",
+    "opsagent.common.middleware.RequestLogMiddleware",
+    "opsagent.common.dependencies.DependencyFailureMiddleware",
+    "opsagent.common.middleware.QueryTextMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "opsagent.middleware.ContentSecurityPolicyMiddleware",
+    "opsagent.common.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -96,8 +96,8 @@ TEMPLATES = [
     },
 ]
 
-# When dependencies fail (opsagent/dependencies.py): how long a connection attempt may take, and how long a dependency
-# found down fails requests at once (503) before one request tries it again.
+# When dependencies fail (opsagent/common/dependencies.py): how long a connection attempt may take, and how long a
+# dependency found down fails requests at once (503) before one request tries it again.
 DATABASE_CONNECT_TIMEOUT = env.int("DATABASE_CONNECT_TIMEOUT", default=2)
 REDIS_CONNECT_TIMEOUT = env.float("REDIS_CONNECT_TIMEOUT", default=1.0)
 # A command's reply: longer, since a busy Redis (or a loaded host) can stall for a second without being down.
@@ -110,8 +110,8 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / '
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Django's SQLite backend, keeping a few idle connections per process (opsagent/db/backends/sqlite3).
-    DATABASES["default"]["ENGINE"] = "opsagent.db.backends.sqlite3"
+    # Django's SQLite backend, keeping a few idle connections per process (opsagent/common/db/backends/sqlite3).
+    DATABASES["default"]["ENGINE"] = "opsagent.common.db.backends.sqlite3"
     # WAL + a busy timeout let the ASGI server's threads and the agent's checkpointer share the file.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
@@ -123,8 +123,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's psycopg pool (compatible with CONN_MAX_AGE=0): each database_sync_to_async hop borrows an open
     # connection instead of opening one, which costs a few milliseconds on every hop of every request. The
-    # project's backend (opsagent/db/backends/postgresql) adds the fast failure and recovery described below.
-    DATABASES["default"]["ENGINE"] = "opsagent.db.backends.postgresql"
+    # project's backend (opsagent/common/db/backends/postgresql) adds the fast failure and recovery described below.
+    DATABASES["default"]["ENGINE"] = "opsagent.common.db.backends.postgresql"
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("pool", {
         "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
         "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
@@ -145,7 +145,7 @@ if REDIS_URL:
 
     # Short timeouts and no retries: redis-py retries a failed connection three times with a growing delay (a
     # second per cache call with Redis down); the circuit breaker decides when to try again.
-    CACHES = {"default": {"BACKEND": "opsagent.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL, "OPTIONS": {
+    CACHES = {"default": {"BACKEND": "opsagent.common.cache.SharedPoolRedisCache", "LOCATION": REDIS_URL, "OPTIONS": {
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": REDIS_TIMEOUT,
         "retry": RedisRetry(NoBackoff(), 0),
     }}}
@@ -183,13 +183,13 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "opsagent.authentication.ThrottledTokenAuthentication",
+        "opsagent.common.authentication.ThrottledTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["opsagent.parsers.BoundedJSONParser"],
-    "DEFAULT_PAGINATION_CLASS": "opsagent.pagination.PageNumberPagination",
+    "DEFAULT_PARSER_CLASSES": ["opsagent.common.parsers.BoundedJSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "opsagent.common.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -209,7 +209,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "opsagent.logging.JSONFormatter"},
+        "json": {"()": "opsagent.common.logging.JSONFormatter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "json" if LOG_FORMAT == "json" else "text"}
@@ -254,7 +254,8 @@ UPLOAD_AUDIO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_AUDIO_FILE_SIZE_LIMIT", defaul
 UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_VIDEO_FILE_SIZE_LIMIT", default=100)
 WORKFLOW_FILE_UPLOAD_LIMIT = env.int("WORKFLOW_FILE_UPLOAD_LIMIT", default=10)
 
-# Limits and throttling (issue 15: request sizes, guessing). See opsagent/limits.py and opsagent/throttling.py.
+# Limits and throttling (issue 15: request sizes, guessing). See opsagent/common/limits.py and
+# opsagent/common/throttling.py.
 # Every request body except an upload's (whose limit follows the upload size limits above) and every non-file field
 # of a form.
 REQUEST_BODY_MAX_BYTES = env.int("REQUEST_BODY_MAX_BYTES", default=1024 * 1024)

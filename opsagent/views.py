@@ -5,7 +5,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from opsagent.dependencies import dependency_down
+from opsagent.common.dependencies import dependency_down
 
 
 def _state(check) -> str:

@@ -36,7 +36,7 @@ def _clear_cache():
 @pytest.fixture(autouse=True)
 def _dependencies_up():
     """A test that found a dependency down leaves no open circuit breaker to the next one."""
-    from opsagent.dependencies import database, redis_server
+    from opsagent.common.dependencies import database, redis_server
 
     yield
     database.up()

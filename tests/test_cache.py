@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import caches
 
-from opsagent.cache import SharedPoolRedisCache
+from opsagent.common.cache import SharedPoolRedisCache
 
 
 def _connected_clients() -> int:

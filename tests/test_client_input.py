@@ -1,10 +1,10 @@
-"""The checks every client value passes (opsagent.client_input): depth, text PostgreSQL can store, finite numbers,
-object size bounds, and where the surfaces apply them (the DRF parser, the query string middleware)."""
+"""The checks every client value passes (opsagent.common.client_input): depth, text PostgreSQL can store, finite
+numbers, object size bounds, and where the surfaces apply them (the DRF parser, the query string middleware)."""
 from __future__ import annotations
 
 import pytest
 
-from opsagent.client_input import ClientInputError, ObjectBounds, json_loads, object_check
+from opsagent.common.client_input import ClientInputError, ObjectBounds, json_loads, object_check
 
 BOUNDS = ObjectBounds(max_bytes=100, max_keys=3, max_key_length=5, max_string_length=10, max_depth=2)
 

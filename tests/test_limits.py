@@ -1,5 +1,5 @@
-"""The ASGI guards of opsagent.limits (what keeps the limits under any ASGI server) and the Dify consumers' key check
-before a body in several parts is buffered."""
+"""The ASGI guards of opsagent.common.limits (what keeps the limits under any ASGI server) and the Dify consumers' key
+check before a body in several parts is buffered."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 from asgiref.testing import ApplicationCommunicator
 
 from opsagent.asgi import application
-from opsagent.limits import CLOSE_MESSAGE_TOO_BIG, HttpBodyLimit, WebSocketMessageLimit, body_limit
+from opsagent.common.limits import CLOSE_MESSAGE_TOO_BIG, HttpBodyLimit, WebSocketMessageLimit, body_limit
 
 
 def _http_scope(path: str, *headers: tuple[bytes, bytes]) -> dict:

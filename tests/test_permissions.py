@@ -1,4 +1,5 @@
-"""opsagent.permissions.ActionPermissions and agentcore.permissions: Django permissions decide, the staff flag never."""
+"""opsagent.common.permissions.ActionPermissions and agentcore.permissions: Django permissions decide, the staff flag
+never."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ from agentcore.permissions import (
     may_see_mcp_secrets,
     mcp_server_is_command,
 )
-from opsagent.permissions import ActionPermissions
+from opsagent.common.permissions import ActionPermissions
 
 pytestmark = pytest.mark.django_db
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from opsagent.logging import JSONFormatter
+from opsagent.common.logging import JSONFormatter
 
 pytestmark = pytest.mark.django_db
 

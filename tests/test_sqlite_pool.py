@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from django.db import connection, connections
 from django.db.utils import OperationalError
 
-from opsagent.db.backends.sqlite3.base import DatabaseWrapper, idle_connections
+from opsagent.common.db.backends.sqlite3.base import DatabaseWrapper, idle_connections
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def make_wrapper(tmp_path, django_db_blocker):
 
     def make(pool_size: int = 2, name: str | None = None) -> DatabaseWrapper:
         settings_dict = connections.configure_settings({"default": {}, "pooltest": {
-            "ENGINE": "opsagent.db.backends.sqlite3",
+            "ENGINE": "opsagent.common.db.backends.sqlite3",
             "NAME": name or str(tmp_path / "pool.sqlite3"),
             "CONN_MAX_AGE": 0,
             "OPTIONS": {"pool_size": pool_size, "init_command": "PRAGMA journal_mode=WAL;"},

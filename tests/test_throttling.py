@@ -1,10 +1,10 @@
-"""opsagent.throttling (failure counts and locks in the cache) and the client address it counts against."""
+"""opsagent.common.throttling (failure counts and locks in the cache) and the client address it counts against."""
 from __future__ import annotations
 
 from django.test import RequestFactory
 
-from opsagent.middleware import client_ip, scope_client_ip
-from opsagent.throttling import (
+from opsagent.common.clients import client_ip, scope_client_ip
+from opsagent.common.throttling import (
     auth_failure_record,
     auth_locked_for,
     login_failure_record,

@@ -8,7 +8,7 @@ from agentcore.models import Approval, MCPServer, Message, Session, Task, Though
 from agentcore.permissions import may_see_mcp_secrets
 from agentcore.runs import TurnOverrides
 from llmconfigs.secrets import mask_secret
-from opsagent.client_input import ClientInputError, ObjectBounds, object_check
+from opsagent.common.client_input import ClientInputError, ObjectBounds, object_check
 
 # Bounds of the MCP server fields that hold lists of strings (a command line's arguments, tool names) and maps of
 # strings (env, headers).

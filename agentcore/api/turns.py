@@ -12,7 +12,7 @@ from asgiref.sync import async_to_sync
 from agentcore.api.errors import ENGINE_ERRORS, api_error
 from agentcore.events import Event, RunEnd, RunError, RunStarted, TextDelta, Usage, event_to_dict
 from agentcore.runs import UNAVAILABLE, Turn, TurnRequest, turn_prepare, turn_run
-from opsagent.dependencies import dependency_down
+from opsagent.common.dependencies import dependency_down
 
 
 def turn_prepare_sync(request: TurnRequest) -> Turn:

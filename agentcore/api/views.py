@@ -17,8 +17,8 @@ from agentcore.api.turns import turn_drain_sync, turn_prepare_sync, turn_sse
 from agentcore.models import AgentApp, Approval, MCPServer, Session
 from agentcore.permissions import CHANGE_SESSIONS, DELETE_SESSIONS, VIEW_SESSIONS
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop
-from opsagent.middleware import audit_context
-from opsagent.permissions import ActionPermissions
+from opsagent.common.clients import audit_context
+from opsagent.common.permissions import ActionPermissions
 
 
 def _validated(serializer_class, data) -> dict:

@@ -15,7 +15,7 @@ from agentcore.graph import ToolRule
 from agentcore.models import AgentApp, MCPServer, ToolPolicy
 from agentcore.network import allow_list_for
 from agentcore.tools import builtin
-from opsagent.cache import cache_forget
+from opsagent.common.cache import cache_forget
 
 SHELL_TOOL = "run_shell"
 

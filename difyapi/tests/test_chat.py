@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.routing import get_default_application
 from django.db import DatabaseError, connections
 
 from agentcore.models import AgentApp, Message, Session
@@ -166,7 +167,7 @@ async def test_nul_characters_are_stripped_from_the_query(chat_app, fake_upstrea
     ],
 )
 async def test_bodies_that_are_not_json_objects(chat_app, raw, content_type, status, code):
-    from opsagent.asgi import application
+    application = get_default_application()
     from tests.e2e.dify_servers import AsgiCall
 
     _, key = chat_app
@@ -179,7 +180,7 @@ async def test_bodies_that_are_not_json_objects(chat_app, raw, content_type, sta
 async def test_authentication_errors(chat_app):
     status, data = await post("app-this-key-does-not-exist-at-all", body())
     assert (status, data) == (401, {"code": "unauthorized", "message": "Access token is invalid", "status": 401})
-    from opsagent.asgi import application
+    application = get_default_application()
     from tests.e2e.dify_servers import AsgiCall
 
     async with AsgiCall(application, path="/v1/chat-messages", headers={"Content-Type": "application/json"},
@@ -190,7 +191,7 @@ async def test_authentication_errors(chat_app):
 
 
 async def test_other_methods_are_not_allowed(chat_app):
-    from opsagent.asgi import application
+    application = get_default_application()
     from tests.e2e.dify_servers import AsgiCall
 
     _, key = chat_app
@@ -323,7 +324,7 @@ async def test_blocking_upstream_failures_are_difys_errors(chat_app, default_llm
 
 
 async def test_concurrency_limit_answers_too_many_requests(default_llm_config, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
     from tests.e2e.dify_servers import AsgiCall, dify_headers
 
     app, key = await sync_to_async(make_app)(name="Limited", max_active_requests=1)

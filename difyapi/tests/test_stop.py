@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.routing import get_default_application
 from django.db import connections
 
 from agentcore.models import AgentApp, Message
@@ -46,7 +47,7 @@ async def first_event(call: AsgiCall) -> dict:
 
 
 async def test_stop_ends_the_stream_with_message_end_and_saves_the_partial_answer(chat_app, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
 
     _, key = chat_app
     fake_upstream.script(SLOW)
@@ -69,7 +70,7 @@ async def test_stop_ends_the_stream_with_message_end_and_saves_the_partial_answe
 
 
 async def test_stop_by_another_user_or_app_does_nothing_but_still_succeeds(chat_app, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
 
     _, key = chat_app
     fake_upstream.script(Reply(text="a b c d e f", delay=0.1))
@@ -102,7 +103,7 @@ async def test_stop_needs_a_user_and_a_key(chat_app):
 
 
 async def test_client_disconnect_stops_the_run_and_saves_the_partial_answer(chat_app, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
 
     _, key = chat_app
     fake_upstream.script(SLOW)
@@ -123,7 +124,7 @@ async def test_client_disconnect_stops_the_run_and_saves_the_partial_answer(chat
 
 
 async def test_blocking_request_disconnect_stops_the_run(chat_app, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
 
     _, key = chat_app
     fake_upstream.script(SLOW)

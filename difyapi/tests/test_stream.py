@@ -6,6 +6,7 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.routing import get_default_application
 from django.core.files.base import ContentFile
 from django.db import connections
 from django.test import override_settings
@@ -62,7 +63,7 @@ def body(**fields):
 
 
 async def stream(key: str, payload: dict) -> tuple[AsgiCall, bytes]:
-    from opsagent.asgi import application
+    application = get_default_application()
 
     async with AsgiCall(application, path="/v1/chat-messages", headers=dify_headers(key),
                         body=json.dumps(payload).encode()) as call:
@@ -114,7 +115,7 @@ async def test_chat_stream_framing_and_sequence(chat_app, fake_upstream):
 
 
 async def test_each_upstream_chunk_is_sent_as_it_arrives(chat_app, fake_upstream):
-    from opsagent.asgi import application
+    application = get_default_application()
 
     _, key = chat_app
     fake_upstream.script(Reply(text="one two three", delay=0.3))

@@ -1,4 +1,4 @@
-"""The project's password and token checks with the brakes on guessing (opsagent.throttling): DRF token
+"""The project's password and token checks with the brakes on guessing (opsagent.common.throttling): DRF token
 authentication for /api and the admin login form."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from django.core.exceptions import ValidationError
 from rest_framework.authentication import TokenAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 
-from opsagent.middleware import client_ip
-from opsagent.throttling import (
+from opsagent.common.clients import client_ip
+from opsagent.common.throttling import (
     auth_failure_record,
     auth_locked_for,
     login_failure_record,

@@ -3,12 +3,12 @@ from django.conf import settings
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
-from opsagent.client_input import ClientInputError, json_loads
+from opsagent.common.client_input import ClientInputError, json_loads
 
 
 class BoundedJSONParser(JSONParser):
-    """DRF's JSON parser with the bounds of every client's JSON (opsagent.client_input): 400 `{"detail"}` rather than
-    a 500 for deep nesting, NUL characters or lone surrogates anywhere in the body."""
+    """DRF's JSON parser with the bounds of every client's JSON (opsagent.common.client_input): 400 `{"detail"}`
+    rather than a 500 for deep nesting, NUL characters or lone surrogates anywhere in the body."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)

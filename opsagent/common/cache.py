@@ -5,8 +5,8 @@ RedisCache builds its own redis-py connection pool: each request then opened a n
 its first cache read, and a connection left for the garbage collector). redis-py's pools are thread-safe, so the
 instances here share one pool per server URL.
 
-Every operation goes through the Redis circuit breaker (opsagent.dependencies): with Redis down, a request fails at
-once with DependencyUnavailable (a 503) instead of a traceback, and without waiting for a connection attempt.
+Every operation goes through the Redis circuit breaker (opsagent.common.dependencies): with Redis down, a request
+fails at once with DependencyUnavailable (a 503) instead of a traceback, and without waiting for a connection attempt.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from django.db import transaction
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from opsagent.dependencies import DependencyUnavailable, redis_server
+from opsagent.common.dependencies import DependencyUnavailable, redis_server
 
 _pools: dict[tuple[str, tuple], object] = {}
 _lock = threading.Lock()

@@ -3,7 +3,7 @@
 Django's pool makes a request wait up to the pool's timeout (DATABASE_POOL_TIMEOUT) for a connection, whether the
 pool is only busy or the database is gone, and it hands out connections that died with the server. Once the database
 is back, the pool reconnects on its own doubling delay, so the first requests waited again. Here:
-- while the database is known down (opsagent.dependencies.database), a connection is refused at once (a 503);
+- while the database is known down (opsagent.common.dependencies.database), a connection is refused at once (a 503);
 - a borrowed connection is checked first (an empty query): a dead one is dropped and the next one taken;
 - a request the pool keeps waiting asks the database itself (a direct connection, DATABASE_CONNECT_TIMEOUT): when
   that fails the database is down, and the request fails now instead of at the pool's timeout;
@@ -19,7 +19,7 @@ import psycopg
 from django.db.backends.postgresql import base
 from psycopg_pool import PoolClosed, PoolTimeout
 
-from opsagent.dependencies import DependencyUnavailable, database
+from opsagent.common.dependencies import DependencyUnavailable, database
 
 # How long a request waits for the pool before it checks that the database is there at all.
 POOL_WAIT_SLICE = 1.0

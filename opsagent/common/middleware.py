@@ -6,10 +6,10 @@ import time
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse
 
-from difyapi.errors import invalid_param
-from opsagent.client_input import text_problem
+from opsagent.common.client_input import text_problem
+from opsagent.common.surfaces import surface_for
 
 logger = logging.getLogger("opsagent.requests")
 
@@ -84,51 +84,9 @@ class ContentSecurityPolicyMiddleware(HybridMiddleware):
         return response
 
 
-def client_ip(request) -> str | None:
-    """The client's address, for audit records and the limits on failed authentications: REMOTE_ADDR, or the
-    address a trusted proxy (TRUSTED_PROXY_IPS) put in X-Forwarded-For. Never a forwarded address from anyone else:
-    the header is the client's to choose, and an audit trail or a lockout must not rest on what a client claims."""
-    return _client_address(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
-
-
-def scope_client_ip(scope) -> str | None:
-    """`client_ip` for an ASGI scope (Channels consumers)."""
-    client = scope.get("client")
-    forwarded = next((value.decode("latin-1") for name, value in scope.get("headers", [])
-                      if name.lower() == b"x-forwarded-for"), None)
-    return _client_address(client[0] if client else None, forwarded)
-
-
-def _client_address(remote: str | None, forwarded: str | None) -> str | None:
-    trusted = settings.TRUSTED_PROXY_IPS
-    if not remote or remote not in trusted or not forwarded:
-        return remote or None
-    # Each proxy appends the address it saw: the rightmost one no trusted proxy added is the client.
-    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if hop not in trusted:
-            return hop
-    return hops[0] if hops else remote
-
-
-# Enough to tell clients apart; a client-chosen header must not grow the audit table without bound.
-USER_AGENT_LIMIT = 300
-
-
-def user_agent(request) -> str:
-    """The client's User-Agent header for audit records (client-supplied: a hint, not proof), cut to a bound."""
-    return (request.META.get("HTTP_USER_AGENT") or "")[:USER_AGENT_LIMIT]
-
-
-def audit_context(request, *, source: str) -> dict:
-    """The keyword arguments every audited service takes about who acted, from where (admin, api, ...)."""
-    return {"actor": request.user, "source": source, "ip_address": client_ip(request),
-            "user_agent": user_agent(request)}
-
-
 class QueryTextMiddleware(HybridMiddleware):
     """Refuses a request whose path or query string holds text no column can store (a NUL character) before a view
-    passes it to the database, in its surface's format: Dify's envelope under /v1, DRF's field errors elsewhere."""
+    passes it to the database, in its surface's format (opsagent.common.surfaces)."""
 
     def __call__(self, request):
         refusal = _query_text_refusal(request)
@@ -145,9 +103,7 @@ def _query_text_refusal(request) -> HttpResponse | None:
     if problem is None:
         return None
     field, message = problem
-    if request.path_info.startswith("/v1/"):
-        return invalid_param(f"{field} {message}").response()
-    return JsonResponse({field: [f"{message[0].upper()}{message[1:]}."]}, status=400)
+    return surface_for(request.path_info).bad_text(field, message).response()
 
 
 def _query_text_problem(request) -> tuple[str, str] | None:

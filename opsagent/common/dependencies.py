@@ -3,8 +3,9 @@
 
 A request that meets a dead dependency marks it down; for DEPENDENCY_RETRY_SECONDS after that, every request that
 needs it fails at once (no connect timeout, no pool wait) and one request at a time tries it again when the period
-is over. The surfaces render the 503 in their own format (difyapi.errors.dependency_error, the middleware below for
-Django and DRF views, the WebSocket consumer); they all ask `dependency_down` what an exception means.
+is over. The surfaces render the 503 in their own format (the middleware below asks opsagent.common.surfaces; the
+WebSocket consumers and Dify's streaming views render their own); they all ask `dependency_down` what an exception
+means.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import time
 import psycopg
 import redis
 from django.conf import settings
-from django.http import JsonResponse
 from django.utils.deprecation import MiddlewareMixin
+
+from opsagent.common.surfaces import surface_for
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ class DependencyUnavailable(Exception):
         super().__init__(UNAVAILABLE_MESSAGE.format(dependency=dependency))
         self.dependency = dependency
         self.message = str(self)
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds a client should wait before retrying (the Retry-After header)."""
+        return retry_after()
 
 
 class Dependency:
@@ -108,20 +115,15 @@ def dependency_down(exc: BaseException | None) -> DependencyUnavailable | None:
 
 
 class DependencyFailureMiddleware(MiddlewareMixin):
-    """Django and DRF views: a dead dependency is a 503 in the surface's format (DRF's `{"detail", "code"}` on
-    /api, Dify's envelope on /v1), not a 500 with a traceback in the log."""
+    """Django and DRF views: a dead dependency is a 503 in the surface's format (opsagent.common.surfaces: DRF's
+    `{"detail", "code"}` on /api, Dify's envelope on /v1), not a 500 with a traceback in the log."""
 
     def process_exception(self, request, exception):
         failure = dependency_down(exception)
         if failure is None:
             return None
         logger.warning("%s %s: %s", request.method, request.path, failure.message)
-        if request.path.startswith("/v1/"):
-            from difyapi.errors import dependency_error
-
-            return dependency_error(failure).response()
-        return JsonResponse({"detail": failure.message, "code": "service_unavailable"}, status=503,
-                            headers={"Retry-After": str(retry_after())})
+        return surface_for(request.path).unavailable(failure).response()
 
 
 def retry_after() -> int:

@@ -1,43 +1,24 @@
-"""Size limits on what clients send: each surface's request body limit and its 413 answer in that surface's format,
-and the ASGI guards that enforce them (HTTP bodies, WebSocket messages) whatever server runs the app."""
+"""Size limits on what clients send: each surface's request body limit and its 413 answer in that surface's format
+(opsagent.common.surfaces), and the ASGI guards that enforce them (HTTP bodies, WebSocket messages) whatever server
+runs the app."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.conf import settings
 
-MB = 1024 * 1024
-UPLOAD_PATHS = frozenset({"/v1/files/upload"})
-
-
-def _largest_upload_mb() -> int:
-    return max(settings.UPLOAD_FILE_SIZE_LIMIT_MB, settings.UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB)
+from opsagent.common.surfaces import Refusal, surface_for
 
 
 def body_limit(path: str) -> int:
-    """Bytes a request body to `path` may have: uploads as large as the largest accepted file plus room for the
-    form around it, everything else REQUEST_BODY_MAX_BYTES."""
-    if path in UPLOAD_PATHS:
-        return _largest_upload_mb() * MB + settings.REQUEST_BODY_MAX_BYTES
-    return settings.REQUEST_BODY_MAX_BYTES
+    """Bytes a request body to `path` may have: its surface's limit (REQUEST_BODY_MAX_BYTES unless the surface
+    accepts uploads there)."""
+    return surface_for(path).body_limit(path)
 
 
-def too_large(path: str, limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """(status, headers, body) of the 413 for a body over `limit`, in the format of the surface `path` belongs to."""
-    if path == "/v1" or path.startswith("/v1/"):
-        from difyapi.errors import DifyError, request_too_large
-
-        if path in UPLOAD_PATHS:
-            error = DifyError("file_too_large", f"File size exceeded. Files may be at most {_largest_upload_mb()} MB.",
-                              413)
-        else:
-            error = request_too_large(limit)
-        return 413, [(b"content-type", b"application/json")], error.body()
-    if path.startswith("/api/"):
-        detail = {"detail": f"Request body too large: at most {limit} bytes.", "code": "request_too_large"}
-        return 413, [(b"content-type", b"application/json")], json.dumps(detail).encode()
-    return 413, [(b"content-type", b"text/plain; charset=utf-8")], b"Request body too large.\n"
+def too_large(path: str, limit: int) -> Refusal:
+    """The 413 for a body over `limit`, in the format of the surface `path` belongs to."""
+    return surface_for(path).too_large(path, limit)
 
 
 def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -48,16 +29,16 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 async def _send_too_large(send, path: str, limit: int) -> None:
-    status, headers, body = too_large(path, limit)
-    headers = [*headers, (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    refusal = too_large(path, limit)
+    headers = [*refusal.raw_headers(), (b"content-length", str(len(refusal.body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.body", "body": refusal.body})
 
 
 class HttpBodyLimit:
     """Refuses a body over its path's limit with a 413: at once when Content-Length says so, or as soon as the
     bytes received pass it (chunked bodies); the app then sees a disconnect and buffers nothing more. Daphne
-    buffers a whole body before the app sees it, so under daphne `opsagent.daphne` applies the same limits while
+    buffers a whole body before the app sees it, so under daphne `opsagent.daphne_limits` applies the same limits while
     it reads; this guard keeps them under any other ASGI server."""
 
     def __init__(self, app):

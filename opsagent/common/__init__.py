@@ -1,0 +1,1 @@
+"""Shared utilities the apps may import: a leaf package that imports no app (checked by import-linter)."""
