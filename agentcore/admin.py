@@ -10,7 +10,6 @@ from django.contrib import admin, messages
 from django.db.models import Prefetch
 from django.utils.html import format_html_join
 
-from agentcore.api.errors import ENGINE_ERRORS
 from agentcore.api.turns import turn_drain_sync
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import (
@@ -32,6 +31,7 @@ from agentcore.services import (
 from agentcore.tools.registry import SHELL_TOOL
 from llmconfigs.secrets import mask_secret
 from opsagent.common.clients import audit_context
+from opsagent.common.errors import ServiceError
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -162,7 +162,7 @@ class ApprovalAdmin(admin.ModelAdmin):
                     end_user=session.end_user,
                     approval=ApprovalDecision(approval_id=str(approval.id), decision=decision),
                 ))
-            except ENGINE_ERRORS as exc:
+            except ServiceError as exc:
                 self.message_user(request, f"{approval.tool}: {exc.message}", messages.ERROR)
                 continue
             result = turn_drain_sync(turn)
@@ -297,7 +297,7 @@ class MCPServerAdmin(admin.ModelAdmin):
         for server in queryset:
             try:
                 result = mcp_server_run_test(server=server, **audit_context(request, source="admin"))
-            except ENGINE_ERRORS as exc:
+            except ServiceError as exc:
                 self.message_user(request, f"{server.name}: {exc.message}", messages.ERROR)
                 continue
             if result.get("ok"):

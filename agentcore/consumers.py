@@ -10,13 +10,14 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from agentcore import selectors
-from agentcore.api.errors import ENGINE_ERRORS, client_field
 from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
 from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
+from opsagent.common.api_errors import client_field
 from opsagent.common.client_input import ClientInputError, json_loads
 from opsagent.common.dependencies import dependency_down
+from opsagent.common.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     async def _run(self, request: TurnRequest) -> None:
         try:
             turn = await turn_prepare(request)
-        except ENGINE_ERRORS as exc:
+        except ServiceError as exc:
             field = client_field(exc)
             fields = {field: [exc.message]} if field else None
             await self._error(exc.code, exc.message, fields=fields)

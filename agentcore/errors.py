@@ -1,15 +1,11 @@
 """Typed errors raised before a run starts (the interfaces map them to their wire formats)."""
 from __future__ import annotations
 
+from opsagent.common.errors import ServiceError
 
-class AgentError(Exception):
+
+class AgentError(ServiceError):
     code = "agent_error"
-    status = 400
-
-    def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
 
 
 class InvalidInput(AgentError):

@@ -1,15 +1,12 @@
 """REST API for LLM configurations and their audit log: thin DRF views over the llmconfigs services and selectors."""
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import exceptions, serializers, status, viewsets
+from rest_framework import exceptions, serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from llmconfigs.errors import ConfigConflict, ConfigNotFound, ConfigProtected, LLMConfigError
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS, Provider
 from llmconfigs.selectors import audit_log_list, llm_config_default, llm_config_list
@@ -120,39 +117,6 @@ class AuditLogSerializer(serializers.ModelSerializer):
                   "ip_address", "user_agent", "changes", "created_at"]
 
 
-# ----- errors -----
-
-
-class Conflict(exceptions.APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "conflict"
-
-
-def _api_error(exc: Exception) -> Exception:
-    """Service and model errors in DRF's shape: field errors as {field: [message]}, other refusals as 400 with
-    {"detail", "code"}, and 409 for an operation the current default forbids (delete, deactivate)."""
-    if isinstance(exc, DjangoValidationError):
-        detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
-        return exceptions.ValidationError(detail)
-    if isinstance(exc, ConfigNotFound):
-        return exceptions.NotFound(exc.message, code=exc.code)
-    if isinstance(exc, ConfigProtected):
-        return Conflict({"detail": exc.message, "code": exc.code})
-    if isinstance(exc, LLMConfigError):
-        if exc.field:
-            return exceptions.ValidationError({exc.field: [exc.message]}, code=exc.code)
-        return exceptions.ValidationError({"detail": exc.message, "code": exc.code})
-    if isinstance(exc, IntegrityError):
-        return exceptions.ValidationError({"detail": "The database refused the change; nothing was saved.",
-                                           "code": ConfigConflict.code})
-    return exc
-
-
-class ServiceErrorsMixin:
-    def handle_exception(self, exc):
-        return super().handle_exception(_api_error(exc))
-
-
 def _bool_param(request, name: str) -> bool | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -182,7 +146,7 @@ _LIST_PARAMETERS = [
 @extend_schema_view(list=extend_schema(parameters=_LIST_PARAMETERS), destroy=extend_schema(
     responses={204: None, 409: OpenApiResponse(description="The config is the current default.")}
 ))
-class LLMConfigViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
+class LLMConfigViewSet(viewsets.ModelViewSet):
     """LLM configurations: any authenticated user reads them (keys only as masks, so that API users can pick a model);
     every write and the connection test need the model's permissions, as in the admin."""
 

@@ -1,19 +1,19 @@
 """Typed errors of LLM configuration selection, validation and provider calls; the API layers map them to wire codes."""
 from __future__ import annotations
 
+from opsagent.common.errors import ServiceError
 
-class LLMConfigError(Exception):
-    """Base: `code` is a stable machine name, `field` names the offending input when there is one."""
+
+class LLMConfigError(ServiceError):
+    """Base of the refusals of llmconfigs' services and selectors (400 unless the class says otherwise)."""
 
     code = "invalid_config"
 
-    def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
 
 class ConfigNotFound(LLMConfigError):
+    """A config the request names (a field) does not exist: a 400 on that field, or a 404 when raised with
+    `status=404` for the config a URL names."""
+
     code = "config_not_found"
 
 
@@ -43,6 +43,7 @@ class ConfigProtected(LLMConfigError):
     """The operation would leave the system without a default (e.g. deleting or deactivating it)."""
 
     code = "config_protected"
+    status = 409
 
 
 class ProviderCallError(Exception):

@@ -184,7 +184,7 @@ def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", i
             with transaction.atomic():
                 kind = LLMConfig.objects.filter(pk=config.pk).values_list("is_embedding", flat=True).first()
                 if kind is None:
-                    raise ConfigNotFound(f"LLM config {config.pk} does not exist.")
+                    raise ConfigNotFound(f"LLM config {config.pk} does not exist.", status=404)
                 rows = _lock_kind(is_embedding=kind)
                 target = rows.get(config.pk)
                 if target is None:  # its kind changed since we read it; start over

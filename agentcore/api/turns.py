@@ -1,5 +1,5 @@
-"""Driving the run service from the REST API and the admin: prepare a turn (engine errors become DRF errors), then
-either drain it into one result or encode it as server-sent events."""
+"""Driving the run service from the REST API and the admin: prepare a turn, then either drain it into one result or
+encode it as server-sent events."""
 from __future__ import annotations
 
 import json
@@ -9,18 +9,14 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 
-from agentcore.api.errors import ENGINE_ERRORS, api_error
 from agentcore.events import Event, RunEnd, RunError, RunStarted, TextDelta, Usage, event_to_dict
 from agentcore.runs import UNAVAILABLE, Turn, TurnRequest, turn_prepare, turn_run
 from opsagent.common.dependencies import dependency_down
 
 
 def turn_prepare_sync(request: TurnRequest) -> Turn:
-    """Prepare a turn from sync code; the engine's refusals (404, 409, 429, field errors) raise DRF exceptions."""
-    try:
-        return async_to_sync(turn_prepare)(request)
-    except ENGINE_ERRORS as exc:
-        raise api_error(exc) from exc
+    """Prepare a turn from sync code; the engine's refusals propagate (DRF's exception handler maps them)."""
+    return async_to_sync(turn_prepare)(request)
 
 
 class TurnResult:

@@ -12,7 +12,6 @@ from rest_framework.views import APIView
 
 from agentcore import selectors, services
 from agentcore.api import serializers
-from agentcore.api.errors import ENGINE_ERRORS, api_error
 from agentcore.api.turns import turn_drain_sync, turn_prepare_sync, turn_sse
 from agentcore.models import AgentApp, Approval, MCPServer, Session
 from agentcore.permissions import CHANGE_SESSIONS, DELETE_SESSIONS, VIEW_SESSIONS
@@ -25,14 +24,6 @@ def _validated(serializer_class, data) -> dict:
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
-
-
-def _engine_call(function, **kwargs):
-    """Call a service; its typed refusals become DRF errors (field errors, 404, 409...)."""
-    try:
-        return function(**kwargs)
-    except ENGINE_ERRORS as exc:
-        raise api_error(exc) from exc
 
 
 def _app(app_id) -> AgentApp:
@@ -88,7 +79,7 @@ class ChatView(APIView):
         return Response(turn_drain_sync(turn).as_dict())
 
     def _session(self, session_id) -> Session:
-        return _engine_call(selectors.session_get_for, session_id=session_id, owner=self.request.user)
+        return selectors.session_get_for(session_id=session_id, owner=self.request.user)
 
 
 @extend_schema_view(
@@ -120,8 +111,7 @@ class SessionViewSet(viewsets.ModelViewSet):
 
     def perform_create(self, serializer):
         data = serializer.validated_data
-        serializer.instance = _engine_call(
-            services.session_create,
+        serializer.instance = services.session_create(
             app=_app(data.get("app_id")),
             owner=self.request.user,
             name=data.get("name", ""),
@@ -131,9 +121,7 @@ class SessionViewSet(viewsets.ModelViewSet):
         )
 
     def perform_update(self, serializer):
-        serializer.instance = _engine_call(
-            services.session_update, session=serializer.instance, **serializer.validated_data
-        )
+        serializer.instance = services.session_update(session=serializer.instance, **serializer.validated_data)
 
     def perform_destroy(self, instance):
         services.session_delete(session=instance)
@@ -165,7 +153,7 @@ class ToolViewSet(viewsets.ViewSet):
     def partial_update(self, request, name=None):
         data = _validated(serializers.ToolPolicyUpdateSerializer, request.data)
         _tool(name)
-        _engine_call(services.tool_policy_update, name=name, **data)
+        services.tool_policy_update(name=name, **data)
         return Response(serializers.ToolSerializer(_tool(name)).data)
 
 
@@ -252,12 +240,13 @@ class MCPServerViewSet(viewsets.ModelViewSet):
     queryset = MCPServer.objects.all()
 
     def perform_create(self, serializer):
-        serializer.instance = _engine_call(services.mcp_server_create, **serializer.validated_data,
-                                           **audit_context(self.request, source="api"))
+        serializer.instance = services.mcp_server_create(**serializer.validated_data,
+                                                         **audit_context(self.request, source="api"))
 
     def perform_update(self, serializer):
-        serializer.instance = _engine_call(services.mcp_server_update, server=serializer.instance,
-                                           **serializer.validated_data, **audit_context(self.request, source="api"))
+        serializer.instance = services.mcp_server_update(
+            server=serializer.instance, **serializer.validated_data, **audit_context(self.request, source="api")
+        )
 
     def perform_destroy(self, instance):
         services.mcp_server_delete(server=instance, **audit_context(self.request, source="api"))
@@ -265,8 +254,7 @@ class MCPServerViewSet(viewsets.ModelViewSet):
     @extend_schema(request=None, responses=serializers.MCPServerTestSerializer)
     @action(detail=True, methods=["post"])
     def test(self, request, pk=None):
-        result = _engine_call(services.mcp_server_run_test, server=self.get_object(),
-                              **audit_context(request, source="api"))
+        result = services.mcp_server_run_test(server=self.get_object(), **audit_context(request, source="api"))
         return Response(serializers.MCPServerTestSerializer(result).data)
 
 
