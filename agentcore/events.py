@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from llmconfigs.pricing import Cost
+
 
 @dataclass(frozen=True)
 class RunStarted:
@@ -57,13 +59,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_unit_price: Decimal
-    completion_unit_price: Decimal
-    price_unit: Decimal
-    prompt_price: Decimal
-    completion_price: Decimal
-    total_price: Decimal
-    currency: str
+    cost: Cost
     latency: float
     time_to_first_token: float | None
     time_to_generate: float | None
@@ -91,8 +87,12 @@ Event = RunStarted | TextDelta | ThoughtUpdate | ApprovalRequired | Usage | RunE
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
-    """Plain JSON-ready dict with a `type` key (snake_case event name); Decimals become strings."""
+    """Plain JSON-ready dict with a `type` key (snake_case event name); Decimals become strings. A usage's cost is
+    spread into the usage's own keys (the REST and WebSocket wire shape predates the Cost type)."""
     data = asdict(event)
+    if isinstance(event, Usage):
+        data = {key: item for name, value in data.items()
+                for key, item in (value.items() if name == "cost" else [(name, value)])}
     for key, value in data.items():
         if isinstance(value, Decimal):
             data[key] = str(value)

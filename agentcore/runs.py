@@ -746,10 +746,7 @@ class _Run:
         await database_sync_to_async(self._save_rows)(fields, cost.total_price if called else None)
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens, prompt_unit_price=cost.prompt_unit_price,
-            completion_unit_price=cost.completion_unit_price, price_unit=cost.price_unit,
-            prompt_price=cost.prompt_price, completion_price=cost.completion_price, total_price=cost.total_price,
-            currency=cost.currency, latency=round(latency, 4),
+            total_tokens=self.prompt_tokens + self.completion_tokens, cost=cost, latency=round(latency, 4),
             time_to_first_token=round(ttft, 4) if ttft is not None else None,
             time_to_generate=round(generate, 4) if generate is not None else None,
         )

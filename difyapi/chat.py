@@ -46,7 +46,6 @@ from difyapi.presenters import (
 from difyapi.services import end_user_get_or_create
 from difyapi.validation import bool_from, choice_from, user_from, uuid_from
 from llmconfigs.errors import LLMConfigError, NoUsableConfig
-from llmconfigs.pricing import Cost
 from llmconfigs.providers import provider_spec
 from llmconfigs.selectors import llm_config_resolve
 
@@ -448,19 +447,10 @@ def run_error_to_dify(error: RunError) -> DifyError:
 def _usage(usage: Usage | None) -> dict[str, Any]:
     if usage is None:
         return usage_to_dify(prompt_tokens=0, completion_tokens=0)
-    cost = Cost(
-        prompt_unit_price=usage.prompt_unit_price,
-        completion_unit_price=usage.completion_unit_price,
-        price_unit=usage.price_unit,
-        prompt_price=usage.prompt_price,
-        completion_price=usage.completion_price,
-        total_price=usage.total_price,
-        currency=usage.currency,
-    )
     return usage_to_dify(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        cost=cost,
+        cost=usage.cost,
         latency=usage.latency,
         time_to_first_token=usage.time_to_first_token,
         time_to_generate=usage.time_to_generate,

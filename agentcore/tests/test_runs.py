@@ -349,7 +349,7 @@ async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upst
     fake_upstream.script(Reply(text="ok", prompt_tokens=1000, completion_tokens=500))
     events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
     usage = events[-2]
-    assert usage.total_price == Decimal("0.006") and usage.latency > 0 and usage.time_to_first_token is not None
+    assert usage.cost.total_price == Decimal("0.006") and usage.latency > 0 and usage.time_to_first_token is not None
     config = await LLMConfig.objects.aget(pk=default_llm_config.pk)
     assert config.usage_count == 1 and config.prompt_tokens_total == 1000
     message = await Message.objects.aget(pk=events[0].message_id)
