@@ -1,9 +1,7 @@
 """The wire shapes of the Dify Service API: conversations, messages, thoughts, usage, files and feedback as Dify sends
-them (SPEC.md §2, §5-§9), and the compact raw-UTF-8 JSON encoding every /v1 response uses."""
+them (SPEC.md §2, §5-§9); their JSON encoding is difyapi.encoding."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -12,21 +10,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from django.conf import settings
 from django.http import HttpResponse
+from django.utils.crypto import constant_time_compare, salted_hmac
 
 from agentcore.models import AgentApp, Message, Session, Thought
+from difyapi.encoding import dify_json
 from difyapi.models import Feedback, MessageFile, UploadFile
 from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import PRICE_UNIT, Cost
 
 NEW_CONVERSATION_NAME = "New conversation"
-
-
-def dify_json(data: Any) -> bytes:
-    """Compact JSON with raw UTF-8 (Dify's orjson style)."""
-    return orjson.dumps(data)
 
 
 def dify_json_response(data: Any, *, status: int = 200) -> HttpResponse:
@@ -105,9 +99,12 @@ def conversation_to_dify(session: Session) -> dict[str, Any]:
 FILE_URL_TTL = 300
 
 
+# The salt names the purpose, so that no other HMAC made from SECRET_KEY can pass for a file signature.
+FILE_URL_SALT = "difyapi.file-preview"
+
+
 def _file_signature(file_id: str, timestamp: str, nonce: str) -> str:
-    message = f"file-preview|{file_id}|{timestamp}|{nonce}".encode()
-    return hmac.new(settings.SECRET_KEY.encode(), message, hashlib.sha256).hexdigest()
+    return salted_hmac(FILE_URL_SALT, f"{file_id}|{timestamp}|{nonce}", algorithm="sha256").hexdigest()
 
 
 def file_signed_url(upload: UploadFile, *, base_url: str = "") -> str:
@@ -123,7 +120,7 @@ def file_signature_valid(*, file_id: str, timestamp: str, nonce: str, sign: str)
         return False
     if time.time() - int(timestamp) > FILE_URL_TTL:
         return False
-    return hmac.compare_digest(sign, _file_signature(file_id, timestamp, nonce))
+    return constant_time_compare(sign, _file_signature(file_id, timestamp, nonce))
 
 
 def upload_file_to_dify(upload: UploadFile, *, base_url: str = "") -> dict[str, Any]:
@@ -172,7 +169,8 @@ def message_file_to_dify(message_file: MessageFile, *, base_url: str = "") -> di
 # ----- thoughts -----
 
 def thought_tool_input(thought: Thought) -> str:
-    """Dify's `tool_input`: a JSON string `{"<tool>": {args}}`, "" when the iteration called no tool."""
+    """Dify's `tool_input`: a JSON string `{"<tool>": {args}}`, "" when the iteration called no tool. A string inside
+    the body, not the body's encoding: spaced like Python's json.dumps, as Dify's own server writes it."""
     if not thought.tool:
         return ""
     return json.dumps({thought.tool: thought.tool_input or {}}, ensure_ascii=False)
