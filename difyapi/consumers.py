@@ -42,8 +42,9 @@ from difyapi.chat import (
     message_files_record,
     run_error_to_dify,
 )
+from difyapi.encoding import dify_json
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
-from difyapi.sse import HEADERS, PING, encode_event, json_bytes
+from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import scope_client_ip
 
@@ -137,7 +138,7 @@ class DifyHttpConsumer(AsyncConsumer):
     async def send_json(self, status: int, data: Any, *, headers: dict[str, str] | None = None) -> None:
         extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await self.send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS + extra})
-        await self.send({"type": "http.response.body", "body": json_bytes(data)})
+        await self.send({"type": "http.response.body", "body": dify_json(data)})
 
 
 def _chat_turn(

@@ -1,29 +1,30 @@
 """Dify's error envelope: every error on /v1 is `{"code", "message", "status"}` with Dify's codes (SPEC.md §1)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpResponse
 
+from difyapi.encoding import dify_json
 from opsagent.common.dependencies import DependencyUnavailable, dependency_down, retry_after
+from opsagent.common.errors import ServiceError
 from opsagent.common.surfaces import Refusal, Surface
 
 
-class DifyError(Exception):
+class DifyError(ServiceError):
+    """An error already in Dify's terms: one class, the code and status given per error (Dify has dozens of codes)."""
+
     def __init__(self, code: str, message: str, status: int = 400, *, headers: dict[str, str] | None = None):
-        super().__init__(message)
+        super().__init__(message, status=status)
         self.code = code
-        self.message = message
-        self.status = status
         self.headers = headers or {}
 
     def payload(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "status": self.status}
 
     def body(self) -> bytes:
-        return json.dumps(self.payload(), ensure_ascii=False, separators=(",", ":")).encode()
+        return dify_json(self.payload())
 
     def response(self) -> HttpResponse:
         return self.refusal().response()

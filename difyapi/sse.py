@@ -1,10 +1,9 @@
 """Server-sent event framing of the Dify stream: `data: <compact raw-UTF-8 JSON>\\n\\n` blocks and `event: ping`."""
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
-import orjson
+from difyapi.encoding import dify_json
 
 PING = b"event: ping\n\n"
 HEADERS = [
@@ -15,17 +14,6 @@ HEADERS = [
 ]
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def json_bytes(payload: Any) -> bytes:
-    """Compact JSON with raw UTF-8 (orjson: no spaces, no \\uXXXX escapes); Decimals as plain decimal strings."""
-    return orjson.dumps(payload, default=_default)
-
-
 def encode_event(payload: dict[str, Any]) -> bytes:
     """One SSE block. orjson escapes newlines inside strings, so the JSON is always a single line."""
-    return b"data: " + json_bytes(payload) + b"\n\n"
+    return b"data: " + dify_json(payload) + b"\n\n"

@@ -8,8 +8,9 @@ from decimal import Decimal
 import pytest
 
 from difyapi import selectors
+from difyapi.encoding import dify_json
 from difyapi.errors import DifyError
-from difyapi.presenters import dify_json, usage_to_dify
+from difyapi.presenters import usage_to_dify
 from difyapi.tests.factories import DifyClient, assert_error, make_app, make_key
 from difyapi.validation import int_from, limit_from, optional_user_from, parse_json_body, user_from, uuid_from
 from llmconfigs.pricing import usage_cost
