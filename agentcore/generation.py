@@ -34,7 +34,9 @@ SUGGEST_PROMPT = (
 
 
 def session_fallback_name(query: str) -> str:
-    """The name Dify gives a conversation before (or instead of) a generated one: the query, shortened."""
+    """The one shortened-query name of a conversation: a new session's name until its model names it, and the name
+    when the model cannot. Dify's rule (SPEC.md §2, `auto_generate_name`): a query longer than 47 characters becomes
+    its first 47 characters + "..."; whitespace runs are folded first, so the name stays on one line."""
     query = " ".join(query.split())
     return query if len(query) <= FALLBACK_NAME_LENGTH else query[:FALLBACK_NAME_LENGTH] + "..."
 

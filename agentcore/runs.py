@@ -39,6 +39,7 @@ from agentcore.events import (
     ThoughtUpdate,
     Usage,
 )
+from agentcore.generation import session_fallback_name
 from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Approval, Message, Session, Thought
 from agentcore.network import allow_list_for
@@ -50,7 +51,6 @@ from agentcore.services import (
     approval_supersede,
     inputs_check,
     message_close_stale_due,
-    session_name_from,
 )
 from agentcore.tools.registry import ToolSetup, known_tool_names, tool_setup_load, tools_for_run
 from llmconfigs.errors import ProviderCallError
@@ -271,7 +271,7 @@ def _prepare(request: TurnRequest) -> Turn:
         if created:
             session = Session.objects.create(
                 app=app, owner=request.owner, end_user=request.end_user, source=request.source,
-                name=(request.session_name or session_name_from(request.query))[:255], inputs=request.inputs,
+                name=(request.session_name or session_fallback_name(request.query))[:255], inputs=request.inputs,
             )
         else:
             approval_supersede(session=session)

@@ -34,7 +34,6 @@ from llmconfigs.services import audit_record
 from opsagent.common.client_input import ClientInputError, ObjectBounds, object_check
 
 STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
-NAME_LIMIT = 50
 _UNSET: Any = object()
 
 DEMO_SYSTEM_PROMPT = """You are OpsAgent, a careful site-reliability assistant.
@@ -44,11 +43,6 @@ DEMO_SYSTEM_PROMPT = """You are OpsAgent, a careful site-reliability assistant.
 - Never guess command output. run_shell needs a staff approval every time: propose the exact command and why.
 - If a tool fails or a call is rejected, explain what that means and suggest the next safe step.
 - Answer concisely, in the user's language, with concrete numbers (status codes, latencies, percentages)."""
-
-
-def session_name_from(query: str) -> str:
-    query = " ".join(query.split())
-    return query if len(query) <= NAME_LIMIT else query[:NAME_LIMIT - 3] + "..."
 
 
 def inputs_check(inputs: Any) -> dict[str, Any]:
