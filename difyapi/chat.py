@@ -43,6 +43,7 @@ from difyapi.presenters import (
     thought_tool_labels,
     usage_to_dify,
 )
+from difyapi.selectors import app_file_upload
 from difyapi.services import end_user_get_or_create
 from difyapi.validation import bool_from, choice_from, user_from, uuid_from
 from llmconfigs.errors import LLMConfigError, NoUsableConfig
@@ -242,38 +243,23 @@ def _input_value(kind: str, spec: dict[str, Any], variable: str, value: Any) -> 
 
 # ----- files -----
 
-def _file_upload_settings(app: AgentApp) -> tuple[bool, int, list[str] | None]:
-    """(enabled, number limit, allowed types) from the app's Dify-style `file_upload` settings. An app that never
-    configured uploads accepts files; one that switched them off ignores them silently, as Dify does."""
-    config = app.file_upload or {}
-    image = config.get("image") if isinstance(config.get("image"), dict) else {}
-    enabled = bool(config.get("enabled", image.get("enabled", True) if image else True))
-    limit = config.get("number_limits") or image.get("number_limits")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        limit = settings.WORKFLOW_FILE_UPLOAD_LIMIT
-    # Dify's workflow limit caps every app's own number.
-    limit = min(limit, settings.WORKFLOW_FILE_UPLOAD_LIMIT)
-    allowed = config.get("allowed_file_types")
-    return enabled, limit, allowed if isinstance(allowed, list) and allowed else None
-
-
 def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
     if items is None:
         return ()
     if not isinstance(items, list):
         raise invalid_param("files must be a list")
-    enabled, limit, allowed = _file_upload_settings(app)
-    if not enabled or not items:
-        return ()
-    if len(items) > limit:
-        raise invalid_param(f"Number of files exceeds the limit of {limit}.")
+    upload = app_file_upload(app=app)
+    if not upload.enabled or not items:
+        return ()  # an app with uploads off ignores files silently, as Dify does
+    if len(items) > upload.number_limits:
+        raise invalid_param(f"Number of files exceeds the limit of {upload.number_limits}.")
     refs: list[FileRef] = []
     upload_ids: list[uuid.UUID] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise invalid_param(f"files[{index}] must be an object")
         file_type = choice_from(item.get("type"), field=f"files[{index}].type", choices=FILE_TYPES, default="image")
-        if allowed is not None and file_type not in allowed:
+        if upload.allowed_file_types is not None and file_type not in upload.allowed_file_types:
             raise invalid_param(f"files[{index}].type {file_type!r} is not allowed for this app")
         method = choice_from(item.get("transfer_method"), field=f"files[{index}].transfer_method",
                              choices=TRANSFER_METHODS)

@@ -17,6 +17,7 @@ from django.utils.crypto import constant_time_compare, salted_hmac
 from agentcore.models import AgentApp, Message, Session, Thought
 from difyapi.encoding import dify_json
 from difyapi.models import Feedback, MessageFile, UploadFile
+from difyapi.selectors import FileUpload
 from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import PRICE_UNIT, Cost
 
@@ -267,25 +268,27 @@ def feedback_to_dify(feedback: Feedback) -> dict[str, Any]:
 # ----- app metadata -----
 
 TOOL_ICON = {"background": "#252525", "content": "🛠️"}
-DEFAULT_FILE_NUMBER_LIMITS = 3
 
 
 def app_info_to_dify(app: AgentApp) -> dict[str, Any]:
     return {"name": app.name, "description": app.description, "tags": [], "mode": app.mode, "author_name": "OpsAgent"}
 
 
-def app_file_upload_to_dify(app: AgentApp) -> dict[str, Any]:
-    """The app's file upload settings over Dify's defaults (image upload off, 3 files, both transfer methods)."""
-    configured = dict(app.file_upload or {})
-    image = {"enabled": False, "number_limits": DEFAULT_FILE_NUMBER_LIMITS, "detail": "high",
-             "transfer_methods": ["remote_url", "local_file"]}
+def app_file_upload_to_dify(app: AgentApp, upload: FileUpload) -> dict[str, Any]:
+    """The app's file upload settings as configured, with whether uploads are on and how many files a message may
+    carry as chat-messages applies them (`upload`, from selectors.app_file_upload) in both of Dify's shapes."""
+    configured = dict(app.file_upload) if isinstance(app.file_upload, dict) else {}
+    image = {"detail": "high", "transfer_methods": ["remote_url", "local_file"]}
     if isinstance(configured.get("image"), dict):
         image.update(configured["image"])
+    image.update(enabled=upload.enabled, number_limits=upload.number_limits)
     configured["image"] = image
+    if "enabled" in configured or "number_limits" in configured:
+        configured.update(enabled=upload.enabled, number_limits=upload.number_limits)
     return configured
 
 
-def app_parameters_to_dify(app: AgentApp) -> dict[str, Any]:
+def app_parameters_to_dify(app: AgentApp, *, upload: FileUpload) -> dict[str, Any]:
     """GET /v1/parameters (SPEC.md §9): features OpsAgent does not have are reported as disabled."""
     return {
         "opening_statement": app.opening_statement or None,
@@ -298,7 +301,7 @@ def app_parameters_to_dify(app: AgentApp) -> dict[str, Any]:
         "more_like_this": {"enabled": False},
         "user_input_form": list(app.user_input_form or []),
         "sensitive_word_avoidance": {"enabled": False, "type": "", "configs": []},
-        "file_upload": app_file_upload_to_dify(app),
+        "file_upload": app_file_upload_to_dify(app, upload),
         "system_parameters": {
             "image_file_size_limit": settings.UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB,
             "video_file_size_limit": settings.UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
 
 from agentcore.models import AgentApp, Message, Session, ToolPolicy
@@ -19,12 +20,40 @@ FIRST_MESSAGE_NOT_FOUND = "First Message Not Exists."
 LAST_CONVERSATION_NOT_FOUND = "Last Conversation Not Exists."
 
 CONVERSATION_SORTS = ("created_at", "-created_at", "updated_at", "-updated_at")
+# Dify's defaults for an app that never configured uploads: off, three files.
+DEFAULT_FILE_NUMBER_LIMITS = 3
 
 
 @dataclass(frozen=True)
 class Page:
     items: list
     has_more: bool
+
+
+@dataclass(frozen=True)
+class FileUpload:
+    enabled: bool
+    number_limits: int
+    allowed_file_types: list[str] | None  # None: every type
+
+
+def app_file_upload(*, app: AgentApp) -> FileUpload:
+    """The one reading of an app's Dify-style `file_upload` setting, for what chat-messages accepts and what
+    /v1/parameters reports. Both of Dify's shapes are read: the current one (`enabled`, `number_limits`,
+    `allowed_file_types` at the top) and the older one (`image: {enabled, number_limits}`). Unset, uploads are off
+    with a limit of 3, as in Dify; the workflow limit caps every app's own number."""
+    config = app.file_upload if isinstance(app.file_upload, dict) else {}
+    image = config.get("image") if isinstance(config.get("image"), dict) else {}
+    enabled = config.get("enabled", image.get("enabled", False))
+    limit = config.get("number_limits") or image.get("number_limits")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        limit = DEFAULT_FILE_NUMBER_LIMITS
+    allowed = config.get("allowed_file_types")
+    return FileUpload(
+        enabled=bool(enabled),
+        number_limits=min(limit, settings.WORKFLOW_FILE_UPLOAD_LIMIT),
+        allowed_file_types=allowed if isinstance(allowed, list) and allowed else None,
+    )
 
 
 def _api_sessions(*, app: AgentApp, user: str) -> QuerySet[Session]:

@@ -116,7 +116,7 @@ def app_info(request: HttpRequest, app: AgentApp) -> HttpResponse:
 
 @dify_endpoint("GET")
 def app_parameters(request: HttpRequest, app: AgentApp) -> HttpResponse:
-    return dify_json_response(presenters.app_parameters_to_dify(app))
+    return dify_json_response(presenters.app_parameters_to_dify(app, upload=selectors.app_file_upload(app=app)))
 
 
 @dify_endpoint("GET")

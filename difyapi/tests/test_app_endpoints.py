@@ -178,6 +178,16 @@ def test_parameters_defaults_for_a_bare_app():
     assert data["suggested_questions_after_answer"] == {"enabled": False}
 
 
+def test_parameters_report_the_upload_settings_chat_messages_applies(settings):
+    """Uploads configured in Dify's current shape (top-level keys), with a limit over the workflow limit: the report
+    says on, capped, in both shapes, as chat-messages applies it."""
+    settings.WORKFLOW_FILE_UPLOAD_LIMIT = 4
+    app = make_app(file_upload={"enabled": True, "number_limits": 100, "allowed_file_types": ["document"]})
+    data = DifyClient(make_key(app)).get("/v1/parameters").json()["file_upload"]
+    assert (data["enabled"], data["number_limits"], data["allowed_file_types"]) == (True, 4, ["document"])
+    assert (data["image"]["enabled"], data["image"]["number_limits"]) == (True, 4)
+
+
 def test_meta_is_empty_for_chat_and_lists_enabled_tools_for_agent_chat(client):
     assert client.get("/v1/meta").json() == {"tool_icons": {}}
     ToolPolicy.objects.create(name="dns_lookup", enabled=False)

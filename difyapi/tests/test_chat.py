@@ -40,7 +40,7 @@ def make_app(*, name: str = "chat-app", mode: str = "chat", **fields) -> tuple[A
 
 @pytest.fixture
 def chat_app(default_llm_config):
-    return make_app()
+    return make_app(file_upload={"enabled": True})
 
 
 async def post(key: str, payload, path: str = "/v1/chat-messages"):

@@ -47,9 +47,12 @@ def make_app(*, name: str, mode: str, **fields) -> tuple[AgentApp, str]:
     return app, key
 
 
+UPLOADS_ON = {"enabled": True}
+
+
 @pytest.fixture
 def chat_app(default_llm_config):
-    return make_app(name="stream-chat", mode="chat")
+    return make_app(name="stream-chat", mode="chat", file_upload=UPLOADS_ON)
 
 
 @pytest.fixture
@@ -252,7 +255,7 @@ PNG = bytes.fromhex(
 
 async def test_an_image_reaches_a_vision_model_as_image_content(make_llm_config, fake_upstream):
     vision = await sync_to_async(make_llm_config)(name="vision", model_name="gpt-4o-mini", default=True)
-    app, key = await sync_to_async(make_app)(name="vision-app", mode="chat")
+    app, key = await sync_to_async(make_app)(name="vision-app", mode="chat", file_upload=UPLOADS_ON)
     upload = await sync_to_async(make_upload)(app, "alice", "dot.png", PNG, "image/png")
     files = [
         {"type": "image", "transfer_method": "local_file", "upload_file_id": str(upload.pk)},
@@ -355,3 +358,22 @@ async def test_files_are_ignored_when_the_app_disabled_uploads_and_limited_in_nu
                                                file_upload={"enabled": True, "number_limits": 1})
     status, _, raw = await dify_post(one_key, "/v1/chat-messages", body(files=files))
     assert status == 400 and json.loads(raw)["code"] == "invalid_param"
+
+
+async def test_an_app_that_never_configured_uploads_ignores_files_as_parameters_reports(default_llm_config,
+                                                                                         fake_upstream):
+    """/v1/parameters reports uploads off for such an app (Dify's default): chat-messages must not take files."""
+    _, bare_key = await sync_to_async(make_app)(name="bare", mode="chat")
+    files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 2
+    call, raw = await stream(bare_key, body(files=files))
+    assert data_events(raw)[-1]["event"] == "message_end"
+    assert await MessageFile.objects.acount() == 0
+
+
+async def test_the_default_file_limit_is_the_one_parameters_reports(default_llm_config, fake_upstream):
+    from tests.e2e.dify_servers import dify_post
+
+    _, key = await sync_to_async(make_app)(name="images-on", mode="chat", file_upload={"image": {"enabled": True}})
+    files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 4
+    status, _, raw = await dify_post(key, "/v1/chat-messages", body(files=files))
+    assert (status, json.loads(raw)["message"]) == (400, "Number of files exceeds the limit of 3.")

@@ -40,7 +40,7 @@ def oversized_inputs() -> dict[str, tuple[dict, str]]:
 
 @pytest.fixture
 def dify_app(default_llm_config, fake_upstream):
-    app = AgentApp.objects.create(name="limits", mode=AgentApp.Mode.CHAT)
+    app = AgentApp.objects.create(name="limits", mode=AgentApp.Mode.CHAT, file_upload={"enabled": True})
     _, key = api_key_create(app=app)
     return app, key
 
