@@ -1,5 +1,6 @@
-"""POST /v1/chat-messages: the request (validation -> TurnRequest, files -> attachments and MessageFile rows), the
-mapping of run events to Dify's stream events and blocking answer, and of engine errors to Dify's error envelope."""
+"""POST /v1/chat-messages, the request side: the Dify body validated into the turn it asks for (TurnRequest), files
+into attachments and MessageFile rows, and engine errors raised before the run into Dify's envelope. What the run
+then yields becomes Dify's events in difyapi.events."""
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,6 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from agentcore.errors import (
-    AgentError,
     ApprovalAlreadyDecided,
     ApprovalForbidden,
     ApprovalNotFound,
@@ -21,10 +21,9 @@ from agentcore.errors import (
     SessionNotFound,
     TooManyActiveRuns,
 )
-from agentcore.events import ApprovalRequired, RunEnd, RunError, RunStarted, TextDelta, ThoughtUpdate, Usage
 from agentcore.generation import session_generate_name
-from agentcore.models import AgentApp, Session, Thought
-from agentcore.runs import UNAVAILABLE, ApprovalDecision, Attachment, TurnOverrides, TurnRequest
+from agentcore.models import AgentApp, Session
+from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
 from agentcore.services import inputs_check
 from difyapi.errors import (
     APP_UNAVAILABLE,
@@ -36,19 +35,13 @@ from difyapi.errors import (
     unexpected_error,
 )
 from difyapi.models import MessageFile, UploadFile
-from difyapi.presenters import (
-    message_metadata,
-    thought_observation,
-    thought_tool_input,
-    thought_tool_labels,
-    usage_to_dify,
-)
 from difyapi.selectors import app_file_upload
 from difyapi.services import end_user_get_or_create
 from difyapi.validation import bool_from, choice_from, user_from, uuid_from
 from llmconfigs.errors import LLMConfigError, NoUsableConfig
 from llmconfigs.providers import provider_spec
 from llmconfigs.selectors import llm_config_resolve
+from opsagent.common.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +54,6 @@ TEXT_EXTENSIONS = frozenset({"txt", "md", "markdown", "csv", "json", "log", "yam
 # A text document is given to the model whole up to this many characters, then cut (with a note saying so).
 TEXT_ATTACHMENT_CHARS = 100_000
 PROVIDER_NOT_INITIALIZE = "provider_not_initialize"
-COMPLETION_REQUEST_ERROR = "completion_request_error"
-STREAM_INTERNAL_MESSAGE = "Internal Server Error, please contact support."
-AWAITING_APPROVAL = "Awaiting approval: answer with the `approval` field of the next message."
 # Dify strips NUL characters from the query (SPEC §2); in any other field they are refused.
 CHAT_NUL_STRIPPED = ("query",)
 
@@ -405,7 +395,7 @@ def dify_error_from(exc: Exception, *, app: AgentApp) -> DifyError:
         return APP_UNAVAILABLE
     if isinstance(exc, NoUsableConfig):
         return DifyError(PROVIDER_NOT_INITIALIZE, exc.message, 400)
-    if isinstance(exc, LLMConfigError | AgentError):
+    if isinstance(exc, ServiceError):  # the engine's other refusals: a field of the request is wrong
         return invalid_param(_naming_field(exc.message, exc.field))
     error = unexpected_error(exc)
     if error is INTERNAL:
@@ -417,125 +407,3 @@ def _naming_field(message: str, field_name: str | None) -> str:
     if field_name and field_name not in message:
         return f"{field_name}: {message}"
     return message
-
-
-def run_error_to_dify(error: RunError) -> DifyError:
-    """A failed run: a provider fault is `completion_request_error` with its (scrubbed) text, anything else 500."""
-    if error.category == "internal":
-        return DifyError("internal_server_error", STREAM_INTERNAL_MESSAGE, 500)
-    if error.category == UNAVAILABLE:
-        return DifyError("service_unavailable", error.message, 503)
-    return DifyError(COMPLETION_REQUEST_ERROR, error.message or "Completion request failed.", 400)
-
-
-# ----- events -----
-
-def _usage(usage: Usage | None) -> dict[str, Any]:
-    if usage is None:
-        return usage_to_dify(prompt_tokens=0, completion_tokens=0)
-    return usage_to_dify(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cost=usage.cost,
-        latency=usage.latency,
-        time_to_first_token=usage.time_to_first_token,
-        time_to_generate=usage.time_to_generate,
-    )
-
-
-class DifyTurn:
-    """Turns the neutral events of one run into Dify's stream events (`stream`) or blocking answer (`blocking`)."""
-
-    def __init__(self, *, mode: str):
-        self.mode = mode
-        self.answer_event = "agent_message" if mode == AgentApp.Mode.AGENT_CHAT else "message"
-        self.head: dict[str, Any] = {}
-        self.task_id = ""
-        self.message_id = ""
-        self.conversation_id = ""
-        self.created_at = 0
-        self.usage: Usage | None = None
-        self.answer_parts: list[str] = []
-
-    def _event(self, name: str, **fields: Any) -> dict[str, Any]:
-        return {"event": name, **self.head, "task_id": self.task_id, **fields}
-
-    def stream(self, event: Any) -> dict[str, Any] | None:
-        """The Dify event for a run event, or None when it has none of its own."""
-        if isinstance(event, TextDelta):
-            if self.answer_event == "message":
-                return self._event("message", id=self.message_id, answer=event.text, from_variable_selector=None)
-            return self._event("agent_message", id=self.message_id, answer=event.text)
-        if isinstance(event, ThoughtUpdate):
-            return self._event("agent_thought", **self._thought(event))
-        if isinstance(event, RunStarted):
-            self._start(event)
-            return None
-        if isinstance(event, Usage):
-            self.usage = event
-            return None
-        if isinstance(event, RunEnd):
-            metadata = message_metadata(_usage(self.usage))
-            if event.status == "paused" or event.pending_approvals:
-                metadata["pending_approvals"] = [
-                    {"id": str(p.get("id")), "tool": p.get("tool"), "tool_input": p.get("tool_input")}
-                    for p in event.pending_approvals
-                ]
-            return self._event("message_end", id=self.message_id, metadata=metadata, files=None)
-        if isinstance(event, RunError):
-            error = run_error_to_dify(event)
-            return {"event": "error", **self.head, "status": error.status, "code": error.code,
-                    "message": error.message}
-        if isinstance(event, ApprovalRequired):
-            return None  # shown by its agent_thought; listed in message_end's pending_approvals
-        return None
-
-    def _start(self, event: RunStarted) -> None:
-        self.task_id = str(event.task_id)
-        self.message_id = str(event.message_id)
-        self.conversation_id = str(event.session_id)
-        self.created_at = int(event.created_at)
-        self.head = {"conversation_id": self.conversation_id, "message_id": self.message_id,
-                     "created_at": self.created_at}
-
-    @staticmethod
-    def _thought(event: ThoughtUpdate) -> dict[str, Any]:
-        # The Thought model's presenters give the wire shape; an unsaved row carries this update's state.
-        observation = event.observation
-        if event.phase == "awaiting_approval" and not observation:
-            observation = AWAITING_APPROVAL
-        thought = Thought(tool=event.tool, tool_input=event.tool_input, observation=observation)
-        return {
-            "id": str(event.thought_id),
-            "position": event.position,
-            "thought": event.thought,
-            "observation": thought_observation(thought),
-            "tool": event.tool,
-            "tool_labels": thought_tool_labels(thought),
-            "tool_input": thought_tool_input(thought),
-            "message_files": [],
-        }
-
-    def collect(self, event: Any) -> None:
-        """Blocking mode: remember what the answer needs."""
-        if isinstance(event, RunStarted):
-            self._start(event)
-        elif isinstance(event, TextDelta):
-            self.answer_parts.append(event.text)
-        elif isinstance(event, Usage):
-            self.usage = event
-
-    def blocking(self, end: RunEnd) -> dict[str, Any]:
-        answer = end.answer if end.answer or not self.answer_parts else "".join(self.answer_parts)
-        return {
-            "event": "message",
-            "task_id": self.task_id,
-            "id": self.message_id,
-            "message_id": self.message_id,
-            "conversation_id": self.conversation_id,
-            "mode": self.mode,
-            "answer": answer,
-            "metadata": message_metadata(_usage(self.usage)),
-            "created_at": self.created_at,
-        }
-

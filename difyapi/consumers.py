@@ -33,17 +33,15 @@ from agentcore.runs import (
 from difyapi.auth import AppContext, authenticate
 from difyapi.chat import (
     CHAT_NUL_STRIPPED,
-    STREAM_INTERNAL_MESSAGE,
     ChatCall,
-    DifyTurn,
     chat_call_build,
     conversation_auto_name,
     dify_error_from,
     message_files_record,
-    run_error_to_dify,
 )
 from difyapi.encoding import dify_json
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
+from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, run_error_to_dify
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import scope_client_ip
