@@ -110,15 +110,20 @@ class Session(models.Model):
         return self.name or str(self.id)
 
 
+# The status choices live at module level so that each model's Meta can name them in its CheckConstraint (a nested
+# class is out of Meta's scope); `Model.Status` stays the name callers use.
+class MessageStatus(models.TextChoices):
+    RUNNING = "running"
+    NORMAL = "normal"
+    ERROR = "error"
+    STOPPED = "stopped"
+    PAUSED = "paused"  # waiting for a tool approval
+
+
 class Message(models.Model):
     """One turn: the query, the answer, how it ended and what it cost."""
 
-    class Status(models.TextChoices):
-        RUNNING = "running"
-        NORMAL = "normal"
-        ERROR = "error"
-        STOPPED = "stopped"
-        PAUSED = "paused"  # waiting for a tool approval
+    Status = MessageStatus
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
@@ -156,21 +161,27 @@ class Message(models.Model):
     class Meta:
         ordering = ["created_at", "id"]
         indexes = [models.Index(fields=["session", "-created_at"]), models.Index(fields=["status"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=MessageStatus.values), name="message_status_valid"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.query[:50]} ({self.status})"
 
 
+class ThoughtStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    DONE = "done"
+    ERROR = "error"
+    REJECTED = "rejected"
+
+
 class Thought(models.Model):
     """One agent iteration: the model's text and the tool it called, with the tool's observation."""
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        AWAITING_APPROVAL = "awaiting_approval"
-        DONE = "done"
-        ERROR = "error"
-        REJECTED = "rejected"
+    Status = ThoughtStatus
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="thoughts")
@@ -187,6 +198,9 @@ class Thought(models.Model):
 
     class Meta:
         ordering = ["position", "created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=ThoughtStatus.values), name="thought_status_valid"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.position} {self.tool or 'answer'}"
@@ -222,11 +236,14 @@ class ToolPolicy(models.Model):
         return self.name
 
 
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 class Approval(models.Model):
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        APPROVED = "approved"
-        REJECTED = "rejected"
+    Status = ApprovalStatus
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="approvals")
@@ -256,20 +273,24 @@ class Approval(models.Model):
                 condition=Q(status="pending", decided_at__isnull=True)
                 | (~Q(status="pending") & Q(decided_at__isnull=False)),
                 name="approval_decided_at_matches_status",
-            )
+            ),
+            models.CheckConstraint(condition=Q(status__in=ApprovalStatus.values), name="approval_status_valid"),
         ]
 
     def __str__(self) -> str:
         return f"{self.tool} ({self.status})"
 
 
+class TaskStatus(models.TextChoices):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    DONE = "done"
+
+
 class Task(models.Model):
     """One step of the agent's plan for a session, written by the `update_plan` tool."""
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        IN_PROGRESS = "in_progress"
-        DONE = "done"
+    Status = TaskStatus
 
     id = models.BigAutoField(primary_key=True)
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="tasks")
@@ -281,6 +302,9 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["order", "id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
+        ]
 
     def __str__(self) -> str:
         return self.title
