@@ -51,8 +51,8 @@ bench: install-dev
 # so not part of `make test` or CI. MUTANTS picks mutants by name pattern (whole modules, or the security-relevant
 # functions of larger ones), e.g. `make mutate MUTANTS='llmconfigs.pricing.*'`; the work copy and results are in mutants/.
 MUTANTS ?= llmconfigs.encryption.* llmconfigs.secrets.* llmconfigs.management.commands.rotate_field_key.* \
-	llmconfigs.pricing.* llmconfigs.services.x_llm_config_record_usage* llmconfigs.services.x_encrypted_fields_rotate_key* \
-	llmconfigs.services.x__decrypts* difyapi.selectors.* agentcore.services.x_approval_* difyapi.auth.* \
+	llmconfigs.pricing.* llmconfigs.services.x_llm_config_record_usage* llmconfigs.rotation.* difyapi.selectors.* \
+	agentcore.services.x_approval_* difyapi.auth.* \
 	agentcore.remote_files.* agentcore.tools.builtin.x_address_refusal* agentcore.tools.builtin.x_ip_of* \
 	agentcore.tools.builtin.x_resolve* agentcore.tools.builtin.x_http_check* agentcore.api.permissions.*
 

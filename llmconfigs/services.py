@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 import uuid
 from contextlib import contextmanager
@@ -11,18 +10,16 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from llmconfigs import factory
-from llmconfigs.encryption import cipher_for, encrypted_columns
 from llmconfigs.errors import (
     ConfigConflict,
     ConfigInactive,
     ConfigNotFound,
     ConfigProtected,
-    KeyRotationRefused,
 )
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.secrets import mask_secret, scrub
@@ -63,7 +60,7 @@ def audit_record(
     )
 
 
-def _invalidate_cache() -> None:
+def llm_config_cache_drop() -> None:
     # Now, so reads later in this transaction see the change; and again after commit, so a concurrent reader that
     # cached the old row in between is corrected.
     llm_config_cache_invalidate()
@@ -126,7 +123,7 @@ def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_add
             changes["api_key"] = {"new": config.api_key_mask}
         audit_record(actor=actor, action=AuditLog.Action.CREATE, target=config, changes=changes, source=source,
                      ip_address=ip_address, user_agent=user_agent)
-        _invalidate_cache()
+        llm_config_cache_drop()
     return config
 
 
@@ -166,7 +163,7 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
                          ip_address=ip_address, user_agent=user_agent)
-        _invalidate_cache()
+        llm_config_cache_drop()
         if wants_default and not locked.is_default:
             locked = llm_config_set_default(config=locked, actor=actor, source=source, ip_address=ip_address,
                                             user_agent=user_agent)
@@ -206,7 +203,7 @@ def llm_config_set_default(*, config: LLMConfig, actor=None, source: str = "", i
                     source=source,
                     ip_address=ip_address, user_agent=user_agent,
                 )
-                _invalidate_cache()
+                llm_config_cache_drop()
                 return LLMConfig.objects.get(pk=target.pk)
         except IntegrityError:
             # Only possible on backends without row locks (SQLite): the partial unique index refused a second default
@@ -265,7 +262,7 @@ def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_add
             changes={"name": {"old": locked.name}, "api_key": {"old": locked.api_key_mask}},
         )
         locked.delete()
-        _invalidate_cache()
+        llm_config_cache_drop()
 
 
 def llm_config_activate(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
@@ -304,7 +301,7 @@ def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: st
             changes={"is_active": {"old": not active, "new": active}}, source=source, ip_address=ip_address,
             user_agent=user_agent,
         )
-        _invalidate_cache()
+        llm_config_cache_drop()
     return locked
 
 
@@ -351,60 +348,6 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
     audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=config, changes=result.as_dict(),
                  source=source, ip_address=ip_address, user_agent=user_agent)
     return result
-
-
-def encrypted_fields_rotate_key(*, old_key: str, actor=None, source: str = "command") -> dict[str, int]:
-    """Re-encrypt every encrypted column from `old_key` to the current FIELD_ENCRYPTION_KEY, in one transaction.
-
-    Reads the raw ciphertext (the ORM would decrypt with the current key). Refuses, changing nothing, when any
-    value does not decrypt with `old_key`. Returns column label -> rows re-encrypted."""
-    old_cipher = cipher_for(old_key)
-    current_cipher = cipher_for(settings.FIELD_ENCRYPTION_KEY)
-    quote = connection.ops.quote_name
-    lock = " " + connection.ops.for_update_sql() if connection.features.has_select_for_update else ""
-    counts: dict[str, int] = {}
-    with transaction.atomic():
-        for column in encrypted_columns():
-            table, pk_col = column.model._meta.db_table, column.model._meta.pk.column
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"SELECT {quote(pk_col)}, {quote(column.field.column)} FROM {quote(table)} "
-                    f"WHERE {quote(column.field.column)} IS NOT NULL{lock}"
-                )
-                rows = cursor.fetchall()
-            updates, undecryptable, already_current = [], 0, 0
-            for pk, raw in rows:
-                try:
-                    value = pickle.loads(old_cipher.decrypt(bytes(raw)))
-                except Exception:
-                    undecryptable += 1
-                    already_current += _decrypts(current_cipher, bytes(raw))
-                    continue
-                updates.append((connection.Database.Binary(column.field._dump(value)), pk))
-            if undecryptable:
-                hint = (" They already decrypt with the current FIELD_ENCRYPTION_KEY: was the rotation done before?"
-                        if already_current == undecryptable else "")
-                raise KeyRotationRefused(
-                    f"The old key does not decrypt {undecryptable} of {len(rows)} value(s) of {column.label}; "
-                    f"nothing was changed.{hint}"
-                )
-            with connection.cursor() as cursor:
-                cursor.executemany(
-                    f"UPDATE {quote(table)} SET {quote(column.field.column)} = %s WHERE {quote(pk_col)} = %s", updates
-                )
-            counts[column.label] = len(updates)
-        audit_record(actor=actor, action=AuditLog.Action.ROTATE_KEY, target="settings.FIELD_ENCRYPTION_KEY",
-                     changes={"rows": counts}, source=source)
-        _invalidate_cache()
-    return counts
-
-
-def _decrypts(cipher, raw: bytes) -> bool:
-    try:
-        cipher.decrypt(raw)
-    except Exception:
-        return False
-    return True
 
 
 def llm_config_seed_from_env(

@@ -141,7 +141,7 @@ def test_stored_keys_decrypt_with_the_field_key_alone_whatever_the_secret_key(se
 
 
 def test_a_rotation_by_a_user_is_audited_under_their_name(encrypted_with_old_key, staff_user):
-    from llmconfigs.services import encrypted_fields_rotate_key
+    from llmconfigs.rotation import encrypted_fields_rotate_key
 
     encrypted_fields_rotate_key(old_key=OLD_KEY, actor=staff_user, source="admin")
 

@@ -2,7 +2,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from llmconfigs.errors import KeyRotationRefused
-from llmconfigs.services import encrypted_fields_rotate_key
+from llmconfigs.rotation import encrypted_fields_rotate_key
 
 
 class Command(BaseCommand):
