@@ -75,6 +75,8 @@ def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, hit_tar
     assert user_client.post(f"/api/approvals/{approval_id}/reject/", {}, format="json").status_code == 200
     second = user_client.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
     assert second.status_code == 409
+    assert second.json() == {"detail": "This approval was already rejected.",
+                             "code": "approval_already_decided"}
     assert Approval.objects.get(id=approval_id).status == "rejected"
     assert hit_target.hits == 0
 

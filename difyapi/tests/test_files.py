@@ -2,6 +2,9 @@
 storage under MEDIA_ROOT, preview bytes, signed URLs, and isolation between apps."""
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -204,6 +207,16 @@ def test_signed_url_refuses_a_bad_signature(client):
     tampered = f"{parts.path}?{parts.query[:-4]}beef"
     assert_error(DifyClient(None).get(tampered), 403, "forbidden")
     assert_error(DifyClient(None).get(parts.path), 403, "forbidden")
+
+
+def test_signed_url_refuses_an_hmac_of_the_secret_key_made_for_another_purpose(client, settings):
+    """The signature is salted with its purpose: a plain HMAC of the same text under SECRET_KEY (as any other use of
+    the key might produce) does not pass."""
+    file_id = upload(client, file=file()).json()["id"]
+    timestamp, nonce = str(int(time.time())), "abcd"
+    unsalted = hmac.new(settings.SECRET_KEY.encode(), f"{file_id}|{timestamp}|{nonce}".encode(), hashlib.sha256)
+    forged = f"/v1/files/{file_id}/file-preview?timestamp={timestamp}&nonce={nonce}&sign={unsalted.hexdigest()}"
+    assert_error(DifyClient(None).get(forged), 403, "forbidden")
 
 
 def test_uploaded_file_appears_in_message_files(app, client):
