@@ -88,6 +88,16 @@ def test_unknown_model_config_is_a_field_error_and_writes_nothing(user_client, a
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_refusal_about_no_field_is_detail_and_code(user_client):
+    """No config at all: not a field's fault, so the body is {detail, code} like every other non-field error on /api."""
+    response = user_client.post("/api/agent/chat/", {"message": "hi"}, format="json")
+    assert response.status_code == 400
+    assert response.json()["code"] == "no_usable_config" and "No LLM is configured" in response.json()["detail"]
+    assert set(response.json()) == {"detail", "code"}
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("body, field", [
     ({"message": "   "}, "message"),
     ({"message": "hi", "temperature": 9}, "temperature"),
