@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Prefetch
 from django.utils.html import format_html_join
 
-from agentcore.api.turns import turn_drain_sync
+from agentcore.api.turns import turn_drain
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import (
     DECIDE_APPROVALS,
@@ -157,7 +156,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         for approval in queryset.select_related("session__app"):
             session = approval.session
             try:
-                turn = async_to_sync(turn_prepare)(TurnRequest(
+                turn = turn_prepare(TurnRequest(
                     app=session.app, session_id=str(session.id), owner=request.user, source=session.source,
                     end_user=session.end_user,
                     approval=ApprovalDecision(approval_id=str(approval.id), decision=decision),
@@ -165,7 +164,7 @@ class ApprovalAdmin(admin.ModelAdmin):
             except ServiceError as exc:
                 self.message_user(request, f"{approval.tool}: {exc.message}", messages.ERROR)
                 continue
-            result = turn_drain_sync(turn)
+            result = turn_drain(turn)
             level = messages.ERROR if result.status == "error" else messages.SUCCESS
             self.message_user(request, f"{approval.tool}: {decision}d; the answer ended {result.status}.", level)
 

@@ -13,7 +13,7 @@ from agentcore import selectors
 from agentcore.api.serializers import TurnSerializer
 from agentcore.api.turns import turn_event_messages
 from agentcore.errors import SessionNotFound
-from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_abandon, turn_prepare
+from agentcore.runs import ApprovalDecision, TurnRequest, aturn_prepare, run_stop, turn_abandon
 from opsagent.common.api_errors import client_field
 from opsagent.common.client_input import ClientInputError, json_loads
 from opsagent.common.dependencies import dependency_down
@@ -139,7 +139,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     async def _run(self, request: TurnRequest) -> None:
         try:
-            turn = await turn_prepare(request)
+            turn = await aturn_prepare(request)
         except ServiceError as exc:
             field = client_field(exc)
             fields = {field: [exc.message]} if field else None

@@ -27,7 +27,7 @@ from agentcore.runs import (
     prepared_or_abandoned,
     run_stop,
     turn_abandon,
-    turn_prepare_sync,
+    turn_prepare,
     turn_run,
 )
 from difyapi.auth import AppContext, authenticate
@@ -151,7 +151,7 @@ def _chat_turn(
         call = chat_call_build(app=context.app, payload=payload)
         # With files, their rows are written in the turn's transaction: a turn never exists without them.
         with transaction.atomic() if call.files else contextlib.nullcontext():
-            turn = turn_prepare_sync(call.request)
+            turn = turn_prepare(call.request)
             if call.files:
                 message_files_record(message_id=turn.message.pk, files=call.files)
     except DifyError:

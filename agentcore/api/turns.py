@@ -1,5 +1,5 @@
-"""Driving the run service from the REST API and the admin: prepare a turn, then either drain it into one result or
-encode it as server-sent events."""
+"""Driving a prepared turn (agentcore.runs.turn_prepare) from the REST API and the admin: drain it into one result
+or encode it as server-sent events."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,8 @@ from typing import Any
 from asgiref.sync import async_to_sync
 
 from agentcore.events import Event, RunEnd, RunError, RunStarted, TextDelta, Usage, event_to_dict
-from agentcore.runs import UNAVAILABLE, Turn, TurnRequest, turn_prepare, turn_run
+from agentcore.runs import UNAVAILABLE, Turn, turn_run
 from opsagent.common.dependencies import dependency_down
-
-
-def turn_prepare_sync(request: TurnRequest) -> Turn:
-    """Prepare a turn from sync code; the engine's refusals propagate (DRF's exception handler maps them)."""
-    return async_to_sync(turn_prepare)(request)
 
 
 class TurnResult:
@@ -69,7 +64,7 @@ class TurnResult:
         return result
 
 
-async def turn_drain(turn: Turn) -> TurnResult:
+async def aturn_drain(turn: Turn) -> TurnResult:
     result = TurnResult(turn)
     async with aclosing(turn_run(turn)) as events:
         async for event in events:
@@ -77,8 +72,8 @@ async def turn_drain(turn: Turn) -> TurnResult:
     return result
 
 
-def turn_drain_sync(turn: Turn) -> TurnResult:
-    return async_to_sync(turn_drain)(turn)
+def turn_drain(turn: Turn) -> TurnResult:
+    return async_to_sync(aturn_drain)(turn)
 
 
 async def turn_event_messages(turn: Turn) -> AsyncIterator[dict[str, Any]]:

@@ -12,10 +12,10 @@ from rest_framework.views import APIView
 
 from agentcore import selectors, services
 from agentcore.api import serializers
-from agentcore.api.turns import turn_drain_sync, turn_prepare_sync, turn_sse
+from agentcore.api.turns import turn_drain, turn_sse
 from agentcore.models import AgentApp, Approval, MCPServer, Session
 from agentcore.permissions import CHANGE_SESSIONS, DELETE_SESSIONS, VIEW_SESSIONS
-from agentcore.runs import ApprovalDecision, TurnRequest, run_stop
+from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_prepare
 from opsagent.common.clients import audit_context
 from opsagent.common.permissions import ActionPermissions
 
@@ -60,7 +60,7 @@ class ChatView(APIView):
         session_id = data.get("session_id")
         # A continued session talks to its own app; the engine checks again that the caller may use the session.
         app = self._session(session_id).app if session_id else _app(data.get("app_id"))
-        turn = turn_prepare_sync(
+        turn = turn_prepare(
             TurnRequest(
                 app=app,
                 query=data["message"],
@@ -76,7 +76,7 @@ class ChatView(APIView):
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
-        return Response(turn_drain_sync(turn).as_dict())
+        return Response(turn_drain(turn).as_dict())
 
     def _session(self, session_id) -> Session:
         return selectors.session_get_for(session_id=session_id, owner=self.request.user)
@@ -202,7 +202,7 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         data = _validated(serializers.ApprovalDecisionSerializer, request.data)
         approval = self.get_object()
         session = Session.objects.select_related("app").get(id=approval.session_id)
-        turn = turn_prepare_sync(
+        turn = turn_prepare(
             TurnRequest(
                 app=session.app,
                 session_id=str(session.id),
@@ -212,7 +212,7 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
                 approval=ApprovalDecision(approval_id=str(approval.id), decision=decision, comment=data["comment"]),
             )
         )
-        result = turn_drain_sync(turn)
+        result = turn_drain(turn)
         approval = Approval.objects.select_related("decided_by").get(id=approval.id)
         return Response({
             "approval": serializers.ApprovalSerializer(approval).data,

@@ -10,7 +10,7 @@ from django.db import connection
 
 from agentcore.events import Event, event_to_dict
 from agentcore.models import AgentApp
-from agentcore.runs import TurnRequest, run_turn
+from agentcore.runs import TurnRequest, turn_prepare_and_run
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def plain_chat_app(default_llm_config):
 
 
 async def run_all(request: TurnRequest) -> list[Event]:
-    return [event async for event in run_turn(request)]
+    return [event async for event in turn_prepare_and_run(request)]
 
 
 @database_sync_to_async

@@ -117,8 +117,8 @@ def test_unknown_status_filter_is_a_field_error(user_client):
 
 def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(staff_client, agent_app, fake_upstream,
                                                                               hit_target):
-    from agentcore.api.turns import turn_drain_sync, turn_prepare_sync
-    from agentcore.runs import TurnRequest
+    from agentcore.api.turns import turn_drain
+    from agentcore.runs import TurnRequest, turn_prepare
     from agentcore.services import tool_policy_update
 
     tool_policy_update(name="http_check", approver="staff")
@@ -126,8 +126,8 @@ def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(sta
         Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]),
         Reply(text="The site answered."),
     )
-    turn = turn_prepare_sync(TurnRequest(app=agent_app, query="Is the site up?", end_user="dify-user", source="api"))
-    assert turn_drain_sync(turn).status == "paused"
+    turn = turn_prepare(TurnRequest(app=agent_app, query="Is the site up?", end_user="dify-user", source="api"))
+    assert turn_drain(turn).status == "paused"
     approval = Approval.objects.get(message_id=turn.message.id)
     assert hit_target.hits == 0
 

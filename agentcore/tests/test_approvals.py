@@ -7,7 +7,7 @@ from channels.db import database_sync_to_async
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, ApprovalNotFound
 from agentcore.events import ApprovalRequired, RunEnd
 from agentcore.models import Approval, Message, Thought
-from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, run_turn, turn_prepare, turn_run
+from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, aturn_prepare, turn_prepare_and_run, turn_run
 from agentcore.services import approval_decide, tool_policy_update
 from agentcore.tests import factories
 from agentcore.tests.factories import checkpoint_rows, run_all, types
@@ -54,7 +54,7 @@ async def test_approve_runs_the_tool_and_finishes_the_same_message(ops_app, plai
     approval_id = paused[-1].pending_approvals[0]["id"]
     fake_upstream.script(Reply(text="It answered 200."))
     assert counting_target.hits == 0
-    turn = await turn_prepare(TurnRequest(app=ops_app, owner=plain_user, session_id=paused[0].session_id,
+    turn = await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user, session_id=paused[0].session_id,
                                           approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert str(turn.message.pk) == paused[0].message_id and str(turn.message.task_id) == paused[0].task_id
     events = [e async for e in turn_run(turn)]
@@ -92,7 +92,7 @@ async def test_second_decision_is_refused(ops_app, plain_user, fake_upstream, co
     await run_all(TurnRequest(app=ops_app, owner=plain_user,
                               approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     with pytest.raises(ApprovalAlreadyDecided):
-        await turn_prepare(TurnRequest(app=ops_app, owner=plain_user,
+        await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="reject")))
     with pytest.raises(ApprovalAlreadyDecided):
         await database_sync_to_async(approval_decide)(approval_id=approval_id, decision="reject")
@@ -105,7 +105,7 @@ async def test_someone_elses_approval_is_not_found(ops_app, plain_user, django_u
     approval_id = paused[-1].pending_approvals[0]["id"]
     bob = await django_user_model.objects.acreate(username="bob")
     with pytest.raises(ApprovalNotFound):
-        await turn_prepare(TurnRequest(app=ops_app, owner=bob,
+        await aturn_prepare(TurnRequest(app=ops_app, owner=bob,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert (await Approval.objects.aget(pk=approval_id)).status == "pending"
 
@@ -124,7 +124,7 @@ async def test_run_shell_needs_a_staff_approval_and_never_runs_before(ops_app, p
     assert paused[-1].status == "paused" and pending[0]["tool"] == "run_shell"
     assert not marker.exists()
     with pytest.raises(ApprovalForbidden):  # the API end user may not approve their own shell command
-        await turn_prepare(TurnRequest(app=ops_app, end_user="api-user", source="api",
+        await aturn_prepare(TurnRequest(app=ops_app, end_user="api-user", source="api",
                                        approval=ApprovalDecision(approval_id=pending[0]["id"], decision="approve")))
     with pytest.raises(ApprovalForbidden):
         await database_sync_to_async(approval_decide)(approval_id=pending[0]["id"], decision="approve",
@@ -133,7 +133,7 @@ async def test_run_shell_needs_a_staff_approval_and_never_runs_before(ops_app, p
     assert (await Approval.objects.aget(pk=pending[0]["id"])).status == "pending"
     fake_upstream.script(Reply(text="Done."))
     # Staff decide from the console (admin/REST), where they see every session.
-    events = [e async for e in run_turn(TurnRequest(
+    events = [e async for e in turn_prepare_and_run(TurnRequest(
         app=ops_app, owner=staff_user, approval=ApprovalDecision(approval_id=pending[0]["id"], decision="approve")))]
     assert events[-1].status == "normal"
     assert marker.read_text().strip() == "hi"
@@ -163,7 +163,7 @@ async def test_a_new_query_supersedes_a_paused_turn(ops_app, plain_user, fake_up
     assert sent[-2]["role"] == "tool" and sent[-2]["tool_call_id"] == "call_1"
     assert (await Approval.objects.aget(pk=approval_id)).status == "rejected"
     with pytest.raises(ApprovalAlreadyDecided):
-        await turn_prepare(TurnRequest(app=ops_app, owner=plain_user,
+        await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert counting_target.hits == 0
 

@@ -5,7 +5,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from agentcore.events import RunEnd
-from agentcore.runs import SaverOpening, TurnRequest, turn_prepare, turn_run
+from agentcore.runs import SaverOpening, TurnRequest, aturn_prepare, turn_run
 from agentcore.tests import factories
 from agentcore.tests.factories import run_all
 from llmconfigs.models import LLMConfig
@@ -38,13 +38,13 @@ async def test_an_edited_config_applies_to_the_next_run(plain_chat_app, plain_us
 async def test_a_checkpointer_opened_ahead_keeps_the_conversation(plain_chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
     saver = SaverOpening()
-    turn = await turn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    turn = await aturn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
     events = [e async for e in turn_run(turn, saver=saver)]
     assert isinstance(events[-1], RunEnd) and events[-1].answer == "First answer."
     await saver.aclose()  # already released by the run; closing again is harmless
 
     saver = SaverOpening()
-    turn = await turn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user,
+    turn = await aturn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user,
                                           session_id=str(turn.session.pk)))
     events = [e async for e in turn_run(turn, saver=saver)]
     assert events[-1].answer == "Second answer."

@@ -15,7 +15,16 @@ from django.utils import timezone
 from agentcore.errors import InvalidInput, SessionNotFound, TooManyActiveRuns
 from agentcore.events import RunEnd, RunError, RunStarted, TextDelta, Usage
 from agentcore.models import AgentApp, Message, Session
-from agentcore.runs import Attachment, TurnOverrides, TurnRequest, run_stop, run_turn, turn_prepare, turn_run
+from agentcore.runs import (
+    Attachment,
+    TurnOverrides,
+    TurnRequest,
+    aturn_prepare,
+    run_stop,
+    turn_abandon,
+    turn_prepare_and_run,
+    turn_run,
+)
 from agentcore.services import session_create
 from agentcore.tests import factories
 from agentcore.tests.factories import run_all, types
@@ -71,7 +80,7 @@ async def test_each_upstream_chunk_becomes_a_delta_at_once(plain_chat_app, plain
     started = time.monotonic()
     first_delta_at = None
     streams_open_at_first_delta = None
-    async for event in run_turn(TurnRequest(app=plain_chat_app, query="count", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="count", owner=plain_user)):
         if isinstance(event, TextDelta) and first_delta_at is None:
             first_delta_at = time.monotonic() - started
             streams_open_at_first_delta = fake_upstream.active_streams
@@ -114,15 +123,15 @@ async def test_turn_overrides_win_over_the_session(plain_chat_app, plain_user, f
 
 async def test_bad_override_is_a_field_error_and_writes_nothing(plain_chat_app, plain_user, fake_upstream):
     with pytest.raises(InvalidParameter) as caught:
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(temperature=7)))
     assert caught.value.field == "temperature"
     with pytest.raises(ConfigNotFound) as caught:
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
     assert caught.value.field == "model_config_id"
     with pytest.raises(InvalidInput) as caught:
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="  ", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="  ", owner=plain_user))
     assert caught.value.field == "query"
     assert await Session.objects.acount() == 0 and await Message.objects.acount() == 0
     assert fake_upstream.chat_requests == []
@@ -130,7 +139,7 @@ async def test_bad_override_is_a_field_error_and_writes_nothing(plain_chat_app, 
 
 async def test_no_config_at_all_is_refused(db_app_without_config, plain_user):
     with pytest.raises(NoUsableConfig):
-        await turn_prepare(TurnRequest(app=db_app_without_config, query="hi", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=db_app_without_config, query="hi", owner=plain_user))
 
 
 @pytest.fixture
@@ -144,9 +153,9 @@ async def test_sessions_are_isolated_between_users(plain_chat_app, plain_user, s
     session_id = events[0].session_id
     bob = await django_user_model.objects.acreate(username="bob")
     with pytest.raises(SessionNotFound):
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="theirs", owner=bob, session_id=session_id))
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="theirs", owner=bob, session_id=session_id))
     with pytest.raises(SessionNotFound):
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="api", end_user="alice", source="api",
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="api", end_user="alice", source="api",
                                        session_id=session_id))
     staff_events = await run_all(TurnRequest(app=plain_chat_app, query="staff", owner=staff_user,
                                              session_id=session_id))
@@ -157,7 +166,7 @@ async def test_api_sessions_are_scoped_to_app_and_end_user(plain_chat_app, fake_
     events = await run_all(TurnRequest(app=plain_chat_app, query="hi", end_user="u-1", source="api"))
     session_id = events[0].session_id
     with pytest.raises(SessionNotFound):
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="x", end_user="u-2", source="api",
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="x", end_user="u-2", source="api",
                                        session_id=session_id))
     again = await run_all(TurnRequest(app=plain_chat_app, query="x", end_user="u-1", source="api",
                                       session_id=session_id))
@@ -219,7 +228,7 @@ async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
     events = []
     stopped_at = None
-    async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
         events.append(event)
         if len([e for e in events if isinstance(e, TextDelta)]) == 2 and stopped_at is None:
             bob_user = await database_sync_to_async(type(staff_user).objects.create)(username="mallory")
@@ -244,7 +253,7 @@ async def test_client_disconnect_stops_the_run(plain_chat_app, plain_user, fake_
     two_deltas = asyncio.Event()
 
     async def consume():
-        async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
             seen.append(event)
             if len([e for e in seen if isinstance(e, TextDelta)]) == 2:
                 two_deltas.set()
@@ -306,7 +315,7 @@ async def test_a_turn_rolled_back_does_not_count_as_a_sweep(plain_chat_app, plai
 
     services._last_stale_sweep = float("-inf")  # as in a process that has not swept yet
     with pytest.raises(ConfigNotFound):  # fails after the sweep, inside the turn's transaction
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="x", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="x", owner=plain_user,
                                        overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
     await dead.arefresh_from_db()
     assert dead.status == "running"
@@ -318,13 +327,13 @@ async def test_a_turn_rolled_back_does_not_count_as_a_sweep(plain_chat_app, plai
 async def test_too_many_active_runs(plain_chat_app, plain_user, fake_upstream):
     plain_chat_app.max_active_requests = 1
     await plain_chat_app.asave()
-    first = await turn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    first = await aturn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
     with pytest.raises(TooManyActiveRuns):
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
     assert await Message.objects.acount() == 1
     events = [e async for e in turn_run(first)]
     assert events[-1].status == "normal"
-    await turn_prepare(TurnRequest(app=plain_chat_app, query="three", owner=plain_user))
+    await aturn_prepare(TurnRequest(app=plain_chat_app, query="three", owner=plain_user))
 
 
 async def test_a_dead_run_does_not_count_against_the_limit_before_the_sweep(plain_chat_app, plain_user, settings,
@@ -338,9 +347,9 @@ async def test_a_dead_run_does_not_count_against_the_limit_before_the_sweep(plai
     await plain_chat_app.asave()
     session = await database_sync_to_async(session_create)(app=plain_chat_app, owner=plain_user)
     await Message.objects.acreate(session=session, query="lost", heartbeat_at=timezone.now() - timedelta(seconds=16))
-    await turn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    await aturn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
     with pytest.raises(TooManyActiveRuns):
-        await turn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
 
 
 async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upstream, default_llm_config):
@@ -371,7 +380,7 @@ async def test_heartbeat_is_touched_while_the_run_is_alive(plain_chat_app, plain
     beats = set()
     message_id = None
     with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
-        async for event in run_turn(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
             if isinstance(event, RunStarted):
                 message_id = event.message_id
             elif isinstance(event, TextDelta):
@@ -384,7 +393,7 @@ async def test_heartbeat_saves_the_answer_so_far(plain_chat_app, plain_user, fak
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(20)), delay=0.1))
     saved = []
     with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
-        async for event in run_turn(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
             if isinstance(event, RunStarted):
                 message_id = event.message_id
             elif isinstance(event, TextDelta):
@@ -397,7 +406,8 @@ async def test_heartbeat_saves_the_answer_so_far(plain_chat_app, plain_user, fak
 async def test_api_stop_is_scoped_to_the_end_user_and_app(plain_chat_app, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(30)), delay=0.1))
     events = []
-    async for event in run_turn(TurnRequest(app=plain_chat_app, query="long", end_user="u-1", source="api")):
+    request = TurnRequest(app=plain_chat_app, query="long", end_user="u-1", source="api")
+    async for event in turn_prepare_and_run(request):
         events.append(event)
         if isinstance(event, TextDelta) and len(events) == 2:
             task_id = events[0].task_id
@@ -420,7 +430,7 @@ async def test_the_next_turn_remembers_a_stopped_partial_answer(plain_chat_app, 
 async def _stopped_after_two_deltas(request: TurnRequest) -> list:
     """The events of a turn stopped by its owner once two text deltas arrived; it must end as stopped."""
     events = []
-    async for event in run_turn(request):
+    async for event in turn_prepare_and_run(request):
         events.append(event)
         if isinstance(event, TextDelta) and len([e for e in events if isinstance(e, TextDelta)]) == 2:
             assert await run_stop(task_id=events[0].task_id, user=request.owner)
@@ -464,7 +474,7 @@ async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(o
         Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1),
     )
     saved = None
-    async for event in run_turn(TurnRequest(app=ops_app, query="what time?", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=ops_app, query="what time?", owner=plain_user)):
         if isinstance(event, RunStarted):
             started = event
         if isinstance(event, TextDelta) and saved is None:
@@ -484,9 +494,7 @@ async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(o
 
 async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_running(plain_chat_app, plain_user,
                                                                                     fake_upstream):
-    from agentcore.runs import turn_prepare
-
-    task = asyncio.create_task(turn_prepare(TurnRequest(app=plain_chat_app, query="hello?", owner=plain_user)))
+    task = asyncio.create_task(aturn_prepare(TurnRequest(app=plain_chat_app, query="hello?", owner=plain_user)))
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -498,10 +506,8 @@ async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_runn
 
 
 async def test_abandoning_a_turn_that_ran_changes_nothing(plain_chat_app, plain_user, fake_upstream):
-    from agentcore.runs import turn_abandon, turn_prepare, turn_run
-
     fake_upstream.script(Reply(text="done"))
-    turn = await turn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    turn = await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
     [event async for event in turn_run(turn)]
     await turn_abandon(turn)
 

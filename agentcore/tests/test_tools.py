@@ -9,7 +9,7 @@ from agentcore.errors import InvalidInput
 from agentcore.events import ThoughtUpdate
 from agentcore.models import AgentApp, Task, Thought, ToolPolicy
 from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
-from agentcore.runs import TurnOverrides, TurnRequest, turn_prepare
+from agentcore.runs import TurnOverrides, TurnRequest, aturn_prepare
 from agentcore.selectors import tool_list
 from agentcore.services import tool_policy_update
 from agentcore.tests import factories
@@ -83,7 +83,7 @@ async def test_disabled_and_unlisted_tools_are_not_offered(ops_app, plain_user, 
     await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user, overrides=TurnOverrides(tools=["dns_lookup"])))
     assert _tool_names(fake_upstream.chat_requests[-1]) == {"dns_lookup"}
     with pytest.raises(InvalidInput) as caught:
-        await turn_prepare(TurnRequest(app=ops_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=ops_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(tools=["rm_rf"])))
     assert caught.value.field == "tools"
 

@@ -1,0 +1,297 @@
+"""A turn's run: the agent graph streams in a producer task while its events flow to the caller, a heartbeat tells
+other processes the run is alive, and a stop request (from any worker, through the channel layer) or a client that
+leaves cancels the upstream call at once."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+from langchain_core.messages import HumanMessage
+from langgraph.types import Command
+
+from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
+from agentcore.events import Event, RunStarted
+from agentcore.graph import AgentContext, agent_graph, truncate
+from agentcore.models import AgentApp, Message, Session
+from agentcore.network import allow_list_for
+from agentcore.permissions import CHANGE_SESSIONS, has_perms
+from agentcore.remote_files import RemoteFileError, remote_file_fetch
+from agentcore.runs.chat_models import run_chat_model
+from agentcore.runs.output import RunOutput
+from agentcore.runs.prepare import aturn_prepare
+from agentcore.runs.types import Attachment, Turn, TurnRequest
+from agentcore.tools.registry import tools_for_run
+from llmconfigs.factory import OVERRIDABLE
+from opsagent.common.dependencies import dependency_down
+
+logger = logging.getLogger(__name__)
+
+ATTACHMENT_TEXT_LIMIT = 100_000
+
+
+def stop_group(task_id: uuid.UUID | str) -> str:
+    return f"agent-run-{uuid.UUID(str(task_id)).hex}"
+
+
+async def turn_run(turn: Turn, *, saver: SaverOpening | None = None) -> AsyncIterator[Event]:
+    """Run a prepared turn and yield its events (see agentcore.events for the order). `saver`: the checkpointer
+    opened while the turn was prepared (the run closes it); without it the run opens its own."""
+    async for event in _Run(turn, saver=saver).events():
+        yield event
+
+
+async def turn_prepare_and_run(request: TurnRequest) -> AsyncIterator[Event]:
+    """Prepare and run, for callers that need no access to the turn's rows before it runs."""
+    turn = await aturn_prepare(request)
+    async for event in turn_run(turn):
+        yield event
+
+
+async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, user=None) -> bool:
+    """Ask the worker running `task_id` to stop (through the channel layer, so any worker may ask). True when a
+    running answer of the caller matched."""
+    try:
+        task_uuid = uuid.UUID(str(task_id))
+    except ValueError:
+        return False
+    if end_user is not None:
+        visible = {"session__end_user": end_user, "session__source": Session.Source.API}
+        if app_id is not None:
+            visible["session__app_id"] = app_id
+    elif await database_sync_to_async(has_perms)(user, CHANGE_SESSIONS):
+        visible = {}
+    elif user is not None:
+        visible = {"session__owner": user}
+    else:
+        return False
+    matched = await Message.objects.filter(task_id=task_uuid, status=Message.Status.RUNNING, **visible).aexists()
+    if matched:
+        await get_channel_layer().group_send(stop_group(task_uuid), {"type": "run.stop"})
+    return matched
+
+
+_DONE = object()
+
+
+class _Stopped(Exception):
+    """The producer was cancelled by a stop request."""
+
+
+class _Run:
+    """One execution of a turn: streams the graph in a producer task, so that a stop request or a client
+    disconnect can cancel the upstream call at once while events flow to the consumer without buffering."""
+
+    def __init__(self, turn: Turn, *, saver: SaverOpening | None = None):
+        self.turn = turn
+        self.saver = saver
+        self.session = turn.session
+        self.message = turn.message
+        self.config = turn.config
+        self.agent = self.session.app.mode == AgentApp.Mode.AGENT_CHAT
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.output = RunOutput(turn, self.queue)
+        self.stop_requested = False
+
+    # -- the consumer side --
+    async def events(self) -> AsyncIterator[Event]:
+        # The producer starts first, so the upstream call does not wait for the channel layer's round trips (Redis):
+        # a stop needs the task id, which the caller learns only from RunStarted, after the group is joined.
+        producer = asyncio.create_task(self._produce())
+        layer = get_channel_layer()
+        group = stop_group(self.message.task_id)
+        channel = None
+        try:
+            channel = await layer.new_channel() if layer is not None else None
+            if channel:
+                await layer.group_add(group, channel)
+        except BaseException:
+            await asyncio.shield(self._abandon(producer))
+            raise
+        helpers = [asyncio.create_task(self._heartbeat())]
+        if channel:
+            helpers.append(asyncio.create_task(self._listen(layer, channel, producer)))
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                for helper in helpers:
+                    helper.cancel()
+                if channel:
+                    try:
+                        await asyncio.shield(layer.group_discard(group, channel))
+                    except Exception as exc:
+                        # The run is over and saved: losing Redis now must not turn its end into an error. The
+                        # group entry expires by itself (channels-redis' group expiry).
+                        if dependency_down(exc) is None:
+                            raise
+                        logger.warning("run %s left its stop group without Redis: %s", self.message.pk, exc)
+
+        try:
+            yield RunStarted(
+                session_id=str(self.session.pk), message_id=str(self.message.pk), task_id=str(self.message.task_id),
+                created_at=int(self.message.created_at.timestamp()), llm_config_id=str(self.config.pk),
+                model_name=self.config.model_name,
+            )
+            while (item := await self.queue.get()) is not _DONE:
+                yield item
+            final = await self._finish(producer)
+            # Released before the end goes out: a client that answers the end at once (an approval, the next
+            # message) finds the run over, not still leaving its stop group (a round trip with Redis).
+            await release()
+            for event in final:
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: stop the upstream call and keep what was said, even while being cancelled.
+            await asyncio.shield(self._abandon(producer))
+            raise
+        finally:
+            await release()
+            # After the last event went out (or the client left): off the stream's path, in the run's own task, so
+            # that a run never ends with its prune still to come.
+            await checkpoint_prune(thread_id=str(self.session.pk))
+
+    async def _finish(self, producer: asyncio.Task) -> list[Event]:
+        await asyncio.wait([producer])
+        if producer.cancelled() or isinstance(producer.exception(), _Stopped):
+            return await self.output.save_end(Message.Status.STOPPED)
+        exc = producer.exception()
+        if exc is not None:
+            return await self.output.save_error(exc)
+        if self.output.interrupts:
+            return await self.output.save_paused()
+        return await self.output.save_end(Message.Status.NORMAL)
+
+    async def _abandon(self, producer: asyncio.Task) -> None:
+        if self.output.finished:
+            return
+        producer.cancel()
+        await asyncio.wait([producer])
+        await self.output.save_end(Message.Status.STOPPED)
+
+    async def _listen(self, layer, channel: str, producer: asyncio.Task) -> None:
+        try:
+            while True:
+                message = await layer.receive(channel)
+                if message.get("type") == "run.stop" and not producer.done():
+                    self.stop_requested = True
+                    producer.cancel()
+        except Exception as exc:
+            # Redis went away mid-answer: the answer goes on (a disconnect still stops it), only a stop sent
+            # through another worker can no longer reach it.
+            if dependency_down(exc) is None:
+                raise
+            logger.warning("run %s no longer hears stop requests: %s", self.message.pk, exc)
+
+    async def _heartbeat(self) -> None:
+        """Tell other processes this run is alive, and keep what it has said so far: if this process dies, the
+        stale-run sweep (agentcore.services.message_close_stale) ends the run with that partial answer. One row
+        update every AGENT_HEARTBEAT_SECONDS, the answer only when it grew."""
+        saved = None
+        while True:
+            await asyncio.sleep(settings.AGENT_HEARTBEAT_SECONDS)
+            fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+            answer = self.output.answer()
+            if answer != saved:
+                fields["answer"] = answer
+            try:
+                # Only while running: the row of a run that ended meanwhile keeps its final state.
+                await Message.objects.filter(pk=self.message.pk, status=Message.Status.RUNNING).aupdate(**fields)
+            except Exception as exc:
+                if dependency_down(exc) is None:
+                    raise
+                logger.warning("heartbeat of run %s not written: %s", self.message.pk, exc)
+                continue
+            saved = answer
+
+    # -- the producer side --
+    async def _produce(self) -> None:
+        try:
+            await self._stream()
+        except asyncio.CancelledError:
+            if self.stop_requested:
+                raise _Stopped() from None
+            raise
+        finally:
+            if self.saver is not None:  # a run cancelled before it reached its checkpointer still releases it
+                await asyncio.shield(self.saver.aclose())
+            self.queue.put_nowait(_DONE)
+
+    async def _attachments(self) -> list[Attachment]:
+        """The turn's attachments, with the text of documents given by URL fetched now (concurrently). A document
+        that cannot be fetched is given to the model as a note saying why, and the answer goes on."""
+        allow = allow_list_for(self.session.app)
+
+        async def fetched(attachment: Attachment) -> Attachment:
+            if attachment.kind != "text" or not attachment.url or attachment.text:
+                return attachment
+            limit = settings.UPLOAD_FILE_SIZE_LIMIT_MB * 1024 * 1024
+            try:
+                body = await remote_file_fetch(attachment.url, max_bytes=limit, allow=allow)
+                text = body.decode("utf-8", errors="replace")
+            except RemoteFileError as exc:
+                logger.info("remote document of message %s not fetched: %s", self.message.pk, exc)
+                text = f"[This file could not be fetched: {exc}.]"
+            return replace(attachment, text=text)
+
+        return list(await asyncio.gather(*(fetched(a) for a in self.turn.attachments)))
+
+    def _graph_input(self, attachments: list[Attachment]) -> Any:
+        if self.turn.resume is not None:
+            return Command(resume=self.turn.resume)
+        content: Any = self.message.query
+        documents = [a for a in attachments if a.kind == "text"]
+        images = [a for a in attachments if a.kind == "image"]
+        if documents:
+            content += "".join(f"\n\n<file name={a.name!r}>\n{truncate(a.text, ATTACHMENT_TEXT_LIMIT)}\n</file>"
+                               for a in documents)
+        if images:
+            content = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": a.url}} for a in images
+            ]
+        return {"messages": [HumanMessage(content=content, id=str(self.message.pk))], "iterations": 0}
+
+    async def _stream(self) -> None:
+        app = self.session.app
+        if self.agent:
+            tools, rules = await tools_for_run(app=app, session_id=str(self.session.pk), subset=self.turn.tools,
+                                               setup=self.turn.tool_setup)
+        else:
+            tools, rules = {}, {}
+        overrides = {k: self.turn.parameters.get(k) for k in OVERRIDABLE}
+        model = run_chat_model(self.config, overrides)
+        if self.turn.resume is not None:
+            await self.output.load_thoughts()
+        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [])
+        async with self.saver.use() if self.saver is not None else checkpointer() as saver:
+            if self.turn.session_created:
+                saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
+            graph = agent_graph(checkpointer=saver)
+            context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=app.system_prompt,
+                                   max_iterations=app.max_iterations,
+                                   max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
+                                   max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
+            config = {"configurable": {"thread_id": str(self.session.pk)},
+                      "recursion_limit": 2 * app.max_iterations + 10}
+            # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool
+            # that ran (and may have changed something) is remembered even if the server dies in the next model
+            # call. Chat: one model step and nothing else, so its question and answer are written together when the
+            # run ends, however it ends (an answer, an error, a stop, a client gone): one write instead of three,
+            # none of them on the way to the first token. Only a server dying mid-answer loses that turn from the
+            # model's memory; its message stays in the history, marked as an error.
+            durability = "async" if self.agent else "exit"
+            async for mode, chunk in graph.astream(graph_input, config, context=context,
+                                                  stream_mode=["messages", "updates"], durability=durability):
+                if mode == "messages":
+                    await self.output.on_chunk(*chunk)
+                else:
+                    await self.output.on_update(chunk)
