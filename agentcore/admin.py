@@ -25,9 +25,8 @@ from agentcore.services import (
     mcp_server_headers_refusal,
     mcp_server_run_test,
     mcp_server_update,
-    tool_policy_update,
 )
-from agentcore.tools.registry import SHELL_TOOL
+from agentcore.tools.policies import SHELL_TOOL, tool_policy_update
 from llmconfigs.secrets import mask_secret
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError

@@ -10,7 +10,6 @@ from django.core import checks
 RETIRED_NETWORK_SWITCHES = ("AGENT_HTTP_CHECK_ALLOW_PRIVATE", "REMOTE_FILES_ALLOW_PRIVATE")
 
 
-@checks.register(checks.Tags.security)
 def retired_network_switches(app_configs, **kwargs) -> list[checks.CheckMessage]:
     return [
         checks.Warning(

@@ -13,8 +13,8 @@ from langchain_core.tools import BaseTool
 from langchain_mcp_adapters.client import MultiServerMCPClient
 
 from agentcore.graph import truncate
-from agentcore.models import MCPServer, ToolPolicy
-from agentcore.tools.registry import tool_setup_changed
+from agentcore.models import MCPServer
+from agentcore.tools.policies import tool_policy_add_mcp
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +52,6 @@ async def _list_tools(server: MCPServer) -> list[BaseTool]:
     return tools
 
 
-def _policy_sync(server: MCPServer, tools: list[BaseTool]) -> None:
-    """Policy rows for newly seen tools, with the server's approval default (existing rows keep their settings)."""
-    ToolPolicy.objects.bulk_create(
-        [
-            ToolPolicy(name=t.name, source=ToolPolicy.Source.MCP, mcp_server=server,
-                       description=truncate(t.description or "", 2000),
-                       requires_approval=server.requires_approval_default)
-            for t in tools
-        ],
-        ignore_conflicts=True,
-    )
-    tool_setup_changed()  # bulk_create sends no signals
-
-
 async def mcp_tools(*, servers: Sequence[MCPServer], known: Collection[str] = ()) -> dict[str, BaseTool]:
     """Tools of the enabled `servers`; a server that cannot be reached is logged and skipped, not fatal to the run.
     Tools whose names are not in `known` (the existing policy rows) get their policy rows."""
@@ -78,7 +64,7 @@ async def mcp_tools(*, servers: Sequence[MCPServer], known: Collection[str] = ()
             logger.warning("MCP server %s unavailable: %s", server.name, type(result).__name__)
             continue
         if any(t.name not in known for t in result):
-            await sync_to_async(_policy_sync)(server, result)
+            await sync_to_async(tool_policy_add_mcp)(server=server, tools=result)
         tools.update((t.name, t) for t in result)
     return tools
 
@@ -91,7 +77,7 @@ async def amcp_server_test(*, server: MCPServer) -> dict[str, Any]:
         tools = await _list_tools(server)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong is the test's answer
         return {"ok": False, "error": _error_text(exc)}
-    await sync_to_async(_policy_sync)(server, tools)
+    await sync_to_async(tool_policy_add_mcp)(server=server, tools=tools)
     return {"ok": True, "tools": [{"name": t.name, "description": t.description or ""} for t in tools]}
 
 

@@ -3,7 +3,7 @@ custom permissions (approving shell commands, managing stdio MCP servers). Super
 from __future__ import annotations
 
 from agentcore.models import MCPServer, ToolPolicy
-from agentcore.tools.registry import SHELL_TOOL
+from agentcore.tools.policies import SHELL_TOOL
 
 APPROVE_SHELL = "agentcore.approve_shell"
 MANAGE_MCP_STDIO = "agentcore.manage_mcp_stdio"

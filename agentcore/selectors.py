@@ -13,6 +13,7 @@ from django.utils import timezone
 from agentcore.errors import SessionNotFound
 from agentcore.models import AgentApp, Approval, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import CHANGE_SESSIONS, VIEW_SESSIONS, has_perms, may_see_every_approval
+from agentcore.tools.policies import rule_for, tool_policies_with_defaults
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -92,12 +93,9 @@ def approval_list(*, status: str | None = None, user=None) -> QuerySet[Approval]
 
 
 def tool_list() -> list[dict[str, Any]]:
-    """Every known tool with its policy (built-in defaults are created on first use)."""
-    from agentcore.services import tool_policy_sync
-    from agentcore.tools.registry import rule_for
-
+    """Every known tool with its policy as it applies now (a built-in tool without a row yet: its defaults)."""
     result = []
-    for policy in sorted(tool_policy_sync(), key=lambda p: (p.source, p.name)):
+    for policy in sorted(tool_policies_with_defaults(), key=lambda p: (p.source, p.name)):
         rule = rule_for(policy)
         result.append({
             "name": policy.name,

@@ -1,4 +1,5 @@
-"""Writes of the agent's domain: sessions, approvals, plans, tool policies, stale runs and the demo app."""
+"""Writes of the agent's domain: sessions, approvals, plans, MCP servers, stale runs and the demo app (tool policies:
+agentcore.tools.policies)."""
 from __future__ import annotations
 
 import time
@@ -16,7 +17,8 @@ from agentcore.errors import (
     InvalidInput,
     PermissionRefused,
 )
-from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, ToolPolicy
+from agentcore.mcp import mcp_server_test
+from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task
 from agentcore.permissions import (
     MANAGE_MCP_STDIO,
     approval_decision_permissions,
@@ -24,7 +26,6 @@ from agentcore.permissions import (
     mcp_server_is_command,
 )
 from agentcore.selectors import run_stale_cutoff
-from agentcore.tools.registry import BUILTIN_DEFAULTS, SHELL_TOOL, tool_setup_changed
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.models import AuditLog
@@ -220,53 +221,6 @@ def task_replace(*, session_id: Any, tasks: list[dict[str, Any]]) -> list[dict[s
     return [{"title": t.title, "status": t.status, "order": t.order} for t in created]
 
 
-def tool_policy_sync() -> list[ToolPolicy]:
-    """Every policy row, after creating the missing built-in ones with their defaults (idempotent; existing rows are
-    left alone). Every agent turn calls it: once the rows exist it is a single read, no write."""
-    policies = list(ToolPolicy.objects.all())
-    missing = BUILTIN_DEFAULTS.keys() - {p.name for p in policies}
-    if not missing:
-        return policies
-    ToolPolicy.objects.bulk_create(
-        [
-            ToolPolicy(name=name, source=ToolPolicy.Source.BUILTIN, description=d.description, enabled=d.enabled,
-                       requires_approval=d.requires_approval, approver=d.approver)
-            for name, d in BUILTIN_DEFAULTS.items() if name in missing
-        ],
-        ignore_conflicts=True,
-    )
-    tool_setup_changed()  # bulk_create sends no signals
-    return list(ToolPolicy.objects.all())
-
-
-def tool_policy_update(*, name: str, **fields: Any) -> ToolPolicy:
-    """Change a tool's policy (enabled, requires_approval, approver). run_shell can be enabled or disabled but never
-    made approval-free or approvable by the requester."""
-    allowed = {"enabled", "requires_approval", "approver", "description"}
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise InvalidInput(f"Unknown field(s): {', '.join(unknown)}.", field=unknown[0])
-    for key in ("enabled", "requires_approval"):
-        if key in fields and not isinstance(fields[key], bool):
-            raise InvalidInput(f"{key} must be true or false.", field=key)
-    if "approver" in fields and fields["approver"] not in ToolPolicy.Approver.values:
-        raise InvalidInput(f"approver must be one of {', '.join(ToolPolicy.Approver.values)}.", field="approver")
-    if name == SHELL_TOOL:
-        if fields.get("requires_approval") is False:
-            raise InvalidInput("run_shell always requires an approval.", field="requires_approval")
-        if fields.get("approver", ToolPolicy.Approver.STAFF) != ToolPolicy.Approver.STAFF:
-            raise InvalidInput("Only staff may approve run_shell.", field="approver")
-    tool_policy_sync()
-    with transaction.atomic():
-        policy = ToolPolicy.objects.select_for_update().filter(name=name).first()
-        if policy is None:
-            raise InvalidInput(f"Unknown tool {name!r}.", field="name")
-        for key, value in fields.items():
-            setattr(policy, key, value)
-        policy.save()
-    return policy
-
-
 # MCP server fields an audit record may show as they are; args, env and headers can hold tokens.
 _MCP_PLAIN_FIELDS = ("name", "transport", "command", "url", "enabled", "allowed_tools", "requires_approval_default")
 _MCP_SECRET_FIELDS = ("args", "env", "headers")
@@ -345,8 +299,6 @@ def mcp_server_run_test(*, server: MCPServer, actor=None, source: str = "", ip_a
                         user_agent: str = "") -> dict[str, Any]:
     """Connect to the server and list its tools (agentcore.mcp.mcp_server_test), audited. Testing a stdio server
     starts its command, so it needs MANAGE_MCP_STDIO like changing it."""
-    from agentcore.mcp import mcp_server_test
-
     _mcp_command_allowed(actor, server)
     result = mcp_server_test(server=server)
     outcome = {"ok": result["ok"], "tools": len(result.get("tools") or [])} if result["ok"] else {"ok": False}

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_delete, post_save
 
 
 class DifyApiConfig(AppConfig):
@@ -7,9 +8,13 @@ class DifyApiConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from difyapi import auth  # noqa: F401  (connects the signals that keep the app cache fresh)
+        from agentcore.models import AgentApp
+        from difyapi.auth import app_cache_forget
         from difyapi.errors import DifySurface
         from opsagent.common import surfaces
 
+        # Saving or deleting an app drops its cached row (difyapi.auth).
+        for signal in (post_save, post_delete):
+            signal.connect(app_cache_forget, sender=AgentApp, dispatch_uid="difyapi.app_cache")
         # Refusals made before a view runs (body limits, dead dependencies, bad query text) in Dify's envelope.
         surfaces.register("/v1", DifySurface())

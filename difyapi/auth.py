@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
 from django.utils import timezone
 
 from agentcore.models import AgentApp
@@ -72,7 +70,7 @@ def _app_cache_key(app_id: str) -> str:
 
 
 def _app(app_id: str) -> AgentApp | None:
-    """The app row, cached: every /v1 request reads it. Saving or deleting an app drops the entry (signals below),
+    """The app row, cached: every /v1 request reads it. Saving or deleting an app drops the entry (app_cache_forget),
     and a short TTL bounds what another process without a shared cache may still hold."""
     app = cache.get(_app_cache_key(app_id))
     if app is None:
@@ -83,8 +81,8 @@ def _app(app_id: str) -> AgentApp | None:
     return app
 
 
-@receiver([post_save, post_delete], sender=AgentApp, dispatch_uid="difyapi.app_cache")
-def _forget_app(sender, instance: AgentApp, **kwargs) -> None:
+def app_cache_forget(sender, instance: AgentApp, **kwargs) -> None:
+    """Receiver of post_save and post_delete of AgentApp (connected in DifyApiConfig.ready)."""
     cache_forget(_app_cache_key(str(instance.pk)))
 
 

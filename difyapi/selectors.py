@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
 
 from agentcore.models import AgentApp, Message, Session, ToolPolicy
-from agentcore.tools.registry import BUILTIN_DEFAULTS
+from agentcore.tools.policies import BUILTIN_DEFAULTS
 from difyapi.errors import not_found
 from difyapi.models import Feedback, MessageFile, UploadFile
 from llmconfigs.models import LLMConfig

@@ -16,6 +16,7 @@ from agentcore.api.turns import turn_drain, turn_sse
 from agentcore.models import AgentApp, Approval, MCPServer, Session
 from agentcore.permissions import CHANGE_SESSIONS, DELETE_SESSIONS, VIEW_SESSIONS
 from agentcore.runs import ApprovalDecision, TurnRequest, run_stop, turn_prepare
+from agentcore.tools.policies import tool_policy_update
 from opsagent.common.clients import audit_context
 from opsagent.common.permissions import ActionPermissions
 
@@ -153,7 +154,7 @@ class ToolViewSet(viewsets.ViewSet):
     def partial_update(self, request, name=None):
         data = _validated(serializers.ToolPolicyUpdateSerializer, request.data)
         _tool(name)
-        services.tool_policy_update(name=name, **data)
+        tool_policy_update(name=name, **data)
         return Response(serializers.ToolSerializer(_tool(name)).data)
 
 

@@ -23,7 +23,7 @@ from agentcore.services import (
     inputs_check,
     message_close_stale_due,
 )
-from agentcore.tools.registry import known_tool_names, tool_setup_load
+from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
 

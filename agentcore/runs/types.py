@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agentcore.models import AgentApp, Message, Session
-from agentcore.tools.registry import ToolSetup
+from agentcore.tools.policies import ToolSetup
 from llmconfigs.models import LLMConfig
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ def chat_app(default_llm_config):
 
 @pytest.fixture
 def http_check_needs_approval(db):
-    from agentcore.services import tool_policy_update
+    from agentcore.tools.policies import tool_policy_update
 
     tool_policy_update(name="http_check", requires_approval=True, approver="requester")
 

@@ -84,9 +84,9 @@ def test_mcp_secrets_are_kept_when_left_blank_and_replaced_when_given(admin_clie
 @pytest.mark.django_db
 def test_run_shell_policy_can_be_enabled_but_its_approval_rule_is_locked(admin_client):
     admin_client.get(reverse("admin:agentcore_toolpolicy_changelist"))  # policies exist once tools are listed
-    from agentcore.services import tool_policy_sync
+    from agentcore.tools.policies import tool_policy_add_builtins
 
-    tool_policy_sync()
+    tool_policy_add_builtins()
     url = reverse("admin:agentcore_toolpolicy_change", args=["run_shell"])
     response = admin_client.post(url, {"enabled": "on", "requires_approval": "", "approver": "requester"})
     assert response.status_code == 302

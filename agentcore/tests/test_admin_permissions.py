@@ -9,8 +9,8 @@ from django.test import Client
 from django.urls import reverse
 
 from agentcore.models import Approval, MCPServer
-from agentcore.services import tool_policy_update
 from agentcore.tests import api_support
+from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 agent_app = api_support.agent_app

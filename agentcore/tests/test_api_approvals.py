@@ -83,7 +83,7 @@ def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, hit_tar
 
 def test_staff_only_approval_is_403_for_a_user_and_works_for_staff(user_client, staff_client, agent_app,
                                                                      fake_upstream, hit_target):
-    from agentcore.services import tool_policy_update
+    from agentcore.tools.policies import tool_policy_update
 
     tool_policy_update(name="http_check", approver="staff")
     body = _paused_turn(user_client, fake_upstream, hit_target)
@@ -119,7 +119,7 @@ def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(sta
                                                                               hit_target):
     from agentcore.api.turns import turn_drain
     from agentcore.runs import TurnRequest, turn_prepare
-    from agentcore.services import tool_policy_update
+    from agentcore.tools.policies import tool_policy_update
 
     tool_policy_update(name="http_check", approver="staff")
     fake_upstream.script(

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from agentcore.models import Approval, MCPServer, Session, ToolPolicy
-from agentcore.services import tool_policy_update
 from agentcore.tests import api_support
+from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 from tests.fixtures import client_for
 

@@ -8,9 +8,10 @@ from agentcore.errors import ApprovalAlreadyDecided, ApprovalForbidden, Approval
 from agentcore.events import ApprovalRequired, RunEnd
 from agentcore.models import Approval, Message, Thought
 from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, aturn_prepare, turn_prepare_and_run, turn_run
-from agentcore.services import approval_decide, tool_policy_update
+from agentcore.services import approval_decide
 from agentcore.tests import factories
 from agentcore.tests.factories import checkpoint_rows, run_all, types
+from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)

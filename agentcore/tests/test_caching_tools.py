@@ -7,10 +7,10 @@ from channels.db import database_sync_to_async
 from agentcore.models import Session, Task, ToolPolicy
 from agentcore.network import NOTHING_PRIVATE
 from agentcore.runs import TurnRequest
-from agentcore.services import tool_policy_update
 from agentcore.tests import factories
 from agentcore.tests.factories import run_all
-from agentcore.tools.builtin import builtin_tools
+from agentcore.tools.policies import tool_policy_update
+from agentcore.tools.registry import builtin_tools
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)

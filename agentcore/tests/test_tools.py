@@ -11,10 +11,10 @@ from agentcore.models import AgentApp, Task, Thought, ToolPolicy
 from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
 from agentcore.runs import TurnOverrides, TurnRequest, aturn_prepare
 from agentcore.selectors import tool_list
-from agentcore.services import tool_policy_update
 from agentcore.tests import factories
 from agentcore.tests.factories import run_all
 from agentcore.tools import builtin
+from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -196,6 +196,16 @@ def test_tool_list_has_every_builtin_with_its_policy(db):
                                                         "enabled": False, "requires_approval": True,
                                                         "approver": "staff"}
     assert tools["http_check"]["requires_approval"] is False and tools["http_check"]["description"]
+
+
+def test_tool_list_is_a_pure_read(db):
+    listed = {t["name"]: t for t in tool_list()}
+    assert ToolPolicy.objects.count() == 0  # built-in tools without a row are shown with their defaults
+    assert listed["run_shell"]["enabled"] is False and listed["dns_lookup"]["enabled"] is True
+    ToolPolicy.objects.create(name="dns_lookup", description="edited", enabled=False)
+    listed = {t["name"]: t for t in tool_list()}
+    assert (listed["dns_lookup"]["enabled"], listed["dns_lookup"]["description"]) == (False, "edited")
+    assert ToolPolicy.objects.count() == 1
 
 
 def test_tool_policy_update(db):

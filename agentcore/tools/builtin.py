@@ -13,9 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
-from asgiref.sync import sync_to_async
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field
 
 from agentcore.graph import truncate
 from agentcore.network import NetworkAllowList, NetworkRefused, resolve, target_check
@@ -24,10 +22,10 @@ HTTP_MAX_TIMEOUT = 30.0
 HTTP_MAX_BYTES = 5 * 1024 * 1024
 SHELL_MAX_TIMEOUT = 120
 SHELL_OUTPUT_LIMIT = 8000
-PLAN_MAX_TASKS = 50
 
 
-def _json(data: dict[str, Any]) -> str:
+def json_text(data: dict[str, Any]) -> str:
+    """A tool's result as JSON text for the model."""
     return json.dumps(data, ensure_ascii=False, default=str)
 
 
@@ -38,7 +36,7 @@ async def current_time(timezone: str = "UTC") -> str:
     except (ZoneInfoNotFoundError, ValueError):
         return f"Error: unknown timezone {timezone!r}."
     now = datetime.now(zone)
-    return _json({"timezone": timezone, "iso": now.isoformat(timespec="seconds"), "unix": int(now.timestamp())})
+    return json_text({"timezone": timezone, "iso": now.isoformat(timespec="seconds"), "unix": int(now.timestamp())})
 
 
 HTTP_CHECK_DESCRIPTION = (
@@ -65,9 +63,9 @@ async def http_check_url(url: str, *, timeout: float = 10.0, allow: NetworkAllow
                     if size >= HTTP_MAX_BYTES:
                         break
     except httpx.TimeoutException:
-        return _json({"url": url, "ok": False, "error": f"timed out after {timeout:g} s"})
+        return json_text({"url": url, "ok": False, "error": f"timed out after {timeout:g} s"})
     except httpx.HTTPError as exc:
-        return _json({"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return json_text({"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     result = {
         "url": url,
         "ok": response.status_code < 400,
@@ -80,14 +78,14 @@ async def http_check_url(url: str, *, timeout: float = 10.0, allow: NetworkAllow
     }
     if "location" in response.headers:
         result["location"] = response.headers["location"]
-    return _json(result)
+    return json_text(result)
 
 
 def http_check_tool(*, allow: NetworkAllowList) -> BaseTool:
     async def http_check(url: str, timeout: float = 10.0) -> str:
         return await http_check_url(url, timeout=timeout, allow=allow)
 
-    return _per_run_tool(http_check, description=HTTP_CHECK_DESCRIPTION)
+    return per_run_tool(http_check, description=HTTP_CHECK_DESCRIPTION)
 
 
 async def dns_lookup(host: str) -> str:
@@ -95,8 +93,8 @@ async def dns_lookup(host: str) -> str:
     try:
         addresses = await asyncio.wait_for(resolve(host, 0), timeout=10)
     except (OSError, TimeoutError) as exc:
-        return _json({"host": host, "ok": False, "error": str(exc) or "lookup timed out"})
-    return _json({
+        return json_text({"host": host, "ok": False, "error": str(exc) or "lookup timed out"})
+    return json_text({
         "host": host,
         "ok": True,
         "ipv4": [a for a in addresses if ":" not in a],
@@ -122,7 +120,7 @@ async def system_status() -> str:
     disk = shutil.disk_usage("/")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     memory = _memory()
-    return _json({
+    return json_text({
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
         "load_average": {"1m": round(load[0], 2), "5m": round(load[1], 2), "15m": round(load[2], 2)},
@@ -148,8 +146,8 @@ async def run_shell(command: str, timeout: int = 30) -> str:
     except TimeoutError:
         process.kill()
         await process.wait()
-        return _json({"command": command, "exit_code": None, "error": f"timed out after {timeout} s"})
-    return _json({
+        return json_text({"command": command, "exit_code": None, "error": f"timed out after {timeout} s"})
+    return json_text({
         "command": command,
         "exit_code": process.returncode,
         "output": truncate(output.decode(errors="replace"), SHELL_OUTPUT_LIMIT),
@@ -162,7 +160,7 @@ async def run_shell(command: str, timeout: int = 30) -> str:
 _per_run_templates: dict[str, BaseTool] = {}
 
 
-def _per_run_tool(coroutine, *, description: str | None = None) -> BaseTool:
+def per_run_tool(coroutine, *, description: str | None = None) -> BaseTool:
     template = _per_run_templates.get(coroutine.__name__)
     if template is None:  # two first runs at once would both build it: harmless, the result is the same
         template = _per_run_templates[coroutine.__name__] = StructuredTool.from_function(
@@ -170,40 +168,11 @@ def _per_run_tool(coroutine, *, description: str | None = None) -> BaseTool:
     return template.model_copy(update={"coroutine": coroutine})
 
 
-class PlanItem(BaseModel):
-    title: str = Field(max_length=500)
-    status: str = Field(default="pending", description="pending, in_progress or done")
-
-
-def update_plan_tool(*, session_id: str) -> BaseTool:
-    from agentcore.services import task_replace
-
-    async def update_plan(tasks: list[PlanItem]) -> str:
-        """Replace the plan for this conversation with `tasks` (ordered steps, each with a title and a status:
-        pending, in_progress or done). Send the whole plan every time."""
-        if len(tasks) > PLAN_MAX_TASKS:
-            return f"Error: a plan has at most {PLAN_MAX_TASKS} steps."
-        items = [item if isinstance(item, PlanItem) else PlanItem(**item) for item in tasks]
-        try:
-            saved = await sync_to_async(task_replace)(session_id=session_id,
-                                                      tasks=[item.model_dump() for item in items])
-        except ValueError as exc:
-            return f"Error: {exc}"
-        return _json({"ok": True, "tasks": saved})
-
-    return _per_run_tool(update_plan)
-
-
 @lru_cache(maxsize=1)
-def _run_free_tools() -> tuple[BaseTool, ...]:
-    # Built once per process: deriving a tool's schema from its signature costs about a millisecond per tool.
+def run_free_tools() -> tuple[BaseTool, ...]:
+    """The built-in tools bound to no run. Built once per process: deriving a tool's schema from its signature costs
+    about a millisecond per tool."""
     return tuple(
         StructuredTool.from_function(coroutine=fn, name=fn.__name__)
         for fn in (current_time, dns_lookup, system_status, run_shell)
     )
-
-
-def builtin_tools(*, session_id: str, allow: NetworkAllowList) -> dict[str, BaseTool]:
-    """The built-in tools of one run: `allow` is its app's network allow-list (loopback and private targets)."""
-    tools = [*_run_free_tools(), http_check_tool(allow=allow), update_plan_tool(session_id=session_id)]
-    return {tool.name: tool for tool in tools}

@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from agentcore.models import AgentApp, Approval, Message, Session, ToolPolicy
-from agentcore.services import tool_policy_sync
+from agentcore.tools.policies import tool_policy_add_builtins
 from difyapi.auth import api_key_create
 from tests.e2e.dify_servers import data_events, dify_post
 from tests.fakes.upstream import Reply, ToolCall
@@ -33,7 +33,7 @@ def make_app(*, name: str, mode: str, **fields) -> tuple[AgentApp, str]:
 
 @pytest.fixture
 def agent_app(default_llm_config):
-    tool_policy_sync()
+    tool_policy_add_builtins()
     ToolPolicy.objects.filter(name="current_time").update(requires_approval=True, approver="requester")
     ToolPolicy.objects.filter(name="run_shell").update(enabled=True)
     return make_app(name="approvals", mode="agent-chat", enabled_tools=["current_time", "run_shell"])

@@ -10,7 +10,7 @@ from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 
 from agentcore.models import AgentApp, Approval, MCPServer
-from agentcore.services import tool_policy_update
+from agentcore.tools.policies import tool_policy_update
 from llmconfigs.models import LLMConfig
 from tests.fakes.upstream import Reply, ToolCall
 
