@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 from django.core.exceptions import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,17 @@ class Target:
     headers: dict[str, str]  # Host: the original name, so virtual hosts answer as they would
     extensions: dict[str, Any]  # TLS: the original name for SNI and certificate checks
     addresses: list[str]
+
+    def stream_get(self, client: httpx.AsyncClient, *, user_agent: str):
+        """GET the checked address (a streaming response context), as the original name for HTTP and TLS."""
+        return client.stream("GET", self.url, headers={**self.headers, "User-Agent": user_agent},
+                             extensions=self.extensions)
+
+
+def checked_client(*, timeout: float) -> httpx.AsyncClient:
+    """The HTTP client for checked targets: it follows no redirect (each hop must be checked on its own) and takes
+    no proxy from the environment (a proxy would resolve the name again, unchecked)."""
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
 
 async def target_check(url: str, *, allow: NetworkAllowList) -> Target:

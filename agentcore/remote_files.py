@@ -10,7 +10,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from agentcore.network import NetworkAllowList, NetworkRefused, target_check
+from agentcore.network import NetworkAllowList, NetworkRefused, checked_client, target_check
 
 FETCH_TIMEOUT_SECONDS = 10.0
 MAX_REDIRECTS = 3
@@ -23,15 +23,14 @@ class RemoteFileError(Exception):
 async def remote_file_fetch(url: str, *, max_bytes: int, allow: NetworkAllowList) -> bytes:
     """The body of `url` (http or https), at most `max_bytes`; RemoteFileError for anything else. `allow`: the
     app's network allow-list (which loopback and private targets it may reach)."""
-    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False) as client:
+    async with checked_client(timeout=FETCH_TIMEOUT_SECONDS) as client:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 target = await target_check(url, allow=allow)
             except NetworkRefused as exc:
                 raise RemoteFileError(str(exc)) from None
             try:
-                async with client.stream("GET", target.url, headers={**target.headers, "User-Agent": "OpsAgent"},
-                                         extensions=target.extensions) as response:
+                async with target.stream_get(client, user_agent="OpsAgent") as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue

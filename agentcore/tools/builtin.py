@@ -16,7 +16,7 @@ import httpx
 from langchain_core.tools import BaseTool, StructuredTool
 
 from agentcore.graph import truncate
-from agentcore.network import NetworkAllowList, NetworkRefused, resolve, target_check
+from agentcore.network import NetworkAllowList, NetworkRefused, checked_client, resolve, target_check
 
 HTTP_MAX_TIMEOUT = 30.0
 HTTP_MAX_BYTES = 5 * 1024 * 1024
@@ -54,9 +54,8 @@ async def http_check_url(url: str, *, timeout: float = 10.0, allow: NetworkAllow
     started = time.monotonic()
     size = 0
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-            async with client.stream("GET", target.url, headers={**target.headers, "User-Agent": "OpsAgent-http-check"},
-                                     extensions=target.extensions) as response:
+        async with checked_client(timeout=timeout) as client:
+            async with target.stream_get(client, user_agent="OpsAgent-http-check") as response:
                 first_byte = time.monotonic() - started
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
