@@ -129,7 +129,7 @@ def _is_address(text: str) -> bool:
     return True
 
 
-def _validated(parse, value: Any) -> None:
+def _as_validation_error(parse, value: Any) -> None:
     try:
         parse(value)
     except ValueError as exc:
@@ -138,15 +138,15 @@ def _validated(parse, value: Any) -> None:
 
 # Model field validators (importable by name, as migrations refer to them).
 def validate_hosts(value: Any) -> None:
-    _validated(parse_hosts, value)
+    _as_validation_error(parse_hosts, value)
 
 
 def validate_networks(value: Any) -> None:
-    _validated(parse_networks, value)
+    _as_validation_error(parse_networks, value)
 
 
 def validate_ports(value: Any) -> None:
-    _validated(parse_ports, value)
+    _as_validation_error(parse_ports, value)
 
 
 @dataclass(frozen=True)

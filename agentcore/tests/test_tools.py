@@ -219,6 +219,6 @@ def test_tool_policy_update(db):
         tool_policy_update(name="dns_lookup", approver="anyone")
     assert caught.value.field == "approver"
     assert tool_policy_update(name="run_shell", enabled=True).enabled is True
-    tool_policy_sync_twice = [tool_list(), tool_list()]
-    assert len(tool_policy_sync_twice[0]) == len(tool_policy_sync_twice[1])
+    listed_twice = [tool_list(), tool_list()]
+    assert len(listed_twice[0]) == len(listed_twice[1])
 
