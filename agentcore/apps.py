@@ -2,6 +2,8 @@ from django.apps import AppConfig
 from django.core import checks
 from django.db.models.signals import post_delete, post_save
 
+from agentcore.checks import retired_network_switches
+
 
 class AgentCoreConfig(AppConfig):
     name = "agentcore"
@@ -9,7 +11,6 @@ class AgentCoreConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from agentcore.checks import retired_network_switches
         from agentcore.models import MCPServer, ToolPolicy
         from agentcore.tools.policies import tool_setup_row_changed
 
