@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
 
-from agentcore.models import AgentApp, Message, Session, ToolPolicy
-from agentcore.tools.policies import BUILTIN_DEFAULTS
+from agentcore.models import AgentApp, Message, Session
+from agentcore.tools.policies import tool_policies_with_defaults
 from difyapi.errors import not_found
 from difyapi.models import Feedback, MessageFile, UploadFile
 from llmconfigs.models import LLMConfig
@@ -157,9 +157,7 @@ def app_tool_names(*, app: AgentApp) -> list[str]:
     and allowed by the app (its list, empty = all); none for basic chat."""
     if app.mode != AgentApp.Mode.AGENT_CHAT:
         return []
-    enabled = {name: default.enabled for name, default in BUILTIN_DEFAULTS.items()}
-    enabled.update(ToolPolicy.objects.values_list("name", "enabled"))
-    names = sorted(name for name, on in enabled.items() if on)
+    names = sorted(policy.name for policy in tool_policies_with_defaults() if policy.enabled)
     if app.enabled_tools:
         allowed = {str(name) for name in app.enabled_tools}
         names = [name for name in names if name in allowed]
