@@ -44,6 +44,17 @@ def _dependencies_up():
 
 
 @pytest.fixture
+async def close_worker_connections():
+    """For async tests on a transactional database (`pytest.mark.usefixtures("close_worker_connections")`): async ORM
+    calls leave a connection open in asgiref's worker thread; close it so the test database can be dropped."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    yield
+    await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
 def make_llm_config(db, fake_upstream):
     """Create an LLMConfig through the service, pointing at the fake upstream unless told otherwise."""
     from llmconfigs.services import llm_config_create, llm_config_set_default

@@ -1,28 +1,16 @@
-"""Fixtures and helpers for the engine's tests: apps, a hit-counting HTTP target, running a turn to its end."""
+"""Helpers for agentcore's tests (the fixtures are in conftest.py): running a turn to its end, checkpoint rows, local
+HTTP servers, scripted DNS answers, SSE bodies."""
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 
 from agentcore.events import Event, event_to_dict
-from agentcore.models import AgentApp
 from agentcore.runs import TurnRequest, turn_prepare_and_run
-
-
-@pytest.fixture
-def ops_app(default_llm_config):
-    # The tests' HTTP targets listen on loopback, which an app reaches only through its network allow-list.
-    return AgentApp.objects.create(name="Ops", mode=AgentApp.Mode.AGENT_CHAT, system_prompt="You are an ops agent.",
-                                   network_allow_networks=["127.0.0.1/32"])
-
-
-@pytest.fixture
-def plain_chat_app(default_llm_config):
-    return AgentApp.objects.create(name="Chat", mode=AgentApp.Mode.CHAT, system_prompt="Answer briefly.")
 
 
 async def run_all(request: TurnRequest) -> list[Event]:
@@ -90,12 +78,6 @@ class CountingTarget(LocalHTTPServer):
         return len(self.requests)
 
 
-@pytest.fixture
-def counting_target():
-    target = CountingTarget()
-    yield target
-    target.close()
-
 
 class ScriptedDNS:
     """Answers for chosen host names, in the order given (other names resolve for real): installed in place of
@@ -113,36 +95,7 @@ class ScriptedDNS:
         return await self._real(host, port)
 
 
-@pytest.fixture
-def scripted_dns(monkeypatch):
-    from agentcore import network
-
-    dns = ScriptedDNS(network.resolve)
-    monkeypatch.setattr(network, "resolve", dns.resolve)
-    return dns
-
-
-@pytest.fixture
-def outbound_connections(monkeypatch):
-    """Every TCP connection httpx opens, as (host, port). Connections to addresses off this machine are refused
-    here, like a firewall would: a test proves a request was never attempted without sending one anywhere."""
-    import ipaddress
-
-    import httpcore
-    from httpcore._backends.anyio import AnyIOBackend
-
-    attempts: list[tuple[str, int]] = []
-    connect = AnyIOBackend.connect_tcp
-
-    async def guarded(self, host, port, *args, **kwargs):
-        attempts.append((host, port))
-        try:
-            local = ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            local = host == "localhost"
-        if not local:
-            raise httpcore.ConnectError(f"test firewall: no connection to {host}")
-        return await connect(self, host, port, *args, **kwargs)
-
-    monkeypatch.setattr(AnyIOBackend, "connect_tcp", guarded)
-    return attempts
+def sse_events(body: bytes | str) -> list[dict]:
+    """The JSON events of a `text/event-stream` body, in order."""
+    text = body.decode() if isinstance(body, bytes) else body
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]

@@ -10,13 +10,8 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.urls import reverse
 
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Thought, ToolPolicy
-from agentcore.tests import api_support
 from tests.fakes.upstream import Reply, ToolCall
 from tests.stored_secrets import assert_stored_encrypted
-
-agent_app = api_support.agent_app
-hit_target = api_support.hit_target
-http_check_needs_approval = api_support.http_check_needs_approval
 
 SECRET = "mcp-env-secret-value-7c1d"
 HEADER_SECRET = "hdr-secret-value-55aa"
@@ -97,11 +92,11 @@ def test_run_shell_policy_can_be_enabled_but_its_approval_rule_is_locked(admin_c
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("http_check_needs_approval")
 def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user_client, agent_app, fake_upstream,
-                                                              hit_target):
-    fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]), Reply(text="Up."))
+                                                              counting_target):
+    fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]), Reply(text="Up."))
     body = user_client.post("/api/agent/chat/", {"message": "up?"}, format="json").json()
     approval_id = body["pending_approvals"][0]["id"]
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
     response = admin_client.post(reverse("admin:agentcore_approval_changelist"),
                                  {"action": "approve", ACTION_CHECKBOX_NAME: [approval_id]}, follow=True)
     assert response.status_code == 200
@@ -110,7 +105,7 @@ def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user
     assert approval.status == "approved" and approval.decided_by.username == "root"
     message = Message.objects.get(id=body["message_id"])
     assert (message.status, message.answer) == ("normal", "Up.")
-    assert hit_target.hits == 1
+    assert counting_target.hits == 1
 
     response = admin_client.post(reverse("admin:agentcore_approval_changelist"),
                                  {"action": "reject", ACTION_CHECKBOX_NAME: [approval_id]}, follow=True)

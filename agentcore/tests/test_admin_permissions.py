@@ -9,11 +9,8 @@ from django.test import Client
 from django.urls import reverse
 
 from agentcore.models import Approval, MCPServer
-from agentcore.tests import api_support
 from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
-
-agent_app = api_support.agent_app
 
 TOKEN_ARG = "--token=ghp_admin_args_secret_0987654321"
 APPROVALS = reverse("admin:agentcore_approval_changelist")

@@ -5,19 +5,14 @@ import pytest
 from rest_framework.test import APIClient
 
 from agentcore.models import Approval, Message
-from agentcore.tests import api_support
 from tests.fakes.upstream import Reply, ToolCall
-
-agent_app = api_support.agent_app
-hit_target = api_support.hit_target
-http_check_needs_approval = api_support.http_check_needs_approval
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("http_check_needs_approval")]
 
 
-def _paused_turn(client, fake_upstream, hit_target) -> dict:
+def _paused_turn(client, fake_upstream, counting_target) -> dict:
     fake_upstream.script(
-        Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]),
+        Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
         Reply(text="The site answered."),
     )
     response = client.post("/api/agent/chat/", {"message": "Is the site up?"}, format="json")
@@ -28,11 +23,11 @@ def _paused_turn(client, fake_upstream, hit_target) -> dict:
 
 
 def test_a_tool_needing_approval_pauses_the_turn_and_does_not_run(user_client, agent_app, fake_upstream,
-                                                                   hit_target):
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+                                                                   counting_target):
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     [pending] = body["pending_approvals"]
-    assert pending["tool"] == "http_check" and pending["tool_input"] == {"url": hit_target.url}
-    assert hit_target.hits == 0
+    assert pending["tool"] == "http_check" and pending["tool_input"] == {"url": counting_target.url}
+    assert counting_target.hits == 0
     assert Message.objects.get(id=body["message_id"]).status == "paused"
     listed = user_client.get("/api/approvals/?status=pending").json()
     assert [a["id"] for a in listed["results"]] == [pending["id"]]
@@ -40,10 +35,10 @@ def test_a_tool_needing_approval_pauses_the_turn_and_does_not_run(user_client, a
 
 
 def test_approve_runs_the_tool_and_resumes_the_same_message(user_client, plain_user, agent_app, fake_upstream,
-                                                            hit_target):
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+                                                            counting_target):
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     approval_id = body["pending_approvals"][0]["id"]
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
     response = user_client.post(f"/api/approvals/{approval_id}/approve/", {"comment": "go ahead"}, format="json")
     assert response.status_code == 200, response.json()
@@ -51,26 +46,26 @@ def test_approve_runs_the_tool_and_resumes_the_same_message(user_client, plain_u
     assert result["approval"]["status"] == "approved" and result["approval"]["comment"] == "go ahead"
     assert result["approval"]["decided_by"] == plain_user.username
     assert result["message"] == {"id": body["message_id"], "answer": "The site answered.", "status": "normal"}
-    assert hit_target.hits == 1
+    assert counting_target.hits == 1
     tool_messages = [m for m in fake_upstream.chat_requests[-1].messages if m["role"] == "tool"]
     assert '"status": 200' in tool_messages[-1]["content"]
 
 
-def test_reject_tells_the_model_and_never_runs_the_tool(user_client, agent_app, fake_upstream, hit_target):
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+def test_reject_tells_the_model_and_never_runs_the_tool(user_client, agent_app, fake_upstream, counting_target):
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     approval_id = body["pending_approvals"][0]["id"]
     response = user_client.post(f"/api/approvals/{approval_id}/reject/", {"comment": "not during the freeze"},
                                 format="json")
     assert response.status_code == 200, response.json()
     assert response.json()["approval"]["status"] == "rejected"
     assert response.json()["message"]["status"] == "normal"
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
     tool_messages = [m for m in fake_upstream.chat_requests[-1].messages if m["role"] == "tool"]
     assert "not during the freeze" in tool_messages[-1]["content"]
 
 
-def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, hit_target):
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, counting_target):
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     approval_id = body["pending_approvals"][0]["id"]
     assert user_client.post(f"/api/approvals/{approval_id}/reject/", {}, format="json").status_code == 200
     second = user_client.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
@@ -78,36 +73,36 @@ def test_a_second_decision_is_409(user_client, agent_app, fake_upstream, hit_tar
     assert second.json() == {"detail": "This approval was already rejected.",
                              "code": "approval_already_decided"}
     assert Approval.objects.get(id=approval_id).status == "rejected"
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
 
 def test_staff_only_approval_is_403_for_a_user_and_works_for_staff(user_client, staff_client, agent_app,
-                                                                     fake_upstream, hit_target):
+                                                                     fake_upstream, counting_target):
     from agentcore.tools.policies import tool_policy_update
 
     tool_policy_update(name="http_check", approver="staff")
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     approval_id = body["pending_approvals"][0]["id"]
     response = user_client.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
     assert response.status_code == 403
     assert Approval.objects.get(id=approval_id).status == "pending"
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
     response = staff_client.post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
     assert response.status_code == 200, response.json()
     assert response.json()["approval"]["decided_by"] == "staff"
-    assert hit_target.hits == 1
+    assert counting_target.hits == 1
 
 
-def test_another_users_approval_is_invisible(user_client, agent_app, fake_upstream, hit_target, django_user_model):
-    body = _paused_turn(user_client, fake_upstream, hit_target)
+def test_another_users_approval_is_invisible(user_client, agent_app, fake_upstream, counting_target, django_user_model):
+    body = _paused_turn(user_client, fake_upstream, counting_target)
     approval_id = body["pending_approvals"][0]["id"]
     other = APIClient()
     other.force_authenticate(django_user_model.objects.create_user(username="bob", password="pw-bob-12345"))
     assert other.get("/api/approvals/").json()["count"] == 0
     assert other.post(f"/api/approvals/{approval_id}/approve/", {}, format="json").status_code == 404
     assert Approval.objects.get(id=approval_id).status == "pending"
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
 
 def test_unknown_status_filter_is_a_field_error(user_client):
@@ -116,24 +111,24 @@ def test_unknown_status_filter_is_a_field_error(user_client):
 
 
 def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(staff_client, agent_app, fake_upstream,
-                                                                              hit_target):
+                                                                              counting_target):
     from agentcore.api.turns import turn_drain
     from agentcore.runs import TurnRequest, turn_prepare
     from agentcore.tools.policies import tool_policy_update
 
     tool_policy_update(name="http_check", approver="staff")
     fake_upstream.script(
-        Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]),
+        Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
         Reply(text="The site answered."),
     )
     turn = turn_prepare(TurnRequest(app=agent_app, query="Is the site up?", end_user="dify-user", source="api"))
     assert turn_drain(turn).status == "paused"
     approval = Approval.objects.get(message_id=turn.message.id)
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
     response = staff_client.post(f"/api/approvals/{approval.id}/approve/", {}, format="json")
 
     assert response.status_code == 200, response.json()
     assert response.json()["approval"]["decided_by"] == "staff"
     assert response.json()["message"]["status"] == "normal"
-    assert hit_target.hits == 1
+    assert counting_target.hits == 1

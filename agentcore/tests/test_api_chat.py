@@ -10,12 +10,8 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from agentcore.models import Message, Session
-from agentcore.tests import api_support
-from agentcore.tests.api_support import sse_events
+from agentcore.tests.factories import sse_events
 from tests.fakes.upstream import Reply
-
-agent_app = api_support.agent_app
-chat_app = api_support.chat_app
 
 
 class TokenClient:

@@ -8,13 +8,9 @@ import sys
 import pytest
 
 from agentcore.models import Approval, MCPServer, Session, ToolPolicy
-from agentcore.tests import api_support
 from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 from tests.fixtures import client_for
-
-agent_app = api_support.agent_app
-hit_target = api_support.hit_target
 
 pytestmark = pytest.mark.django_db
 
@@ -183,28 +179,28 @@ def _pause(client, fake_upstream, tool: str, arguments: dict) -> str:
 
 @pytest.mark.django_db(transaction=True)
 def test_seeing_other_peoples_approvals_needs_view_approval(plain_user, bare_staff_user, grant, agent_app,
-                                                            fake_upstream, hit_target):
+                                                            fake_upstream, counting_target):
     tool_policy_update(name="http_check", requires_approval=True)
-    approval_id = _pause(client_for(plain_user), fake_upstream, "http_check", {"url": hit_target.url})
+    approval_id = _pause(client_for(plain_user), fake_upstream, "http_check", {"url": counting_target.url})
     assert client_for(bare_staff_user).get("/api/approvals/").json()["count"] == 0
     assert client_for(bare_staff_user).get(f"/api/approvals/{approval_id}/").status_code == 404
     viewer = grant(bare_staff_user, "agentcore.view_approval")
     assert [a["id"] for a in client_for(viewer).get("/api/approvals/").json()["results"]] == [approval_id]
     assert client_for(viewer).post(f"/api/approvals/{approval_id}/approve/", {}, format="json").status_code == 404
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
 
 @pytest.mark.django_db(transaction=True)
 def test_deciding_a_staff_approver_tool_needs_change_approval(plain_user, bare_staff_user, grant, agent_app,
-                                                              fake_upstream, hit_target):
+                                                              fake_upstream, counting_target):
     tool_policy_update(name="http_check", requires_approval=True, approver="staff")
-    approval_id = _pause(client_for(plain_user), fake_upstream, "http_check", {"url": hit_target.url})
+    approval_id = _pause(client_for(plain_user), fake_upstream, "http_check", {"url": counting_target.url})
     assert client_for(plain_user).post(f"/api/approvals/{approval_id}/approve/", {}, format="json").status_code == 403
     assert client_for(bare_staff_user).post(f"/api/approvals/{approval_id}/approve/", {}, format="json"
                                          ).status_code == 404
     approver = grant(bare_staff_user, "agentcore.change_approval")
     response = client_for(approver).post(f"/api/approvals/{approval_id}/approve/", {}, format="json")
-    assert response.status_code == 200 and hit_target.hits == 1
+    assert response.status_code == 200 and counting_target.hits == 1
 
 
 @pytest.mark.django_db(transaction=True)

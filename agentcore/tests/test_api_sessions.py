@@ -9,10 +9,8 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from agentcore.models import Message, Session, Task, Thought
-from agentcore.tests import api_support
 
 pytestmark = pytest.mark.django_db
-agent_app = api_support.agent_app
 
 
 @pytest.fixture

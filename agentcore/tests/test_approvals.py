@@ -9,14 +9,11 @@ from agentcore.events import ApprovalRequired, RunEnd
 from agentcore.models import Approval, Message, Thought
 from agentcore.runs import ApprovalDecision, TurnOverrides, TurnRequest, aturn_prepare, turn_prepare_and_run, turn_run
 from agentcore.services import approval_decide
-from agentcore.tests import factories
 from agentcore.tests.factories import checkpoint_rows, run_all, types
 from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ops_app = factories.ops_app
-counting_target = factories.counting_target
 
 
 @pytest.fixture
@@ -30,9 +27,9 @@ async def _paused_http_check(app, user, fake_upstream, url, **request):
     return events
 
 
-async def test_tool_needing_approval_pauses_before_it_runs(ops_app, plain_user, fake_upstream, counting_target,
+async def test_tool_needing_approval_pauses_before_it_runs(agent_app, plain_user, fake_upstream, counting_target,
                                                           http_check_needs_approval):
-    events = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    events = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     end = events[-1]
     assert isinstance(end, RunEnd) and end.status == "paused"
     required = [e for e in events if isinstance(e, ApprovalRequired)]
@@ -49,13 +46,13 @@ async def test_tool_needing_approval_pauses_before_it_runs(ops_app, plain_user, 
     assert thought.status == "awaiting_approval"
 
 
-async def test_approve_runs_the_tool_and_finishes_the_same_message(ops_app, plain_user, fake_upstream,
+async def test_approve_runs_the_tool_and_finishes_the_same_message(agent_app, plain_user, fake_upstream,
                                                                   counting_target, http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     approval_id = paused[-1].pending_approvals[0]["id"]
     fake_upstream.script(Reply(text="It answered 200."))
     assert counting_target.hits == 0
-    turn = await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user, session_id=paused[0].session_id,
+    turn = await aturn_prepare(TurnRequest(app=agent_app, owner=plain_user, session_id=paused[0].session_id,
                                           approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert str(turn.message.pk) == paused[0].message_id and str(turn.message.task_id) == paused[0].task_id
     events = [e async for e in turn_run(turn)]
@@ -70,12 +67,12 @@ async def test_approve_runs_the_tool_and_finishes_the_same_message(ops_app, plai
     assert thought.status == "done" and '"status": 200' in thought.observation
 
 
-async def test_reject_tells_the_model_with_the_comment(ops_app, plain_user, fake_upstream, counting_target,
+async def test_reject_tells_the_model_with_the_comment(agent_app, plain_user, fake_upstream, counting_target,
                                                       http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     approval_id = paused[-1].pending_approvals[0]["id"]
     fake_upstream.script(Reply(text="OK, I will not check it."))
-    events = await run_all(TurnRequest(app=ops_app, owner=plain_user, approval=ApprovalDecision(
+    events = await run_all(TurnRequest(app=agent_app, owner=plain_user, approval=ApprovalDecision(
         approval_id=approval_id, decision="reject", comment="not during the freeze")))
     assert events[-1].status == "normal"
     assert counting_target.hits == 0
@@ -86,27 +83,27 @@ async def test_reject_tells_the_model_with_the_comment(ops_app, plain_user, fake
     assert thought.status == "rejected"
 
 
-async def test_second_decision_is_refused(ops_app, plain_user, fake_upstream, counting_target,
+async def test_second_decision_is_refused(agent_app, plain_user, fake_upstream, counting_target,
                                           http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     approval_id = paused[-1].pending_approvals[0]["id"]
-    await run_all(TurnRequest(app=ops_app, owner=plain_user,
+    await run_all(TurnRequest(app=agent_app, owner=plain_user,
                               approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     with pytest.raises(ApprovalAlreadyDecided):
-        await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user,
+        await aturn_prepare(TurnRequest(app=agent_app, owner=plain_user,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="reject")))
     with pytest.raises(ApprovalAlreadyDecided):
         await database_sync_to_async(approval_decide)(approval_id=approval_id, decision="reject")
     assert counting_target.hits == 1
 
 
-async def test_someone_elses_approval_is_not_found(ops_app, plain_user, django_user_model, fake_upstream,
+async def test_someone_elses_approval_is_not_found(agent_app, plain_user, django_user_model, fake_upstream,
                                                    counting_target, http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     approval_id = paused[-1].pending_approvals[0]["id"]
     bob = await django_user_model.objects.acreate(username="bob")
     with pytest.raises(ApprovalNotFound):
-        await aturn_prepare(TurnRequest(app=ops_app, owner=bob,
+        await aturn_prepare(TurnRequest(app=agent_app, owner=bob,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert (await Approval.objects.aget(pk=approval_id)).status == "pending"
 
@@ -116,16 +113,16 @@ def shell_enabled(transactional_db):
     tool_policy_update(name="run_shell", enabled=True)
 
 
-async def test_run_shell_needs_a_staff_approval_and_never_runs_before(ops_app, plain_user, staff_user,
+async def test_run_shell_needs_a_staff_approval_and_never_runs_before(agent_app, plain_user, staff_user,
                                                                      fake_upstream, shell_enabled, tmp_path):
     marker = tmp_path / "ran.txt"
     fake_upstream.script(Reply(tool_calls=[ToolCall("run_shell", {"command": f"echo hi > {marker}"})]))
-    paused = await run_all(TurnRequest(app=ops_app, query="touch it", end_user="api-user", source="api"))
+    paused = await run_all(TurnRequest(app=agent_app, query="touch it", end_user="api-user", source="api"))
     pending = paused[-1].pending_approvals
     assert paused[-1].status == "paused" and pending[0]["tool"] == "run_shell"
     assert not marker.exists()
     with pytest.raises(ApprovalForbidden):  # the API end user may not approve their own shell command
-        await aturn_prepare(TurnRequest(app=ops_app, end_user="api-user", source="api",
+        await aturn_prepare(TurnRequest(app=agent_app, end_user="api-user", source="api",
                                        approval=ApprovalDecision(approval_id=pending[0]["id"], decision="approve")))
     with pytest.raises(ApprovalForbidden):
         await database_sync_to_async(approval_decide)(approval_id=pending[0]["id"], decision="approve",
@@ -135,7 +132,7 @@ async def test_run_shell_needs_a_staff_approval_and_never_runs_before(ops_app, p
     fake_upstream.script(Reply(text="Done."))
     # Staff decide from the console (admin/REST), where they see every session.
     events = [e async for e in turn_prepare_and_run(TurnRequest(
-        app=ops_app, owner=staff_user, approval=ApprovalDecision(approval_id=pending[0]["id"], decision="approve")))]
+        app=agent_app, owner=staff_user, approval=ApprovalDecision(approval_id=pending[0]["id"], decision="approve")))]
     assert events[-1].status == "normal"
     assert marker.read_text().strip() == "hi"
 
@@ -151,12 +148,12 @@ async def test_run_shell_stays_approval_only(transactional_db):
     assert caught.value.field == "approver"
 
 
-async def test_a_new_query_supersedes_a_paused_turn(ops_app, plain_user, fake_upstream, counting_target,
+async def test_a_new_query_supersedes_a_paused_turn(agent_app, plain_user, fake_upstream, counting_target,
                                                    http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url)
     approval_id = paused[-1].pending_approvals[0]["id"]
     fake_upstream.script(Reply(text="Something else."))
-    events = await run_all(TurnRequest(app=ops_app, query="never mind", owner=plain_user,
+    events = await run_all(TurnRequest(app=agent_app, query="never mind", owner=plain_user,
                                        session_id=paused[0].session_id))
     assert events[-1].status == "normal"
     sent = fake_upstream.chat_requests[-1].messages
@@ -164,23 +161,23 @@ async def test_a_new_query_supersedes_a_paused_turn(ops_app, plain_user, fake_up
     assert sent[-2]["role"] == "tool" and sent[-2]["tool_call_id"] == "call_1"
     assert (await Approval.objects.aget(pk=approval_id)).status == "rejected"
     with pytest.raises(ApprovalAlreadyDecided):
-        await aturn_prepare(TurnRequest(app=ops_app, owner=plain_user,
+        await aturn_prepare(TurnRequest(app=agent_app, owner=plain_user,
                                        approval=ApprovalDecision(approval_id=approval_id, decision="approve")))
     assert counting_target.hits == 0
 
 
 async def test_two_calls_needing_approval_are_asked_one_by_one_and_each_runs_once(
-        ops_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
+        agent_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
     fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url}, id="a"),
                                            ToolCall("http_check", {"url": counting_target.url + "?2"}, id="b")]))
-    first = await run_all(TurnRequest(app=ops_app, query="check both", owner=plain_user))
+    first = await run_all(TurnRequest(app=agent_app, query="check both", owner=plain_user))
     assert [p["tool_input"]["url"] for p in first[-1].pending_approvals] == [counting_target.url]
-    second = await run_all(TurnRequest(app=ops_app, owner=plain_user, approval=ApprovalDecision(
+    second = await run_all(TurnRequest(app=agent_app, owner=plain_user, approval=ApprovalDecision(
         approval_id=first[-1].pending_approvals[0]["id"], decision="approve")))
     assert second[-1].status == "paused" and counting_target.hits == 0  # nothing runs until every call is decided
     assert second[-1].pending_approvals[0]["tool_input"]["url"] == counting_target.url + "?2"
     fake_upstream.script(Reply(text="Both fine."))
-    third = await run_all(TurnRequest(app=ops_app, owner=plain_user, approval=ApprovalDecision(
+    third = await run_all(TurnRequest(app=agent_app, owner=plain_user, approval=ApprovalDecision(
         approval_id=second[-1].pending_approvals[0]["id"], decision="approve")))
     assert third[-1].status == "normal" and counting_target.hits == 2
     assert third[0].message_id == first[0].message_id
@@ -188,14 +185,14 @@ async def test_two_calls_needing_approval_are_asked_one_by_one_and_each_runs_onc
     assert statuses == ["done", "done"]
 
 
-async def test_the_resumed_run_keeps_the_turns_tool_subset(ops_app, plain_user, fake_upstream, counting_target,
+async def test_the_resumed_run_keeps_the_turns_tool_subset(agent_app, plain_user, fake_upstream, counting_target,
                                                            http_check_needs_approval):
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url,
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url,
                                       overrides=TurnOverrides(tools=["http_check", "current_time"]))
     assert {t["function"]["name"] for t in fake_upstream.chat_requests[-1].body["tools"]} == {"http_check",
                                                                                               "current_time"}
     fake_upstream.script(Reply(text="It answered 200."))
-    await run_all(TurnRequest(app=ops_app, owner=plain_user, session_id=paused[0].session_id,
+    await run_all(TurnRequest(app=agent_app, owner=plain_user, session_id=paused[0].session_id,
                               approval=ApprovalDecision(approval_id=paused[-1].pending_approvals[0]["id"],
                                                         decision="approve")))
     assert counting_target.hits == 1
@@ -204,17 +201,17 @@ async def test_the_resumed_run_keeps_the_turns_tool_subset(ops_app, plain_user, 
 
 
 async def test_an_approval_resumes_after_the_paused_conversations_older_checkpoints_are_pruned(
-        ops_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
+        agent_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
     fake_upstream.script(Reply(text="Hello."))
-    first = await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+    first = await run_all(TurnRequest(app=agent_app, query="hi", owner=plain_user))
     session_id = first[0].session_id
-    paused = await _paused_http_check(ops_app, plain_user, fake_upstream, counting_target.url, session_id=session_id)
+    paused = await _paused_http_check(agent_app, plain_user, fake_upstream, counting_target.url, session_id=session_id)
     # The pause's own checkpoint stays, with the interrupt pending on it; everything before it is gone.
     checkpoints, writes = await checkpoint_rows(session_id)
     assert checkpoints == 1 and writes >= 1
     fake_upstream.script(Reply(text="It answered 200."))
-    events = await run_all(TurnRequest(app=ops_app, owner=plain_user, session_id=session_id, approval=ApprovalDecision(
-        approval_id=paused[-1].pending_approvals[0]["id"], decision="approve")))
+    decision = ApprovalDecision(approval_id=paused[-1].pending_approvals[0]["id"], decision="approve")
+    events = await run_all(TurnRequest(app=agent_app, owner=plain_user, session_id=session_id, approval=decision))
     assert events[-1].status == "normal" and counting_target.hits == 1
     roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
     assert roles == ["system", "user", "assistant", "user", "assistant", "tool"]

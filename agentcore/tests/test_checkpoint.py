@@ -10,18 +10,15 @@ from agentcore import checkpoint, graph
 from agentcore.checkpoint import checkpointer
 from agentcore.models import Message
 from agentcore.runs import TurnRequest
-from agentcore.tests import factories
 from agentcore.tests.factories import checkpoint_rows, run_all
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
-plain_chat_app = factories.plain_chat_app
-ops_app = factories.ops_app
 
 
-async def test_a_new_saver_and_graph_see_the_conversation(plain_chat_app, plain_user, fake_upstream):
+async def test_a_new_saver_and_graph_see_the_conversation(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Load is 0.3."))
-    events = await run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="load?", owner=plain_user))
     # As after a restart: nothing set up or compiled yet in this process.
     checkpoint._ready.clear()
     graph._compiled.cache_clear()
@@ -34,20 +31,20 @@ async def test_a_new_saver_and_graph_see_the_conversation(plain_chat_app, plain_
     assert not any(isinstance(m, SystemMessage) for m in messages)  # the prompt is the app's, not the checkpoint's
 
 
-async def test_history_continues_after_a_restart(plain_chat_app, plain_user, fake_upstream):
+async def test_history_continues_after_a_restart(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."))
-    first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+    first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
     checkpoint._ready.clear()
-    await run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+    await run_all(TurnRequest(app=chat_app, query="and now?", owner=plain_user,
                               session_id=first[0].session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent == [("system", "Answer briefly."), ("user", "disk?"), ("assistant", "Disk 40%."),
                     ("user", "and now?")]
 
 
-async def test_sessions_do_not_share_history(plain_chat_app, plain_user, fake_upstream):
-    await run_all(TurnRequest(app=plain_chat_app, query="secret question", owner=plain_user))
-    await run_all(TurnRequest(app=plain_chat_app, query="fresh", owner=plain_user))
+async def test_sessions_do_not_share_history(chat_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=chat_app, query="secret question", owner=plain_user))
+    await run_all(TurnRequest(app=chat_app, query="fresh", owner=plain_user))
     assert [m["content"] for m in fake_upstream.chat_requests[-1].messages] == ["Answer briefly.", "fresh"]
 
 
@@ -59,14 +56,14 @@ def checkpoint_pool(settings):
 
 
 @pytest.mark.usefixtures("checkpoint_pool")
-async def test_runs_on_one_loop_share_pooled_checkpoint_connections(plain_chat_app, plain_user, fake_upstream):
+async def test_runs_on_one_loop_share_pooled_checkpoint_connections(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."))
     try:
-        first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+        first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
         [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
-        second = await run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+        second = await run_all(TurnRequest(app=chat_app, query="and now?", owner=plain_user,
                                            session_id=first[0].session_id))
-        await run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user))
+        await run_all(TurnRequest(app=chat_app, query="load?", owner=plain_user))
         assert [e.status for e in (first[-1], second[-1])] == ["normal", "normal"]
         sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[1].messages]
         assert sent == [("system", "Answer briefly."), ("user", "disk?"), ("assistant", "Disk 40%."),
@@ -88,20 +85,20 @@ def shared_sqlite_checkpoints(settings):
 
 
 @pytest.mark.usefixtures("shared_sqlite_checkpoints")
-async def test_runs_on_one_loop_share_one_sqlite_checkpoint_connection(plain_chat_app, plain_user, fake_upstream):
+async def test_runs_on_one_loop_share_one_sqlite_checkpoint_connection(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."),
                          Reply(text="Up 3 days."))
     loop = asyncio.get_running_loop()
     try:
-        first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+        first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
         [opening] = checkpoint._sqlite_connections[loop].values()
         conn = opening.result()
         # A follow-up and two new conversations at once, all on the one connection.
         second, third, fourth = await asyncio.gather(
-            run_all(TurnRequest(app=plain_chat_app, query="and now?", owner=plain_user,
+            run_all(TurnRequest(app=chat_app, query="and now?", owner=plain_user,
                                 session_id=first[0].session_id)),
-            run_all(TurnRequest(app=plain_chat_app, query="load?", owner=plain_user)),
-            run_all(TurnRequest(app=plain_chat_app, query="uptime?", owner=plain_user)),
+            run_all(TurnRequest(app=chat_app, query="load?", owner=plain_user)),
+            run_all(TurnRequest(app=chat_app, query="uptime?", owner=plain_user)),
         )
         assert [e[-1].status for e in (first, second, third, fourth)] == ["normal"] * 4
         assert [o.result() for o in checkpoint._sqlite_connections[loop].values()] == [conn]
@@ -149,12 +146,12 @@ async def test_an_opening_closed_at_any_point_leaves_no_connection_thread(settin
     assert worker_threads() == []
 
 
-async def test_a_conversation_keeps_only_its_latest_checkpoint(plain_chat_app, plain_user, fake_upstream):
+async def test_a_conversation_keeps_only_its_latest_checkpoint(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."), Reply(text="Load 0.1."))
-    first = await run_all(TurnRequest(app=plain_chat_app, query="disk?", owner=plain_user))
+    first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
     session_id = first[0].session_id
     for query in ("and now?", "load?"):
-        await run_all(TurnRequest(app=plain_chat_app, query=query, owner=plain_user, session_id=session_id))
+        await run_all(TurnRequest(app=chat_app, query=query, owner=plain_user, session_id=session_id))
     assert (await checkpoint_rows(session_id))[0] == 1
     async with checkpointer() as saver:
         state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": session_id}})
@@ -162,24 +159,24 @@ async def test_a_conversation_keeps_only_its_latest_checkpoint(plain_chat_app, p
                                                              "load?", "Load 0.1."]
 
 
-async def test_an_agent_turn_leaves_one_checkpoint_and_no_writes_of_older_ones(ops_app, plain_user, fake_upstream):
+async def test_an_agent_turn_leaves_one_checkpoint_and_no_writes_of_older_ones(agent_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Noon."),
                          Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Still noon."))
-    first = await run_all(TurnRequest(app=ops_app, query="time?", owner=plain_user))
-    await run_all(TurnRequest(app=ops_app, query="again?", owner=plain_user, session_id=first[0].session_id))
+    first = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    await run_all(TurnRequest(app=agent_app, query="again?", owner=plain_user, session_id=first[0].session_id))
     assert await checkpoint_rows(first[0].session_id) == (1, 0)  # a finished run leaves nothing pending
     roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
     assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool"]
 
 
-async def test_the_model_is_given_the_window_and_the_checkpoint_keeps_only_that(settings, plain_chat_app,
+async def test_the_model_is_given_the_window_and_the_checkpoint_keeps_only_that(settings, chat_app,
                                                                                plain_user, fake_upstream):
     settings.AGENT_HISTORY_MAX_MESSAGES = 5
     fake_upstream.script(*(Reply(text=f"answer {n}") for n in range(5)))
-    first = await run_all(TurnRequest(app=plain_chat_app, query="question 0", owner=plain_user))
+    first = await run_all(TurnRequest(app=chat_app, query="question 0", owner=plain_user))
     session_id = first[0].session_id
     for n in range(1, 5):
-        await run_all(TurnRequest(app=plain_chat_app, query=f"question {n}", owner=plain_user, session_id=session_id))
+        await run_all(TurnRequest(app=chat_app, query=f"question {n}", owner=plain_user, session_id=session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent == [("system", "Answer briefly."), ("user", "question 2"), ("assistant", "answer 2"),
                     ("user", "question 3"), ("assistant", "answer 3"), ("user", "question 4")]

@@ -13,12 +13,10 @@ from agentcore.events import ApprovalRequired, ThoughtUpdate
 from agentcore.mcp import amcp_server_test, mcp_server_test
 from agentcore.models import MCPServer, ToolPolicy
 from agentcore.runs import ApprovalDecision, TurnRequest
-from agentcore.tests import factories
 from agentcore.tests.factories import run_all
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ops_app = factories.ops_app
 EXAMPLE = str(Path(examples.__file__).with_name("ops_mcp_server.py"))
 
 
@@ -44,14 +42,14 @@ def test_server_test_reports_a_broken_server(transactional_db):
                                             "'/nonexistent/mcp-server'"}
 
 
-async def test_agent_calls_an_mcp_tool_end_to_end(ops_app, plain_user, fake_upstream, ops_server):
+async def test_agent_calls_an_mcp_tool_end_to_end(agent_app, plain_user, fake_upstream, ops_server):
     import socket
 
     fake_upstream.script(
         Reply(tool_calls=[ToolCall("ops__port_check", {"host": "127.0.0.1", "port": fake_upstream.port})]),
         Reply(text="The port is open."),
     )
-    events = await run_all(TurnRequest(app=ops_app, query="is the upstream port open?", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="is the upstream port open?", owner=plain_user))
     assert events[-1].status == "normal" and events[-1].answer == "The port is open."
     offered = {t["function"]["name"] for t in fake_upstream.chat_requests[0].body["tools"]}
     assert {"ops__hostname", "ops__uptime", "ops__port_check"} <= offered
@@ -60,18 +58,18 @@ async def test_agent_calls_an_mcp_tool_end_to_end(ops_app, plain_user, fake_upst
     assert socket.gethostname()
 
 
-async def test_allowed_tools_and_approval_default_apply(ops_app, plain_user, fake_upstream, ops_server):
+async def test_allowed_tools_and_approval_default_apply(agent_app, plain_user, fake_upstream, ops_server):
     ops_server.allowed_tools = ["hostname"]
     ops_server.requires_approval_default = True
     await ops_server.asave()
     fake_upstream.script(Reply(tool_calls=[ToolCall("ops__hostname", {})]))
-    paused = await run_all(TurnRequest(app=ops_app, query="which host?", owner=plain_user))
+    paused = await run_all(TurnRequest(app=agent_app, query="which host?", owner=plain_user))
     offered = {t["function"]["name"] for t in fake_upstream.chat_requests[0].body["tools"]}
     assert "ops__hostname" in offered and "ops__uptime" not in offered
     required = [e for e in paused if isinstance(e, ApprovalRequired)]
     assert paused[-1].status == "paused" and required[0].tool == "ops__hostname"
     fake_upstream.script(Reply(text="Done."))
-    events = await run_all(TurnRequest(app=ops_app, owner=plain_user, approval=ApprovalDecision(
+    events = await run_all(TurnRequest(app=agent_app, owner=plain_user, approval=ApprovalDecision(
         approval_id=required[0].approval_id, decision="approve")))
     import socket
 

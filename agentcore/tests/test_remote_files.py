@@ -6,11 +6,8 @@ import pytest
 
 from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
 from agentcore.remote_files import RemoteFileError, remote_file_fetch
-from agentcore.tests import factories
 from agentcore.tests.factories import LocalHTTPServer
 
-scripted_dns = factories.scripted_dns
-outbound_connections = factories.outbound_connections
 LOOPBACK = NetworkAllowList(networks=parse_networks(["127.0.0.1/32", "::1/128"]))
 PUBLIC = "93.184.215.14"
 

@@ -26,20 +26,17 @@ from agentcore.runs import (
     turn_run,
 )
 from agentcore.services import session_create
-from agentcore.tests import factories
 from agentcore.tests.factories import run_all, types
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.models import LLMConfig
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ops_app = factories.ops_app
-plain_chat_app = factories.plain_chat_app
 
 
-async def test_chat_turn_streams_and_saves_the_message(plain_chat_app, plain_user, fake_upstream):
+async def test_chat_turn_streams_and_saves_the_message(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Disk usage is fine.", prompt_tokens=11, completion_tokens=4))
-    events = await run_all(TurnRequest(app=plain_chat_app, query="How is the disk?", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="How is the disk?", owner=plain_user))
     assert types(events) == ["run_started", "delta", "delta", "delta", "delta", "usage", "end"]
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Disk usage is fine."
     end = events[-1]
@@ -56,31 +53,31 @@ async def test_chat_turn_streams_and_saves_the_message(plain_chat_app, plain_use
     assert "tools" not in sent.body
 
 
-async def test_agent_turn_without_tool_calls_answers(ops_app, plain_user, fake_upstream):
+async def test_agent_turn_without_tool_calls_answers(agent_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="All good."))
-    events = await run_all(TurnRequest(app=ops_app, query="status?", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="status?", owner=plain_user))
     assert isinstance(events[0], RunStarted)
     assert events[-1].status == "normal" and events[-1].answer == "All good."
     assert "thought" in types(events)
     assert fake_upstream.chat_requests[-1].body["tools"]
 
 
-async def test_second_turn_sees_the_history(plain_chat_app, plain_user, fake_upstream):
+async def test_second_turn_sees_the_history(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
-    first = await run_all(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
-    await run_all(TurnRequest(app=plain_chat_app, query="two", owner=plain_user, session_id=first[0].session_id))
+    first = await run_all(TurnRequest(app=chat_app, query="one", owner=plain_user))
+    await run_all(TurnRequest(app=chat_app, query="two", owner=plain_user, session_id=first[0].session_id))
     contents = [m["content"] for m in fake_upstream.chat_requests[-1].messages]
     assert contents == ["Answer briefly.", "one", "First answer.", "two"]
 
 
-async def test_each_upstream_chunk_becomes_a_delta_at_once(plain_chat_app, plain_user, fake_upstream):
+async def test_each_upstream_chunk_becomes_a_delta_at_once(chat_app, plain_user, fake_upstream):
     import time
 
     fake_upstream.script(Reply(text="one two three four five", delay=0.3))
     started = time.monotonic()
     first_delta_at = None
     streams_open_at_first_delta = None
-    async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="count", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="count", owner=plain_user)):
         if isinstance(event, TextDelta) and first_delta_at is None:
             first_delta_at = time.monotonic() - started
             streams_open_at_first_delta = fake_upstream.active_streams
@@ -90,14 +87,14 @@ async def test_each_upstream_chunk_becomes_a_delta_at_once(plain_chat_app, plain
     assert streams_open_at_first_delta == 1  # the upstream was still sending when the first delta arrived
 
 
-async def test_session_model_and_parameters_reach_the_upstream(plain_chat_app, plain_user, fake_upstream,
+async def test_session_model_and_parameters_reach_the_upstream(chat_app, plain_user, fake_upstream,
                                                                make_llm_config):
     config = await database_sync_to_async(make_llm_config)(name="session-model", model_name="session-model-v1")
     session = await database_sync_to_async(session_create)(
-        app=plain_chat_app, owner=plain_user, llm_config_id=str(config.pk),
+        app=chat_app, owner=plain_user, llm_config_id=str(config.pk),
         model_parameters={"temperature": 0.2, "max_tokens": 64},
     )
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user, session_id=str(session.pk)))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user, session_id=str(session.pk)))
     body = fake_upstream.chat_requests[-1].body
     assert body["model"] == "session-model-v1"
     assert body["temperature"] == 0.2 and body["max_completion_tokens"] == 64
@@ -107,31 +104,31 @@ async def test_session_model_and_parameters_reach_the_upstream(plain_chat_app, p
     assert message.llm_config_id == config.pk and message.model_parameters["temperature"] == 0.2
 
 
-async def test_turn_overrides_win_over_the_session(plain_chat_app, plain_user, fake_upstream, make_llm_config):
+async def test_turn_overrides_win_over_the_session(chat_app, plain_user, fake_upstream, make_llm_config):
     session_config = await database_sync_to_async(make_llm_config)(name="session-model")
     turn_config = await database_sync_to_async(make_llm_config)(name="turn-model", model_name="turn-model-v2")
     session = await database_sync_to_async(session_create)(
-        app=plain_chat_app, owner=plain_user, llm_config_id=str(session_config.pk),
+        app=chat_app, owner=plain_user, llm_config_id=str(session_config.pk),
         model_parameters={"temperature": 0.2},
     )
-    await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user, session_id=str(session.pk),
+    await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user, session_id=str(session.pk),
                               overrides=TurnOverrides(model="turn-model", temperature=0.9, top_p=0.5)))
     body = fake_upstream.chat_requests[-1].body
     assert body["model"] == "turn-model-v2" and body["temperature"] == 0.9 and body["top_p"] == 0.5
     assert turn_config.pk
 
 
-async def test_bad_override_is_a_field_error_and_writes_nothing(plain_chat_app, plain_user, fake_upstream):
+async def test_bad_override_is_a_field_error_and_writes_nothing(chat_app, plain_user, fake_upstream):
     with pytest.raises(InvalidParameter) as caught:
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=chat_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(temperature=7)))
     assert caught.value.field == "temperature"
     with pytest.raises(ConfigNotFound) as caught:
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=chat_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
     assert caught.value.field == "model_config_id"
     with pytest.raises(InvalidInput) as caught:
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="  ", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=chat_app, query="  ", owner=plain_user))
     assert caught.value.field == "query"
     assert await Session.objects.acount() == 0 and await Message.objects.acount() == 0
     assert fake_upstream.chat_requests == []
@@ -147,28 +144,28 @@ def db_app_without_config(transactional_db):
     return AgentApp.objects.create(name="Bare", mode=AgentApp.Mode.CHAT)
 
 
-async def test_sessions_are_isolated_between_users(plain_chat_app, plain_user, staff_user, django_user_model,
+async def test_sessions_are_isolated_between_users(chat_app, plain_user, staff_user, django_user_model,
                                                    fake_upstream):
-    events = await run_all(TurnRequest(app=plain_chat_app, query="mine", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="mine", owner=plain_user))
     session_id = events[0].session_id
     bob = await django_user_model.objects.acreate(username="bob")
     with pytest.raises(SessionNotFound):
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="theirs", owner=bob, session_id=session_id))
+        await aturn_prepare(TurnRequest(app=chat_app, query="theirs", owner=bob, session_id=session_id))
     with pytest.raises(SessionNotFound):
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="api", end_user="alice", source="api",
+        await aturn_prepare(TurnRequest(app=chat_app, query="api", end_user="alice", source="api",
                                        session_id=session_id))
-    staff_events = await run_all(TurnRequest(app=plain_chat_app, query="staff", owner=staff_user,
+    staff_events = await run_all(TurnRequest(app=chat_app, query="staff", owner=staff_user,
                                              session_id=session_id))
     assert staff_events[-1].status == "normal"
 
 
-async def test_api_sessions_are_scoped_to_app_and_end_user(plain_chat_app, fake_upstream):
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", end_user="u-1", source="api"))
+async def test_api_sessions_are_scoped_to_app_and_end_user(chat_app, fake_upstream):
+    events = await run_all(TurnRequest(app=chat_app, query="hi", end_user="u-1", source="api"))
     session_id = events[0].session_id
     with pytest.raises(SessionNotFound):
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="x", end_user="u-2", source="api",
+        await aturn_prepare(TurnRequest(app=chat_app, query="x", end_user="u-2", source="api",
                                        session_id=session_id))
-    again = await run_all(TurnRequest(app=plain_chat_app, query="x", end_user="u-1", source="api",
+    again = await run_all(TurnRequest(app=chat_app, query="x", end_user="u-1", source="api",
                                       session_id=session_id))
     assert again[0].session_id == session_id
 
@@ -181,10 +178,10 @@ async def test_api_sessions_are_scoped_to_app_and_end_user(plain_chat_app, fake_
         (Reply(status=500, error_message="upstream exploded"), "upstream_error"),
     ],
 )
-async def test_upstream_http_errors_end_the_turn_with_a_clean_error(plain_chat_app, plain_user, fake_upstream,
+async def test_upstream_http_errors_end_the_turn_with_a_clean_error(chat_app, plain_user, fake_upstream,
                                                                     default_llm_config, reply, category):
     fake_upstream.script(reply)
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     assert types(events) == ["run_started", "usage", "error"]
     error = events[-1]
     assert isinstance(error, RunError) and error.category == category
@@ -194,41 +191,41 @@ async def test_upstream_http_errors_end_the_turn_with_a_clean_error(plain_chat_a
     assert default_llm_config.api_key not in message.error
 
 
-async def test_cut_stream_keeps_the_partial_answer(plain_chat_app, plain_user, fake_upstream):
+async def test_cut_stream_keeps_the_partial_answer(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="alpha beta gamma delta", cut_after=2))
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     assert isinstance(events[-1], RunError)
     message = await Message.objects.aget(pk=events[0].message_id)
     assert message.status == "error" and message.answer == "alpha beta "
 
 
-async def test_hanging_upstream_times_out(plain_chat_app, plain_user, fake_upstream):
+async def test_hanging_upstream_times_out(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="late", hang=5.0))
     with override_settings(LLM_REQUEST_TIMEOUT=0.5):
-        events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+        events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     assert events[-1].category == "timeout"
 
 
-async def test_unreachable_upstream(plain_chat_app, plain_user, make_llm_config):
+async def test_unreachable_upstream(chat_app, plain_user, make_llm_config):
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = await database_sync_to_async(make_llm_config)(name="nowhere", base_url=f"http://127.0.0.1:{port}/v1")
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user,
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(config_id=str(config.pk))))
     assert events[-1].category == "unreachable"
 
 
-async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer(plain_chat_app, plain_user,
+async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer(chat_app, plain_user,
                                                                                  fake_upstream, staff_user):
     import time
 
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
     events = []
     stopped_at = None
-    async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="long", owner=plain_user)):
         events.append(event)
         if len([e for e in events if isinstance(e, TextDelta)]) == 2 and stopped_at is None:
             bob_user = await database_sync_to_async(type(staff_user).objects.create)(username="mallory")
@@ -247,13 +244,13 @@ async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer
     assert not await run_stop(task_id=events[0].task_id, user=plain_user)  # no longer running
 
 
-async def test_client_disconnect_stops_the_run(plain_chat_app, plain_user, fake_upstream):
+async def test_client_disconnect_stops_the_run(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
     seen: list = []
     two_deltas = asyncio.Event()
 
     async def consume():
-        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="long", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="long", owner=plain_user)):
             seen.append(event)
             if len([e for e in seen if isinstance(e, TextDelta)]) == 2:
                 two_deltas.set()
@@ -272,91 +269,91 @@ async def test_client_disconnect_stops_the_run(plain_chat_app, plain_user, fake_
     assert fake_upstream.cancelled_streams == 1
 
 
-async def test_stale_running_message_is_closed_when_the_session_is_next_used(plain_chat_app, plain_user,
+async def test_stale_running_message_is_closed_when_the_session_is_next_used(chat_app, plain_user,
                                                                             fake_upstream, settings):
     settings.AGENT_STALE_SWEEP_SECONDS = 0  # every turn sweeps
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     session = await Session.objects.aget(pk=events[0].session_id)
     dead = await Message.objects.acreate(session=session, query="lost", status="running",
                                          heartbeat_at=timezone.now() - timedelta(seconds=600))
     alive = await Message.objects.acreate(session=session, query="alive", status="running",
                                           heartbeat_at=timezone.now())
-    await run_all(TurnRequest(app=plain_chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
+    await run_all(TurnRequest(app=chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
     await dead.arefresh_from_db()
     await alive.arefresh_from_db()
     assert dead.status == "error" and dead.error == "interrupted: the server stopped during this answer"
     assert alive.status == "running"
 
 
-async def test_a_process_sweeps_for_stale_runs_at_most_every_sweep_interval(plain_chat_app, plain_user,
+async def test_a_process_sweeps_for_stale_runs_at_most_every_sweep_interval(chat_app, plain_user,
                                                                            fake_upstream, settings):
     settings.AGENT_STALE_SWEEP_SECONDS = 0
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))  # sweeps now
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))  # sweeps now
     session = await Session.objects.aget(pk=events[0].session_id)
     dead = await Message.objects.acreate(session=session, query="lost", status="running",
                                          heartbeat_at=timezone.now() - timedelta(seconds=600))
     settings.AGENT_STALE_SWEEP_SECONDS = 60
-    await run_all(TurnRequest(app=plain_chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
+    await run_all(TurnRequest(app=chat_app, query="again", owner=plain_user, session_id=str(session.pk)))
     await dead.arefresh_from_db()
     assert dead.status == "running"  # swept less than a minute ago: not looked for
     settings.AGENT_STALE_SWEEP_SECONDS = 0.2
     await asyncio.sleep(0.25)
-    await run_all(TurnRequest(app=plain_chat_app, query="once more", owner=plain_user, session_id=str(session.pk)))
+    await run_all(TurnRequest(app=chat_app, query="once more", owner=plain_user, session_id=str(session.pk)))
     await dead.arefresh_from_db()
     assert dead.status == "error"
 
 
-async def test_a_turn_rolled_back_does_not_count_as_a_sweep(plain_chat_app, plain_user, fake_upstream, settings):
+async def test_a_turn_rolled_back_does_not_count_as_a_sweep(chat_app, plain_user, fake_upstream, settings):
     settings.AGENT_STALE_SWEEP_SECONDS = 60
-    session = await database_sync_to_async(session_create)(app=plain_chat_app, owner=plain_user)
+    session = await database_sync_to_async(session_create)(app=chat_app, owner=plain_user)
     dead = await Message.objects.acreate(session=session, query="lost", status="running",
                                          heartbeat_at=timezone.now() - timedelta(seconds=600))
     from agentcore import services
 
     services._last_stale_sweep = float("-inf")  # as in a process that has not swept yet
     with pytest.raises(ConfigNotFound):  # fails after the sweep, inside the turn's transaction
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="x", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=chat_app, query="x", owner=plain_user,
                                        overrides=TurnOverrides(config_id=str(uuid.uuid4()))))
     await dead.arefresh_from_db()
     assert dead.status == "running"
-    await run_all(TurnRequest(app=plain_chat_app, query="y", owner=plain_user))
+    await run_all(TurnRequest(app=chat_app, query="y", owner=plain_user))
     await dead.arefresh_from_db()
     assert dead.status == "error"
 
 
-async def test_too_many_active_runs(plain_chat_app, plain_user, fake_upstream):
-    plain_chat_app.max_active_requests = 1
-    await plain_chat_app.asave()
-    first = await aturn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+async def test_too_many_active_runs(chat_app, plain_user, fake_upstream):
+    chat_app.max_active_requests = 1
+    await chat_app.asave()
+    first = await aturn_prepare(TurnRequest(app=chat_app, query="one", owner=plain_user))
     with pytest.raises(TooManyActiveRuns):
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=chat_app, query="two", owner=plain_user))
     assert await Message.objects.acount() == 1
     events = [e async for e in turn_run(first)]
     assert events[-1].status == "normal"
-    await aturn_prepare(TurnRequest(app=plain_chat_app, query="three", owner=plain_user))
+    await aturn_prepare(TurnRequest(app=chat_app, query="three", owner=plain_user))
 
 
-async def test_a_dead_run_does_not_count_against_the_limit_before_the_sweep(plain_chat_app, plain_user, settings,
+async def test_a_dead_run_does_not_count_against_the_limit_before_the_sweep(chat_app, plain_user, settings,
                                                                             monkeypatch, fake_upstream):
     settings.AGENT_STALE_RUN_SECONDS = 15
     settings.AGENT_STALE_SWEEP_SECONDS = 600
     from agentcore import services
 
     monkeypatch.setattr(services, "_last_stale_sweep", time.monotonic())  # swept a moment ago: no sweep now
-    plain_chat_app.max_active_requests = 1
-    await plain_chat_app.asave()
-    session = await database_sync_to_async(session_create)(app=plain_chat_app, owner=plain_user)
+    chat_app.max_active_requests = 1
+    await chat_app.asave()
+    session = await database_sync_to_async(session_create)(app=chat_app, owner=plain_user)
     await Message.objects.acreate(session=session, query="lost", heartbeat_at=timezone.now() - timedelta(seconds=16))
-    await aturn_prepare(TurnRequest(app=plain_chat_app, query="one", owner=plain_user))
+    await aturn_prepare(TurnRequest(app=chat_app, query="one", owner=plain_user))
     with pytest.raises(TooManyActiveRuns):
-        await aturn_prepare(TurnRequest(app=plain_chat_app, query="two", owner=plain_user))
+        await aturn_prepare(TurnRequest(app=chat_app, query="two", owner=plain_user))
 
 
-async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upstream, default_llm_config):
+async def test_usage_and_cost_are_recorded(chat_app, plain_user, fake_upstream, default_llm_config):
     await LLMConfig.objects.filter(pk=default_llm_config.pk).aupdate(input_price_per_million=2,
                                                                     output_price_per_million=8)
     fake_upstream.script(Reply(text="ok", prompt_tokens=1000, completion_tokens=500))
-    events = await run_all(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     usage = events[-2]
     assert usage.cost.total_price == Decimal("0.006") and usage.latency > 0 and usage.time_to_first_token is not None
     config = await LLMConfig.objects.aget(pk=default_llm_config.pk)
@@ -365,8 +362,8 @@ async def test_usage_and_cost_are_recorded(plain_chat_app, plain_user, fake_upst
     assert message.total_price == Decimal("0.006") and message.time_to_first_token is not None
 
 
-async def test_attachments_reach_the_model(plain_chat_app, plain_user, fake_upstream):
-    await run_all(TurnRequest(app=plain_chat_app, query="look", owner=plain_user, attachments=(
+async def test_attachments_reach_the_model(chat_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=chat_app, query="look", owner=plain_user, attachments=(
         Attachment(kind="text", name="log.txt", text="ERROR disk full"),
         Attachment(kind="image", name="graph.png", url="data:image/png;base64,AAAA"),
     )))
@@ -375,12 +372,12 @@ async def test_attachments_reach_the_model(plain_chat_app, plain_user, fake_upst
     assert content[1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 
-async def test_heartbeat_is_touched_while_the_run_is_alive(plain_chat_app, plain_user, fake_upstream):
+async def test_heartbeat_is_touched_while_the_run_is_alive(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="a b c d e f", delay=0.1))
     beats = set()
     message_id = None
     with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
-        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="slow", owner=plain_user)):
             if isinstance(event, RunStarted):
                 message_id = event.message_id
             elif isinstance(event, TextDelta):
@@ -389,11 +386,11 @@ async def test_heartbeat_is_touched_while_the_run_is_alive(plain_chat_app, plain
     assert (await Message.objects.aget(pk=message_id)).heartbeat_at is None
 
 
-async def test_heartbeat_saves_the_answer_so_far(plain_chat_app, plain_user, fake_upstream):
+async def test_heartbeat_saves_the_answer_so_far(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(20)), delay=0.1))
     saved = []
     with override_settings(AGENT_HEARTBEAT_SECONDS=0.1):
-        async for event in turn_prepare_and_run(TurnRequest(app=plain_chat_app, query="slow", owner=plain_user)):
+        async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="slow", owner=plain_user)):
             if isinstance(event, RunStarted):
                 message_id = event.message_id
             elif isinstance(event, TextDelta):
@@ -403,26 +400,26 @@ async def test_heartbeat_saves_the_answer_so_far(plain_chat_app, plain_user, fak
     assert partial and all(answer.startswith("w0") for answer in partial) and len(partial[0]) < len(partial[-1])
 
 
-async def test_api_stop_is_scoped_to_the_end_user_and_app(plain_chat_app, fake_upstream):
+async def test_api_stop_is_scoped_to_the_end_user_and_app(chat_app, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(30)), delay=0.1))
     events = []
-    request = TurnRequest(app=plain_chat_app, query="long", end_user="u-1", source="api")
+    request = TurnRequest(app=chat_app, query="long", end_user="u-1", source="api")
     async for event in turn_prepare_and_run(request):
         events.append(event)
         if isinstance(event, TextDelta) and len(events) == 2:
             task_id = events[0].task_id
-            assert not await run_stop(task_id=task_id, end_user="u-2", app_id=plain_chat_app.pk)
+            assert not await run_stop(task_id=task_id, end_user="u-2", app_id=chat_app.pk)
             assert not await run_stop(task_id=task_id, end_user="u-1", app_id=uuid.uuid4())
             assert not await run_stop(task_id="not-a-uuid", end_user="u-1")
-            assert await run_stop(task_id=task_id, end_user="u-1", app_id=plain_chat_app.pk)
+            assert await run_stop(task_id=task_id, end_user="u-1", app_id=chat_app.pk)
     assert events[-1].status == "stopped"
 
 
-async def test_the_next_turn_remembers_a_stopped_partial_answer(plain_chat_app, plain_user, fake_upstream):
+async def test_the_next_turn_remembers_a_stopped_partial_answer(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="alpha beta gamma delta", cut_after=2), Reply(text="Again."))
-    first = await run_all(TurnRequest(app=plain_chat_app, query="tell me", owner=plain_user))
+    first = await run_all(TurnRequest(app=chat_app, query="tell me", owner=plain_user))
     assert isinstance(first[-1], RunError)
-    await run_all(TurnRequest(app=plain_chat_app, query="go on", owner=plain_user, session_id=first[0].session_id))
+    await run_all(TurnRequest(app=chat_app, query="go on", owner=plain_user, session_id=first[0].session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent[1:] == [("user", "tell me"), ("assistant", "alpha beta "), ("user", "go on")]
 
@@ -438,29 +435,29 @@ async def _stopped_after_two_deltas(request: TurnRequest) -> list:
     return events
 
 
-async def test_the_next_turn_remembers_the_question_and_answer_of_a_run_stopped_mid_stream(plain_chat_app,
+async def test_the_next_turn_remembers_the_question_and_answer_of_a_run_stopped_mid_stream(chat_app,
                                                                                            plain_user, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1), Reply(text="Again."))
-    events = await _stopped_after_two_deltas(TurnRequest(app=plain_chat_app, query="tell me", owner=plain_user))
-    await run_all(TurnRequest(app=plain_chat_app, query="go on", owner=plain_user, session_id=events[0].session_id))
+    events = await _stopped_after_two_deltas(TurnRequest(app=chat_app, query="tell me", owner=plain_user))
+    await run_all(TurnRequest(app=chat_app, query="go on", owner=plain_user, session_id=events[0].session_id))
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages]
     assert sent[1:] == [("user", "tell me"), ("assistant", "w0 w1 "), ("user", "go on")]
 
 
-async def test_the_next_turn_remembers_the_tool_steps_of_a_stopped_agent_run(ops_app, plain_user, fake_upstream):
+async def test_the_next_turn_remembers_the_tool_steps_of_a_stopped_agent_run(agent_app, plain_user, fake_upstream):
     fake_upstream.script(
         Reply(tool_calls=[ToolCall("current_time", {})]),
         Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1),
         Reply(text="Again."),
     )
-    events = await _stopped_after_two_deltas(TurnRequest(app=ops_app, query="what time?", owner=plain_user))
-    await run_all(TurnRequest(app=ops_app, query="go on", owner=plain_user, session_id=events[0].session_id))
+    events = await _stopped_after_two_deltas(TurnRequest(app=agent_app, query="what time?", owner=plain_user))
+    await run_all(TurnRequest(app=agent_app, query="go on", owner=plain_user, session_id=events[0].session_id))
     roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
     assert roles[1:] == ["user", "assistant", "tool", "assistant", "user"]
     assert fake_upstream.chat_requests[-1].messages[-2]["content"] == "w0 w1 "
 
 
-async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(ops_app, plain_user, fake_upstream):
+async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(agent_app, plain_user, fake_upstream):
     # A tool may have changed something: its call and result are saved as soon as they happen, not when the run
     # ends, so that a server dying in the middle of the next model call does not make the agent forget them.
     from langchain_core.messages import AIMessage as LCAIMessage
@@ -474,7 +471,7 @@ async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(o
         Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1),
     )
     saved = None
-    async for event in turn_prepare_and_run(TurnRequest(app=ops_app, query="what time?", owner=plain_user)):
+    async for event in turn_prepare_and_run(TurnRequest(app=agent_app, query="what time?", owner=plain_user)):
         if isinstance(event, RunStarted):
             started = event
         if isinstance(event, TextDelta) and saved is None:
@@ -492,9 +489,9 @@ async def test_an_agent_runs_tool_steps_are_checkpointed_while_the_run_goes_on(o
     assert saved[1].tool_calls[0]["name"] == "current_time"
 
 
-async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_running(plain_chat_app, plain_user,
+async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_running(chat_app, plain_user,
                                                                                     fake_upstream):
-    task = asyncio.create_task(aturn_prepare(TurnRequest(app=plain_chat_app, query="hello?", owner=plain_user)))
+    task = asyncio.create_task(aturn_prepare(TurnRequest(app=chat_app, query="hello?", owner=plain_user)))
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -505,9 +502,9 @@ async def test_a_turn_whose_client_leaves_during_prepare_is_closed_not_left_runn
     assert fake_upstream.chat_requests == []
 
 
-async def test_abandoning_a_turn_that_ran_changes_nothing(plain_chat_app, plain_user, fake_upstream):
+async def test_abandoning_a_turn_that_ran_changes_nothing(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="done"))
-    turn = await aturn_prepare(TurnRequest(app=plain_chat_app, query="hi", owner=plain_user))
+    turn = await aturn_prepare(TurnRequest(app=chat_app, query="hi", owner=plain_user))
     [event async for event in turn_run(turn)]
     await turn_abandon(turn)
 

@@ -20,16 +20,14 @@ from agentcore.services import (
     session_update,
     task_replace,
 )
-from agentcore.tests import factories
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, InvalidParameter
 
 pytestmark = pytest.mark.django_db
-ops_app = factories.ops_app
 
 
-def test_session_create_and_update_validate_model_and_parameters(ops_app, plain_user, make_llm_config):
+def test_session_create_and_update_validate_model_and_parameters(agent_app, plain_user, make_llm_config):
     config = make_llm_config(name="zhipu-cfg", provider="zhipu", model_name="glm-4", top_p=0.9)
-    session = session_create(app=ops_app, owner=plain_user, llm_config_id=str(config.pk),
+    session = session_create(app=agent_app, owner=plain_user, llm_config_id=str(config.pk),
                              model_parameters={"temperature": 0.5})
     assert session.llm_config_id == config.pk and session.model_parameters == {"temperature": 0.5}
     with pytest.raises(InvalidParameter) as caught:  # zhipu refuses temperature 0
@@ -50,9 +48,9 @@ def test_session_create_and_update_validate_model_and_parameters(ops_app, plain_
     assert (session.name, session.llm_config_id, session.model_parameters) == ("renamed", None, {"temperature": 0.5})
 
 
-def test_session_delete_is_soft_and_hides_the_session(ops_app, plain_user, staff_user, django_user_model):
-    mine = session_create(app=ops_app, owner=plain_user)
-    other = session_create(app=ops_app, owner=django_user_model.objects.create_user(username="bob"))
+def test_session_delete_is_soft_and_hides_the_session(agent_app, plain_user, staff_user, django_user_model):
+    mine = session_create(app=agent_app, owner=plain_user)
+    other = session_create(app=agent_app, owner=django_user_model.objects.create_user(username="bob"))
     assert list(session_list_for(user=plain_user)) == [mine]
     assert set(session_list_for(user=staff_user)) == {mine, other}
     session_delete(session=mine)
@@ -62,8 +60,8 @@ def test_session_delete_is_soft_and_hides_the_session(ops_app, plain_user, staff
         session_get_for(session_id=mine.pk, owner=plain_user)
 
 
-def test_message_list_prefetches_thoughts(ops_app, plain_user):
-    session = session_create(app=ops_app, owner=plain_user)
+def test_message_list_prefetches_thoughts(agent_app, plain_user):
+    session = session_create(app=agent_app, owner=plain_user)
     for i in range(5):
         message = Message.objects.create(session=session, query=f"q{i}", status="normal")
         Thought.objects.bulk_create([Thought(message=message, position=p, tool="current_time") for p in (1, 2)])
@@ -73,8 +71,8 @@ def test_message_list_prefetches_thoughts(ops_app, plain_user):
     assert rows[0] == ("q0", [1, 2]) and len(rows) == 5
 
 
-def test_task_replace_and_list(ops_app, plain_user):
-    session = session_create(app=ops_app, owner=plain_user)
+def test_task_replace_and_list(agent_app, plain_user):
+    session = session_create(app=agent_app, owner=plain_user)
     task_replace(session_id=session.pk, tasks=[{"title": "a"}, {"title": "b", "status": "done"}])
     task_replace(session_id=session.pk, tasks=[{"title": "c", "status": "in_progress"}])
     assert [(t.title, t.status) for t in task_list(session=session)] == [("c", "in_progress")]
@@ -85,8 +83,8 @@ def test_task_replace_and_list(ops_app, plain_user):
     assert [(t.title, t.status) for t in task_list(session=session)] == [("c", "in_progress")]  # nothing half-written
 
 
-def test_approval_list_and_decide(ops_app, plain_user, staff_user):
-    session = session_create(app=ops_app, owner=plain_user)
+def test_approval_list_and_decide(agent_app, plain_user, staff_user):
+    session = session_create(app=agent_app, owner=plain_user)
     message = Message.objects.create(session=session, query="q", status="paused")
     approval = Approval.objects.create(session=session, message=message, tool="http_check")
     assert list(approval_list(status="pending", user=plain_user)) == [approval]
@@ -98,9 +96,9 @@ def test_approval_list_and_decide(ops_app, plain_user, staff_user):
     assert caught.value.field == "decision"
 
 
-def test_message_close_stale(ops_app, plain_user, settings):
+def test_message_close_stale(agent_app, plain_user, settings):
     settings.AGENT_STALE_RUN_SECONDS = 60
-    session = session_create(app=ops_app, owner=plain_user)
+    session = session_create(app=agent_app, owner=plain_user)
     dead = Message.objects.create(session=session, query="q", heartbeat_at=timezone.now() - timedelta(seconds=61))
     alive = Message.objects.create(session=session, query="q", heartbeat_at=timezone.now())
     assert message_close_stale() == 1

@@ -18,10 +18,6 @@ from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ops_app = factories.ops_app
-counting_target = factories.counting_target
-scripted_dns = factories.scripted_dns
-outbound_connections = factories.outbound_connections
 LOOPBACK = NetworkAllowList(networks=parse_networks(["127.0.0.1/32", "::1/128"]))
 
 
@@ -29,12 +25,12 @@ def _tool_names(request) -> set[str]:
     return {t["function"]["name"] for t in request.body.get("tools", [])}
 
 
-async def test_tool_turn_end_to_end(ops_app, plain_user, fake_upstream, counting_target):
+async def test_tool_turn_end_to_end(agent_app, plain_user, fake_upstream, counting_target):
     fake_upstream.script(
         Reply(text="Let me check.", tool_calls=[ToolCall("http_check", {"url": counting_target.url}, id="c1")]),
         Reply(text="The site answers 200."),
     )
-    events = await run_all(TurnRequest(app=ops_app, query="is it up?", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="is it up?", owner=plain_user))
     assert events[-1].status == "normal"
     assert events[-1].answer == "Let me check.\nThe site answers 200."
     assert counting_target.hits == 1
@@ -49,49 +45,50 @@ async def test_tool_turn_end_to_end(ops_app, plain_user, fake_upstream, counting
     assert second[-1]["role"] == "tool" and second[-1]["tool_call_id"] == "c1"
 
 
-async def test_tool_errors_become_observations(ops_app, plain_user, fake_upstream):
+async def test_tool_errors_become_observations(agent_app, plain_user, fake_upstream):
     fake_upstream.script(
         Reply(tool_calls=[ToolCall("current_time", {"timezone": "Mars/Olympus"}),
                           ToolCall("no_such_tool", {})]),
         Reply(text="Sorry."),
     )
-    events = await run_all(TurnRequest(app=ops_app, query="time on mars", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="time on mars", owner=plain_user))
     assert events[-1].status == "normal"
     results = [e for e in events if isinstance(e, ThoughtUpdate) and e.phase == "tool_result"]
     assert "unknown timezone" in results[0].observation
     assert results[1].status == "error" and "not available" in results[1].observation
 
 
-async def test_iteration_limit_ends_the_turn(ops_app, plain_user, fake_upstream):
-    ops_app.max_iterations = 2
-    await ops_app.asave()
+async def test_iteration_limit_ends_the_turn(agent_app, plain_user, fake_upstream):
+    agent_app.max_iterations = 2
+    await agent_app.asave()
     fake_upstream.default = Reply(tool_calls=[ToolCall("current_time", {})])
-    events = await run_all(TurnRequest(app=ops_app, query="loop", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="loop", owner=plain_user))
     assert events[-1].status == "normal"
     assert len(fake_upstream.chat_requests) == 2
 
 
-async def test_disabled_and_unlisted_tools_are_not_offered(ops_app, plain_user, fake_upstream):
-    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+async def test_disabled_and_unlisted_tools_are_not_offered(agent_app, plain_user, fake_upstream):
+    await run_all(TurnRequest(app=agent_app, query="hi", owner=plain_user))
     offered = _tool_names(fake_upstream.chat_requests[-1])
     assert {"current_time", "http_check", "dns_lookup", "system_status", "update_plan"} <= offered
     assert "run_shell" not in offered  # disabled until an admin enables it
-    ops_app.enabled_tools = ["current_time", "dns_lookup"]
-    await ops_app.asave()
-    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user))
+    agent_app.enabled_tools = ["current_time", "dns_lookup"]
+    await agent_app.asave()
+    await run_all(TurnRequest(app=agent_app, query="hi", owner=plain_user))
     assert _tool_names(fake_upstream.chat_requests[-1]) == {"current_time", "dns_lookup"}
-    await run_all(TurnRequest(app=ops_app, query="hi", owner=plain_user, overrides=TurnOverrides(tools=["dns_lookup"])))
+    overrides = TurnOverrides(tools=["dns_lookup"])
+    await run_all(TurnRequest(app=agent_app, query="hi", owner=plain_user, overrides=overrides))
     assert _tool_names(fake_upstream.chat_requests[-1]) == {"dns_lookup"}
     with pytest.raises(InvalidInput) as caught:
-        await aturn_prepare(TurnRequest(app=ops_app, query="hi", owner=plain_user,
+        await aturn_prepare(TurnRequest(app=agent_app, query="hi", owner=plain_user,
                                        overrides=TurnOverrides(tools=["rm_rf"])))
     assert caught.value.field == "tools"
 
 
-async def test_update_plan_writes_the_sessions_tasks(ops_app, plain_user, fake_upstream):
+async def test_update_plan_writes_the_sessions_tasks(agent_app, plain_user, fake_upstream):
     plan = [{"title": "Check DNS", "status": "done"}, {"title": "Check HTTP", "status": "in_progress"}]
     fake_upstream.script(Reply(tool_calls=[ToolCall("update_plan", {"tasks": plan})]), Reply(text="Planned."))
-    events = await run_all(TurnRequest(app=ops_app, query="plan it", owner=plain_user))
+    events = await run_all(TurnRequest(app=agent_app, query="plan it", owner=plain_user))
     tasks = [(t.title, t.status, t.order) async for t in Task.objects.filter(session_id=events[0].session_id)]
     assert tasks == [("Check DNS", "done", 0), ("Check HTTP", "in_progress", 1)]
 
@@ -163,9 +160,9 @@ async def test_http_check_reports_a_redirect_to_such_a_name_without_following_it
     assert "mixed.example" not in scripted_dns.asked
 
 
-async def test_each_run_checks_with_its_own_apps_allow_list(ops_app, plain_user, fake_upstream, counting_target):
+async def test_each_run_checks_with_its_own_apps_allow_list(agent_app, plain_user, fake_upstream, counting_target):
     closed = await AgentApp.objects.acreate(name="Public", mode=AgentApp.Mode.AGENT_CHAT)
-    for app in (closed, ops_app, closed):
+    for app in (closed, agent_app, closed):
         fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
                              Reply(text="Done."))
         await run_all(TurnRequest(app=app, query="check it", owner=plain_user))

@@ -13,13 +13,7 @@ from rest_framework.authtoken.models import Token
 
 from agentcore.models import Approval, Message, Session
 from agentcore.routing import websocket_application
-from agentcore.tests import api_support
 from tests.fakes.upstream import Reply, ToolCall
-
-agent_app = api_support.agent_app
-chat_app = api_support.chat_app
-hit_target = api_support.hit_target
-http_check_needs_approval = api_support.http_check_needs_approval
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TIMEOUT = 10
@@ -132,8 +126,8 @@ async def test_bad_messages_get_errors_and_the_socket_stays_usable(session, toke
 
 
 @pytest.mark.usefixtures("http_check_needs_approval")
-async def test_approval_over_the_socket(session, token, fake_upstream, hit_target):
-    fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": hit_target.url})]),
+async def test_approval_over_the_socket(session, token, fake_upstream, counting_target):
+    fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
                          Reply(text="It is up."))
     communicator = await _connect(session.id, token=token)
     await communicator.send_json_to({"type": "chat", "message": "is it up?"})
@@ -141,13 +135,13 @@ async def test_approval_over_the_socket(session, token, fake_upstream, hit_targe
     [required] = [m for m in messages if m["type"] == "approval_required"]
     assert required["tool"] == "http_check"
     assert messages[-1]["status"] == "paused"
-    assert hit_target.hits == 0
+    assert counting_target.hits == 0
 
     await communicator.send_json_to({"type": "approval", "id": required["approval_id"], "decision": "approve"})
     messages = await _until_end(communicator)
     assert any(m["type"] == "tool_result" and '"status": 200' in m["observation"] for m in messages)
     assert messages[-1]["status"] == "normal" and messages[-1]["answer"] == "It is up."
-    assert hit_target.hits == 1
+    assert counting_target.hits == 1
     assert (await Approval.objects.aget(id=required["approval_id"])).status == "approved"
 
     await communicator.send_json_to({"type": "approval", "id": required["approval_id"], "decision": "reject"})

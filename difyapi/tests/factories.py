@@ -29,6 +29,12 @@ def make_key(app: AgentApp) -> str:
     return api_key_create(app=app)[1]
 
 
+def make_app_with_key(**fields: Any) -> tuple[AgentApp, str]:
+    """`make_app` and a key for it, for tests that call the API as that app."""
+    app = make_app(**fields)
+    return app, make_key(app)
+
+
 def make_session(app: AgentApp, *, user: str = "alice", at: datetime | None = None, **fields: Any) -> Session:
     fields.setdefault("source", Session.Source.API)
     session = Session.objects.create(app=app, end_user=user, **fields)

@@ -7,21 +7,15 @@ import uuid
 import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import get_default_application
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 
-from agentcore.models import AgentApp, Message, Session
-from difyapi.auth import api_key_create
+from agentcore.models import Message, Session
+from difyapi.tests.factories import make_app_with_key
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_worker_connections")]
 
-
-@pytest.fixture(autouse=True)
-async def _close_worker_connections():
-    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
-    yield
-    await sync_to_async(connections.close_all)()
 
 BLOCKING_KEYS = {"event", "task_id", "id", "message_id", "conversation_id", "mode", "answer", "metadata", "created_at"}
 USAGE_KEYS = {
@@ -30,17 +24,6 @@ USAGE_KEYS = {
     "latency", "time_to_first_token", "time_to_generate",
 }
 ERROR_KEYS = {"code", "message", "status"}
-
-
-def make_app(*, name: str = "chat-app", mode: str = "chat", **fields) -> tuple[AgentApp, str]:
-    app = AgentApp.objects.create(name=name, mode=mode, **fields)
-    _, key = api_key_create(app=app)
-    return app, key
-
-
-@pytest.fixture
-def chat_app(default_llm_config):
-    return make_app(file_upload={"enabled": True})
 
 
 async def post(key: str, payload, path: str = "/v1/chat-messages"):
@@ -91,7 +74,7 @@ async def test_missing_or_null_response_mode_means_blocking(chat_app, fake_upstr
 
 
 async def test_agent_chat_refuses_blocking_mode(default_llm_config, fake_upstream):
-    _, key = await sync_to_async(make_app)(name="agent", mode="agent-chat")
+    _, key = await sync_to_async(make_app_with_key)(name="agent", mode="agent-chat")
     status, data = await post(key, body())
     assert (status, data) == (400, {"code": "invalid_param", "message": "Agent Chat App does not support blocking mode",
                                     "status": 400})
@@ -203,7 +186,7 @@ async def test_other_methods_are_not_allowed(chat_app):
 
 async def test_conversations_are_scoped_to_app_and_user(chat_app, fake_upstream):
     app, key = chat_app
-    _, other_key = await sync_to_async(make_app)(name="other-app")
+    _, other_key = await sync_to_async(make_app_with_key)(name="other-app")
     status, first = await post(key, body())
     assert status == 200
     conversation_id = first["conversation_id"]
@@ -271,7 +254,7 @@ async def test_an_inactive_config_is_refused_naming_it(chat_app, make_llm_config
 
 
 async def test_no_configured_model_is_provider_not_initialize(db, fake_upstream):
-    _, key = await sync_to_async(make_app)(name="unconfigured")
+    _, key = await sync_to_async(make_app_with_key)(name="unconfigured")
     status, data = await post(key, body())
     assert status == 400 and data["code"] == "provider_not_initialize" and set(data) == ERROR_KEYS
 
@@ -283,7 +266,7 @@ async def test_inputs_are_validated_against_the_user_input_form(default_llm_conf
                     "default": "calm"}},
         {"number": {"label": "Days", "variable": "days", "required": False}},
     ]
-    _, key = await sync_to_async(make_app)(name="form-app", user_input_form=form)
+    _, key = await sync_to_async(make_app_with_key)(name="form-app", user_input_form=form)
     cases = [
         ({}, "city is required in input form"),
         ({"city": 3}, "(type 'text-input') city in input form must be a string"),
@@ -327,7 +310,7 @@ async def test_concurrency_limit_answers_too_many_requests(default_llm_config, f
     application = get_default_application()
     from tests.e2e.dify_servers import AsgiCall, dify_headers
 
-    app, key = await sync_to_async(make_app)(name="Limited", max_active_requests=1)
+    app, key = await sync_to_async(make_app_with_key)(name="Limited", max_active_requests=1)
     fake_upstream.script(Reply(text="slow answer " * 5, delay=0.2))
     payload = json.dumps(body(response_mode="streaming")).encode()
     async with AsgiCall(application, path="/v1/chat-messages", headers=dify_headers(key), body=payload) as running:

@@ -7,28 +7,14 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections
 
-from agentcore.models import AgentApp, Approval, Message, Session, ToolPolicy
+from agentcore.models import Approval, Message, Session, ToolPolicy
 from agentcore.tools.policies import tool_policy_add_builtins
-from difyapi.auth import api_key_create
+from difyapi.tests.factories import make_app_with_key
 from tests.e2e.dify_servers import data_events, dify_post
 from tests.fakes.upstream import Reply, ToolCall
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_worker_connections():
-    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
-    yield
-    await sync_to_async(connections.close_all)()
-
-
-def make_app(*, name: str, mode: str, **fields) -> tuple[AgentApp, str]:
-    app = AgentApp.objects.create(name=name, mode=mode, **fields)
-    _, key = api_key_create(app=app)
-    return app, key
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_worker_connections")]
 
 
 @pytest.fixture
@@ -36,7 +22,7 @@ def agent_app(default_llm_config):
     tool_policy_add_builtins()
     ToolPolicy.objects.filter(name="current_time").update(requires_approval=True, approver="requester")
     ToolPolicy.objects.filter(name="run_shell").update(enabled=True)
-    return make_app(name="approvals", mode="agent-chat", enabled_tools=["current_time", "run_shell"])
+    return make_app_with_key(name="approvals", mode="agent-chat", enabled_tools=["current_time", "run_shell"])
 
 
 def body(**fields):
@@ -105,7 +91,7 @@ async def test_an_unknown_approval_is_not_found(agent_app, fake_upstream):
 
 
 async def test_a_new_conversation_is_named_in_the_background(default_llm_config, fake_upstream):
-    _, key = await sync_to_async(make_app)(name="naming", mode="chat")
+    _, key = await sync_to_async(make_app_with_key)(name="naming", mode="chat")
     fake_upstream.script(Reply(text="Your disk is fine."), Reply(text="Disk space check"))
     status, _, raw = await dify_post(key, "/v1/chat-messages",
                                      {"inputs": {}, "query": "is my disk full? " * 6, "user": "alice"})
@@ -120,7 +106,7 @@ async def test_a_new_conversation_is_named_in_the_background(default_llm_config,
 
 
 async def test_without_auto_generate_name_the_name_is_the_shortened_query(default_llm_config, fake_upstream):
-    _, key = await sync_to_async(make_app)(name="no-naming", mode="chat")
+    _, key = await sync_to_async(make_app_with_key)(name="no-naming", mode="chat")
     query = "is my disk full? " * 6
     status, _, raw = await dify_post(key, "/v1/chat-messages",
                                      {"inputs": {}, "query": query, "user": "alice", "auto_generate_name": False})

@@ -8,32 +8,16 @@ import time
 import uuid
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.routing import get_default_application
-from django.db import connections
 
-from agentcore.models import AgentApp, Message
-from difyapi.auth import api_key_create
+from agentcore.models import Message
 from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, dify_post
 from tests.fakes.upstream import Reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_worker_connections")]
 
-
-@pytest.fixture(autouse=True)
-async def _close_worker_connections():
-    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
-    yield
-    await sync_to_async(connections.close_all)()
 
 SLOW = Reply(text=" ".join(f"word{i}" for i in range(40)), delay=0.2)
-
-
-@pytest.fixture
-def chat_app(default_llm_config):
-    app = AgentApp.objects.create(name="stop-chat", mode="chat")
-    _, key = api_key_create(app=app)
-    return app, key
 
 
 def body(**fields):

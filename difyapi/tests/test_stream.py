@@ -8,24 +8,17 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import get_default_application
 from django.core.files.base import ContentFile
-from django.db import connections
 from django.test import override_settings
 
 from agentcore.models import AgentApp, Message
-from difyapi.auth import api_key_create
 from difyapi.models import MessageFile, UploadFile
 from difyapi.services import end_user_get_or_create
+from difyapi.tests.factories import make_app_with_key
 from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, parse_sse
 from tests.fakes.upstream import Reply, ToolCall
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_worker_connections")]
 
-
-@pytest.fixture(autouse=True)
-async def _close_worker_connections():
-    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
-    yield
-    await sync_to_async(connections.close_all)()
 
 COMMON = ["event", "conversation_id", "message_id", "created_at", "task_id"]
 MESSAGE_KEYS = {*COMMON, "id", "answer", "from_variable_selector"}
@@ -41,23 +34,12 @@ USAGE_KEYS = {
 }
 
 
-def make_app(*, name: str, mode: str, **fields) -> tuple[AgentApp, str]:
-    app = AgentApp.objects.create(name=name, mode=mode, **fields)
-    _, key = api_key_create(app=app)
-    return app, key
-
-
 UPLOADS_ON = {"enabled": True}
 
 
 @pytest.fixture
-def chat_app(default_llm_config):
-    return make_app(name="stream-chat", mode="chat", file_upload=UPLOADS_ON)
-
-
-@pytest.fixture
 def agent_app(default_llm_config):
-    return make_app(name="stream-agent", mode="agent-chat", enabled_tools=["current_time"])
+    return make_app_with_key(name="stream-agent", mode="agent-chat", enabled_tools=["current_time"])
 
 
 def body(**fields):
@@ -255,7 +237,7 @@ PNG = bytes.fromhex(
 
 async def test_an_image_reaches_a_vision_model_as_image_content(make_llm_config, fake_upstream):
     vision = await sync_to_async(make_llm_config)(name="vision", model_name="gpt-4o-mini", default=True)
-    app, key = await sync_to_async(make_app)(name="vision-app", mode="chat", file_upload=UPLOADS_ON)
+    app, key = await sync_to_async(make_app_with_key)(name="vision-app", mode="chat", file_upload=UPLOADS_ON)
     upload = await sync_to_async(make_upload)(app, "alice", "dot.png", PNG, "image/png")
     files = [
         {"type": "image", "transfer_method": "local_file", "upload_file_id": str(upload.pk)},
@@ -348,13 +330,13 @@ async def test_files_are_ignored_when_the_app_disabled_uploads_and_limited_in_nu
                                                                                      fake_upstream):
     from tests.e2e.dify_servers import dify_post
 
-    _, off_key = await sync_to_async(make_app)(name="no-files", mode="chat", file_upload={"enabled": False})
+    _, off_key = await sync_to_async(make_app_with_key)(name="no-files", mode="chat", file_upload={"enabled": False})
     files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 2
     call, raw = await stream(off_key, body(files=files))
     assert data_events(raw)[-1]["event"] == "message_end"
     assert await MessageFile.objects.acount() == 0
 
-    _, one_key = await sync_to_async(make_app)(name="one-file", mode="chat",
+    _, one_key = await sync_to_async(make_app_with_key)(name="one-file", mode="chat",
                                                file_upload={"enabled": True, "number_limits": 1})
     status, _, raw = await dify_post(one_key, "/v1/chat-messages", body(files=files))
     assert status == 400 and json.loads(raw)["code"] == "invalid_param"
@@ -363,7 +345,7 @@ async def test_files_are_ignored_when_the_app_disabled_uploads_and_limited_in_nu
 async def test_an_app_that_never_configured_uploads_ignores_files_as_parameters_reports(default_llm_config,
                                                                                          fake_upstream):
     """/v1/parameters reports uploads off for such an app (Dify's default): chat-messages must not take files."""
-    _, bare_key = await sync_to_async(make_app)(name="bare", mode="chat")
+    _, bare_key = await sync_to_async(make_app_with_key)(name="bare", mode="chat")
     files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 2
     call, raw = await stream(bare_key, body(files=files))
     assert data_events(raw)[-1]["event"] == "message_end"
@@ -373,7 +355,8 @@ async def test_an_app_that_never_configured_uploads_ignores_files_as_parameters_
 async def test_the_default_file_limit_is_the_one_parameters_reports(default_llm_config, fake_upstream):
     from tests.e2e.dify_servers import dify_post
 
-    _, key = await sync_to_async(make_app)(name="images-on", mode="chat", file_upload={"image": {"enabled": True}})
+    _, key = await sync_to_async(make_app_with_key)(name="images-on", mode="chat",
+                                                    file_upload={"image": {"enabled": True}})
     files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 4
     status, _, raw = await dify_post(key, "/v1/chat-messages", body(files=files))
     assert (status, json.loads(raw)["message"]) == (400, "Number of files exceeds the limit of 3.")
