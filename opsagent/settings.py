@@ -1,7 +1,12 @@
-"""Settings for OpsAgent, read from the environment (django-environ); a `.env` file only when asked to."""
+"""Settings for OpsAgent, read from the environment (django-environ); a `.env` file only when asked to.
+
+Grouped by concern, each group under a header. Only what differs from Django's defaults is set here; every setting
+the code reads that Django does not define is declared here (tests/test_settings.py checks it). docs/configuration.md
+lists the environment variables."""
 from pathlib import Path
 
 import environ
+from cryptography.hazmat.primitives import hashes
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -10,6 +15,7 @@ env = environ.Env()
 if env.bool("DJANGO_READ_DOT_ENV_FILE", default=False):
     env.read_env(str(BASE_DIR / ".env"))
 
+# ===== Debug, secrets and field encryption =====
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
 SECRET_KEY = env("DJANGO_SECRET_KEY", default="")
@@ -33,10 +39,11 @@ if not FIELD_ENCRYPTION_KEY:
     FIELD_ENCRYPTION_KEY = "insecure-development-only-field-key"
 CRYPTOGRAPHY_KEY = FIELD_ENCRYPTION_KEY
 CRYPTOGRAPHY_SALT = "opsagent.encrypted-fields"
+# The digest that derives the encryption keys from FIELD_ENCRYPTION_KEY (llmconfigs.encryption): stored keys are
+# readable only with the same one, so it is fixed here rather than left to django-cryptography's default.
+CRYPTOGRAPHY_DIGEST = hashes.SHA256()
 
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
-
+# ===== Applications, middleware, URLs and templates =====
 DJANGO_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -96,6 +103,7 @@ TEMPLATES = [
     },
 ]
 
+# ===== Our dependencies failing (PostgreSQL, Redis): timeouts and the circuit breaker =====
 # When dependencies fail (opsagent/common/dependencies.py): how long a connection attempt may take, and how long a
 # dependency found down fails requests at once (503) before one request tries it again.
 DATABASE_CONNECT_TIMEOUT = env.int("DATABASE_CONNECT_TIMEOUT", default=2)
@@ -104,11 +112,12 @@ REDIS_CONNECT_TIMEOUT = env.float("REDIS_CONNECT_TIMEOUT", default=1.0)
 REDIS_TIMEOUT = env.float("REDIS_TIMEOUT", default=3.0)
 DEPENDENCY_RETRY_SECONDS = env.float("DEPENDENCY_RETRY_SECONDS", default=2.0)
 
-# Database: SQLite file in the project by default; DATABASE_URL=postgres://... in production.
+# ===== Database =====
+# SQLite file in the project by default; DATABASE_URL=postgres://... in production.
 # CONN_MAX_AGE=0: under ASGI each request runs in its own thread-sensitive context and persistent connections leak.
+# No ATOMIC_REQUESTS (Django's default): views that stream cannot hold a transaction open.
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = 0
-DATABASES["default"]["ATOMIC_REQUESTS"] = False
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Django's SQLite backend, keeping a few idle connections per process (opsagent/common/db/backends/sqlite3).
     DATABASES["default"]["ENGINE"] = "opsagent.common.db.backends.sqlite3"
@@ -134,9 +143,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "reconnect_timeout": DEPENDENCY_RETRY_SECONDS,
     })
     DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", DATABASE_CONNECT_TIMEOUT)
-DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# ===== Cache and channel layers (Redis with REDIS_URL, in-process without) =====
 REDIS_URL = env("REDIS_URL", default="")
 if REDIS_URL:
     from redis.asyncio.retry import Retry as AsyncRedisRetry
@@ -158,6 +167,7 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "opsagent"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# ===== Passwords =====
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -165,11 +175,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
-LANGUAGE_CODE = "en-us"
+# ===== Time zone =====
 TIME_ZONE = env("TIME_ZONE", default="UTC")
-USE_I18N = True
-USE_TZ = True
 
+# ===== Static and uploaded files =====
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 MEDIA_ROOT = Path(env("MEDIA_ROOT", default=str(BASE_DIR / "media")))
@@ -181,6 +190,7 @@ STORAGES = {
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
+# ===== REST API (/api) and its schema =====
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "opsagent.common.authentication.ThrottledTokenAuthentication",
@@ -193,7 +203,6 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "opsagent.common.api_errors.exception_handler",
-    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "OpsAgent API",
@@ -201,8 +210,14 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": "/api",
+    # Swagger UI and Redoc served from the drf-spectacular-sidecar package, so /api/docs/ works without internet
+    # access.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
+# ===== Logging =====
 LOG_FORMAT = env("LOG_FORMAT", default="text")
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 LOGGING = {
@@ -225,7 +240,7 @@ LOGGING = {
 # Requests slower than this are logged at WARNING by the request log middleware.
 REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
 
-# Agent
+# ===== Agent and models =====
 # Runs of a dead process (heartbeat): a running answer's row gets `heartbeat_at` and the answer so far every
 # AGENT_HEARTBEAT_SECONDS; one without a heartbeat for AGENT_STALE_RUN_SECONDS is dead (it no longer counts against
 # an app's max_active_requests, and is marked failed keeping that answer).
@@ -246,17 +261,23 @@ AGENT_HISTORY_MAX_MESSAGES = env.int("AGENT_HISTORY_MAX_MESSAGES", default=100)
 AGENT_HISTORY_MAX_CHARS = env.int("AGENT_HISTORY_MAX_CHARS", default=200_000)
 LLM_REQUEST_TIMEOUT = env.float("LLM_REQUEST_TIMEOUT", default=120.0)
 LLM_CONNECTION_TEST_TIMEOUT = env.float("LLM_CONNECTION_TEST_TIMEOUT", default=10.0)
+LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
 
-# Dify Service API
+# ===== Dify Service API (/v1): keep-alive pings and uploads =====
 DIFY_PING_INTERVAL = env.float("DIFY_PING_INTERVAL", default=10.0)
 UPLOAD_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_FILE_SIZE_LIMIT", default=15)
 UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_IMAGE_FILE_SIZE_LIMIT", default=10)
 UPLOAD_AUDIO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_AUDIO_FILE_SIZE_LIMIT", default=50)
 UPLOAD_VIDEO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_VIDEO_FILE_SIZE_LIMIT", default=100)
 WORKFLOW_FILE_UPLOAD_LIMIT = env.int("WORKFLOW_FILE_UPLOAD_LIMIT", default=10)
+# Uploads (/v1/files/upload) per end user and per app within a sliding window; 0 switches a bound off.
+UPLOAD_QUOTA_WINDOW_SECONDS = env.int("UPLOAD_QUOTA_WINDOW_SECONDS", default=24 * 3600)
+UPLOAD_QUOTA_USER_FILES = env.int("UPLOAD_QUOTA_USER_FILES", default=100)
+UPLOAD_QUOTA_USER_MB = env.int("UPLOAD_QUOTA_USER_MB", default=200)
+UPLOAD_QUOTA_APP_FILES = env.int("UPLOAD_QUOTA_APP_FILES", default=10_000)
+UPLOAD_QUOTA_APP_MB = env.int("UPLOAD_QUOTA_APP_MB", default=10_240)
 
-# Limits and throttling (issue 15: request sizes, guessing). See opsagent/common/limits.py and
-# opsagent/common/throttling.py.
+# ===== Request sizes and brakes on guessing (opsagent/common/limits.py, opsagent/common/throttling.py) =====
 # Every request body except an upload's (whose limit follows the upload size limits above) and every non-file field
 # of a form.
 REQUEST_BODY_MAX_BYTES = env.int("REQUEST_BODY_MAX_BYTES", default=1024 * 1024)
@@ -272,7 +293,7 @@ ADMIN_LOGIN_LOCKOUT_SECONDS = env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900
 # Addresses of reverse proxies whose X-Forwarded-For is believed (empty: the connection's address is the client's).
 TRUSTED_PROXY_IPS = env.list("TRUSTED_PROXY_IPS", default=[])
 
-# Input limits (issue 15): bounds on what is inside a client's request, on every surface (README "Input limits").
+# ===== Input limits: bounds on what is inside a client's request, on every surface (docs/configuration.md) =====
 # Any JSON a client sends (/v1 and /api bodies, WebSocket frames) may nest at most this deep.
 JSON_MAX_DEPTH = env.int("JSON_MAX_DEPTH", default=32)
 # A chat query (/v1 `query`, /api and WebSocket `message`), in characters.
@@ -285,26 +306,14 @@ INPUTS_MAX_VALUE_LENGTH = env.int("INPUTS_MAX_VALUE_LENGTH", default=32 * 1024)
 INPUTS_MAX_DEPTH = env.int("INPUTS_MAX_DEPTH", default=5)
 # Feedback text on a message (/v1 `content`), in characters.
 FEEDBACK_CONTENT_MAX_LENGTH = env.int("FEEDBACK_CONTENT_MAX_LENGTH", default=10_000)
-# Uploads (/v1/files/upload) per end user and per app within a sliding window; 0 switches a bound off.
-UPLOAD_QUOTA_WINDOW_SECONDS = env.int("UPLOAD_QUOTA_WINDOW_SECONDS", default=24 * 3600)
-UPLOAD_QUOTA_USER_FILES = env.int("UPLOAD_QUOTA_USER_FILES", default=100)
-UPLOAD_QUOTA_USER_MB = env.int("UPLOAD_QUOTA_USER_MB", default=200)
-UPLOAD_QUOTA_APP_FILES = env.int("UPLOAD_QUOTA_APP_FILES", default=10_000)
-UPLOAD_QUOTA_APP_MB = env.int("UPLOAD_QUOTA_APP_MB", default=10_240)
 
-LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
-
-# Swagger UI and Redoc served from the drf-spectacular-sidecar package, so /api/docs/ works without internet access.
-SPECTACULAR_SETTINGS.update(
-    {"SWAGGER_UI_DIST": "SIDECAR", "SWAGGER_UI_FAVICON_HREF": "SIDECAR", "REDOC_DIST": "SIDECAR"}
-)
-
-# ----- Security headers and HTTPS (issue 15) -----
-# Headers on every response. Uploaded files carry a stricter policy of their own (difyapi.views).
-SECURE_CONTENT_TYPE_NOSNIFF = True
-X_FRAME_OPTIONS = "DENY"
+# ===== Hosts, security headers and HTTPS =====
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+# Django's defaults already send nosniff (SECURE_CONTENT_TYPE_NOSNIFF), X-Frame-Options DENY and
+# Cross-Origin-Opener-Policy same-origin on every response. Uploaded files carry a stricter policy of their own
+# (difyapi.views).
 SECURE_REFERRER_POLICY = env("DJANGO_SECURE_REFERRER_POLICY", default="same-origin")
-SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 # Pages load scripts, styles, images and fonts from this origin only (the admin, the Swagger page at /api/docs/);
 # no inline script or style, no plugins, no framing, forms post back here. Empty turns the header off.
 CONTENT_SECURITY_POLICY = env(
