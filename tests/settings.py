@@ -15,6 +15,10 @@ from opsagent.settings import *  # noqa: E402,F403
 LLM_MAX_RETRIES = 0  # upstream faults surface at once; retries are the production default
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 MEDIA_ROOT = BASE_DIR / "var" / "test-media"  # noqa: F405
+# WhiteNoise serves from the finders here and warns about a missing STATIC_ROOT ("No directory at"): give it an empty
+# one instead of requiring collectstatic before the tests.
+STATIC_ROOT = BASE_DIR / "var" / "test-static"  # noqa: F405
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Every async test runs on its own event loop, and a checkpoint pool belongs to one loop: the suite connects per run
 # unless a test (or a daphne process it starts, see tests/e2e/dify_servers.py) turns the pool on.
 AGENT_CHECKPOINT_POOL_SIZE = int(os.environ.get("AGENT_CHECKPOINT_POOL_SIZE", "0"))

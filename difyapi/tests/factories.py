@@ -69,9 +69,18 @@ class DifyClient:
     def __init__(self, key: str | None, *, enforce_csrf_checks: bool = True):
         self.client = Client(enforce_csrf_checks=enforce_csrf_checks)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._responses = []
 
     def get(self, path: str, params: dict[str, Any] | None = None, **headers: str):
-        return self.client.get(path, params or {}, headers={**self.headers, **headers})
+        response = self.client.get(path, params or {}, headers={**self.headers, **headers})
+        self._responses.append(response)
+        return response
+
+    def close(self) -> None:
+        """Close the responses got so far: a file's holds it open until closed, as a server closes it once sent."""
+        for response in self._responses:
+            response.close()
+        self._responses.clear()
 
     def post(self, path: str, data: Any = None, **headers: str):
         return self.client.post(path, json.dumps(data), content_type="application/json",

@@ -34,7 +34,9 @@ def app():
 
 @pytest.fixture
 def client(app):
-    return DifyClient(make_key(app))
+    client = DifyClient(make_key(app))
+    yield client
+    client.close()
 
 
 def file(name="chart.png", content=PNG, content_type="image/png"):
