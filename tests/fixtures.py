@@ -47,10 +47,16 @@ def _dependencies_up():
 async def close_worker_connections():
     """For async tests on a transactional database (`pytest.mark.usefixtures("close_worker_connections")`): async ORM
     calls leave a connection open in asgiref's worker thread; close it so the test database can be dropped."""
+    import asyncio
+
     from asgiref.sync import sync_to_async
     from django.db import connections
 
     yield
+    # Work a run left in the background (a prune, a saver opened ahead) ends on this loop, which ends with the test.
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=10)
     await sync_to_async(connections.close_all)()
 
 
