@@ -18,12 +18,6 @@ HEADER_SECRET = "hdr-secret-value-55aa"
 
 
 @pytest.fixture
-def admin_client(client, django_user_model):
-    client.force_login(django_user_model.objects.create_superuser(username="root", password="pw-root-12345"))
-    return client
-
-
-@pytest.fixture
 def mcp_server(db):
     return MCPServer.objects.create(name="ops", command="ops-mcp", env={"API_TOKEN": SECRET},
                                     headers={"X-Key": HEADER_SECRET})
@@ -102,7 +96,7 @@ def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user
     assert response.status_code == 200
     assert "approved; the answer ended normal" in response.content.decode()
     approval = Approval.objects.get(id=approval_id)
-    assert approval.status == "approved" and approval.decided_by.username == "root"
+    assert approval.status == "approved" and approval.decided_by.username == "admin"
     message = Message.objects.get(id=body["message_id"])
     assert (message.status, message.answer) == ("normal", "Up.")
     assert counting_target.hits == 1

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.django_db
 KEY_RE = re.compile(r"app-[A-Za-z0-9_-]{20,}")
 
 
-@pytest.fixture
-def admin_client(client, django_user_model):
-    user = django_user_model.objects.create_superuser(username="root", password="pw-root-123", email="r@x.io")
-    client.force_login(user)
-    return client
-
-
 def test_admin_creates_a_key_shows_it_once_then_only_the_mask(admin_client):
     app = make_app(name="demo")
     response = admin_client.post("/admin/difyapi/apikey/add/", {"app": str(app.pk), "name": "ci"})

@@ -15,13 +15,6 @@ CHANGELIST = reverse("admin:llmconfigs_llmconfig_changelist")
 ADD = reverse("admin:llmconfigs_llmconfig_add")
 
 
-@pytest.fixture
-def admin_client(client, django_user_model):
-    user = django_user_model.objects.create_superuser(username="root", password="pw-root-123", email="r@x.io")
-    client.force_login(user)
-    return client
-
-
 def _change_url(config):
     return reverse("admin:llmconfigs_llmconfig_change", args=[config.pk])
 

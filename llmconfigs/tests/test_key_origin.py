@@ -8,7 +8,7 @@ from django.urls import reverse
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.secrets import url_origin
 from llmconfigs.services import llm_config_test_connection, llm_config_update
-from llmconfigs.tests.test_admin import _form, admin_client  # noqa: F401
+from llmconfigs.tests.test_admin import _form
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db
