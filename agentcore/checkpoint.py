@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiosqlite
+import psycopg
 from django.conf import settings
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -17,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from opsagent.common.dependencies import database
+from opsagent.common.dependencies import DependencyUnavailable, database
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +251,10 @@ async def _prune(thread_id: str) -> None:
             async with saver.lock:
                 for sql in _SQLITE_PRUNE:
                     await saver.conn.execute(sql, (thread_id,))
+    except (psycopg.OperationalError, sqlite3.OperationalError, OSError, DependencyUnavailable) as exc:
+        # The database went away (or is busy): an outage the dependency checks already report, not a fault of ours.
+        logger.warning("could not prune the checkpoints of thread %s: %s: %s", thread_id, type(exc).__name__,
+                       str(exc).splitlines()[0][:200] if str(exc) else "")
     except Exception:
         logger.warning("could not prune the checkpoints of thread %s", thread_id, exc_info=True)
 
