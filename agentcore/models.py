@@ -139,6 +139,9 @@ class Message(models.Model):
     )
     model_name = models.CharField(max_length=200, blank=True, default="")
     model_parameters = models.JSONField(default=dict, blank=True, help_text="The parameters sent upstream.")
+    # Every provider call of the turn in order, including those its pool failed over from:
+    # [{"config_id", "config_name", "category" ("" when it answered), "latency_ms"}]. llm_config is the one that served.
+    attempts = models.JSONField(default=list, blank=True, help_text="Each model call: config, error, latency.")
     tools = models.JSONField(
         null=True, blank=True, help_text="The tool names this turn was limited to (empty: the app's tools); an "
         "approval's resumed run keeps them.",

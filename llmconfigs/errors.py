@@ -21,10 +21,6 @@ class ConfigInactive(LLMConfigError):
     code = "config_inactive"
 
 
-class ConfigAmbiguous(LLMConfigError):
-    code = "config_ambiguous"
-
-
 class ConfigWrongKind(LLMConfigError):
     code = "config_wrong_kind"
 

@@ -51,11 +51,25 @@ class LLMConfig(models.Model):
     is_embedding = models.BooleanField(default=False)
     extra_config = models.JSONField(default=dict, blank=True)
 
+    # Routing: active chat configs with the same route form a pool that clients address by that name.
+    route = models.CharField(max_length=200, blank=True, default="",
+                             help_text="The model name clients ask for; blank: this config's own model name. "
+                                       "Active chat configs with the same route form a pool.")
+    priority = models.IntegerField(default=0, help_text="Higher is tried first; lower priorities only when every "
+                                                        "higher member is unavailable.")
+    weight = models.PositiveIntegerField(default=1, help_text="Share of requests within its priority (3 vs 1: 75/25).")
+    # Set by a 401/403 from the provider: the config is left out of its pool (without being deactivated) until a
+    # connection test succeeds or its key changes. Kept in the database so that it survives restarts.
+    auth_failed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The last provider failure, "category: message" with the key scrubbed.
+    last_error = models.CharField(max_length=300, blank=True, default="", editable=False)
+
     input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     currency = models.CharField(max_length=8, default="USD")
 
     usage_count = models.PositiveBigIntegerField(default=0, editable=False)
+    error_count = models.PositiveBigIntegerField(default=0, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     prompt_tokens_total = models.PositiveBigIntegerField(default=0, editable=False)
     completion_tokens_total = models.PositiveBigIntegerField(default=0, editable=False)
@@ -74,7 +88,8 @@ class LLMConfig(models.Model):
     class Meta:
         verbose_name = "LLM configuration"
         ordering = ["-is_default", "name"]
-        indexes = [models.Index(fields=["provider", "is_active"]), models.Index(fields=["model_name"])]
+        indexes = [models.Index(fields=["provider", "is_active"]), models.Index(fields=["model_name"]),
+                   models.Index(fields=["route"])]
         constraints = [
             models.UniqueConstraint(
                 fields=["is_embedding"], condition=Q(is_default=True), name="llmconfig_one_default_per_kind"
@@ -105,6 +120,7 @@ class LLMConfig(models.Model):
                 name="llmconfig_base_url_http",
             ),
             models.CheckConstraint(condition=~Q(name=""), name="llmconfig_name_not_blank"),
+            models.CheckConstraint(condition=Q(weight__gte=1), name="llmconfig_weight_positive"),
             models.CheckConstraint(condition=~Q(model_name=""), name="llmconfig_model_name_not_blank"),
             models.CheckConstraint(
                 condition=Q(input_price_per_million__isnull=True) | Q(input_price_per_million__gte=0),
@@ -122,6 +138,11 @@ class LLMConfig(models.Model):
     def __repr__(self) -> str:
         # Never include the key: reprs end up in tracebacks and logs.
         return f"<LLMConfig {self.pk} {self.name!r} {self.provider}/{self.model_name}>"
+
+    @property
+    def route_name(self) -> str:
+        """The name of the pool this config serves in."""
+        return self.route or self.model_name
 
     def endpoint_origin(self) -> str:
         """The origin of the endpoint this config calls (its base URL, else its provider's default)."""
@@ -165,6 +186,8 @@ class LLMConfig(models.Model):
                 URLValidator(schemes=["http", "https"])(self.base_url)
             except ValidationError:
                 errors["base_url"] = "Enter an http:// or https:// URL."
+        if self.weight is not None and self.weight < 1:
+            errors["weight"] = "The weight must be at least 1."
         if self.is_default and not self.is_active:
             errors["is_default"] = "The default config must be active."
         if not isinstance(self.extra_config, dict):
@@ -199,6 +222,7 @@ class AuditLog(models.Model):
         DEACTIVATE = "deactivate"
         TEST_CONNECTION = "test_connection"
         ROTATE_KEY = "rotate_key"
+        HEALTH = "health"
         OTHER = "other"
 
     id = models.BigAutoField(primary_key=True)

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.cache import cache
 from django.db.models import Q, QuerySet
 
-from llmconfigs.errors import ConfigAmbiguous, ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
+from llmconfigs.errors import ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
 from llmconfigs.models import AuditLog, LLMConfig
 
 CACHE_TTL = 300
@@ -71,7 +71,8 @@ def _from_cache(data: dict[str, Any]) -> LLMConfig:
 _last_generation: int | None = None
 
 
-def _cached(key: str, load) -> LLMConfig | None:
+def _cached(key: str, load) -> Any:
+    """The config (or list of configs) `load` returns, kept in the shared cache under the current generation."""
     global _last_generation
     guess = _last_generation
     entries = cache.get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
@@ -81,11 +82,16 @@ def _cached(key: str, load) -> LLMConfig | None:
     hit = entries.get(full_key) if generation == guess else cache.get(full_key)
     if hit == _MISSING:
         return None
+    if isinstance(hit, list):
+        return [_from_cache(item) for item in hit]
     if hit is not None:
         return _from_cache(hit)
-    config = load()
-    cache.set(full_key, _to_cache(config) if config else _MISSING, CACHE_TTL)
-    return config
+    loaded = load()
+    if isinstance(loaded, list):
+        cache.set(full_key, [_to_cache(config) for config in loaded], CACHE_TTL)
+    else:
+        cache.set(full_key, _to_cache(loaded) if loaded else _MISSING, CACHE_TTL)
+    return loaded
 
 
 def llm_config_get(*, config_id: uuid.UUID | str) -> LLMConfig | None:
@@ -113,60 +119,73 @@ def _usable(config: LLMConfig, *, source: str) -> LLMConfig:
     return config
 
 
-def llm_config_by_model(*, model: str) -> LLMConfig:
-    """A chat config by its unique name, else by model name among chat configs (must be unambiguous)."""
-    model = model.strip()
-    if not model:
-        raise ConfigNotFound("model must not be empty.", field="model")
-    by_name = LLMConfig.objects.filter(name=model).first()
-    if by_name is not None:
-        return _usable(by_name, source="model")
-    matches = list(LLMConfig.objects.filter(model_name=model, is_embedding=False).order_by("name")[:10])
-    active = [c for c in matches if c.is_active]
-    if len(active) == 1:
-        return active[0]
-    if len(active) > 1:
-        names = ", ".join(c.name for c in active)
-        raise ConfigAmbiguous(
-            f"model {model!r} matches several LLM configs ({names}); send model_config_id or a config name.",
-            field="model",
-        )
-    if matches:
-        raise ConfigInactive(f"LLM config for model {model!r} is inactive.", field="model")
-    raise ConfigNotFound(f"No LLM config named or serving model {model!r}.", field="model")
+def llm_pool_members(*, route: str) -> list[LLMConfig]:
+    """The active chat configs serving `route` (their route, or their model name when the route is blank)."""
+    return _cached(
+        f"pool:{route}",
+        lambda: list(LLMConfig.objects.filter(Q(route=route) | Q(route="", model_name=route), is_active=True,
+                                              is_embedding=False).order_by("-priority", "name")),
+    )
 
 
-def llm_config_resolve(
+def llm_pool_resolve(
     *,
     config_id: uuid.UUID | str | None = None,
     model: str | None = None,
     session_config_id: uuid.UUID | str | None = None,
     app_config_id: uuid.UUID | str | None = None,
-) -> LLMConfig:
-    """The chat config that answers a turn: explicit id > model (name / model name) > session > app > default."""
+) -> list[LLMConfig]:
+    """The chat configs that may answer a turn, in the order to try them (see llmconfigs.routing.pool_order).
+
+    Choice: explicit id > model (a config name, else a route) > session > app > the default config's pool. A config
+    chosen by id or name goes first, the rest of its pool after it."""
+    from llmconfigs.routing import pool_order
+
+    first: LLMConfig | None = None
     if config_id:
-        config = llm_config_get(config_id=config_id)
-        if config is None:
+        first = llm_config_get(config_id=config_id)
+        if first is None:
             raise ConfigNotFound(f"LLM config {config_id} does not exist.", field="model_config_id")
         try:
-            return _usable(config, source="model_config_id")
+            _usable(first, source="model_config_id")
         except (ConfigInactive, ConfigWrongKind) as exc:
             exc.field = "model_config_id"
             raise
-    if model:
-        return llm_config_by_model(model=model)
-    for source, candidate in (("conversation", session_config_id), ("app", app_config_id)):
-        if candidate:
-            config = llm_config_get(config_id=candidate)
-            if config is not None:
-                return _usable(config, source=source)
-    default = llm_config_default()
-    if default is None:
-        raise NoUsableConfig(
-            "No LLM is configured: add an active chat config and set it as the default in the admin "
-            "(or run `manage.py seed` with LLM_TYPE/LLM_API_KEY/LLM_MODEL)."
-        )
-    return default
+    elif model:
+        model = model.strip()
+        if not model:
+            raise ConfigNotFound("model must not be empty.", field="model")
+        first = LLMConfig.objects.filter(name=model).first()
+        if first is not None:
+            _usable(first, source="model")
+        else:
+            members = llm_pool_members(route=model)
+            if members:
+                return pool_order(members)
+            if LLMConfig.objects.filter(Q(route=model) | Q(route="", model_name=model), is_embedding=False).exists():
+                raise ConfigInactive(f"Every LLM config serving model {model!r} is inactive.", field="model")
+            raise ConfigNotFound(f"No LLM config named or serving model {model!r}.", field="model")
+    else:
+        for source, candidate in (("conversation", session_config_id), ("app", app_config_id)):
+            if candidate:
+                first = llm_config_get(config_id=candidate)
+                if first is not None:
+                    _usable(first, source=source)
+                    break
+    if first is None:
+        default = llm_config_default()
+        if default is None:
+            raise NoUsableConfig(
+                "No LLM is configured: add an active chat config and set it as the default in the admin "
+                "(or run `manage.py seed` with LLM_TYPE/LLM_API_KEY/LLM_MODEL)."
+            )
+        return pool_order(llm_pool_members(route=default.route_name) or [default])
+    return pool_order(llm_pool_members(route=first.route_name), first=first)
+
+
+def llm_config_resolve(**choice: Any) -> LLMConfig:
+    """The config a turn would try first (see llm_pool_resolve): for checks made before the turn runs."""
+    return llm_pool_resolve(**choice)[0]
 
 
 def audit_log_list(*, action: str | None = None, target_type: str | None = None,

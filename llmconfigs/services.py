@@ -6,6 +6,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -130,7 +131,7 @@ def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_add
 _AUDITED_FIELDS = [
     "name", "provider", "model_name", "base_url", "api_key_origin", "max_tokens", "temperature", "top_p",
     "frequency_penalty", "presence_penalty", "description", "is_active", "is_default", "is_embedding", "extra_config",
-    "input_price_per_million", "output_price_per_million", "currency",
+    "input_price_per_million", "output_price_per_million", "currency", "route", "priority", "weight",
 ]
 
 
@@ -160,6 +161,7 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
         changes = _changed(before, locked, _AUDITED_FIELDS)
         if key_changed:
             changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}
+            _health_clear(config=locked, actor=actor, source=source, ip_address=ip_address, user_agent=user_agent)
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
                          ip_address=ip_address, user_agent=user_agent)
@@ -230,9 +232,11 @@ def llm_config_record_usage(
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     cost: Decimal = Decimal(0),
+    failed: bool = False,
+    last_error: str = "",
 ) -> None:
-    """Count one call and its tokens atomically in the database (no read-modify-write, no lost updates)."""
-    LLMConfig.objects.filter(pk=config_id).update(
+    """Count one call (a failed one too) and its tokens atomically in the database (no read-modify-write)."""
+    fields: dict[str, Any] = dict(
         usage_count=F("usage_count") + 1,
         last_used_at=timezone.now(),
         prompt_tokens_total=F("prompt_tokens_total") + max(prompt_tokens, 0),
@@ -240,6 +244,56 @@ def llm_config_record_usage(
         total_tokens_total=F("total_tokens_total") + max(prompt_tokens, 0) + max(completion_tokens, 0),
         cost_total=F("cost_total") + cost,
     )
+    if failed:
+        fields.update(error_count=F("error_count") + 1, last_error=last_error[:300])
+    LLMConfig.objects.filter(pk=config_id).update(**fields)
+
+
+def _health_audit(*, config: LLMConfig, old: str, new: str, error: str = "", actor=None, source: str = "",
+                  until: float | None = None) -> None:
+    changes: dict[str, Any] = {"health": {"old": old, "new": new}}
+    if error:
+        changes["last_error"] = error
+    if until is not None:
+        changes["until"] = datetime.fromtimestamp(until, UTC).isoformat()
+    audit_record(actor=actor, action=AuditLog.Action.HEALTH, target=config, changes=changes, source=source)
+
+
+def llm_config_cool_down(*, config: LLMConfig, error, until: float) -> None:
+    """Record that `config` left its pool's rotation until `until` (the cooldown itself is in the cache)."""
+    _health_audit(config=config, old="ok", new="cooling_down", error=f"{error.category}: {error.message}"[:300],
+                  until=until, source="router")
+    logger.warning("LLM config %s cools down: %s", config.pk, error.category)
+
+
+def llm_config_mark_auth_failed(*, config: LLMConfig, error) -> None:
+    """The provider refused the key of `config`: leave it out of its pool until a successful connection test or a
+    new key. Only the first refusal changes the row and writes the audit record."""
+    message = f"{error.category}: {error.message}"[:300]
+    with transaction.atomic():
+        changed = LLMConfig.objects.filter(pk=config.pk, auth_failed_at__isnull=True).update(
+            auth_failed_at=timezone.now(), last_error=message
+        )
+        if changed:
+            _health_audit(config=config, old="ok", new="auth_failed", error=message, source="router")
+            _invalidate_cache()
+    if changed:
+        logger.warning("LLM config %s marked auth_failed", config.pk)
+
+
+def _health_clear(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+                  user_agent: str = "") -> None:
+    """A key that works again (a successful test, a new key): back in rotation, cooldown and refusal forgotten."""
+    from llmconfigs.routing import cooldown_clear
+
+    cooldown_clear(config.pk)
+    with transaction.atomic():
+        changed = LLMConfig.objects.filter(pk=config.pk, auth_failed_at__isnull=False).update(auth_failed_at=None)
+        if changed:
+            audit_record(actor=actor, action=AuditLog.Action.HEALTH, target=config,
+                         changes={"health": {"old": "auth_failed", "new": "ok"}}, source=source,
+                         ip_address=ip_address, user_agent=user_agent)
+            _invalidate_cache()
 
 
 def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
@@ -347,6 +401,15 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
         logger.warning("Connection test of LLM config %s failed: %s: %s", config.pk, result.category, result.message)
     audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=config, changes=result.as_dict(),
                  source=source, ip_address=ip_address, user_agent=user_agent)
+    if result.ok:
+        llm_config_record_usage(config_id=config.pk)
+        _health_clear(config=config, actor=actor, source=source, ip_address=ip_address, user_agent=user_agent)
+    elif not config.is_embedding:
+        from llmconfigs.errors import ProviderCallError
+        from llmconfigs.routing import provider_failure_record
+
+        provider_failure_record(config=config, error=ProviderCallError(result.category, result.message,
+                                                                       status_code=result.status_code))
     return result
 
 

@@ -262,6 +262,14 @@ AGENT_HISTORY_MAX_CHARS = env.int("AGENT_HISTORY_MAX_CHARS", default=200_000)
 LLM_REQUEST_TIMEOUT = env.float("LLM_REQUEST_TIMEOUT", default=120.0)
 LLM_CONNECTION_TEST_TIMEOUT = env.float("LLM_CONNECTION_TEST_TIMEOUT", default=10.0)
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
+# Model pools (llmconfigs.routing): a member that answers 429, or fails LLM_COOLDOWN_FAILURES times within
+# LLM_COOLDOWN_WINDOW seconds, leaves its pool's rotation for LLM_COOLDOWN_SECONDS (shared through the cache). A
+# member with another member after it gets LLM_FIRST_TOKEN_TIMEOUT seconds to start answering before the request
+# moves on.
+LLM_COOLDOWN_FAILURES = env.int("LLM_COOLDOWN_FAILURES", default=3)
+LLM_COOLDOWN_SECONDS = env.float("LLM_COOLDOWN_SECONDS", default=60.0)
+LLM_COOLDOWN_WINDOW = env.float("LLM_COOLDOWN_WINDOW", default=60.0)
+LLM_FIRST_TOKEN_TIMEOUT = env.float("LLM_FIRST_TOKEN_TIMEOUT", default=30.0)
 
 # ===== Dify Service API (/v1): keep-alive pings and uploads =====
 DIFY_PING_INTERVAL = env.float("DIFY_PING_INTERVAL", default=10.0)

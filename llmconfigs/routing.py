@@ -1,0 +1,243 @@
+"""Model routing: the order in which a pool's members are tried, their health, and the chat model that fails over
+from one member to the next before the first token.
+
+A pool is the active chat configs with the same route. Members are tried by priority (higher first); within a
+priority, in a random order drawn by weight (3 vs 1 puts the first one first three times out of four). A member
+that is cooling down (a 429, or LLM_COOLDOWN_FAILURES failures within LLM_COOLDOWN_WINDOW seconds) is tried only
+after every available one; a member whose key the provider refused (auth_failed) is not tried at all until a
+connection test succeeds or its key changes. The cooldown lives in Django's cache, so every worker sees it."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+import httpx
+import openai
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
+
+from llmconfigs.errors import LLMConfigError, ProviderCallError
+from llmconfigs.models import LLMConfig
+
+# Provider errors after which the same request goes to the next member (before its first token).
+FAILOVER_CATEGORIES = frozenset({"auth", "rate_limit", "timeout", "unreachable", "upstream_error"})
+# Exceptions that are the provider's doing (anything else is a fault of ours and is not retried elsewhere).
+PROVIDER_EXCEPTIONS = (openai.OpenAIError, httpx.HTTPError, TimeoutError, ConnectionError, ProviderCallError)
+
+_COOL_KEY = "llmhealth:cool:{}"
+_FAILURES_KEY = "llmhealth:failures:{}"
+
+
+# ----- health (reads) -----
+
+def cooling_until(config_ids: Sequence[Any]) -> dict[str, float]:
+    """Members cooling down now -> until when (epoch seconds): one round trip to the cache for the whole pool."""
+    if not config_ids:
+        return {}
+    keys = {_COOL_KEY.format(pk): str(pk) for pk in config_ids}
+    now = time.time()
+    return {keys[key]: until for key, until in cache.get_many(list(keys)).items() if until and until > now}
+
+
+def health_of(config: LLMConfig, *, cooling: dict[str, float] | None = None) -> dict[str, Any]:
+    """{"state": "ok" | "cooling_down" | "auth_failed", "until": ISO time or None, "last_error": str}."""
+    if cooling is None:
+        cooling = cooling_until([config.pk])
+    if config.auth_failed_at is not None:
+        state, until = "auth_failed", None
+    elif str(config.pk) in cooling:
+        state, until = "cooling_down", datetime.fromtimestamp(cooling[str(config.pk)], UTC).isoformat()
+    else:
+        state, until = "ok", None
+    return {"state": state, "until": until, "last_error": config.last_error}
+
+
+def pool_order(members: list[LLMConfig], *, first: LLMConfig | None = None) -> list[LLMConfig]:
+    """`members` in the order to try them: `first` (when available), then by priority with a weighted random order
+    within each priority, then the members cooling down. Members whose key was refused are left out, unless every
+    member is out: then the pool is only those, so that the turn fails with their error without calling anyone."""
+    if first is not None and all(m.pk != first.pk for m in members):
+        members = [first, *members]
+    cooling = cooling_until([m.pk for m in members])
+    refused = [m for m in members if m.auth_failed_at is not None]
+    usable = [m for m in members if m.auth_failed_at is None]
+    if not usable:
+        return refused
+    cooled = [m for m in usable if str(m.pk) in cooling]
+    available = [m for m in usable if str(m.pk) not in cooling]
+    ordered: list[LLMConfig] = []
+    if first is not None and any(m.pk == first.pk for m in available):
+        ordered.append(first)
+        available = [m for m in available if m.pk != first.pk]
+    for priority in sorted({m.priority for m in available}, reverse=True):
+        ordered.extend(_weighted_order([m for m in available if m.priority == priority]))
+    ordered.extend(sorted(cooled, key=lambda m: cooling[str(m.pk)]))
+    return ordered
+
+
+def _weighted_order(members: list[LLMConfig]) -> list[LLMConfig]:
+    """A random order in which each member comes first in proportion to its weight (sampling without replacement)."""
+    left = list(members)
+    ordered = []
+    while left:
+        pick = random.choices(range(len(left)), weights=[max(m.weight, 1) for m in left])[0]
+        ordered.append(left.pop(pick))
+    return ordered
+
+
+# ----- health (writes, from a provider call) -----
+
+def provider_failure_record(*, config: LLMConfig, error: ProviderCallError) -> None:
+    """Count a failed call on `config` and update its health: a 429 cools it down at once, LLM_COOLDOWN_FAILURES
+    failures within LLM_COOLDOWN_WINDOW seconds too; a 401/403 marks it auth_failed (in the database)."""
+    from llmconfigs.services import llm_config_cool_down, llm_config_mark_auth_failed, llm_config_record_usage
+
+    llm_config_record_usage(config_id=config.pk, failed=True, last_error=f"{error.category}: {error.message}")
+    if error.category == "auth":
+        llm_config_mark_auth_failed(config=config, error=error)
+        return
+    if error.category not in FAILOVER_CATEGORIES:
+        return
+    if error.category != "rate_limit":
+        key = _FAILURES_KEY.format(config.pk)
+        cache.add(key, 0, settings.LLM_COOLDOWN_WINDOW)
+        try:
+            failures = cache.incr(key)
+        except ValueError:  # expired between add and incr: this failure starts a new window
+            cache.set(key, 1, settings.LLM_COOLDOWN_WINDOW)
+            failures = 1
+        if failures < settings.LLM_COOLDOWN_FAILURES:
+            return
+    until = time.time() + settings.LLM_COOLDOWN_SECONDS
+    # add, not set: the first worker to cool the member down keeps its window and writes the one audit record.
+    if cache.add(_COOL_KEY.format(config.pk), until, settings.LLM_COOLDOWN_SECONDS):
+        cache.delete(_FAILURES_KEY.format(config.pk))
+        llm_config_cool_down(config=config, error=error, until=until)
+
+
+def cooldown_clear(config_id: Any) -> None:
+    cache.delete_many([_COOL_KEY.format(config_id), _FAILURES_KEY.format(config_id)])
+
+
+# ----- the pool's chat model -----
+
+class PoolChatModel(BaseChatModel):
+    """A chat model over the members of a pool, in their try order. A provider error before the first token (no
+    text, tool call or reasoning yet) sends the same request to the next member; once a token has gone out, errors
+    go out as they are. `attempts` records every call (config, error category, latency), `served` the member that
+    answered. One instance serves one turn.
+
+    `build(config, last)` returns the member's chat model; members before the last are built without the SDK's own
+    retries (the next member is the retry) and wait at most LLM_FIRST_TOKEN_TIMEOUT for their first token."""
+
+    members: list[Any]
+    build: Callable[[LLMConfig, bool], BaseChatModel]
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+    served: Any = None
+    streaming: bool = True
+
+    @property
+    def _llm_type(self) -> str:
+        return "opsagent-pool"
+
+    @cached_property
+    def _serialized(self) -> dict[str, Any]:
+        # What callbacks are told about the model: its members' names, never their configs or keys.
+        return {"lc": 1, "type": "not_implemented", "id": ["llmconfigs", "PoolChatModel"],
+                "repr": f"PoolChatModel({', '.join(m.name for m in self.members)})"}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"members": [str(m.pk) for m in self.members]}
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        return self.bind(tools=[convert_to_openai_tool(tool) for tool in tools], **kwargs)
+
+    def _generate(self, *args: Any, **kwargs: Any) -> ChatResult:
+        raise NotImplementedError("PoolChatModel is asynchronous only.")
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        from langchain_core.language_models.chat_models import agenerate_from_stream
+
+        return await agenerate_from_stream(self._astream(messages, stop=stop, **kwargs))
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        if not self.members:
+            raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
+        refused = [m for m in self.members if m.auth_failed_at is not None]
+        if len(refused) == len(self.members):
+            last = refused[-1]
+            raise ProviderCallError("auth", f"The provider refused the API key of every member of this pool "
+                                            f"(last: {last.name}: {last.last_error}); an admin must test or change "
+                                            "their keys.", status_code=401)
+        for index, config in enumerate(self.members):
+            last = index == len(self.members) - 1
+            started = time.monotonic()
+            try:
+                model = self.build(config, last)
+            except LLMConfigError as exc:  # e.g. a parameter outside this member's provider's range
+                self._attempt(config, "bad_request", started)
+                if last:
+                    raise
+                continue
+            stream = model._astream(messages, stop=stop, **kwargs)
+            try:
+                head = await _first_token(stream, timeout=None if last else settings.LLM_FIRST_TOKEN_TIMEOUT)
+            except PROVIDER_EXCEPTIONS as exc:
+                await stream.aclose()
+                from llmconfigs.factory import provider_error
+
+                error = provider_error(exc, api_key=config.api_key)
+                self._attempt(config, error.category, started)
+                await database_sync_to_async(provider_failure_record)(config=config, error=error)
+                if last or error.category not in FAILOVER_CATEGORIES:
+                    raise
+                continue
+            self._attempt(config, "", started)
+            self.served = config
+            for chunk in head:
+                yield chunk
+            async for chunk in stream:
+                yield chunk
+            return
+
+    def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
+        self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
+                              "latency_ms": round((time.monotonic() - started) * 1000, 1)})
+
+
+async def _first_token(stream: AsyncIterator[ChatGenerationChunk], *, timeout: float | None,
+                       ) -> list[ChatGenerationChunk]:
+    """The chunks of `stream` up to and including its first token (or all of them, if it ends without one). Raises
+    TimeoutError when no token came within `timeout` seconds."""
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    head: list[ChatGenerationChunk] = []
+    while True:
+        step = anext(stream, None)
+        if deadline is None:
+            chunk = await step
+        else:
+            remaining = deadline - asyncio.get_running_loop().time()
+            chunk = await asyncio.wait_for(step, max(remaining, 0))
+        if chunk is None:
+            return head
+        head.append(chunk)
+        message = chunk.message
+        if message.content or message.additional_kwargs or (
+                isinstance(message, AIMessageChunk) and message.tool_call_chunks):
+            return head
