@@ -344,5 +344,6 @@ def model_to_dify(config: LLMConfig, is_default: bool) -> dict[str, Any]:
         "name": config.name,
         "provider": config.provider,
         "model_name": config.model_name,
+        "route": config.route_name,
         "is_default": is_default,
     }

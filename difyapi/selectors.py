@@ -144,7 +144,7 @@ def app_models(*, app: AgentApp) -> list[tuple[LLMConfig, bool]]:
     (its own config when set, else the default chat config). Keys are never read."""
     configs = list(
         LLMConfig.objects.filter(is_active=True, is_embedding=False)
-        .only("id", "name", "provider", "model_name", "is_default")
+        .only("id", "name", "provider", "model_name", "route", "is_default")
         .order_by("-is_default", "name")
     )
     if app.llm_config_id and any(c.pk == app.llm_config_id for c in configs):

@@ -15,6 +15,7 @@ from django.utils.html import format_html, format_html_join
 from llmconfigs.errors import LLMConfigError
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS
+from llmconfigs.routing import health_of
 from llmconfigs.services import (
     llm_config_activate,
     llm_config_create,
@@ -46,7 +47,7 @@ class LLMConfigForm(forms.ModelForm):
         fields = [
             "name", "provider", "model_name", "base_url", "description", "temperature", "top_p", "max_tokens",
             "frequency_penalty", "presence_penalty", "is_active", "is_embedding", "input_price_per_million",
-            "output_price_per_million", "currency", "extra_config",
+            "output_price_per_million", "currency", "extra_config", "route", "priority", "weight",
         ]
         labels = {"base_url": "Base URL", "top_p": "top_p", "max_tokens": "max_tokens"}
 
@@ -112,19 +113,25 @@ def _copy_saved(target: LLMConfig, saved: LLMConfig) -> None:
 class LLMConfigAdmin(admin.ModelAdmin):
     form = LLMConfigForm
     list_display = [
-        "name", "provider", "model_name", "active", "default", "embedding", "calls", "last_used_at", "tokens", "cost",
-        "key",
+        "name", "provider", "model_name", "pool", "priority", "weight", "health", "active", "default", "embedding",
+        "calls", "errors", "last_used_at", "tokens", "cost", "key",
     ]
     list_filter = ["provider", "is_active", "is_default", "is_embedding"]
-    search_fields = ["name", "model_name"]
+    search_fields = ["name", "model_name", "route"]
     ordering = ["-is_default", "name"]
     readonly_fields = [
-        "masked_key", "provider_help", "is_default", "usage_count", "last_used_at", "prompt_tokens_total",
+        "masked_key", "provider_help", "is_default", "health", "usage_count", "error_count", "last_used_at",
+        "prompt_tokens_total",
         "completion_tokens_total", "total_tokens_total", "cost_total", "created_at", "updated_at", "created_by",
         "updated_by",
     ]
     fieldsets = [
         ("Model", {"fields": ["name", "provider", "model_name", "base_url", "description"]}),
+        ("Routing", {
+            "fields": ["route", "priority", "weight", "health"],
+            "description": "Active chat configs with the same route form a pool: clients ask for the route as their "
+                           "model, and a failing member hands the request to the next one before the first token.",
+        }),
         ("Provider defaults and accepted ranges", {
             "fields": ["provider_help"],
             "description": "A blank base URL uses the provider's default. ( and ) exclude the bound.",
@@ -142,7 +149,7 @@ class LLMConfigAdmin(admin.ModelAdmin):
         ("Advanced", {"fields": ["extra_config"], "classes": ["collapse"],
                       "description": 'JSON with any of: extra_body (object sent with every request), '
                                      'vision (true/false), embedding_batch_size (integer).'}),
-        ("Usage", {"fields": ["usage_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total",
+        ("Usage", {"fields": ["usage_count", "error_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total",
                               "total_tokens_total", "cost_total"]}),
         ("History", {"fields": ["created_at", "created_by", "updated_at", "updated_by"], "classes": ["collapse"]}),
     ]
@@ -180,6 +187,24 @@ class LLMConfigAdmin(admin.ModelAdmin):
     @admin.display(description="Calls", ordering="usage_count")
     def calls(self, obj: LLMConfig) -> str:
         return f"{obj.usage_count:,}"
+
+    @admin.display(description="Errors", ordering="error_count")
+    def errors(self, obj: LLMConfig) -> str:
+        return f"{obj.error_count:,}"
+
+    @admin.display(description="Pool", ordering="route")
+    def pool(self, obj: LLMConfig) -> str:
+        return obj.route_name
+
+    @admin.display(description="Health")
+    def health(self, obj: LLMConfig) -> str:
+        if obj.pk is None:
+            return "-"
+        health = health_of(obj)
+        if health["state"] == "ok":
+            return "ok"
+        detail = f" until {health['until']}" if health["until"] else ""
+        return f"{health['state']}{detail} ({health['last_error']})"
 
     @admin.display(description="Key", ordering="api_key_mask")
     def key(self, obj: LLMConfig) -> str:

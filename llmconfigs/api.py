@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS, Provider
+from llmconfigs.routing import cooling_until, health_of
 from llmconfigs.selectors import audit_log_list, llm_config_default, llm_config_list
 from llmconfigs.services import (
     llm_config_activate,
@@ -25,6 +26,15 @@ from opsagent.common.permissions import ActionPermissions
 # ----- serializers -----
 
 
+class HealthSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=["ok", "cooling_down", "auth_failed"])
+    until = serializers.DateTimeField(allow_null=True, help_text="End of the cooldown (null unless cooling_down).")
+    last_error = serializers.CharField(help_text="The last provider failure: category and message, key scrubbed.")
+
+    def to_representation(self, instance):
+        return health_of(instance)
+
+
 class LLMConfigSerializer(serializers.ModelSerializer):
     api_key = serializers.CharField(
         write_only=True,
@@ -34,14 +44,15 @@ class LLMConfigSerializer(serializers.ModelSerializer):
         help_text="Write-only. Never returned; see api_key_mask. Blank or absent on update keeps the stored key.",
     )
     api_key_mask = serializers.CharField(read_only=True, help_text="First 3 and last 4 characters of the key.")
+    health = HealthSerializer(read_only=True, source="*", help_text="Whether the config is in its pool's rotation.")
 
     class Meta:
         model = LLMConfig
         fields = [
             "id", "name", "provider", "model_name", "api_key", "api_key_mask", "base_url", "max_tokens",
             "temperature", "top_p", "frequency_penalty", "presence_penalty", "description", "is_active", "is_default",
-            "is_embedding", "extra_config", "input_price_per_million", "output_price_per_million", "currency",
-            "usage_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total", "total_tokens_total",
+            "is_embedding", "extra_config", "route", "priority", "weight", "input_price_per_million",
+            "output_price_per_million", "currency", "health", "usage_count", "error_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total", "total_tokens_total",
             "cost_total", "created_at", "updated_at", "created_by", "updated_by",
         ]
         # The default moves only through set-default (one locked transaction), never as a side effect of an edit.
@@ -62,7 +73,7 @@ class LLMConfigRowsSerializer(serializers.ListSerializer):
     machinery for each costs several times the query itself."""
 
     def to_representation(self, data):
-        fields = [field for field in self.child.fields.values() if not field.write_only]
+        fields = [field for field in self.child.fields.values() if field.field_name in self.value_names()]
         names = [field.field_name for field in fields]
         converted = []
         for index, field in enumerate(fields):
@@ -73,17 +84,33 @@ class LLMConfigRowsSerializer(serializers.ListSerializer):
                 field.timezone = field.default_timezone()
             converted.append((index, field.to_representation))
         rows = []
+        health_columns = []
         for row in data:
             values = list(row)
+            health_columns.append(values[-len(_HEALTH_COLUMNS):])
+            values = values[:-len(_HEALTH_COLUMNS)]
             for index, convert in converted:
                 if values[index] is not None:
                     values[index] = convert(values[index])
             rows.append(dict(zip(names, values, strict=True)))
+        cooling = cooling_until([row["id"] for row in rows])
+        for row, (auth_failed_at, last_error) in zip(rows, health_columns, strict=True):
+            row["health"] = health_of(LLMConfig(pk=row["id"], auth_failed_at=auth_failed_at, last_error=last_error),
+                                      cooling=cooling)
         return rows
 
     @classmethod
     def value_names(cls) -> list[str]:
-        return [name for name, field in LLMConfigSerializer().fields.items() if not field.write_only]
+        return [name for name, field in LLMConfigSerializer().fields.items()
+                if not field.write_only and name != "health"]
+
+    @classmethod
+    def column_names(cls) -> list[str]:
+        """What the list reads: the serializer's columns, then what its health is made of."""
+        return [*cls.value_names(), *_HEALTH_COLUMNS]
+
+
+_HEALTH_COLUMNS = ("auth_failed_at", "last_error")
 
 
 class ConnectionTestSerializer(serializers.Serializer):
@@ -179,7 +206,7 @@ class LLMConfigViewSet(viewsets.ModelViewSet):
         )
 
     def list(self, request, *args, **kwargs):
-        page = self.paginate_queryset(self.get_queryset().values_list(*LLMConfigRowsSerializer.value_names()))
+        page = self.paginate_queryset(self.get_queryset().values_list(*LLMConfigRowsSerializer.column_names()))
         rows = LLMConfigRowsSerializer(page, child=LLMConfigSerializer(context=self.get_serializer_context()))
         return self.get_paginated_response(rows.data)
 

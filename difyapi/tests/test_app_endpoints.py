@@ -220,7 +220,7 @@ def test_models_lists_active_chat_configs_without_keys(app, client, make_llm_con
     data = response.json()["data"]
     assert [item["name"] for item in data] == ["main", "other"]
     assert data[0] == {"id": str(default.id), "name": "main", "provider": "openai", "model_name": "gpt-main",
-                       "is_default": True}
+                       "route": "gpt-main", "is_default": True}
     assert data[1]["is_default"] is False
     assert b"sk-test" not in response.content
     app.llm_config = other

@@ -28,6 +28,7 @@ def _form(config, **overrides):
         "presence_penalty": config.presence_penalty, "is_active": "on" if config.is_active else "",
         "is_embedding": "on" if config.is_embedding else "", "input_price_per_million": "",
         "output_price_per_million": "", "currency": config.currency, "extra_config": "{}", "new_api_key": "",
+        "route": config.route, "priority": config.priority, "weight": config.weight,
     }
     data.update(overrides)
     return {k: v for k, v in data.items() if v != ""} | {"new_api_key": data["new_api_key"]}
@@ -124,7 +125,7 @@ def test_add_through_the_admin(admin_client, fake_upstream):
     data = {
         "name": "added", "provider": "deepseek", "model_name": "deepseek-chat", "base_url": fake_upstream.base_url,
         "temperature": "0.7", "top_p": "1", "frequency_penalty": "0", "presence_penalty": "0", "is_active": "on",
-        "currency": "USD", "extra_config": "{}", "new_api_key": KEY,
+        "currency": "USD", "extra_config": "{}", "new_api_key": KEY, "priority": "0", "weight": "1",
     }
     response = admin_client.post(ADD, data)
     assert response.status_code == 302, response.content.decode()[:3000]
