@@ -7,7 +7,7 @@ import json
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Prefetch
-from django.utils.html import format_html_join
+from django.utils.html import format_html, format_html_join
 
 from agentcore.api.turns import turn_drain
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
@@ -107,11 +107,27 @@ class ThoughtInline(ReadOnlyInline):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "session", "status", "model_name", "total_tokens", "total_price", "created_at"]
+    list_display = ["__str__", "session", "status", "model_name", "llm_config", "total_tokens", "total_price",
+                    "created_at"]
     list_filter = ["status"]
-    list_select_related = ["session"]
+    list_select_related = ["session", "llm_config"]
     search_fields = ["query", "answer"]
     inlines = [ThoughtInline]
+    exclude = ["attempts"]
+    readonly_fields = ["model_calls"]
+
+    @admin.display(description="Model calls")
+    def model_calls(self, obj: Message) -> str:
+        """Every provider call of the turn: which config, how it ended, how long it took (failovers included)."""
+        if not obj.attempts:
+            return "-"
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{} ms</td></tr>",
+            ((a.get("config_name", ""), a.get("category") or "answered", a.get("latency_ms", ""))
+             for a in obj.attempts),
+        )
+        return format_html("<table><thead><tr><th>Config</th><th>Outcome</th><th>Latency</th></tr></thead>"
+                           "<tbody>{}</tbody></table>", rows)
 
     def has_add_permission(self, request):
         return False

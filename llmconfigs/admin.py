@@ -149,8 +149,8 @@ class LLMConfigAdmin(admin.ModelAdmin):
         ("Advanced", {"fields": ["extra_config"], "classes": ["collapse"],
                       "description": 'JSON with any of: extra_body (object sent with every request), '
                                      'vision (true/false), embedding_batch_size (integer).'}),
-        ("Usage", {"fields": ["usage_count", "error_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total",
-                              "total_tokens_total", "cost_total"]}),
+        ("Usage", {"fields": ["usage_count", "error_count", "last_used_at", "prompt_tokens_total",
+                              "completion_tokens_total", "total_tokens_total", "cost_total"]}),
         ("History", {"fields": ["created_at", "created_by", "updated_at", "updated_by"], "classes": ["collapse"]}),
     ]
     actions = ["set_as_default", "activate", "deactivate", "test_connection"]

@@ -52,8 +52,9 @@ class LLMConfigSerializer(serializers.ModelSerializer):
             "id", "name", "provider", "model_name", "api_key", "api_key_mask", "base_url", "max_tokens",
             "temperature", "top_p", "frequency_penalty", "presence_penalty", "description", "is_active", "is_default",
             "is_embedding", "extra_config", "route", "priority", "weight", "input_price_per_million",
-            "output_price_per_million", "currency", "health", "usage_count", "error_count", "last_used_at", "prompt_tokens_total", "completion_tokens_total", "total_tokens_total",
-            "cost_total", "created_at", "updated_at", "created_by", "updated_by",
+            "output_price_per_million", "currency", "health", "usage_count", "error_count", "last_used_at",
+            "prompt_tokens_total", "completion_tokens_total", "total_tokens_total", "cost_total", "created_at",
+            "updated_at", "created_by", "updated_by",
         ]
         # The default moves only through set-default (one locked transaction), never as a side effect of an edit.
         read_only_fields = ["is_default"]

@@ -190,7 +190,7 @@ class PoolChatModel(BaseChatModel):
             started = time.monotonic()
             try:
                 model = self.build(config, last)
-            except LLMConfigError as exc:  # e.g. a parameter outside this member's provider's range
+            except LLMConfigError:  # e.g. a parameter outside this member's provider's range
                 self._attempt(config, "bad_request", started)
                 if last:
                     raise

@@ -114,7 +114,7 @@ class MessageSerializer(serializers.ModelSerializer):
         fields = ["id", "session_id", "task_id", "query", "answer", "status", "error", "error_category",
                   "llm_config_id", "model_name", "model_parameters", "prompt_tokens", "completion_tokens",
                   "total_tokens", "total_price", "currency", "latency", "time_to_first_token", "created_at",
-                  "thoughts"]
+                  "attempts", "thoughts"]
 
 
 class TaskSerializer(serializers.ModelSerializer):
