@@ -11,7 +11,10 @@ from agentcore.models import Message, Session
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import chat_model, provider_error
 from llmconfigs.models import LLMConfig
-from llmconfigs.selectors import llm_config_resolve
+from llmconfigs.pricing import usage_cost
+from llmconfigs.routing import FAILOVER_CATEGORIES, provider_failure_record
+from llmconfigs.selectors import llm_pool_resolve
+from llmconfigs.services import llm_config_record_usage
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +44,42 @@ def session_fallback_name(query: str) -> str:
     return query if len(query) <= FALLBACK_NAME_LENGTH else query[:FALLBACK_NAME_LENGTH] + "..."
 
 
-def _session_config(session: Session) -> LLMConfig:
-    return llm_config_resolve(session_config_id=session.llm_config_id, app_config_id=session.app.llm_config_id)
+def _session_pool(session: Session) -> list[LLMConfig]:
+    return llm_pool_resolve(session_config_id=session.llm_config_id, app_config_id=session.app.llm_config_id)
 
 
-def _complete(config: LLMConfig, messages: list[BaseMessage]) -> str:
-    """One non-streaming call; provider failures come back as ProviderCallError with the key scrubbed."""
-    model = chat_model(config, streaming=False, timeout=GENERATION_TIMEOUT)
+def _complete(pool: list[LLMConfig], messages: list[BaseMessage]) -> str:
+    """One non-streaming call, by the first member of the pool that answers; every call is counted on its config.
+    Provider failures come back as ProviderCallError with the key scrubbed."""
+    error = ProviderCallError("unavailable", "No model is available.")
+    for index, config in enumerate(pool):
+        error = _complete_with(config, messages, retries=index == len(pool) - 1)
+        if isinstance(error, str):
+            return error
+        if error.category not in FAILOVER_CATEGORIES:
+            break
+    raise error
+
+
+def _complete_with(config: LLMConfig, messages: list[BaseMessage], *, retries: bool) -> str | ProviderCallError:
+    """The answer of `config`, or its failure (recorded on the config, as the run records its own). Without
+    `retries` the SDK does not retry: the next member is the retry."""
+    model = chat_model(config, streaming=False, timeout=GENERATION_TIMEOUT, max_retries=None if retries else 0)
     try:
         reply = model.invoke(messages)
     except Exception as exc:  # any provider/transport failure: classify it, never leak the key
         error = provider_error(exc, api_key=config.api_key)
     else:
+        usage = reply.usage_metadata or {}
+        prompt, completion = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+        cost = usage_cost(input_price_per_million=config.input_price_per_million,
+                          output_price_per_million=config.output_price_per_million, currency=config.currency,
+                          prompt_tokens=prompt, completion_tokens=completion)
+        llm_config_record_usage(config_id=config.pk, prompt_tokens=prompt, completion_tokens=completion,
+                                cost=cost.total_price)
         return reply.content if isinstance(reply.content, str) else str(reply.content)
-    raise error  # outside the except clause, so the unscrubbed original is not kept as its context
+    provider_failure_record(config=config, error=error)
+    return error
 
 
 def _clean_name(text: str) -> str:
@@ -70,8 +95,7 @@ def session_generate_name(*, session: Session) -> str:
     if first is None:
         raise InvalidInput("The conversation has no messages to name it from.")
     try:
-        config = _session_config(session)
-        name = _clean_name(_complete(config, [SystemMessage(NAME_PROMPT), HumanMessage(first.query)]))
+        name = _clean_name(_complete(_session_pool(session), [SystemMessage(NAME_PROMPT), HumanMessage(first.query)]))
     except (LLMConfigError, ProviderCallError) as exc:
         logger.warning("conversation name generation failed for session %s: %s", session.pk, exc)
         name = ""
@@ -108,7 +132,7 @@ def message_suggested_questions(*, message: Message) -> list[str]:
             history.append(AIMessage(turn.answer))
     history.append(HumanMessage("Now list the three likely follow-up questions as a JSON array."))
     try:
-        return _parse_questions(_complete(_session_config(session), history))
+        return _parse_questions(_complete(_session_pool(session), history))
     except (LLMConfigError, ProviderCallError) as exc:
         logger.warning("suggested questions failed for message %s: %s", message.pk, exc)
         return []
