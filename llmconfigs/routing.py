@@ -30,6 +30,7 @@ from pydantic import Field
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.models import LLMConfig
+from llmconfigs.secrets import scrub
 
 # Provider errors after which the same request goes to the next member (before its first token).
 FAILOVER_CATEGORIES = frozenset({"auth", "rate_limit", "timeout", "unreachable", "upstream_error"})
@@ -104,6 +105,8 @@ def provider_failure_record(*, config: LLMConfig, error: ProviderCallError) -> N
     failures within LLM_COOLDOWN_WINDOW seconds too; a 401/403 marks it auth_failed (in the database)."""
     from llmconfigs.services import llm_config_cool_down, llm_config_mark_auth_failed, llm_config_record_usage
 
+    # Scrubbed here too, whatever the caller did: this text is shown in the admin and the API.
+    error = ProviderCallError(error.category, scrub(error.message, config.api_key), status_code=error.status_code)
     llm_config_record_usage(config_id=config.pk, failed=True, last_error=f"{error.category}: {error.message}")
     if error.category == "auth":
         llm_config_mark_auth_failed(config=config, error=error)

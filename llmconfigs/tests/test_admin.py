@@ -214,3 +214,21 @@ def test_deactivating_the_default_in_the_change_form_is_an_error_not_a_crash(adm
     assert response.status_code == 200
     assert "The default config must be active." in response.content.decode()
     assert LLMConfig.objects.get(pk=default.pk).is_active
+
+
+def test_routing_columns_and_a_test_connection_that_brings_a_refused_key_back(admin_client, make_llm_config,
+                                                                             fake_upstream):
+    from llmconfigs.errors import ProviderCallError
+    from llmconfigs.routing import provider_failure_record
+
+    config = make_llm_config(name="pooled", model_name="m-1", route="big-model", priority=3, weight=2, api_key=KEY)
+    provider_failure_record(config=config, error=ProviderCallError("auth", f"bad key {KEY}", status_code=401))
+    html = admin_client.get(CHANGELIST).content.decode()
+    assert "big-model" in html and "auth_failed" in html and KEY not in html
+    html = admin_client.get(_change_url(config)).content.decode()
+    assert 'name="route"' in html and 'name="weight"' in html and "auth_failed" in html
+
+    fake_upstream.script(Reply(text="pong"))
+    _action(admin_client, "test_connection", [config])
+    assert LLMConfig.objects.get(pk=config.pk).auth_failed_at is None
+    assert "auth_failed" not in admin_client.get(CHANGELIST).content.decode()

@@ -137,3 +137,49 @@ def test_weight_below_one_is_refused_by_the_service_and_the_database(make_llm_co
         llm_config_update(config=config, weight=0)
     with pytest.raises(IntegrityError), transaction.atomic():
         LLMConfig.objects.filter(pk=config.pk).update(weight=0)
+
+
+@pytest.mark.django_db(transaction=True)  # the tests run in threads, on their own connections
+def test_llm_health_tests_every_active_config_and_updates_health(make_llm_config, fake_upstream):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    refused = make_llm_config(name="refused-one", model_name="m")
+    make_llm_config(name="fine-one", model_name="m")
+    make_llm_config(name="off-one", model_name="m", is_active=False)
+    provider_failure_record(config=refused, error=ProviderCallError("auth", "bad key", status_code=401))
+    out = io.StringIO()
+    call_command("llm_health", stdout=out)
+    table = out.getvalue()
+    assert "refused-one" in table and "fine-one" in table and "off-one" not in table
+    assert "All 2 connection test(s) passed." in table
+    assert LLMConfig.objects.get(pk=refused.pk).auth_failed_at is None
+    assert len(fake_upstream.chat_requests) == 2
+
+    fake_upstream.default = Reply(status=500, error_message="down")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="3 of 3"):
+        call_command("llm_health", "--all", stdout=out)
+    assert "off-one" in out.getvalue() and "upstream_error: down" in out.getvalue()
+
+
+def test_rest_api_edits_routing_fields_and_shows_health(staff_client, fake_upstream):
+    payload = {"name": "api-pooled", "provider": "openai", "model_name": "m-1", "base_url": fake_upstream.base_url,
+               "api_key": "sk-api-pooled-0123456789abcdef", "route": "big", "priority": 2, "weight": 3}
+    created = staff_client.post("/api/llm-configs/", payload, format="json")
+    assert created.status_code == 201, created.json()
+    data = created.json()
+    assert (data["route"], data["priority"], data["weight"]) == ("big", 2, 3)
+    assert data["health"] == {"state": "ok", "until": None, "last_error": ""}
+    refused = staff_client.patch(f"/api/llm-configs/{data['id']}/", {"weight": 0}, format="json")
+    assert refused.status_code == 400 and "weight" in refused.json()
+
+    config = LLMConfig.objects.get(pk=data["id"])
+    provider_failure_record(config=config, error=ProviderCallError("rate_limit", "slow down", status_code=429))
+    listed = {row["name"]: row for row in staff_client.get("/api/llm-configs/").json()["results"]}
+    health = listed["api-pooled"]["health"]
+    assert health["state"] == "cooling_down" and health["until"] and health["last_error"] == "rate_limit: slow down"
+    assert listed["api-pooled"]["route"] == "big"
+    detail = staff_client.get(f"/api/llm-configs/{data['id']}/").json()
+    assert detail["health"]["state"] == "cooling_down" and detail["error_count"] == 1
