@@ -162,11 +162,22 @@ def manage(*args: str, env: dict[str, str]) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
 
 
-def provision_in_subprocess(*, env: dict[str, str], **fields: Any) -> None:
-    """`provision_app` against the database of `env` (for a database this process is not connected to)."""
+def provision_configs(*, configs: list[dict[str, Any]]) -> None:
+    """Chat configs (fields of LLMConfig, plus api_key), created unless one of that name exists: pools for benches."""
+    from llmconfigs.models import LLMConfig
+    from llmconfigs.services import llm_config_create
+
+    for fields in configs:
+        if not LLMConfig.objects.filter(name=fields["name"]).exists():
+            llm_config_create(**fields)
+
+
+def provision_in_subprocess(*, env: dict[str, str], function: str = "provision_app", **fields: Any) -> None:
+    """`provision_app` (or another provisioning `function` of this module) against the database of `env` (for a
+    database this process is not connected to)."""
     code = (
         "import django, json, sys; django.setup(); "
-        "from tests.e2e.dify_servers import provision_app; provision_app(**json.loads(sys.argv[1]))"
+        f"from tests.e2e.dify_servers import {function}; {function}(**json.loads(sys.argv[1]))"
     )
     done = subprocess.run([PYTHON, "-c", code, json.dumps(fields)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
