@@ -29,6 +29,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
+from llmconfigs.factory import provider_error
 from llmconfigs.models import LLMConfig
 from llmconfigs.secrets import scrub
 
@@ -193,18 +194,20 @@ class PoolChatModel(BaseChatModel):
             started = time.monotonic()
             try:
                 model = self.build(config, last)
-            except LLMConfigError:  # e.g. a parameter outside this member's provider's range
-                self._attempt(config, "bad_request", started)
+            except (LLMConfigError, ProviderCallError) as exc:
+                # Refused before any call: a parameter outside this member's provider's range, a key entered for
+                # another endpoint. Nothing is wrong with the provider, so its health stays as it is.
+                self._attempt(config, getattr(exc, "category", "bad_request"), started)
                 if last:
                     raise
                 continue
             stream = model._astream(messages, stop=stop, **kwargs)
             try:
                 head = await _first_token(stream, timeout=None if last else settings.LLM_FIRST_TOKEN_TIMEOUT)
-            except PROVIDER_EXCEPTIONS as exc:
+            except BaseException as exc:
                 await stream.aclose()
-                from llmconfigs.factory import provider_error
-
+                if not isinstance(exc, PROVIDER_EXCEPTIONS):
+                    raise
                 error = provider_error(exc, api_key=config.api_key)
                 self._attempt(config, error.category, started)
                 await database_sync_to_async(provider_failure_record)(config=config, error=error)

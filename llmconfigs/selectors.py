@@ -9,6 +9,7 @@ from django.db.models import Q, QuerySet
 
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
 from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.routing import pool_order
 
 CACHE_TTL = 300
 _GENERATION_KEY = "llmconfig:generation"
@@ -139,8 +140,6 @@ def llm_pool_resolve(
 
     Choice: explicit id > model (a config name, else a route) > session > app > the default config's pool. A config
     chosen by id or name goes first, the rest of its pool after it."""
-    from llmconfigs.routing import pool_order
-
     first: LLMConfig | None = None
     if config_id:
         first = llm_config_get(config_id=config_id)

@@ -19,6 +19,7 @@ from agentcore.routing import websocket_application
 from agentcore.runs import TurnOverrides, TurnRequest
 from agentcore.tests.factories import run_all
 from difyapi.auth import api_key_create
+from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import FakeUpstream, Reply
@@ -179,6 +180,18 @@ async def test_a_refused_key_is_marked_auth_failed_and_left_out(chat_app, plain_
     assert len(upstreams.second.chat_requests) == 1
     fresh = await LLMConfig.objects.aget(pk=refused.pk)
     assert fresh.auth_failed_at is not None and refused.api_key not in fresh.last_error
+
+
+async def test_a_pool_of_refused_keys_only_fails_without_calling_anyone(chat_app, plain_user, upstreams, member):
+    from llmconfigs.routing import provider_failure_record
+
+    refused = await database_sync_to_async(member)("refused", upstreams.healthy)
+    await database_sync_to_async(provider_failure_record)(
+        config=refused, error=ProviderCallError("auth", "Incorrect API key", status_code=401))
+    events = await _turn(chat_app, plain_user)
+    assert isinstance(events[-1], RunError) and events[-1].category == "auth"
+    assert "Incorrect API key" in events[-1].message and refused.api_key not in events[-1].message
+    assert upstreams.healthy.chat_requests == []
 
 
 async def test_the_default_pool_spreads_over_its_members(plain_user, upstreams, make_llm_config):
