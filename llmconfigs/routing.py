@@ -9,6 +9,7 @@ connection test succeeds or its key changes. The cooldown lives in Django's cach
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,12 +27,14 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error
 from llmconfigs.models import LLMConfig
 from llmconfigs.secrets import scrub
+
+logger = logging.getLogger(__name__)
 
 # Provider errors after which the same request goes to the next member (before its first token).
 FAILOVER_CATEGORIES = frozenset({"auth", "rate_limit", "timeout", "unreachable", "upstream_error"})
@@ -151,6 +154,7 @@ class PoolChatModel(BaseChatModel):
     attempts: list[dict[str, Any]] = Field(default_factory=list)
     served: Any = None
     streaming: bool = True
+    _recording: list[asyncio.Future] = PrivateAttr(default_factory=list)
 
     @property
     def _llm_type(self) -> str:
@@ -210,7 +214,10 @@ class PoolChatModel(BaseChatModel):
                     raise
                 error = provider_error(exc, api_key=config.api_key)
                 self._attempt(config, error.category, started)
-                await database_sync_to_async(provider_failure_record)(config=config, error=error)
+                # Recorded beside the request, not before the next member is called: the request does not wait for
+                # the database. `settle()` waits for it before the turn is saved.
+                self._recording.append(asyncio.ensure_future(
+                    database_sync_to_async(provider_failure_record)(config=config, error=error)))
                 if last or error.category not in FAILOVER_CATEGORIES:
                     raise
                 continue
@@ -221,6 +228,13 @@ class PoolChatModel(BaseChatModel):
             async for chunk in stream:
                 yield chunk
             return
+
+    async def settle(self) -> None:
+        """Wait until every failure of this turn is recorded (counted, and its member's health updated)."""
+        pending, self._recording = self._recording, []
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, Exception):
+                logger.error("a provider failure could not be recorded: %r", result)
 
     def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
         self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,

@@ -122,11 +122,24 @@ def _usable(config: LLMConfig, *, source: str) -> LLMConfig:
 
 def llm_pool_members(*, route: str) -> list[LLMConfig]:
     """The active chat configs serving `route` (their route, or their model name when the route is blank)."""
-    return _cached(
-        f"pool:{route}",
-        lambda: list(LLMConfig.objects.filter(Q(route=route) | Q(route="", model_name=route), is_active=True,
-                                              is_embedding=False).order_by("-priority", "name")),
-    )
+    return _cached(f"pool:{route}", lambda: list(_pool_queryset(route)))
+
+
+def _pool_queryset(route: str) -> QuerySet[LLMConfig]:
+    return LLMConfig.objects.filter(_serving(route), is_active=True, is_embedding=False).order_by("-priority", "name")
+
+
+def _serving(route: str) -> Q:
+    """Configs serving `route`: theirs, or their model name when their route is blank."""
+    return Q(route=route) | Q(route="", model_name=route)
+
+
+def _default_pool_load() -> list[LLMConfig]:
+    """The default chat config's pool (one cache entry, so that a turn on the default costs one lookup)."""
+    default = LLMConfig.objects.filter(is_default=True, is_active=True, is_embedding=False).first()
+    if default is None:
+        return []
+    return list(_pool_queryset(default.route_name))
 
 
 def llm_pool_resolve(
@@ -154,14 +167,14 @@ def llm_pool_resolve(
         model = model.strip()
         if not model:
             raise ConfigNotFound("model must not be empty.", field="model")
-        first = LLMConfig.objects.filter(name=model).first()
+        first = _cached(f"name:{model}", lambda: LLMConfig.objects.filter(name=model).first())
         if first is not None:
             _usable(first, source="model")
         else:
             members = llm_pool_members(route=model)
             if members:
                 return pool_order(members)
-            if LLMConfig.objects.filter(Q(route=model) | Q(route="", model_name=model), is_embedding=False).exists():
+            if LLMConfig.objects.filter(_serving(model), is_embedding=False).exists():
                 raise ConfigInactive(f"Every LLM config serving model {model!r} is inactive.", field="model")
             raise ConfigNotFound(f"No LLM config named or serving model {model!r}.", field="model")
     else:
@@ -172,13 +185,13 @@ def llm_pool_resolve(
                     _usable(first, source=source)
                     break
     if first is None:
-        default = llm_config_default()
-        if default is None:
+        members = _cached("default-pool", _default_pool_load)
+        if not members:
             raise NoUsableConfig(
                 "No LLM is configured: add an active chat config and set it as the default in the admin "
                 "(or run `manage.py seed` with LLM_TYPE/LLM_API_KEY/LLM_MODEL)."
             )
-        return pool_order(llm_pool_members(route=default.route_name) or [default])
+        return pool_order(members)
     return pool_order(llm_pool_members(route=first.route_name), first=first)
 
 
