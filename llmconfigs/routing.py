@@ -3,9 +3,10 @@ from one member to the next before the first token.
 
 A pool is the active chat configs with the same route. Members are tried by priority (higher first); within a
 priority, in a random order drawn by weight (3 vs 1 puts the first one first three times out of four). A member
-that is cooling down (a 429, or LLM_COOLDOWN_FAILURES failures within LLM_COOLDOWN_WINDOW seconds) is tried only
-after every available one; a member whose key the provider refused (auth_failed) is not tried at all until a
-connection test succeeds or its key changes. The cooldown lives in Django's cache, so every worker sees it."""
+that is cooling down (a 429, or LLM_COOLDOWN_FAILURES failures within LLM_COOLDOWN_WINDOW seconds) and a member whose
+key the provider refused (auth_failed, until a connection test succeeds or its key changes) are not tried while the
+pool has an available member; when it has none, they are tried as a last resort (so a pool of one config behaves as
+that config always did). The cooldown lives in Django's cache, so every worker sees it."""
 from __future__ import annotations
 
 import asyncio
@@ -71,25 +72,24 @@ def health_of(config: LLMConfig, *, cooling: dict[str, float] | None = None) -> 
 
 def pool_order(members: list[LLMConfig], *, first: LLMConfig | None = None) -> list[LLMConfig]:
     """`members` in the order to try them: `first` (when available), then by priority with a weighted random order
-    within each priority, then the members cooling down. Members whose key was refused are left out, unless every
-    member is out: then the pool is only those, so that the turn fails with their error without calling anyone."""
+    within each priority; then, only as a last resort when every available member failed, the members cooling down
+    and last those whose key was refused. A pool with an available member thus never calls an unavailable one, and
+    a pool of one config behaves as that config always did: it is called, and its error is the turn's."""
     if first is not None and all(m.pk != first.pk for m in members):
         members = [first, *members]
     cooling = cooling_until([m.pk for m in members])
     refused = [m for m in members if m.auth_failed_at is not None]
-    usable = [m for m in members if m.auth_failed_at is None]
-    if not usable:
-        return refused
-    cooled = [m for m in usable if str(m.pk) in cooling]
-    available = [m for m in usable if str(m.pk) not in cooling]
+    cooled = [m for m in members if m.auth_failed_at is None and str(m.pk) in cooling]
+    available = [m for m in members if m.auth_failed_at is None and str(m.pk) not in cooling]
     ordered: list[LLMConfig] = []
     if first is not None and any(m.pk == first.pk for m in available):
         ordered.append(first)
         available = [m for m in available if m.pk != first.pk]
     for priority in sorted({m.priority for m in available}, reverse=True):
         ordered.extend(_weighted_order([m for m in available if m.priority == priority]))
-    ordered.extend(sorted(cooled, key=lambda m: cooling[str(m.pk)]))
-    return ordered
+    if ordered:
+        return ordered
+    return sorted(cooled, key=lambda m: cooling[str(m.pk)]) + refused
 
 
 def _weighted_order(members: list[LLMConfig]) -> list[LLMConfig]:
@@ -132,6 +132,13 @@ def provider_failure_record(*, config: LLMConfig, error: ProviderCallError) -> N
     if cache.add(_COOL_KEY.format(config.pk), until, settings.LLM_COOLDOWN_SECONDS):
         cache.delete(_FAILURES_KEY.format(config.pk))
         llm_config_cool_down(config=config, error=error, until=until)
+
+
+def health_restore(*, config: LLMConfig) -> None:
+    """A refused member answered (tried as the last resort): its key works, it is back in rotation."""
+    from llmconfigs.services import llm_config_health_clear
+
+    llm_config_health_clear(config=config, source="router")
 
 
 def cooldown_clear(config_id: Any) -> None:
@@ -187,12 +194,6 @@ class PoolChatModel(BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         if not self.members:
             raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
-        refused = [m for m in self.members if m.auth_failed_at is not None]
-        if len(refused) == len(self.members):
-            last = refused[-1]
-            raise ProviderCallError("auth", f"The provider refused the API key of every member of this pool "
-                                            f"(last: {last.name}: {last.last_error}); an admin must test or change "
-                                            "their keys.", status_code=401)
         for index, config in enumerate(self.members):
             last = index == len(self.members) - 1
             started = time.monotonic()
@@ -223,6 +224,8 @@ class PoolChatModel(BaseChatModel):
                 continue
             self._attempt(config, "", started)
             self.served = config
+            if config.auth_failed_at is not None:  # tried as the last resort, and the provider took the key again
+                self._recording.append(asyncio.ensure_future(database_sync_to_async(health_restore)(config=config)))
             for chunk in head:
                 yield chunk
             async for chunk in stream:

@@ -161,7 +161,8 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
         changes = _changed(before, locked, _AUDITED_FIELDS)
         if key_changed:
             changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}
-            _health_clear(config=locked, actor=actor, source=source, ip_address=ip_address, user_agent=user_agent)
+            llm_config_health_clear(config=locked, actor=actor, source=source, ip_address=ip_address,
+                                    user_agent=user_agent)
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
                          ip_address=ip_address, user_agent=user_agent)
@@ -281,7 +282,7 @@ def llm_config_mark_auth_failed(*, config: LLMConfig, error) -> None:
         logger.warning("LLM config %s marked auth_failed", config.pk)
 
 
-def _health_clear(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
+def llm_config_health_clear(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
                   user_agent: str = "") -> None:
     """A key that works again (a successful test, a new key): back in rotation, cooldown and refusal forgotten."""
     from llmconfigs.routing import cooldown_clear
@@ -403,7 +404,8 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
                  source=source, ip_address=ip_address, user_agent=user_agent)
     if result.ok:
         llm_config_record_usage(config_id=config.pk)
-        _health_clear(config=config, actor=actor, source=source, ip_address=ip_address, user_agent=user_agent)
+        llm_config_health_clear(config=config, actor=actor, source=source, ip_address=ip_address,
+                                user_agent=user_agent)
     elif not config.is_embedding:
         from llmconfigs.errors import ProviderCallError
         from llmconfigs.routing import provider_failure_record

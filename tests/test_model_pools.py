@@ -182,16 +182,16 @@ async def test_a_refused_key_is_marked_auth_failed_and_left_out(chat_app, plain_
     assert fresh.auth_failed_at is not None and refused.api_key not in fresh.last_error
 
 
-async def test_a_pool_of_refused_keys_only_fails_without_calling_anyone(chat_app, plain_user, upstreams, member):
+async def test_a_lone_refused_config_is_still_tried_and_an_answer_brings_it_back(chat_app, plain_user, upstreams,
+                                                                               member):
     from llmconfigs.routing import provider_failure_record
 
     refused = await database_sync_to_async(member)("refused", upstreams.healthy)
     await database_sync_to_async(provider_failure_record)(
         config=refused, error=ProviderCallError("auth", "Incorrect API key", status_code=401))
     events = await _turn(chat_app, plain_user)
-    assert isinstance(events[-1], RunError) and events[-1].category == "auth"
-    assert "Incorrect API key" in events[-1].message and refused.api_key not in events[-1].message
-    assert upstreams.healthy.chat_requests == []
+    assert events[-1].status == "normal" and events[-1].answer == "Healthy answers."
+    assert (await LLMConfig.objects.aget(pk=refused.pk)).auth_failed_at is None
 
 
 async def test_the_default_pool_spreads_over_its_members(plain_user, upstreams, make_llm_config):

@@ -79,7 +79,7 @@ def test_three_failures_cool_a_member_down_and_it_goes_last(make_llm_config):
         provider_failure_record(config=flaky, error=error)
     assert _names(llm_pool_resolve(model="m"))[0] == "flaky"
     provider_failure_record(config=flaky, error=error)
-    assert _names(llm_pool_resolve(model="m")) == ["steady", "flaky"]
+    assert _names(llm_pool_resolve(model="m")) == ["steady"]
     health = health_of(llm_config_get(config_id=flaky.pk))
     assert health["state"] == "cooling_down" and health["until"] and health["last_error"] == "upstream_error: boom"
     assert AuditLog.objects.filter(action="health", target_id=str(flaky.pk)).count() == 1
@@ -122,10 +122,12 @@ def test_a_new_key_clears_auth_failed(make_llm_config):
     assert LLMConfig.objects.get(pk=refused.pk).auth_failed_at is None
 
 
-def test_a_pool_of_refused_keys_only_is_still_resolved_so_the_turn_can_say_why(make_llm_config):
+def test_with_no_member_available_the_unavailable_ones_are_the_last_resort(make_llm_config):
     refused = make_llm_config(name="refused", model_name="m")
+    cooled = make_llm_config(name="cooled", model_name="m")
     provider_failure_record(config=refused, error=ProviderCallError("auth", "bad key", status_code=401))
-    assert _names(llm_pool_resolve(model="m")) == ["refused"]
+    provider_failure_record(config=cooled, error=ProviderCallError("rate_limit", "slow down", status_code=429))
+    assert _names(llm_pool_resolve(model="m")) == ["cooled", "refused"]
 
 
 def test_weight_below_one_is_refused_by_the_service_and_the_database(make_llm_config):
