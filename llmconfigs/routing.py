@@ -71,10 +71,11 @@ def health_of(config: LLMConfig, *, cooling: dict[str, float] | None = None) -> 
 
 
 def pool_order(members: list[LLMConfig], *, first: LLMConfig | None = None) -> list[LLMConfig]:
-    """`members` in the order to try them: `first` (when available), then by priority with a weighted random order
-    within each priority; then, only as a last resort when every available member failed, the members cooling down
-    and last those whose key was refused. A pool with an available member thus never calls an unavailable one, and
-    a pool of one config behaves as that config always did: it is called, and its error is the turn's."""
+    """The available `members` in the order to try them: `first` (when it is one of them), then by priority with a
+    weighted random order within each priority. Members cooling down or refused (auth_failed) are left out; only when
+    no member is available are they the order, as a last resort (cooling down first, the refused last). A pool with
+    an available member thus never calls an unavailable one, and a pool of one config behaves as that config always
+    did: it is called, and its error is the turn's."""
     if first is not None and all(m.pk != first.pk for m in members):
         members = [first, *members]
     cooling = cooling_until([m.pk for m in members])
