@@ -3,6 +3,7 @@ to first byte) behind one route, through the run service, the Dify API, the REST
 from __future__ import annotations
 
 import json
+import random
 import socket
 
 import pytest
@@ -101,6 +102,23 @@ async def test_twenty_requests_to_a_pool_are_all_answered_by_healthy_members(cha
     assert served <= {"healthy", "second"}
     closed = await LLMConfig.objects.aget(name="closed")
     assert closed.error_count <= 3 and closed.usage_count == closed.error_count
+
+
+async def test_weights_three_to_one_split_400_requests_75_25_within_5_percent(upstreams, member):
+    from llmconfigs.factory import chat_model
+    from llmconfigs.routing import PoolChatModel
+    from llmconfigs.selectors import llm_pool_resolve
+
+    await database_sync_to_async(member)("heavy", upstreams.healthy, weight=3)
+    await database_sync_to_async(member)("light", upstreams.second, weight=1)
+    random.seed(3)
+    for _ in range(400):
+        pool = await database_sync_to_async(llm_pool_resolve)(model="pool-m")
+        model = PoolChatModel(members=pool, build=lambda config, last: chat_model(config, streaming=True))
+        await model.ainvoke("hi")
+    heavy, light = len(upstreams.healthy.chat_requests), len(upstreams.second.chat_requests)
+    assert heavy + light == 400
+    assert abs(heavy / 400 - 0.75) <= 0.05, (heavy, light)
 
 
 async def test_failover_is_recorded_on_the_message_and_counted_on_each_config(chat_app, plain_user, upstreams,
