@@ -277,7 +277,7 @@ def llm_config_mark_auth_failed(*, config: LLMConfig, error) -> None:
         )
         if changed:
             _health_audit(config=config, old="ok", new="auth_failed", error=message, source="router")
-            _invalidate_cache()
+            llm_config_cache_drop()
     if changed:
         logger.warning("LLM config %s marked auth_failed", config.pk)
 
@@ -294,7 +294,7 @@ def llm_config_health_clear(*, config: LLMConfig, actor=None, source: str = "", 
             audit_record(actor=actor, action=AuditLog.Action.HEALTH, target=config,
                          changes={"health": {"old": "auth_failed", "new": "ok"}}, source=source,
                          ip_address=ip_address, user_agent=user_agent)
-            _invalidate_cache()
+            llm_config_cache_drop()
 
 
 def llm_config_delete(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,

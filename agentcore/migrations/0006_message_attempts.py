@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agentcore', '0004_app_network_allowlist'),
+        ('agentcore', '0005_status_constraints'),
     ]
 
     operations = [
