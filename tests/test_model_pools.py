@@ -105,12 +105,14 @@ async def test_twenty_requests_to_a_pool_are_all_answered_by_healthy_members(cha
 
 
 async def test_weights_three_to_one_split_400_requests_75_25_within_5_percent(upstreams, member):
+    from agentcore.runs import _http_clients_for_this_loop
     from llmconfigs.factory import chat_model
     from llmconfigs.routing import PoolChatModel
     from llmconfigs.selectors import llm_pool_resolve
 
     await database_sync_to_async(member)("heavy", upstreams.healthy, weight=3)
     await database_sync_to_async(member)("light", upstreams.second, weight=1)
+    _http_clients_for_this_loop()  # the provider clients of an earlier test's event loop cannot serve this one
     random.seed(3)
     for _ in range(400):
         pool = await database_sync_to_async(llm_pool_resolve)(model="pool-m")
