@@ -235,10 +235,11 @@ def llm_config_record_usage(
     cost: Decimal = Decimal(0),
     failed: bool = False,
     last_error: str = "",
+    calls: int = 1,
 ) -> None:
-    """Count one call (a failed one too) and its tokens atomically in the database (no read-modify-write)."""
+    """Count `calls` calls (failed ones too) and their tokens atomically in the database (no read-modify-write)."""
     fields: dict[str, Any] = dict(
-        usage_count=F("usage_count") + 1,
+        usage_count=F("usage_count") + calls,
         last_used_at=timezone.now(),
         prompt_tokens_total=F("prompt_tokens_total") + max(prompt_tokens, 0),
         completion_tokens_total=F("completion_tokens_total") + max(completion_tokens, 0),

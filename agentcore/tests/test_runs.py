@@ -362,6 +362,17 @@ async def test_usage_and_cost_are_recorded(chat_app, plain_user, fake_upstream, 
     assert message.total_price == Decimal("0.006") and message.time_to_first_token is not None
 
 
+async def test_every_model_call_of_an_agent_turn_is_counted(agent_app, plain_user, fake_upstream, default_llm_config):
+    fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {})], prompt_tokens=10, completion_tokens=2),
+                         Reply(text="It is noon.", prompt_tokens=20, completion_tokens=3))
+    events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    assert events[-1].status == "normal"
+    config = await LLMConfig.objects.aget(pk=default_llm_config.pk)
+    assert (config.usage_count, config.prompt_tokens_total, config.completion_tokens_total) == (2, 30, 5)
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert [a["category"] for a in message.attempts] == ["", ""]
+
+
 async def test_attachments_reach_the_model(chat_app, plain_user, fake_upstream):
     await run_all(TurnRequest(app=chat_app, query="look", owner=plain_user, attachments=(
         Attachment(kind="text", name="log.txt", text="ERROR disk full"),
