@@ -25,13 +25,14 @@ from django.conf import settings
 from django.core.cache import cache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models.chat_models import agenerate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
-from llmconfigs.factory import provider_error
+from llmconfigs.factory import provider_error, provider_exception_scrubbed
 from llmconfigs.models import LLMConfig
 from llmconfigs.secrets import scrub
 
@@ -186,8 +187,6 @@ class PoolChatModel(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        from langchain_core.language_models.chat_models import agenerate_from_stream
-
         return await agenerate_from_stream(self._astream(messages, stop=stop, **kwargs))
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -221,7 +220,9 @@ class PoolChatModel(BaseChatModel):
                 self._recording.append(asyncio.ensure_future(
                     database_sync_to_async(provider_failure_record)(config=config, error=error)))
                 if last or error.category not in FAILOVER_CATEGORIES:
-                    raise
+                    # Scrubbed with this member's key (the caller knows no single key of a pool).
+                    failure = provider_exception_scrubbed(exc, api_key=config.api_key)
+                    break
                 continue
             self._attempt(config, "", started)
             self.served = config
@@ -232,6 +233,7 @@ class PoolChatModel(BaseChatModel):
             async for chunk in stream:
                 yield chunk
             return
+        raise failure  # outside the except clause, so the unscrubbed original is not kept as its context
 
     async def settle(self) -> None:
         """Wait until every failure of this turn is recorded (counted, and its member's health updated)."""
