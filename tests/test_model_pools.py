@@ -288,3 +288,20 @@ def test_title_and_suggested_question_calls_are_counted_on_their_configs(upstrea
     assert (dead.usage_count, dead.error_count) == (2, 2)
     assert (alive.usage_count, alive.error_count, alive.prompt_tokens_total, alive.completion_tokens_total) == (
         2, 0, 12, 5)
+
+
+async def test_a_key_echoed_by_a_failing_member_is_stored_nowhere(chat_app, plain_user, upstreams, member):
+    from llmconfigs.models import AuditLog
+
+    echoing = await database_sync_to_async(member)("echoing", upstreams.second, priority=1)
+    await database_sync_to_async(member)("alive", upstreams.healthy)
+    upstreams.second.default = Reply(status=429, error_message="Rate limit for {api_key} ({authorization})")
+    events = await _turn(chat_app, plain_user)
+    assert events[-1].answer == "Healthy answers."
+    assert upstreams.second.chat_requests[0].api_key == echoing.api_key  # the attack was real
+    fresh = await LLMConfig.objects.aget(pk=echoing.pk)
+    message = await Message.objects.aget(pk=events[0].message_id)
+    audits = await sync_to_async(lambda: json.dumps(list(AuditLog.objects.values_list("changes", flat=True))))()
+    for stored in (fresh.last_error, json.dumps(message.attempts), audits):
+        assert echoing.api_key not in stored
+    assert fresh.last_error.startswith("rate_limit: Rate limit for ")
