@@ -284,17 +284,20 @@ def llm_config_mark_auth_failed(*, config: LLMConfig, error) -> None:
 
 
 def llm_config_health_clear(*, config: LLMConfig, actor=None, source: str = "", ip_address: str | None = None,
-                  user_agent: str = "") -> None:
-    """A key that works again (a successful test, a new key): back in rotation, cooldown and refusal forgotten."""
-    from llmconfigs.routing import cooldown_clear
+                            user_agent: str = "") -> None:
+    """A key that works again (a successful test, a new key): back in rotation, cooldown and refusal forgotten.
+    The change of state, if there was one, is audited (a cooldown that simply runs out is not)."""
+    from llmconfigs.routing import cooldown_clear, cooling_until
 
+    was_cooling = bool(cooling_until([config.pk]))
     cooldown_clear(config.pk)
     with transaction.atomic():
         changed = LLMConfig.objects.filter(pk=config.pk, auth_failed_at__isnull=False).update(auth_failed_at=None)
-        if changed:
+        if changed or was_cooling:
             audit_record(actor=actor, action=AuditLog.Action.HEALTH, target=config,
-                         changes={"health": {"old": "auth_failed", "new": "ok"}}, source=source,
-                         ip_address=ip_address, user_agent=user_agent)
+                         changes={"health": {"old": "auth_failed" if changed else "cooling_down", "new": "ok"}},
+                         source=source, ip_address=ip_address, user_agent=user_agent)
+        if changed:
             llm_config_cache_drop()
 
 

@@ -86,6 +86,13 @@ def test_three_failures_cool_a_member_down_and_it_goes_last(make_llm_config):
     fresh = LLMConfig.objects.get(pk=flaky.pk)
     assert (fresh.usage_count, fresh.error_count) == (3, 3)
 
+    # A successful connection test ends the cooldown at once, and says so in the audit log.
+    assert llm_config_test_connection(config=flaky).ok
+    assert _names(llm_pool_resolve(model="m"))[0] == "flaky"
+    changes = list(AuditLog.objects.filter(action="health", target_id=str(flaky.pk)).order_by("id")
+                   .values_list("changes__health__new", flat=True))
+    assert changes == ["cooling_down", "ok"]
+
 
 def test_a_429_cools_down_at_once(make_llm_config):
     limited = make_llm_config(name="limited", model_name="m")
