@@ -105,7 +105,7 @@ async def test_twenty_requests_to_a_pool_are_all_answered_by_healthy_members(cha
 
 
 async def test_weights_three_to_one_split_400_requests_75_25_within_5_percent(upstreams, member):
-    from agentcore.runs import _http_clients_for_this_loop
+    from agentcore.runs.chat_models import _http_clients_for_this_loop
     from llmconfigs.factory import chat_model
     from llmconfigs.routing import PoolChatModel
     from llmconfigs.selectors import llm_pool_resolve

@@ -268,7 +268,7 @@ class _Run:
         else:
             tools, rules = {}, {}
         overrides = {k: self.turn.parameters.get(k) for k in OVERRIDABLE}
-        model = run_chat_model(self.config, overrides)
+        model = self.output.model = run_chat_model(self.turn.pool or [self.config], overrides)
         if self.turn.resume is not None:
             await self.output.load_thoughts()
         graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [])

@@ -25,6 +25,7 @@ from agentcore.runs.types import Turn
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.factory import provider_error
 from llmconfigs.pricing import usage_cost
+from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from opsagent.common.dependencies import dependency_down
 
@@ -62,6 +63,7 @@ class RunOutput:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.finished = False
+        self.model: PoolChatModel | None = None  # the run's model, once it has one: its calls and who answered
 
     # -- the graph's output --
     async def on_chunk(self, chunk: Any, metadata: dict[str, Any]) -> None:
@@ -181,6 +183,11 @@ class RunOutput:
     async def _save(self, status: str, *, error: str = "", category: str = "") -> Usage:
         self.finished = True
         ended = time.monotonic()
+        if self.model is not None:
+            await self.model.settle()
+        served = self.model.served if self.model is not None else None
+        if served is not None:  # its prices make the cost, and the message names it
+            self.config = served
         cost = usage_cost(
             input_price_per_million=self.config.input_price_per_million,
             output_price_per_million=self.config.output_price_per_million,
@@ -199,6 +206,10 @@ class RunOutput:
             total_price=F("total_price") + cost.total_price, currency=cost.currency,
             latency=latency, time_to_first_token=ttft, time_to_generate=generate, updated_at=timezone.now(),
         )
+        if self.model is not None and self.model.attempts:
+            fields.update(attempts=[*self.message.attempts, *self.model.attempts])
+            if served is not None:
+                fields.update(llm_config_id=served.pk, model_name=served.model_name)
         called = bool(self.prompt_tokens or self.completion_tokens or self.first_token is not None)
         # database_sync_to_async also closes the worker thread's connection (CONN_MAX_AGE=0) once the run is over.
         await database_sync_to_async(self._save_rows)(fields, cost.total_price if called else None)
@@ -213,8 +224,11 @@ class RunOutput:
         with transaction.atomic():
             Message.objects.filter(pk=self.message.pk).update(**fields)
             if cost is not None:
+                # Every model call that answered (an agent turn makes several); failed ones were counted as they
+                # failed, on their own configs.
+                answered = sum(not a["category"] for a in self.model.attempts) if self.model is not None else 1
                 llm_config_record_usage(config_id=self.config.pk, prompt_tokens=self.prompt_tokens,
-                                        completion_tokens=self.completion_tokens, cost=cost)
+                                        completion_tokens=self.completion_tokens, cost=cost, calls=max(answered, 1))
 
     async def _remember_partial(self) -> None:
         """Add the answer cut short by a stop or an error to the conversation's checkpoint, so that the next turn's

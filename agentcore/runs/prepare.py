@@ -25,7 +25,7 @@ from agentcore.services import (
 )
 from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
-from llmconfigs.selectors import llm_config_get, llm_config_resolve
+from llmconfigs.selectors import llm_config_get, llm_pool_resolve
 
 MAX_ATTACHMENTS = 10
 
@@ -111,12 +111,13 @@ def _prepare_query(request: TurnRequest) -> Turn:
             session = session_get_for(session_id=request.session_id, app=request.app, owner=request.owner,
                                       end_user=request.end_user, source=request.source)
         app = session.app if session is not None else request.app
-        config = llm_config_resolve(
+        pool = llm_pool_resolve(
             config_id=overrides.config_id,
             model=overrides.model,
             session_config_id=session.llm_config_id if session else None,
             app_config_id=app.llm_config_id,
         )
+        config = pool[0]
         requested = {**(app.model_parameters or {}), **((session.model_parameters if session else None) or {})}
         requested = {k: v for k, v in requested.items() if k in OVERRIDABLE}
         requested.update({k: getattr(overrides, k) for k in OVERRIDABLE if getattr(overrides, k) is not None})
@@ -136,8 +137,7 @@ def _prepare_query(request: TurnRequest) -> Turn:
             tools=list(overrides.tools) if overrides.tools is not None else None,
         )
     return Turn(session=session, message=message, config=config, parameters=parameters, session_created=created,
-                tools=message.tools,
-                attachments=tuple(request.attachments))
+                tools=message.tools, attachments=tuple(request.attachments), pool=pool)
 
 
 def _check_capacity(app: AgentApp) -> None:
@@ -177,12 +177,14 @@ def _prepare_resume(request: TurnRequest) -> Turn:
             raise ApprovalAlreadyDecided("This answer is no longer waiting for an approval.", field="approval_id")
         config = llm_config_get(config_id=message.llm_config_id) if message.llm_config_id else None
         if config is None or not config.is_active:
-            config = llm_config_resolve(session_config_id=session.llm_config_id,
-                                        app_config_id=session.app.llm_config_id)
+            pool = llm_pool_resolve(session_config_id=session.llm_config_id, app_config_id=session.app.llm_config_id)
+        else:
+            pool = llm_pool_resolve(config_id=config.pk)
+        config = pool[0]
         message.status = Message.Status.RUNNING
         message.heartbeat_at = timezone.now()
         message.save(update_fields=["status", "heartbeat_at", "updated_at"])
     return Turn(session=session, message=message, config=config, parameters=message.model_parameters,
                 session_created=False, resume={"decision": decision.decision, "comment": decision.comment},
-                tools=message.tools)
+                tools=message.tools, pool=pool)
 

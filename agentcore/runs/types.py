@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TurnOverrides:
     config_id: str | None = None  # LLMConfig UUID (explicit choice, wins)
-    model: str | None = None  # config name or model_name (must be unambiguous)
+    model: str | None = None  # a config name, else a route (a pool)
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -70,3 +70,5 @@ class Turn:
     tools: list[str] | None = None
     attachments: tuple[Attachment, ...] = ()
     tool_setup: ToolSetup | None = None  # agent turns: the policy rows and MCP servers, read while preparing
+    # The configs that may answer, in the order to try them (llmconfigs.routing); `config` is the first.
+    pool: list[LLMConfig] = field(default_factory=list)
