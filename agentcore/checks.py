@@ -6,7 +6,7 @@ import os
 from django.core import checks
 
 # Deployment-wide switches that opened private networks to every app's end users; each app's network allow-list
-# replaced them (README, "Network reach of tools").
+# replaced them (docs/security.md, "Network reach of tools").
 RETIRED_NETWORK_SWITCHES = ("AGENT_HTTP_CHECK_ALLOW_PRIVATE", "REMOTE_FILES_ALLOW_PRIVATE")
 
 

@@ -330,7 +330,7 @@ CONTENT_SECURITY_POLICY = env(
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
 )
 # HTTPS: all off by default, so `make run` serves plain http on 127.0.0.1; production behind TLS turns them on
-# (`manage.py check --deploy` is clean only then). See README, "Deployment security settings".
+# (`manage.py check --deploy` is clean only then). See docs/deployment.md.
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
 # Load balancer probes may stay on plain http.
 SECURE_REDIRECT_EXEMPT = env.list("DJANGO_SECURE_REDIRECT_EXEMPT", default=[r"^health/$"])

@@ -30,7 +30,7 @@ def stored_bytes(instance: models.Model, field_name: str) -> bytes:
 
 
 def field_key_cipher(field_key: str) -> FernetBytes:
-    """The cipher the project promises (README, stack notes), written out here rather than imported so that a change
+    """The cipher the project promises (docs/architecture.md), written out here rather than imported so that a change
     to the production derivation fails the tests: django-cryptography's AES key derivation (PBKDF2-SHA256, 30,000
     iterations, CRYPTOGRAPHY_SALT) of FIELD_ENCRYPTION_KEY, and an HMAC key derived the same way with the salt
     followed by ".signing"."""
