@@ -51,6 +51,30 @@ def test_admin_revoke_action(admin_client):
     assert_error(client.get("/v1/info"), 401, "unauthorized", "Access token is invalid")
 
 
+def test_admin_revoke_action_needs_the_change_permission(client, django_user_model, grant):
+    """Seeing the key list is not enough to revoke keys: the action is offered, and performed, only with
+    difyapi.change_apikey (a view-only staff user's POST changes nothing)."""
+    app = make_app()
+    raw = make_key(app)
+    key = ApiKey.objects.get(app=app)
+    viewer = grant(django_user_model.objects.create_user(username="viewer", password="pw-viewer-1", is_staff=True),
+                   "difyapi.view_apikey")
+    client.force_login(viewer)
+    page = client.get("/admin/difyapi/apikey/")
+    assert page.status_code == 200 and 'value="revoke"' not in page.content.decode()
+    client.post("/admin/difyapi/apikey/", {"action": "revoke", "_selected_action": [str(key.pk)]})
+    key.refresh_from_db()
+    assert key.revoked_at is None
+    assert DifyClient(raw).get("/v1/info").status_code == 200
+
+    changer = grant(viewer, "difyapi.change_apikey")
+    client.force_login(changer)
+    assert 'value="revoke"' in client.get("/admin/difyapi/apikey/").content.decode()
+    client.post("/admin/difyapi/apikey/", {"action": "revoke", "_selected_action": [str(key.pk)]})
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+
+
 def test_admin_keys_cannot_be_deleted_and_dify_rows_are_read_only(admin_client):
     app = make_app()
     make_key(app)
