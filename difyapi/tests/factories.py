@@ -7,6 +7,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.core.signals import request_finished
+from django.db import close_old_connections
 from django.test import Client
 from django.utils import timezone
 
@@ -78,8 +80,15 @@ class DifyClient:
 
     def close(self) -> None:
         """Close the responses got so far: a file's holds it open until closed, as a server closes it once sent."""
-        for response in self._responses:
-            response.close()
+        # Closing a response sends request_finished, whose close_old_connections would close this test's database
+        # connection in the middle of its transaction (PostgreSQL then refuses the next test's setup): off meanwhile,
+        # as Django's test client does when it closes a streamed response.
+        request_finished.disconnect(close_old_connections)
+        try:
+            for response in self._responses:
+                response.close()
+        finally:
+            request_finished.connect(close_old_connections)
         self._responses.clear()
 
     def post(self, path: str, data: Any = None, **headers: str):
