@@ -121,14 +121,15 @@ def test_app_feedbacks_list(app, client):
     assert_error(client.get("/v1/app/feedbacks", {"page": 0}), 400, "invalid_param")
 
 
-def test_app_feedbacks_with_equal_times_are_ordered_by_id_descending(app, client):
+def test_app_feedbacks_are_ordered_by_time_then_by_id_descending(app, client):
     session = make_session(app)
-    for i in range(5):
+    for i in range(7):
         assert feedback(client, make_message(session, at=seconds(i)), rating="like", content=f"c{i}").status_code == 200
+    *tied, newest = sorted(Feedback.objects.all(), key=lambda row: row.id, reverse=True)
     Feedback.objects.update(created_at=seconds(10))
-    by_id = sorted(Feedback.objects.all(), key=lambda row: row.id, reverse=True)
+    Feedback.objects.filter(pk=newest.pk).update(created_at=seconds(20))  # the smallest id, yet the newest
     data = client.get("/v1/app/feedbacks").json()["data"]
-    assert [f["id"] for f in data] == [str(row.id) for row in by_id]
+    assert [f["id"] for f in data] == [str(row.id) for row in [newest, *tied]]
 
 
 def suggested(client, message, user="alice"):
