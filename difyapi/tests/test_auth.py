@@ -3,6 +3,8 @@ a key reaches only its own app, revocation touches one key, wrong keys lock thei
 (valid keys, wrong keys, apps, "last used") save the database reads they are there to save."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.db import connection
 from django.test import Client
@@ -76,9 +78,8 @@ def test_revoking_a_key_leaves_the_apps_other_keys_working():
 def test_revoking_a_revoked_key_keeps_the_time_it_was_revoked():
     app = make_app()
     make_key(app)
-    key = api_key_revoke(key=ApiKey.objects.get(app=app))
-    again = api_key_revoke(key=key)
-    assert again.revoked_at == key.revoked_at
+    revoked_at = api_key_revoke(key=ApiKey.objects.get(app=app)).revoked_at
+    assert api_key_revoke(key=ApiKey.objects.get(app=app)).revoked_at == revoked_at
 
 
 def test_spaces_after_the_scheme_are_ignored_and_a_token_with_a_space_is_a_wrong_token():
@@ -120,3 +121,40 @@ def test_a_second_key_of_an_app_already_seen_reads_its_key_but_not_the_app():
     with CaptureQueriesContext(connection) as queries:
         assert info(second).status_code == 200
     assert queries.captured_queries == []  # the key, its app and "last used" all answered by the cache
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """clock(seconds): move the cache's clock (time.time) that far ahead of now."""
+    real = time.time
+
+    def move(seconds: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+    return move
+
+
+def test_cached_answers_expire_after_their_time(clock):
+    app = make_app()
+    key = make_key(app)
+    assert info(key).status_code == 200 and info(WRONG_KEY).status_code == 401
+    clock(59)
+    with CaptureQueriesContext(connection) as queries:
+        assert info(key).status_code == 200 and info(WRONG_KEY).status_code == 401
+    assert queries.captured_queries == []
+    clock(61)  # a wrong key, the app and "last used" are kept a minute
+    with CaptureQueriesContext(connection) as queries:
+        assert info(WRONG_KEY).status_code == 401
+    assert tables_read(queries.captured_queries) == {"difyapi_apikey"}
+    with CaptureQueriesContext(connection) as queries:
+        assert info(key).status_code == 200
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["UPDATE", "SELECT"]  # last used; the app
+    assert tables_read(queries.captured_queries) == {"difyapi_apikey", "agentcore_agentapp"}
+    clock(599)  # a valid key, ten minutes (revocation deletes it at once)
+    with CaptureQueriesContext(connection) as queries:
+        assert info(key).status_code == 200
+    assert "SELECT" not in [q["sql"].split()[0] for q in queries.captured_queries if "difyapi_apikey" in q["sql"]]
+    clock(601)
+    with CaptureQueriesContext(connection) as queries:
+        assert info(key).status_code == 200
+    assert "SELECT" in [q["sql"].split()[0] for q in queries.captured_queries if "difyapi_apikey" in q["sql"]]
