@@ -42,6 +42,7 @@ def test_public_addresses_are_reachable(address):
     ("169.254.169.254", "a link-local address"), ("fe80::1%eth0", "a link-local address"),
     ("::ffff:169.254.169.254", "a link-local address"), ("64:ff9b::a9fe:a9fe", "a link-local address"),
     ("100.100.100.200", "a cloud metadata address"), ("fd00:ec2::254", "a cloud metadata address"),
+    ("fd00:ec2::254%eth0", "a cloud metadata address"),  # a zone must not make it a different address
     ("0.0.0.0", "not a unicast address"), ("224.0.0.1", "not a unicast address"),
     ("240.0.0.1", "not a unicast address"),
 ])
