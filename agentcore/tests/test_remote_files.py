@@ -24,6 +24,9 @@ class DocumentServer(LocalHTTPServer):
             "/away": (302, {"Location": f"http://169.254.169.254:{self.port}/latest/meta-data"}, b""),
             "/to-mixed": (302, {"Location": f"http://mixed.example:{self.port}/notes.md"}, b""),
             "/loop": (302, {"Location": "/loop"}, b""),
+            "/r3": (302, {"Location": "/r2"}, b""),
+            "/r2": (302, {"Location": "/r1"}, b""),
+            "/r1": (302, {"Location": "/notes.md"}, b""),
         })
         self.url = self.base_url
 
@@ -114,3 +117,38 @@ async def test_the_request_goes_to_the_checked_address_with_the_names_host_heade
     assert await remote_file_fetch(f"http://localhost:{documents.port}/notes.md", max_bytes=10_000, allow=LOOPBACK)
     assert documents.hosts[-1] == f"localhost:{documents.port}"
     assert outbound_connections == [("127.0.0.1", documents.port)]
+
+
+async def test_three_redirects_are_followed(documents):
+    assert await remote_file_fetch(f"{documents.url}/r3", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
+    assert documents.requests == ["/r3", "/r2", "/r1", "/notes.md"]
+
+
+async def test_a_proxy_from_the_environment_is_not_used(documents, monkeypatch):
+    # A proxy would resolve the name again, unchecked: the fetch goes to the checked address or nowhere.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
+
+
+async def test_a_server_that_never_answers_is_given_up_after_the_fetch_timeout(monkeypatch):
+    import socket
+    import time
+
+    from agentcore import remote_files
+
+    monkeypatch.setattr(remote_files, "FETCH_TIMEOUT_SECONDS", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # connections are accepted by the kernel; nothing is ever sent back
+    try:
+        started = time.monotonic()
+        with pytest.raises(RemoteFileError, match=r"^127.0.0.1 did not answer within 0.5 s$"):
+            await remote_file_fetch(f"http://127.0.0.1:{silent.getsockname()[1]}/", max_bytes=100, allow=LOOPBACK)
+        assert time.monotonic() - started < 4
+    finally:
+        silent.close()
