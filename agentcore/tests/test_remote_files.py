@@ -24,7 +24,9 @@ class DocumentServer(LocalHTTPServer):
             "/away": (302, {"Location": f"http://169.254.169.254:{self.port}/latest/meta-data"}, b""),
             "/to-mixed": (302, {"Location": f"http://mixed.example:{self.port}/notes.md"}, b""),
             "/loop": (302, {"Location": "/loop"}, b""),
+            "/r4": (302, {"Location": "/r3"}, b""),
             "/r3": (302, {"Location": "/r2"}, b""),
+            "/created": (201, {"Location": "/notes.md"}, b"made"),
             "/r2": (302, {"Location": "/r1"}, b""),
             "/r1": (302, {"Location": "/notes.md"}, b""),
         })
@@ -123,6 +125,13 @@ async def test_three_redirects_are_followed(documents):
     assert await remote_file_fetch(f"{documents.url}/r3", max_bytes=10_000, allow=LOOPBACK) == \
         b"# Disk\n/var is 93% full"
     assert documents.requests == ["/r3", "/r2", "/r1", "/notes.md"]
+
+
+async def test_a_fourth_redirect_is_not_followed_and_a_location_without_a_redirect_is_not_one(documents):
+    with pytest.raises(RemoteFileError, match=r"^more than 3 redirects$"):
+        await remote_file_fetch(f"{documents.url}/r4", max_bytes=10_000, allow=LOOPBACK)
+    assert documents.requests == ["/r4", "/r3", "/r2", "/r1"]
+    assert await remote_file_fetch(f"{documents.url}/created", max_bytes=10_000, allow=LOOPBACK) == b"made"
 
 
 async def test_a_proxy_from_the_environment_is_not_used(documents, monkeypatch):
