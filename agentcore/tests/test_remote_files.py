@@ -27,6 +27,8 @@ class DocumentServer(LocalHTTPServer):
             "/r4": (302, {"Location": "/r3"}, b""),
             "/r3": (302, {"Location": "/r2"}, b""),
             "/created": (201, {"Location": "/notes.md"}, b"made"),
+            "/refused": (400, {}, b"bad request"),
+            "/large": (200, {}, bytes(range(256)) * 1024),
             "/r2": (302, {"Location": "/r1"}, b""),
             "/r1": (302, {"Location": "/notes.md"}, b""),
         })
@@ -161,3 +163,36 @@ async def test_a_server_that_never_answers_is_given_up_after_the_fetch_timeout(m
         assert time.monotonic() - started < 4
     finally:
         silent.close()
+
+
+async def test_a_body_of_exactly_the_limit_is_whole_and_a_400_is_an_error(documents):
+    large = bytes(range(256)) * 1024
+    assert await remote_file_fetch(f"{documents.url}/large", max_bytes=len(large), allow=LOOPBACK) == large
+    with pytest.raises(RemoteFileError, match=r"^127.0.0.1 answered HTTP 400$"):
+        await remote_file_fetch(f"{documents.url}/refused", max_bytes=1000, allow=LOOPBACK)
+
+
+async def test_a_body_without_a_declared_length_is_bounded_while_it_streams():
+    import socket
+    import threading
+
+    body = b"y" * 3000
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve() -> None:  # HTTP/1.0 without Content-Length: the body ends when the connection closes
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/stream"
+    try:
+        assert await remote_file_fetch(url, max_bytes=3000, allow=LOOPBACK) == body
+        with pytest.raises(RemoteFileError, match=r"^larger than 2999 bytes$"):
+            await remote_file_fetch(url, max_bytes=2999, allow=LOOPBACK)
+    finally:
+        listener.close()
