@@ -196,3 +196,14 @@ async def test_a_body_without_a_declared_length_is_bounded_while_it_streams():
             await remote_file_fetch(url, max_bytes=2999, allow=LOOPBACK)
     finally:
         listener.close()
+
+
+async def test_a_connection_error_names_the_host_and_the_error():
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with pytest.raises(RemoteFileError, match=r"^127.0.0.1: ConnectError$"):
+        await remote_file_fetch(f"http://127.0.0.1:{port}/", max_bytes=100, allow=LOOPBACK)
