@@ -16,9 +16,7 @@ from agentcore.network import (
     parse_networks,
     target_check,
 )
-from agentcore.tests import factories
 
-scripted_dns = factories.scripted_dns
 PUBLIC = "93.184.215.14"
 PUBLIC_V6 = "2606:2800:21f:cb07:6820:80da:af6b:8b2c"
 INTERNAL = NetworkAllowList(hosts=frozenset({"grafana.internal"}), networks=parse_networks(["10.20.0.0/16"]),
