@@ -52,9 +52,8 @@ bench: install-dev
 # functions of larger ones), e.g. `make mutate MUTANTS='llmconfigs.pricing.*'`; the work copy and results are in mutants/.
 MUTANTS ?= llmconfigs.encryption.* llmconfigs.secrets.* llmconfigs.management.commands.rotate_field_key.* \
 	llmconfigs.pricing.* llmconfigs.services.x_llm_config_record_usage* llmconfigs.rotation.* difyapi.selectors.* \
-	agentcore.services.x_approval_* difyapi.auth.* \
-	agentcore.remote_files.* agentcore.tools.builtin.x_address_refusal* agentcore.tools.builtin.x_ip_of* \
-	agentcore.tools.builtin.x_resolve* agentcore.tools.builtin.x_http_check* agentcore.api.permissions.*
+	agentcore.services.x_approval_* difyapi.auth.* agentcore.network.* agentcore.remote_files.* \
+	agentcore.tools.builtin.x_http_check_url* agentcore.permissions.* opsagent.common.permissions.*
 
 mutate: install-dev
 	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')

@@ -24,6 +24,13 @@ class DocumentServer(LocalHTTPServer):
             "/away": (302, {"Location": f"http://169.254.169.254:{self.port}/latest/meta-data"}, b""),
             "/to-mixed": (302, {"Location": f"http://mixed.example:{self.port}/notes.md"}, b""),
             "/loop": (302, {"Location": "/loop"}, b""),
+            "/r4": (302, {"Location": "/r3"}, b""),
+            "/r3": (302, {"Location": "/r2"}, b""),
+            "/created": (201, {"Location": "/notes.md"}, b"made"),
+            "/refused": (400, {}, b"bad request"),
+            "/large": (200, {}, bytes(range(256)) * 1024),
+            "/r2": (302, {"Location": "/r1"}, b""),
+            "/r1": (302, {"Location": "/notes.md"}, b""),
         })
         self.url = self.base_url
 
@@ -114,3 +121,89 @@ async def test_the_request_goes_to_the_checked_address_with_the_names_host_heade
     assert await remote_file_fetch(f"http://localhost:{documents.port}/notes.md", max_bytes=10_000, allow=LOOPBACK)
     assert documents.hosts[-1] == f"localhost:{documents.port}"
     assert outbound_connections == [("127.0.0.1", documents.port)]
+
+
+async def test_three_redirects_are_followed(documents):
+    assert await remote_file_fetch(f"{documents.url}/r3", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
+    assert documents.requests == ["/r3", "/r2", "/r1", "/notes.md"]
+
+
+async def test_a_fourth_redirect_is_not_followed_and_a_location_without_a_redirect_is_not_one(documents):
+    with pytest.raises(RemoteFileError, match=r"^more than 3 redirects$"):
+        await remote_file_fetch(f"{documents.url}/r4", max_bytes=10_000, allow=LOOPBACK)
+    assert documents.requests == ["/r4", "/r3", "/r2", "/r1"]
+    assert await remote_file_fetch(f"{documents.url}/created", max_bytes=10_000, allow=LOOPBACK) == b"made"
+
+
+async def test_a_proxy_from_the_environment_is_not_used(documents, monkeypatch):
+    # A proxy would resolve the name again, unchecked: the fetch goes to the checked address or nowhere.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert await remote_file_fetch(f"{documents.url}/notes.md", max_bytes=10_000, allow=LOOPBACK) == \
+        b"# Disk\n/var is 93% full"
+
+
+async def test_a_server_that_never_answers_is_given_up_after_the_fetch_timeout(monkeypatch):
+    import socket
+    import time
+
+    from agentcore import remote_files
+
+    monkeypatch.setattr(remote_files, "FETCH_TIMEOUT_SECONDS", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # connections are accepted by the kernel; nothing is ever sent back
+    try:
+        started = time.monotonic()
+        with pytest.raises(RemoteFileError, match=r"^127.0.0.1 did not answer within 0.5 s$"):
+            await remote_file_fetch(f"http://127.0.0.1:{silent.getsockname()[1]}/", max_bytes=100, allow=LOOPBACK)
+        assert time.monotonic() - started < 4
+    finally:
+        silent.close()
+
+
+async def test_a_body_of_exactly_the_limit_is_whole_and_a_400_is_an_error(documents):
+    large = bytes(range(256)) * 1024
+    assert await remote_file_fetch(f"{documents.url}/large", max_bytes=len(large), allow=LOOPBACK) == large
+    with pytest.raises(RemoteFileError, match=r"^127.0.0.1 answered HTTP 400$"):
+        await remote_file_fetch(f"{documents.url}/refused", max_bytes=1000, allow=LOOPBACK)
+
+
+async def test_a_body_without_a_declared_length_is_bounded_while_it_streams():
+    import socket
+    import threading
+
+    body = b"y" * 3000
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve() -> None:  # HTTP/1.0 without Content-Length: the body ends when the connection closes
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/stream"
+    try:
+        assert await remote_file_fetch(url, max_bytes=3000, allow=LOOPBACK) == body
+        with pytest.raises(RemoteFileError, match=r"^larger than 2999 bytes$"):
+            await remote_file_fetch(url, max_bytes=2999, allow=LOOPBACK)
+    finally:
+        listener.close()
+
+
+async def test_a_connection_error_names_the_host_and_the_error():
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with pytest.raises(RemoteFileError, match=r"^127.0.0.1: ConnectError$"):
+        await remote_file_fetch(f"http://127.0.0.1:{port}/", max_bytes=100, allow=LOOPBACK)

@@ -8,12 +8,19 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agentcore.errors import InvalidInput, SessionNotFound
+from agentcore.errors import (
+    ApprovalAlreadyDecided,
+    ApprovalForbidden,
+    ApprovalNotFound,
+    InvalidInput,
+    SessionNotFound,
+)
 from agentcore.models import AgentApp, Approval, Message, Session, Thought
 from agentcore.selectors import approval_list, message_list, session_get_for, session_list_for, task_list
 from agentcore.services import (
     agent_app_seed_demo,
     approval_decide,
+    approval_supersede,
     message_close_stale,
     session_create,
     session_delete,
@@ -94,6 +101,84 @@ def test_approval_list_and_decide(agent_app, plain_user, staff_user):
     with pytest.raises(InvalidInput, match=r"^decision must be 'approve' or 'reject'\.$") as caught:
         approval_decide(approval_id=approval.pk, decision="maybe")
     assert caught.value.field == "decision"
+
+
+@pytest.fixture
+def pending(agent_app, plain_user):
+    """pending(tool, approver): a pending approval of a paused turn in one of plain_user's sessions."""
+    session = session_create(app=agent_app, owner=plain_user)
+    message = Message.objects.create(session=session, query="q", status="paused")
+
+    def make(tool: str = "http_check", approver: str = "requester") -> Approval:
+        return Approval.objects.create(session=session, message=message, tool=tool, approver=approver)
+
+    return make
+
+
+@pytest.mark.parametrize("approval_id", ["not-a-uuid", "5b1f6e0e-0000-4000-8000-000000000000"])
+def test_deciding_an_unknown_approval_is_not_found(approval_id):
+    with pytest.raises(ApprovalNotFound) as caught:
+        approval_decide(approval_id=approval_id, decision="approve")
+    assert (str(caught.value), caught.value.field) == ("Approval not found.", "approval_id")
+
+
+def test_an_end_user_decides_a_requester_approval_once(pending):
+    approval = pending()
+    decided = approval_decide(approval_id=str(approval.pk), decision="approve", comment="x" * 2100, end_user="bob")
+    stored = Approval.objects.get(pk=approval.pk)
+    assert (stored.status, stored.decided_by, stored.decided_by_end_user) == ("approved", None, "bob")
+    assert stored.comment == "x" * 2000 and stored.decided_at is not None
+    assert (decided.status, decided.decided_at) == (stored.status, stored.decided_at)
+    with pytest.raises(ApprovalAlreadyDecided) as caught:
+        approval_decide(approval_id=approval.pk, decision="reject", end_user="bob")
+    assert (str(caught.value), caught.value.field) == ("This approval was already approved.", "approval_id")
+    assert Approval.objects.get(pk=approval.pk).status == "approved"
+
+
+def test_an_anonymous_user_decides_as_nobody(pending):
+    from django.contrib.auth.models import AnonymousUser
+
+    approval = pending()
+    approval_decide(approval_id=approval.pk, decision="reject", user=AnonymousUser())
+    stored = Approval.objects.get(pk=approval.pk)
+    assert (stored.status, stored.decided_by, stored.decided_by_end_user, stored.comment) == ("rejected", None, "", "")
+
+
+@pytest.mark.parametrize(("tool", "approver", "permission"), [
+    ("run_shell", "requester", "agentcore.approve_shell"),
+    ("run_shell", "staff", "agentcore.approve_shell"),
+    ("http_check", "staff", "agentcore.change_approval"),
+])
+def test_a_guarded_approval_needs_its_permission(pending, plain_user, grant, tool, approver, permission):
+    approval = pending(tool, approver)
+    for who in ({"end_user": "alice"}, {"user": plain_user}):
+        with pytest.raises(ApprovalForbidden) as caught:
+            approval_decide(approval_id=approval.pk, decision="approve", **who)
+        assert str(caught.value) == f"Deciding {tool} needs the permission {permission}."
+        assert caught.value.field == "approval_id"
+        assert Approval.objects.get(pk=approval.pk).status == "pending"
+    approver_user = grant(plain_user, permission)
+    approval_decide(approval_id=approval.pk, decision="approve", user=approver_user)
+    stored = Approval.objects.get(pk=approval.pk)
+    assert (stored.status, stored.decided_by) == ("approved", plain_user)
+
+
+def test_a_new_query_supersedes_only_its_own_sessions_pending_approvals(pending, agent_app, plain_user):
+    first, second, decided = pending(), pending(), pending()
+    approval_decide(approval_id=decided.pk, decision="approve", end_user="alice")
+    other_session = session_create(app=agent_app, owner=plain_user)
+    other_message = Message.objects.create(session=other_session, query="q", status="paused")
+    other = Approval.objects.create(session=other_session, message=other_message, tool="http_check")
+
+    assert approval_supersede(session=first.session) == 2
+    for approval in (first, second):
+        stored = Approval.objects.get(pk=approval.pk)
+        assert (stored.status, stored.comment) == ("rejected", "superseded by a new message")
+        assert stored.decided_at is not None
+    assert Approval.objects.get(pk=decided.pk).status == "approved"
+    assert Message.objects.get(pk=first.message_id).status == "stopped"
+    assert Approval.objects.get(pk=other.pk).status == "pending"
+    assert Message.objects.get(pk=other_message.pk).status == "paused"
 
 
 def test_message_close_stale(agent_app, plain_user, settings):

@@ -214,11 +214,12 @@ def test_site(client):
 def test_models_lists_active_chat_configs_without_keys(app, client, make_llm_config):
     default = make_llm_config(name="main", model_name="gpt-main", default=True)
     other = make_llm_config(name="other", model_name="gpt-other")
-    make_llm_config(name="off", is_active=False)
+    make_llm_config(name="another", model_name="gpt-another")
+    off = make_llm_config(name="off", is_active=False)
     make_llm_config(name="embed", is_embedding=True)
     response = client.get("/v1/models")
     data = response.json()["data"]
-    assert [item["name"] for item in data] == ["main", "other"]
+    assert [item["name"] for item in data] == ["main", "another", "other"]  # the default first, then by name
     assert data[0] == {"id": str(default.id), "name": "main", "provider": "openai", "model_name": "gpt-main",
                        "route": "gpt-main", "is_default": True}
     assert data[1]["is_default"] is False
@@ -226,7 +227,11 @@ def test_models_lists_active_chat_configs_without_keys(app, client, make_llm_con
     app.llm_config = other
     app.save()
     flags = {item["name"]: item["is_default"] for item in client.get("/v1/models").json()["data"]}
-    assert flags == {"main": False, "other": True}
+    assert flags == {"main": False, "another": False, "other": True}
+    app.llm_config = off  # the app's own config, deactivated: the app falls back to the default config
+    app.save()
+    flags = {item["name"]: item["is_default"] for item in client.get("/v1/models").json()["data"]}
+    assert flags == {"main": True, "another": False, "other": False}
 
 
 def test_audio_endpoints_answer_not_supported(client):

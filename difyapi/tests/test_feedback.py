@@ -7,6 +7,7 @@ from datetime import datetime
 
 import pytest
 
+from agentcore.models import Session
 from difyapi.models import EndUser, Feedback
 from difyapi.tests.factories import (
     DifyClient,
@@ -73,6 +74,17 @@ def test_feedback_validation_and_scope(app, client, message):
     assert not Feedback.objects.exists()
 
 
+@pytest.mark.parametrize("case", ["console", "deleted"])
+def test_a_message_of_a_console_or_deleted_conversation_is_404_for_feedback_and_suggestions(app, client, case):
+    session = make_session(app, **({"source": Session.Source.CONSOLE} if case == "console" else {"is_deleted": True}))
+    message = make_message(session)
+    app.suggested_questions_after_answer = True
+    app.save()
+    assert_error(feedback(client, message, rating="like"), 404, "not_found", "Message Not Exists.")
+    assert_error(suggested(client, message), 404, "not_found", "Message Not Exists.")
+    assert not Feedback.objects.exists()
+
+
 def test_feedback_shows_in_history(app, client, message):
     feedback(client, message, rating="dislike")
     history = client.get("/v1/messages", {"user": "alice", "conversation_id": str(message.session_id)}).json()
@@ -107,6 +119,17 @@ def test_app_feedbacks_list(app, client):
     assert client.get("/v1/app/feedbacks", {"limit": 101}).status_code == 200
     assert_error(client.get("/v1/app/feedbacks", {"limit": 102}), 400, "invalid_param")
     assert_error(client.get("/v1/app/feedbacks", {"page": 0}), 400, "invalid_param")
+
+
+def test_app_feedbacks_are_ordered_by_time_then_by_id_descending(app, client):
+    session = make_session(app)
+    for i in range(7):
+        assert feedback(client, make_message(session, at=seconds(i)), rating="like", content=f"c{i}").status_code == 200
+    *tied, newest = sorted(Feedback.objects.all(), key=lambda row: row.id, reverse=True)
+    Feedback.objects.update(created_at=seconds(10))
+    Feedback.objects.filter(pk=newest.pk).update(created_at=seconds(20))  # the smallest id, yet the newest
+    data = client.get("/v1/app/feedbacks").json()["data"]
+    assert [f["id"] for f in data] == [str(row.id) for row in [newest, *tied]]
 
 
 def suggested(client, message, user="alice"):

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from agentcore.models import Message, Session
-from difyapi.models import Feedback, MessageFile
+from difyapi.models import EndUser, Feedback, MessageFile, UploadFile
 from difyapi.tests.factories import (
     DifyClient,
     assert_error,
@@ -108,6 +108,16 @@ def test_newest_page_first_oldest_to_newest_within_and_first_id_goes_back(app, c
     assert page["data"][0]["id"] == str(messages[0].id)
 
 
+def test_a_page_that_holds_exactly_the_remaining_messages_has_no_more(app, client):
+    session = make_session(app)
+    for i in range(4):
+        make_message(session, query=f"q{i}", at=seconds(i))
+    page = history(client, session, limit=2).json()
+    page = history(client, session, limit=2, first_id=page["data"][0]["id"]).json()
+    assert [m["query"] for m in page["data"]] == ["q0", "q1"]
+    assert page["has_more"] is False
+
+
 def test_messages_with_equal_timestamps_page_without_loss(app, client):
     session = make_session(app)
     for i in range(4):
@@ -173,9 +183,15 @@ def test_unknown_conversation_is_404(client):
 
 def test_query_count_does_not_grow_with_messages(app, client, django_assert_max_num_queries):
     session = make_session(app)
+    end_user = EndUser.objects.create(app=app, session_id="alice")
     for i in range(10):
         message = make_message(session, at=seconds(i))
         make_thought(message, tool="t", observation="o")
         MessageFile.objects.create(message=message, transfer_method="remote_url", url="https://e.x/a.png")
+        upload = UploadFile.objects.create(app=app, end_user=end_user, name=f"f{i}.png", size=1, extension="png",
+                                           mime_type="image/png", file=f"uploads/f{i}.png")
+        MessageFile.objects.create(message=message, transfer_method="local_file", upload_file=upload)
     with django_assert_max_num_queries(10):
-        assert len(history(client, session).json()["data"]) == 10
+        items = history(client, session).json()["data"]
+    assert len(items) == 10
+    assert sorted(f["filename"] for f in items[9]["message_files"]) == ["a.png", "f9.png"]

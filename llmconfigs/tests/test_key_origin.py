@@ -23,6 +23,11 @@ NEW_KEY = "sk-origin-test-key-new-9876543210"
     ("http://127.0.0.1:9100/v1", "http://127.0.0.1:9100"),
     ("http://[::1]/v1", "http://[::1]:80"),
     ("", ""),
+    ("http:///v1", "http://:80"),  # no host: an empty one, never a made-up name
+    ("ftp://Host.example/x", "ftp://host.example:"),  # no default port known: none invented
+    # A port that is not a number: the text after the last "@" (no user info), lower case, kept as it is.
+    ("http://Host.Example:8x/v1", "http://host.example:8x"),
+    ("http://u:p@a@Host.Example:8x/v1", "http://host.example:8x"),
 ])
 def test_url_origin(url, origin):
     assert url_origin(url) == origin

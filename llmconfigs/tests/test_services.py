@@ -178,6 +178,15 @@ def test_record_usage_sums_costs_ignores_negative_counts_and_touches_only_its_co
     assert (untouched.usage_count, untouched.total_tokens_total, untouched.last_used_at) == (0, 0, None)
 
 
+def test_record_usage_without_token_counts_counts_the_call_and_adds_no_tokens(make_llm_config):
+    config = make_llm_config()
+    llm_config_record_usage(config_id=config.pk)
+    llm_config_record_usage(config_id=config.pk, completion_tokens=3)
+    fresh = LLMConfig.objects.get(pk=config.pk)
+    assert (fresh.usage_count, fresh.prompt_tokens_total, fresh.completion_tokens_total, fresh.total_tokens_total,
+            fresh.cost_total) == (2, 0, 3, 3, 0)
+
+
 # ----- connection test against the real fake upstream -----
 
 
