@@ -159,3 +159,16 @@ def test_a_rotation_by_a_user_is_audited_under_their_name(encrypted_with_old_key
 
     row = AuditLog.objects.get(action="rotate_key")
     assert (row.actor, row.actor_repr, row.source) == (staff_user, "staff", "admin")
+
+
+def test_a_rollback_after_the_rotation_restores_the_key_of_the_old_version(encrypted_with_old_key):
+    from llmconfigs.services import llm_config_rollback, llm_config_update
+
+    config, _server = encrypted_with_old_key
+    call_command("rotate_field_key", "--old-key", OLD_KEY)
+    llm_config_update(config=config, api_key="sk-after-the-rotation-5555")
+
+    llm_config_rollback(config=config, version=1)
+
+    assert LLMConfig.objects.get(pk=config.pk).api_key == API_KEY
+    assert_stored_encrypted(config, "api_key", API_KEY, secrets=(API_KEY,))

@@ -134,3 +134,25 @@ def test_rollback_from_another_user_client(make_llm_config, grant, plain_user):
     user = grant(plain_user, "llmconfigs.change_llmconfig")
     assert client_for(user).post(f"{URL}{config.pk}/rollback/", {"version": 1}, format="json").status_code == 200
     assert LLMConfig.objects.get(pk=config.pk).temperature == 0.4
+
+
+def test_a_rollback_the_validation_refuses_is_a_400_naming_the_field(staff_client, make_llm_config):
+    config = make_llm_config(name="alpha")
+    llm_config_update(config=config, name="beta")
+    make_llm_config(name="alpha")
+    response = staff_client.post(f"{URL}{config.pk}/rollback/", {"version": 1}, format="json")
+    assert response.status_code == 400, response.content
+    assert "name" in response.json()
+    assert LLMConfig.objects.get(pk=config.pk).name == "beta"
+
+
+def test_rolling_back_the_default_to_an_inactive_version_is_refused(staff_client, make_llm_config):
+    from llmconfigs.services import llm_config_activate, llm_config_deactivate, llm_config_set_default
+
+    config = make_llm_config()
+    llm_config_deactivate(config=config)
+    llm_config_activate(config=config)
+    llm_config_set_default(config=config)
+    response = staff_client.post(f"{URL}{config.pk}/rollback/", {"version": 2}, format="json")
+    assert response.status_code == 400 and "version" in json.dumps(response.json())
+    assert LLMConfig.objects.get(pk=config.pk).is_active
