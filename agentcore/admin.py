@@ -28,7 +28,7 @@ from agentcore.services import (
     mcp_server_run_test,
     mcp_server_update,
 )
-from agentcore.tools.policies import SHELL_TOOL, tool_policy_update
+from agentcore.tools.policies import SHELL_TOOL, tool_policy_delete, tool_policy_update
 from llmconfigs.secrets import mask_secret
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
@@ -366,4 +366,11 @@ class ToolPolicyAdmin(admin.ModelAdmin):
         changes = {name: form.cleaned_data[name] for name in form.changed_data}
         if changes:
             tool_policy_update(name=obj.name, **changes, **audit_context(request, source="admin"))
+
+    def delete_model(self, request, obj):
+        tool_policy_delete(policy=obj, **audit_context(request, source="admin"))
+
+    def delete_queryset(self, request, queryset):
+        for policy in queryset:
+            tool_policy_delete(policy=policy, **audit_context(request, source="admin"))
 

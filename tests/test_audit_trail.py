@@ -182,3 +182,20 @@ def test_create_app_command_audits_the_app_and_its_key(db):
     call_command("create_app", "--name", "from-cli", "--mode", "chat", "--key", raw, stdout=StringIO(),
                  stderr=StringIO())
     assert AuditLog.objects.count() == 2  # the idempotent rerun created nothing, so it recorded nothing
+
+
+def test_deleting_policies_in_the_admin_is_audited_with_what_they_said(admin_browser, admin_user):
+    from agentcore.tools.policies import tool_policy_add_builtins
+
+    tool_policy_add_builtins()
+    shell = ToolPolicy.objects.get(name="run_shell")
+    admin_browser.post(f"/admin/agentcore/toolpolicy/{shell.pk}/delete/", {"post": "yes"}, **_request_meta())
+    others = list(ToolPolicy.objects.filter(name__in=["http_check", "dns_lookup"]))
+    admin_browser.post("/admin/agentcore/toolpolicy/", {"action": "delete_selected", "post": "yes",
+                                                        "_selected_action": [str(p.pk) for p in others]})
+
+    row = _only_row(action="delete", target_repr="run_shell")
+    _assert_row(row, actor=admin_user, source="admin", action="delete", target=shell)
+    assert row.changes == {"enabled": {"old": False}, "requires_approval": {"old": True}, "approver": {"old": "staff"}}
+    assert sorted(AuditLog.objects.filter(action="delete", target_type="agentcore.ToolPolicy")
+                  .values_list("target_repr", flat=True)) == ["dns_lookup", "http_check", "run_shell"]

@@ -139,6 +139,18 @@ def tool_policy_update(*, name: str, actor=None, source: str = "", ip_address: s
     return policy
 
 
+def tool_policy_delete(*, policy: ToolPolicy, actor=None, source: str = "", ip_address: str | None = None,
+                       user_agent: str = "") -> None:
+    """Delete a policy row, audited with what it said: the tool falls back to its defaults (a built-in's, or its MCP
+    server's approval default when the server is next listed), which may be laxer than the row."""
+    with transaction.atomic():
+        audit_record(actor=actor, action=AuditLog.Action.DELETE, target=policy, source=source, ip_address=ip_address,
+                     user_agent=user_agent,
+                     changes={key: {"old": getattr(policy, key)} for key in ("enabled", "requires_approval",
+                                                                            "approver")})
+        policy.delete()
+
+
 # ----- the tool setup runs read -----
 
 @dataclass(frozen=True)
