@@ -119,8 +119,6 @@ async def test_without_auto_generate_name_the_name_is_the_shortened_query(defaul
 
 async def test_an_approval_decided_through_v1_is_audited_with_the_end_user_and_the_client(agent_app, fake_upstream):
     from llmconfigs.models import AuditLog
-    from opsagent.asgi import application
-    from tests.e2e.dify_servers import AsgiCall, dify_headers
 
     _, key = agent_app
     fake_upstream.script(Reply(text="", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})]))
@@ -129,10 +127,9 @@ async def test_an_approval_decided_through_v1_is_audited_with_the_end_user_and_t
     fake_upstream.script(Reply(text="Noon."))
     payload = body(query="", conversation_id=end["conversation_id"],
                    approval={"id": pending["id"], "decision": "reject", "comment": "no"})
-    async with AsgiCall(application, path="/v1/chat-messages", body=json.dumps(payload).encode(),
-                        headers={**dify_headers(key), "User-Agent": "dify-client/9"}) as call:
-        await call.read(30)
-        assert call.status == 200
+    status, _, _ = await dify_post(key, "/v1/chat-messages", payload, timeout=30,
+                                   headers={"User-Agent": "dify-client/9"})
+    assert status == 200
 
     [row] = [row async for row in AuditLog.objects.filter(action="decide")]
     assert (row.actor, row.source, row.user_agent, row.ip_address) == (None, "api", "dify-client/9", "127.0.0.1")
