@@ -20,13 +20,15 @@ from agentcore.permissions import (
 )
 from agentcore.runs import ApprovalDecision, TurnRequest, turn_prepare
 from agentcore.services import (
+    agent_app_delete,
+    agent_app_save,
     mcp_server_create,
     mcp_server_delete,
     mcp_server_headers_refusal,
     mcp_server_run_test,
     mcp_server_update,
 )
-from agentcore.tools.policies import SHELL_TOOL, tool_policy_update
+from agentcore.tools.policies import SHELL_TOOL, tool_policy_delete, tool_policy_update
 from llmconfigs.secrets import mask_secret
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
@@ -50,6 +52,17 @@ class AgentAppAdmin(admin.ModelAdmin):
     list_filter = ["mode", "is_active"]
     list_select_related = ["llm_config"]
     search_fields = ["name", "description"]
+
+    # Writes through the services, which write the audit rows.
+    def save_model(self, request, obj, form, change):
+        agent_app_save(app=obj, **audit_context(request, source="admin"))
+
+    def delete_model(self, request, obj):
+        agent_app_delete(app=obj, **audit_context(request, source="admin"))
+
+    def delete_queryset(self, request, queryset):
+        for app in queryset:
+            agent_app_delete(app=app, **audit_context(request, source="admin"))
 
 
 class MessageInline(ReadOnlyInline):
@@ -174,7 +187,8 @@ class ApprovalAdmin(admin.ModelAdmin):
                 turn = turn_prepare(TurnRequest(
                     app=session.app, session_id=str(session.id), owner=request.user, source=session.source,
                     end_user=session.end_user,
-                    approval=ApprovalDecision(approval_id=str(approval.id), decision=decision),
+                    approval=ApprovalDecision(approval_id=str(approval.id), decision=decision,
+                                              audit=audit_context(request, source="admin")),
                 ))
             except ServiceError as exc:
                 self.message_user(request, f"{approval.tool}: {exc.message}", messages.ERROR)
@@ -351,5 +365,12 @@ class ToolPolicyAdmin(admin.ModelAdmin):
         # Through the service, which owns the rules of what a policy may say.
         changes = {name: form.cleaned_data[name] for name in form.changed_data}
         if changes:
-            tool_policy_update(name=obj.name, **changes)
+            tool_policy_update(name=obj.name, **changes, **audit_context(request, source="admin"))
+
+    def delete_model(self, request, obj):
+        tool_policy_delete(policy=obj, **audit_context(request, source="admin"))
+
+    def delete_queryset(self, request, queryset):
+        for policy in queryset:
+            tool_policy_delete(policy=policy, **audit_context(request, source="admin"))
 

@@ -16,6 +16,7 @@ from agentcore.errors import SessionNotFound
 from agentcore.runs import ApprovalDecision, TurnRequest, aturn_prepare, run_stop, turn_abandon
 from opsagent.common.api_errors import client_field
 from opsagent.common.client_input import ClientInputError, json_loads
+from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.errors import ServiceError
 
@@ -102,8 +103,15 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             await self._error("invalid_input", '"comment" must be a string.')
             return
         await self._start(self._request(
-            approval=ApprovalDecision(approval_id=approval_id, decision=decision, comment=comment)
+            approval=ApprovalDecision(approval_id=approval_id, decision=decision, comment=comment,
+                                      audit=self._audit_context())
         ))
+
+    def _audit_context(self) -> dict:
+        agent = next((value.decode("latin-1") for name, value in self.scope.get("headers", [])
+                      if name.lower() == b"user-agent"), "")
+        return {"source": "websocket", "ip_address": scope_client_ip(self.scope),
+                "user_agent": agent[:USER_AGENT_LIMIT]}
 
     async def _stop(self, content: dict[str, Any]) -> None:
         if not (self.run_task and not self.run_task.done()):

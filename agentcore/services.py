@@ -165,9 +165,10 @@ def message_close_stale_due() -> None:
     transaction.on_commit(swept)  # a turn rolled back (a 429, a bad id) swept nothing: the next one sweeps
 
 
-def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=None, end_user: str = "") -> Approval:
-    """Record a decision once (row lock: a second decision raises ApprovalAlreadyDecided). Resuming the run is the
-    run service's job (runs.turn_prepare with an ApprovalDecision)."""
+def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=None, end_user: str = "",
+                    source: str = "", ip_address: str | None = None, user_agent: str = "") -> Approval:
+    """Record a decision once (row lock: a second decision raises ApprovalAlreadyDecided), with its audit row.
+    Resuming the run is the run service's job (runs.turn_prepare with an ApprovalDecision)."""
     if decision not in ("approve", "reject"):
         raise InvalidInput("decision must be 'approve' or 'reject'.", field="decision")
     try:
@@ -190,6 +191,12 @@ def approval_decide(*, approval_id: Any, decision: str, comment: str = "", user=
         approval.decided_by_end_user = end_user or ""
         approval.decided_at = timezone.now()
         approval.save(update_fields=["status", "comment", "decided_by", "decided_by_end_user", "decided_at"])
+        # The tool's arguments and the comment stay on the approval: they may hold anything the model or a user wrote.
+        audit_record(actor=user, action=AuditLog.Action.DECIDE, target=approval,
+                     changes={"status": {"old": Approval.Status.PENDING, "new": approval.status},
+                              "tool": approval.tool, "approver": approval.approver, "session": str(approval.session_id),
+                              "end_user": approval.decided_by_end_user},
+                     source=source, ip_address=ip_address, user_agent=user_agent)
     return approval
 
 
@@ -307,13 +314,63 @@ def mcp_server_run_test(*, server: MCPServer, actor=None, source: str = "", ip_a
     return result
 
 
+# ----- agent apps -----
+
+def _app_values(app: AgentApp) -> dict[str, Any]:
+    """The app's editable fields, JSON-ready, for its audit rows (an app holds no secret)."""
+    values = {}
+    for field in AgentApp._meta.concrete_fields:
+        if field.primary_key or field.name in ("created_at", "updated_at"):
+            continue
+        value = getattr(app, field.attname)
+        values[field.attname] = str(value) if isinstance(value, uuid.UUID) else value
+    return values
+
+
+def agent_app_created_record(*, app: AgentApp, actor=None, source: str = "", ip_address: str | None = None,
+                             user_agent: str = "") -> None:
+    """The audit row of a new app (every field), for whoever created it (the admin, create_app, the seed)."""
+    audit_record(actor=actor, action=AuditLog.Action.CREATE, target=app, source=source, ip_address=ip_address,
+                 user_agent=user_agent, changes={name: {"new": value} for name, value in _app_values(app).items()})
+
+
+def agent_app_save(*, app: AgentApp, actor=None, source: str = "", ip_address: str | None = None,
+                   user_agent: str = "") -> AgentApp:
+    """Save a new or edited app (already validated, e.g. by the admin form), with an audit row: every field for a
+    new app, the fields that changed for an edit (none changed: no row)."""
+    with transaction.atomic():
+        if app._state.adding:
+            app.save()
+            agent_app_created_record(app=app, actor=actor, source=source, ip_address=ip_address,
+                                     user_agent=user_agent)
+            return app
+        stored = AgentApp.objects.select_for_update().get(pk=app.pk)
+        before, after = _app_values(stored), _app_values(app)
+        app.save()
+        changes = {name: {"old": before[name], "new": value} for name, value in after.items()
+                   if before.get(name) != value}
+        if changes:
+            audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=app, changes=changes, source=source,
+                         ip_address=ip_address, user_agent=user_agent)
+    return app
+
+
+def agent_app_delete(*, app: AgentApp, actor=None, source: str = "", ip_address: str | None = None,
+                     user_agent: str = "") -> None:
+    """Delete an app (its sessions and keys go with it), recorded first while the row still has its id."""
+    with transaction.atomic():
+        audit_record(actor=actor, action=AuditLog.Action.DELETE, target=app, source=source, ip_address=ip_address,
+                     user_agent=user_agent, changes={"name": {"old": app.name}, "mode": {"old": app.mode}})
+        app.delete()
+
+
 def agent_app_seed_demo() -> AgentApp:
     """The demo "OpsAgent" agent-chat app when no app exists yet (idempotent); otherwise the first app."""
     with transaction.atomic():
         existing = AgentApp.objects.order_by("created_at").first()
         if existing is not None:
             return existing
-        app, _ = AgentApp.objects.get_or_create(
+        app, created = AgentApp.objects.get_or_create(
             name="OpsAgent",
             defaults={
                 "mode": AgentApp.Mode.AGENT_CHAT,
@@ -327,4 +384,6 @@ def agent_app_seed_demo() -> AgentApp:
                 ],
             },
         )
+        if created:
+            agent_app_created_record(app=app, source="command")
     return app

@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from difyapi.auth import api_key_create, api_key_revoke
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
+from opsagent.common.clients import audit_context
 
 # Extends the admin's own base template, so no template file has to be shipped.
 _KEY_CREATED_TEMPLATE = engines["django"].from_string(
@@ -68,7 +69,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if change:
             obj.save(update_fields=["name"])
             return
-        key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=request.user)
+        context = audit_context(request, source="admin")
+        key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=context.pop("actor"), **context)
         for field in ApiKey._meta.concrete_fields:
             setattr(obj, field.attname, getattr(key, field.attname))
         obj._state = key._state
@@ -94,7 +96,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset) -> None:
         live = list(queryset.filter(revoked_at__isnull=True))
         for key in live:
-            api_key_revoke(key=key)
+            api_key_revoke(key=key, **audit_context(request, source="admin"))
         self.message_user(request, f"Revoked {len(live)} API key(s).", messages.SUCCESS)
 
 

@@ -13,6 +13,8 @@ from django.utils import timezone
 from agentcore.models import AgentApp
 from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unauthorized
 from difyapi.models import ApiKey
+from llmconfigs.models import AuditLog
+from llmconfigs.services import audit_record
 from opsagent.common.cache import cache_forget
 from opsagent.common.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
 
@@ -31,9 +33,11 @@ def api_key_generate() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(24)
 
 
-def api_key_create(*, app: AgentApp, raw_key: str | None = None, name: str = "", created_by=None) -> tuple[ApiKey, str]:
+def api_key_create(*, app: AgentApp, raw_key: str | None = None, name: str = "", created_by=None, source: str = "",
+                   ip_address: str | None = None, user_agent: str = "") -> tuple[ApiKey, str]:
     """Create a key for `app`; returns (row, plaintext). The plaintext is never stored: show it once.
-    With `raw_key`, that exact key is used, idempotently (an existing live key for the same app is returned)."""
+    With `raw_key`, that exact key is used, idempotently (an existing live key for the same app is returned).
+    A new key is audited (by its mask, `app-…last4`, never the key or its hash)."""
     raw = raw_key or api_key_generate()
     if not raw.startswith(KEY_PREFIX) or len(raw) < len(KEY_PREFIX) + 16:
         raise ValueError(f"An app key must start with {KEY_PREFIX!r} and be at least 20 characters long.")
@@ -47,11 +51,20 @@ def api_key_create(*, app: AgentApp, raw_key: str | None = None, name: str = "",
                 raise ValueError("That key was revoked; choose another.")
             return existing, raw
         key = ApiKey.objects.create(app=app, key_hash=digest, last4=raw[-4:], name=name, created_by=created_by)
+        audit_record(actor=created_by, action=AuditLog.Action.CREATE, target=key, source=source,
+                     ip_address=ip_address, user_agent=user_agent,
+                     changes={"key": {"new": str(key)}, "app": {"new": app.name}, "name": {"new": name}})
     return key, raw
 
 
-def api_key_revoke(*, key: ApiKey) -> ApiKey:
-    ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def api_key_revoke(*, key: ApiKey, actor=None, source: str = "", ip_address: str | None = None,
+                   user_agent: str = "") -> ApiKey:
+    """Revoke a key (once: revoking a revoked key changes and records nothing) and forget its cached validity."""
+    with transaction.atomic():
+        if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+            audit_record(actor=actor, action=AuditLog.Action.REVOKE, target=key, source=source,
+                         ip_address=ip_address, user_agent=user_agent,
+                         changes={"key": {"old": str(key)}, "app": {"old": str(key.app)}})
     cache.delete(_cache_key(key.key_hash))
     key.refresh_from_db()
     return key

@@ -80,16 +80,17 @@ class ChatCall:
     files: tuple[FileRef, ...] = field(default_factory=tuple)
 
 
-def chat_call_build(*, app: AgentApp, payload: dict[str, Any]) -> ChatCall:
+def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | None = None) -> ChatCall:
     """Validate a chat request body in Dify's order of checks (SPEC.md §2) and build the turn it asks for.
 
-    Sync (reads upload files and the conversation's config when files are sent): call it off the event loop."""
+    Sync (reads upload files and the conversation's config when files are sent): call it off the event loop.
+    `audit` (source, ip_address, user_agent) goes with an approval decision, for its audit row."""
     user = user_from(payload.get("user"))
     response_mode = choice_from(payload.get("response_mode"), field="response_mode", choices=(STREAMING, BLOCKING),
                                 default=BLOCKING)
     if app.mode == AgentApp.Mode.AGENT_CHAT and response_mode == BLOCKING:
         raise invalid_param("Agent Chat App does not support blocking mode")
-    approval = _approval(payload.get("approval"))
+    approval = _approval(payload.get("approval"), audit=audit or {})
     query = _query(payload.get("query"), required=approval is None)
     inputs = payload.get("inputs")
     if not isinstance(inputs, dict):
@@ -130,7 +131,7 @@ def _query(value: Any, *, required: bool) -> str:
     return value
 
 
-def _approval(value: Any) -> ApprovalDecision | None:
+def _approval(value: Any, *, audit: dict) -> ApprovalDecision | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -142,7 +143,7 @@ def _approval(value: Any) -> ApprovalDecision | None:
     comment = value.get("comment") or ""
     if not isinstance(comment, str):
         raise invalid_param("approval.comment must be a string")
-    return ApprovalDecision(approval_id=str(approval_id), decision=decision, comment=comment)
+    return ApprovalDecision(approval_id=str(approval_id), decision=decision, comment=comment, audit=audit)
 
 
 def _overrides(payload: dict[str, Any], inputs: dict[str, Any]) -> TurnOverrides:

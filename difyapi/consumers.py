@@ -44,7 +44,7 @@ from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_e
 from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, run_error_to_dify
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
-from opsagent.common.clients import scope_client_ip
+from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class DifyHttpConsumer(AsyncConsumer):
 
 
 def _chat_turn(
-    header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None
+    header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None,
+    user_agent: str = "",
 ) -> tuple[ChatCall, Turn]:
     """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
@@ -148,7 +149,8 @@ def _chat_turn(
     context = context or authenticate(header, client_ip=client_ip)
     payload = parse_json_body(body, content_type, strip_nul=CHAT_NUL_STRIPPED)
     try:
-        call = chat_call_build(app=context.app, payload=payload)
+        call = chat_call_build(app=context.app, payload=payload,
+                               audit={"source": "api", "ip_address": client_ip, "user_agent": user_agent})
         # With files, their rows are written in the turn's transaction: a turn never exists without them.
         with transaction.atomic() if call.files else contextlib.nullcontext():
             turn = turn_prepare(call.request)
@@ -176,6 +178,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             call, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
                 _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
+                (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT],
             ))
             try:
                 if call.streaming:

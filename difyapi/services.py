@@ -13,6 +13,7 @@ from django.utils import timezone
 from agentcore.errors import InvalidInput
 from agentcore.generation import session_generate_name
 from agentcore.models import AgentApp, Message, Session
+from agentcore.services import agent_app_created_record
 from difyapi import filetypes
 from difyapi.auth import api_key_create
 from difyapi.errors import DifyError, invalid_param
@@ -198,9 +199,11 @@ def app_get_or_create_with_key(*, name: str, mode: str, raw_key: str | None = No
         raise ValueError(f"mode must be one of {', '.join(AgentApp.Mode.values)}.")
     with transaction.atomic():
         app, created = AgentApp.objects.get_or_create(name=name, defaults={"mode": mode})
+        if created:
+            agent_app_created_record(app=app, source="command")
         if app.mode != mode:
             raise ValueError(f"App {name!r} already exists with mode {app.mode!r}.")
-        _, raw = api_key_create(app=app, raw_key=raw_key, name="create_app")
+        _, raw = api_key_create(app=app, raw_key=raw_key, name="create_app", source="command")
     return app, raw, created
 
 
@@ -210,5 +213,5 @@ def dify_seed_demo_key(*, app: AgentApp) -> str | None:
         AgentApp.objects.select_for_update().filter(pk=app.pk).first()  # serialises concurrent seeds of this app
         if ApiKey.objects.filter(app=app, revoked_at__isnull=True).exists():
             return None
-        _, raw = api_key_create(app=app, name="seed")
+        _, raw = api_key_create(app=app, name="seed", source="command")
     return raw

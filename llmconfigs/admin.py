@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
 from django.http import Http404, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
@@ -16,11 +17,13 @@ from llmconfigs.errors import LLMConfigError
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS
 from llmconfigs.routing import health_of
+from llmconfigs.selectors import llm_config_versions
 from llmconfigs.services import (
     llm_config_activate,
     llm_config_create,
     llm_config_deactivate,
     llm_config_delete,
+    llm_config_rollback,
     llm_config_set_default,
     llm_config_test_connection,
     llm_config_update,
@@ -99,6 +102,15 @@ def _provider_table() -> str:
         "</table>",
         rows,
     )
+
+
+def _shown(value) -> str:
+    """A version's field value as the diff shows it."""
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return str(value)
 
 
 def _copy_saved(target: LLMConfig, saved: LLMConfig) -> None:
@@ -307,8 +319,54 @@ class LLMConfigAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.test_connection_view),
                 name="llmconfigs_llmconfig_test_connection",
             ),
+            path(
+                "<path:object_id>/versions/",
+                self.admin_site.admin_view(self.versions_view),
+                name="llmconfigs_llmconfig_versions",
+            ),
+            path(
+                "<path:object_id>/rollback/<int:version>/",
+                self.admin_site.admin_view(self.rollback_view),
+                name="llmconfigs_llmconfig_rollback",
+            ),
             *super().get_urls(),
         ]
+
+    # ----- config history: the versions page and its "Roll back to this version" buttons -----
+
+    def versions_view(self, request, object_id):
+        config = self.get_object(request, unquote(object_id))
+        if config is None:
+            raise Http404("No such LLM configuration.")
+        if not self.has_view_or_change_permission(request, config):
+            raise PermissionDenied
+        versions = llm_config_versions(config=config)
+        for version in versions:
+            version["diff_rows"] = [(name, _shown(change["old"]), _shown(change["new"]))
+                                    for name, change in version["diff"].items()]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts, "original": config, "title": f"Versions of {config.name}", "versions": versions,
+            "can_rollback": self.has_change_permission(request, config),
+        }
+        return TemplateResponse(request, "admin/llmconfigs/llmconfig/versions.html", context)
+
+    def rollback_view(self, request, object_id, version):
+        config = self.get_object(request, unquote(object_id))
+        if config is None:
+            raise Http404("No such LLM configuration.")
+        if request.method != "POST" or not self.has_change_permission(request, config):
+            raise PermissionDenied
+        try:
+            llm_config_rollback(config=config, version=version, **self._audit(request))
+        except LLMConfigError as exc:
+            self.message_user(request, f"{config.name}: {exc.message}", messages.ERROR)
+        except ValidationError as exc:
+            self.message_user(request, f"{config.name}: {' '.join(exc.messages)}", messages.ERROR)
+        else:
+            self.message_user(request, f"{config.name} is back to version {version}.", messages.SUCCESS)
+            return HttpResponseRedirect(reverse("admin:llmconfigs_llmconfig_change", args=[config.pk]))
+        return HttpResponseRedirect(reverse("admin:llmconfigs_llmconfig_versions", args=[config.pk]))
 
     def test_connection_view(self, request, object_id):
         config = self.get_object(request, unquote(object_id))

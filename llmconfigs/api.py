@@ -10,12 +10,13 @@ from rest_framework.response import Response
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS, Provider
 from llmconfigs.routing import cooling_until, health_of
-from llmconfigs.selectors import audit_log_list, llm_config_default, llm_config_list
+from llmconfigs.selectors import audit_log_list, llm_config_default, llm_config_list, llm_config_versions
 from llmconfigs.services import (
     llm_config_activate,
     llm_config_create,
     llm_config_deactivate,
     llm_config_delete,
+    llm_config_rollback,
     llm_config_set_default,
     llm_config_test_connection,
     llm_config_update,
@@ -138,6 +139,24 @@ class ProviderSerializer(serializers.Serializer):
     embedding_batch_size = serializers.IntegerField()
 
 
+class LLMConfigVersionSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    actor = serializers.IntegerField(allow_null=True, help_text="The user who made the change (null: a command).")
+    actor_repr = serializers.CharField()
+    source = serializers.CharField(help_text="admin, api, command, system")
+    action = serializers.CharField(help_text="create, update, activate, deactivate, rollback, initial")
+    rolled_back_from = serializers.IntegerField(allow_null=True, help_text="The version a rollback restored.")
+    fields = serializers.DictField(help_text="The config's fields as this version left them (never the key).")
+    api_key = serializers.ChoiceField(choices=["changed", "unchanged"],
+                                      help_text="Whether the key differs from the previous version's.")
+    diff = serializers.DictField(help_text="Fields that differ from the previous version: {field: {old, new}}.")
+
+
+class RollbackSerializer(serializers.Serializer):
+    version = serializers.IntegerField(min_value=1, help_text="The number of the version to restore.")
+
+
 class AuditLogSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditLog
@@ -191,6 +210,9 @@ class LLMConfigViewSet(viewsets.ModelViewSet):
         "deactivate": ("llmconfigs.change_llmconfig",),
         # The test sends the stored key upstream: the admin offers it to those who may change the config.
         "test": ("llmconfigs.change_llmconfig",),
+        # Versions name who changed what: for those who may see configs in the admin.
+        "versions": ("llmconfigs.view_llmconfig",),
+        "rollback": ("llmconfigs.change_llmconfig",),
     }
 
     def get_queryset(self):
@@ -261,6 +283,20 @@ class LLMConfigViewSet(viewsets.ModelViewSet):
     def test(self, request, pk=None):
         result = llm_config_test_connection(config=self.get_object(), **_audit_context(request))
         return Response(ConnectionTestSerializer(result.as_dict()).data)
+
+    @extend_schema(responses={200: LLMConfigVersionSerializer(many=True)})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def versions(self, request, pk=None):
+        return Response(LLMConfigVersionSerializer(llm_config_versions(config=self.get_object()), many=True).data)
+
+    @extend_schema(request=RollbackSerializer, responses={200: LLMConfigSerializer})
+    @action(detail=True, methods=["post"])
+    def rollback(self, request, pk=None):
+        serializer = RollbackSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        config = llm_config_rollback(config=self.get_object(), version=serializer.validated_data["version"],
+                                     **_audit_context(request))
+        return Response(self.get_serializer(llm_config_list().get(pk=config.pk)).data)
 
     @extend_schema(responses={200: ProviderSerializer(many=True)})
     @action(detail=False, methods=["get"], pagination_class=None)

@@ -223,6 +223,9 @@ class AuditLog(models.Model):
         TEST_CONNECTION = "test_connection"
         ROTATE_KEY = "rotate_key"
         HEALTH = "health"
+        ROLLBACK = "rollback"
+        REVOKE = "revoke"
+        DECIDE = "decide"
         OTHER = "other"
 
     id = models.BigAutoField(primary_key=True)
@@ -246,3 +249,41 @@ class AuditLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_repr or 'system'} {self.action} {self.target_type} {self.target_repr}"
+
+
+class LLMConfigVersion(models.Model):
+    """One numbered state of an LLM config, written by every change to it (create, update, activate, rollback):
+    the fields as they were after the change, and the key encrypted like the config's (never shown; readers learn
+    only whether it changed). Numbers are per config, taken under the config's row lock."""
+
+    id = models.BigAutoField(primary_key=True)
+    config = models.ForeignKey(LLMConfig, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    # The versioned fields (llmconfigs.services.VERSIONED_FIELDS), JSON-ready (decimals as strings).
+    fields = models.JSONField(default=dict)
+    # Encrypted at rest like LLMConfig.api_key, re-encrypted by rotate_field_key with it.
+    api_key = encrypted(models.TextField(blank=True, default=""))
+    api_key_mask = models.CharField(max_length=16, blank=True, default="", editable=False)
+    key_changed = models.BooleanField(default=False, help_text="The key differs from the previous version's.")
+    action = models.CharField(max_length=32, blank=True, default="", help_text="What made this version.")
+    rolled_back_from = models.PositiveIntegerField(null=True, blank=True,
+                                                   help_text="The version a rollback restored.")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    actor_repr = models.CharField(max_length=150, blank=True, default="")
+    source = models.CharField(max_length=16, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "LLM configuration version"
+        ordering = ["config", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["config", "number"], name="llmconfigversion_unique_number"),
+            models.CheckConstraint(condition=Q(number__gte=1), name="llmconfigversion_number_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"version {self.number} of {self.config_id}"
+
+    def __repr__(self) -> str:
+        return f"<LLMConfigVersion {self.config_id} #{self.number}>"

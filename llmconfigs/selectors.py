@@ -8,7 +8,7 @@ from django.core.cache import cache
 from django.db.models import Q, QuerySet
 
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
-from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
 from llmconfigs.routing import pool_order
 
 CACHE_TTL = 300
@@ -210,3 +210,24 @@ def audit_log_list(*, action: str | None = None, target_type: str | None = None,
     if target_id:
         qs = qs.filter(target_id=target_id)
     return qs.order_by("-created_at", "-id")
+
+
+def llm_config_versions(*, config: Any) -> list[dict[str, Any]]:
+    """The config's versions, newest first, each with what changed since the one before it. The key column is not
+    read: a version says only whether its key differs from the previous one ("changed"/"unchanged")."""
+    rows = list(LLMConfigVersion.objects.filter(config=config).defer("api_key").order_by("number"))
+    result, previous = [], None
+    for row in rows:
+        diff = {}
+        if previous is not None:
+            for name in sorted(set(previous.fields) | set(row.fields)):
+                if previous.fields.get(name) != row.fields.get(name):
+                    diff[name] = {"old": previous.fields.get(name), "new": row.fields.get(name)}
+        result.append({
+            "number": row.number, "created_at": row.created_at, "actor": row.actor_id, "actor_repr": row.actor_repr,
+            "source": row.source, "action": row.action, "rolled_back_from": row.rolled_back_from,
+            "fields": row.fields, "api_key": "changed" if row.key_changed else "unchanged", "diff": diff,
+        })
+        previous = row
+    result.reverse()
+    return result

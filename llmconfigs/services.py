@@ -22,7 +22,7 @@ from llmconfigs.errors import (
     ConfigNotFound,
     ConfigProtected,
 )
-from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
 from llmconfigs.secrets import mask_secret, scrub
 from llmconfigs.selectors import llm_config_cache_invalidate
 
@@ -124,6 +124,7 @@ def llm_config_create(*, actor=None, api_key: str = "", source: str = "", ip_add
             changes["api_key"] = {"new": config.api_key_mask}
         audit_record(actor=actor, action=AuditLog.Action.CREATE, target=config, changes=changes, source=source,
                      ip_address=ip_address, user_agent=user_agent)
+        llm_config_version_record(config=config, action=AuditLog.Action.CREATE, actor=actor, source=source)
         llm_config_cache_drop()
     return config
 
@@ -133,6 +134,36 @@ _AUDITED_FIELDS = [
     "frequency_penalty", "presence_penalty", "description", "is_active", "is_default", "is_embedding", "extra_config",
     "input_price_per_million", "output_price_per_million", "currency", "route", "priority", "weight",
 ]
+# What a version keeps and a rollback restores: everything an admin edits except the default flag (the default moves
+# only through set-default, which locks the whole kind) and the key (kept encrypted beside the fields).
+VERSIONED_FIELDS = [name for name in _AUDITED_FIELDS if name != "is_default"]
+
+
+def llm_config_version_record(*, config: LLMConfig, action: str, actor=None, source: str = "",
+                              rolled_back_from: int | None = None) -> LLMConfigVersion:
+    """Append the config's current state as its next version. Call inside the transaction that changed the config,
+    with its row locked (select_for_update), so that two changes cannot take the same number."""
+    last = LLMConfigVersion.objects.filter(config=config).order_by("-number").only("number", "api_key").first()
+    user = actor if getattr(actor, "is_authenticated", False) else None
+    return LLMConfigVersion.objects.create(
+        config=config,
+        number=(last.number + 1) if last else 1,
+        fields={name: _jsonable(getattr(config, name)) for name in VERSIONED_FIELDS},
+        api_key=config.api_key,
+        api_key_mask=config.api_key_mask,
+        key_changed=last is not None and last.api_key != config.api_key,
+        action=action,
+        rolled_back_from=rolled_back_from,
+        actor=user,
+        actor_repr=user.get_username() if user else "",
+        source=source,
+    )
+
+
+def _version_baseline(config: LLMConfig) -> None:
+    """A config from before versions existed gets its current state as version 1 before its first change."""
+    if not LLMConfigVersion.objects.filter(config=config).exists():
+        llm_config_version_record(config=config, action="initial", source="system")
 
 
 def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = None, source: str = "",
@@ -145,6 +176,7 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
             # Take the locks in set-default's order (all configs of the kind, by pk) before locking this row alone.
             _lock_kind(is_embedding=fields.get("is_embedding", config.is_embedding))
         locked = LLMConfig.objects.select_for_update().get(pk=config.pk)
+        _version_baseline(locked)
         before = {name: getattr(locked, name) for name in _AUDITED_FIELDS}
         before_mask = locked.api_key_mask
         for name, value in fields.items():
@@ -166,10 +198,52 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=locked, changes=changes, source=source,
                          ip_address=ip_address, user_agent=user_agent)
+            llm_config_version_record(config=locked, action=AuditLog.Action.UPDATE, actor=actor, source=source)
         llm_config_cache_drop()
         if wants_default and not locked.is_default:
             locked = llm_config_set_default(config=locked, actor=actor, source=source, ip_address=ip_address,
                                             user_agent=user_agent)
+    return locked
+
+
+def llm_config_rollback(*, config: LLMConfig, version: int, actor=None, source: str = "",
+                        ip_address: str | None = None, user_agent: str = "") -> LLMConfig:
+    """Put the config back as it was in `version`: its fields and its key (the old ciphertext's key, bound to the
+    endpoint it was bound to then). Validated like an update; audited as `rollback`; itself a new version."""
+    with _conflicts_refused(), transaction.atomic():
+        locked = LLMConfig.objects.select_for_update().filter(pk=config.pk).first()
+        if locked is None:
+            raise ConfigNotFound(f"LLM config {config.pk} does not exist.", status=404)
+        target = LLMConfigVersion.objects.filter(config=locked, number=version).first()
+        if target is None:
+            raise ConfigNotFound(f"LLM config {locked.name!r} has no version {version}.", field="version")
+        _version_baseline(locked)
+        before = {name: getattr(locked, name) for name in _AUDITED_FIELDS}
+        before_key, before_mask = locked.api_key, locked.api_key_mask
+        for name in VERSIONED_FIELDS:
+            if name in target.fields:
+                setattr(locked, name, target.fields[name])
+        locked.api_key, locked.api_key_mask = target.api_key, target.api_key_mask
+        if locked.is_default and not locked.is_active:
+            raise ConfigInactive(f"Version {version} is inactive and {locked.name!r} is the default config; make "
+                                 "another config the default first.", field="version")
+        locked.updated_by = actor if getattr(actor, "is_authenticated", False) else locked.updated_by
+        # clean_fields() turns the JSON values back into the fields' types (decimals from strings).
+        locked.full_clean()
+        locked.save()
+        changes = _changed(before, locked, _AUDITED_FIELDS)
+        key_changed = locked.api_key != before_key
+        if key_changed:
+            changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}
+        changes["version"] = version
+        audit_record(actor=actor, action=AuditLog.Action.ROLLBACK, target=locked, changes=changes, source=source,
+                     ip_address=ip_address, user_agent=user_agent)
+        llm_config_version_record(config=locked, action=AuditLog.Action.ROLLBACK, actor=actor, source=source,
+                                  rolled_back_from=version)
+        if key_changed:
+            llm_config_health_clear(config=locked, actor=actor, source=source, ip_address=ip_address,
+                                    user_agent=user_agent)
+        llm_config_cache_drop()
     return locked
 
 
@@ -349,6 +423,7 @@ def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: st
                 "first.",
                 field="is_active",
             )
+        _version_baseline(locked)
         locked.is_active = active
         # Activation re-validates: e.g. a keyless template must get its key before it may serve.
         locked.full_clean()
@@ -360,6 +435,8 @@ def _llm_config_set_active(*, config: LLMConfig, active: bool, actor, source: st
             changes={"is_active": {"old": not active, "new": active}}, source=source, ip_address=ip_address,
             user_agent=user_agent,
         )
+        llm_config_version_record(config=locked, action="activate" if active else "deactivate", actor=actor,
+                                  source=source)
         llm_config_cache_drop()
     return locked
 

@@ -154,7 +154,7 @@ class ToolViewSet(viewsets.ViewSet):
     def partial_update(self, request, name=None):
         data = _validated(serializers.ToolPolicyUpdateSerializer, request.data)
         _tool(name)
-        tool_policy_update(name=name, **data)
+        tool_policy_update(name=name, **data, **audit_context(request, source="api"))
         return Response(serializers.ToolSerializer(_tool(name)).data)
 
 
@@ -210,7 +210,8 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
                 owner=request.user,
                 source=session.source,
                 end_user=session.end_user,
-                approval=ApprovalDecision(approval_id=str(approval.id), decision=decision, comment=data["comment"]),
+                approval=ApprovalDecision(approval_id=str(approval.id), decision=decision, comment=data["comment"],
+                                          audit=audit_context(request, source="api")),
             )
         )
         result = turn_drain(turn)

@@ -170,8 +170,9 @@ def _prepare_resume(request: TurnRequest) -> Turn:
             raise ApprovalNotFound("Approval not found.", field="approval_id")
         session = approval.session
         # The decider is the Django user, if any: API end users come without one, so they hold no permission.
+        audit = {"source": request.source, **{k: v for k, v in decision.audit.items() if k != "actor"}}
         approval = approval_decide(approval_id=approval.pk, decision=decision.decision, comment=decision.comment,
-                                   user=request.owner, end_user="" if request.owner else request.end_user)
+                                   user=request.owner, end_user="" if request.owner else request.end_user, **audit)
         message = Message.objects.select_for_update().get(pk=approval.message_id)
         if message.status != Message.Status.PAUSED:  # rolls the decision back: the run is not waiting any more
             raise ApprovalAlreadyDecided("This answer is no longer waiting for an approval.", field="approval_id")

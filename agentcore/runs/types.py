@@ -39,6 +39,8 @@ class ApprovalDecision:
     approval_id: str
     decision: str  # "approve" | "reject"
     comment: str = ""
+    # Where the decision came from, for its audit row (audit_context: source, ip_address, user_agent).
+    audit: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

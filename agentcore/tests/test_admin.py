@@ -10,6 +10,7 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.urls import reverse
 
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Thought, ToolPolicy
+from llmconfigs.models import AuditLog
 from tests.fakes.upstream import Reply, ToolCall
 from tests.stored_secrets import assert_stored_encrypted
 
@@ -97,6 +98,8 @@ def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user
     assert "approved; the answer ended normal" in response.content.decode()
     approval = Approval.objects.get(id=approval_id)
     assert approval.status == "approved" and approval.decided_by.username == "admin"
+    [row] = AuditLog.objects.filter(action="decide", target_id=approval_id)
+    assert (row.actor, row.source, row.changes["status"]["new"]) == (approval.decided_by, "admin", "approved")
     message = Message.objects.get(id=body["message_id"])
     assert (message.status, message.answer) == ("normal", "Up.")
     assert counting_target.hits == 1
@@ -105,6 +108,7 @@ def test_approve_action_runs_the_tool_and_finishes_the_answer(admin_client, user
                                  {"action": "reject", ACTION_CHECKBOX_NAME: [approval_id]}, follow=True)
     assert "already approved" in response.content.decode()
     assert Approval.objects.get(id=approval_id).status == "approved"
+    assert AuditLog.objects.filter(action="decide").count() == 1  # the refused second decision left no row
 
 
 @pytest.mark.django_db(transaction=True)

@@ -132,3 +132,21 @@ def test_staff_approve_a_staff_only_tool_asked_for_by_a_service_api_end_user(sta
     assert response.json()["approval"]["decided_by"] == "staff"
     assert response.json()["message"]["status"] == "normal"
     assert counting_target.hits == 1
+
+
+def test_a_decision_is_audited_with_who_where_and_no_tool_arguments(user_client, plain_user, agent_app,
+                                                                    fake_upstream, counting_target):
+    from llmconfigs.models import AuditLog
+
+    body = _paused_turn(user_client, fake_upstream, counting_target)
+    approval_id = body["pending_approvals"][0]["id"]
+
+    user_client.post(f"/api/approvals/{approval_id}/reject/", {"comment": "not now"}, format="json",
+                     REMOTE_ADDR="10.7.7.7", HTTP_USER_AGENT="approver-ui/2")
+
+    [row] = AuditLog.objects.filter(action="decide")
+    assert (row.actor, row.source, row.ip_address, row.user_agent) == (plain_user, "api", "10.7.7.7",
+                                                                       "approver-ui/2")
+    assert (row.target_type, row.target_id) == ("agentcore.Approval", approval_id)
+    assert row.changes["status"] == {"old": "pending", "new": "rejected"} and row.changes["tool"] == "http_check"
+    assert counting_target.url not in str(row.changes) and "not now" not in str(row.changes)

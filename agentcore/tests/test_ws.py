@@ -13,6 +13,7 @@ from rest_framework.authtoken.models import Token
 
 from agentcore.models import Approval, Message, Session
 from agentcore.routing import websocket_application
+from llmconfigs.models import AuditLog
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -129,7 +130,7 @@ async def test_bad_messages_get_errors_and_the_socket_stays_usable(session, toke
 async def test_approval_over_the_socket(session, token, fake_upstream, counting_target):
     fake_upstream.script(Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url})]),
                          Reply(text="It is up."))
-    communicator = await _connect(session.id, token=token)
+    communicator = await _connect(session.id, token=token, headers=[(b"user-agent", b"ws-approver/3")])
     await communicator.send_json_to({"type": "chat", "message": "is it up?"})
     messages = await _until_end(communicator)
     [required] = [m for m in messages if m["type"] == "approval_required"]
@@ -143,6 +144,9 @@ async def test_approval_over_the_socket(session, token, fake_upstream, counting_
     assert messages[-1]["status"] == "normal" and messages[-1]["answer"] == "It is up."
     assert counting_target.hits == 1
     assert (await Approval.objects.aget(id=required["approval_id"])).status == "approved"
+    [row] = [row async for row in AuditLog.objects.filter(action="decide", target_id=required["approval_id"])]
+    assert (row.source, row.user_agent, row.changes["status"]["new"]) == ("websocket", "ws-approver/3", "approved")
+    assert row.actor_repr == session.owner.username
 
     await communicator.send_json_to({"type": "approval", "id": required["approval_id"], "decision": "reject"})
     error = await communicator.receive_json_from(timeout=TIMEOUT)

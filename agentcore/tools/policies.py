@@ -17,6 +17,8 @@ from agentcore.errors import InvalidInput
 from agentcore.graph import ToolRule, truncate
 from agentcore.models import MCPServer, ToolPolicy
 from agentcore.tools import builtin
+from llmconfigs.models import AuditLog
+from llmconfigs.services import audit_record
 from opsagent.common.cache import cache_forget
 
 SHELL_TOOL = "run_shell"
@@ -103,9 +105,10 @@ def tool_policy_add_mcp(*, server: MCPServer, tools: list[BaseTool]) -> None:
     tool_setup_changed()  # bulk_create sends no signals
 
 
-def tool_policy_update(*, name: str, **fields: Any) -> ToolPolicy:
-    """Change a tool's policy (enabled, requires_approval, approver). run_shell can be enabled or disabled but never
-    made approval-free or approvable by the requester."""
+def tool_policy_update(*, name: str, actor=None, source: str = "", ip_address: str | None = None,
+                       user_agent: str = "", **fields: Any) -> ToolPolicy:
+    """Change a tool's policy (enabled, requires_approval, approver), with an audit row of what changed. run_shell
+    can be enabled or disabled but never made approval-free or approvable by the requester."""
     allowed = {"enabled", "requires_approval", "approver", "description"}
     unknown = sorted(set(fields) - allowed)
     if unknown:
@@ -125,10 +128,27 @@ def tool_policy_update(*, name: str, **fields: Any) -> ToolPolicy:
         policy = ToolPolicy.objects.select_for_update().filter(name=name).first()
         if policy is None:
             raise InvalidInput(f"Unknown tool {name!r}.", field="name")
+        changes = {key: {"old": getattr(policy, key), "new": value} for key, value in fields.items()
+                   if getattr(policy, key) != value}
         for key, value in fields.items():
             setattr(policy, key, value)
         policy.save()
+        if changes:
+            audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=policy, changes=changes, source=source,
+                         ip_address=ip_address, user_agent=user_agent)
     return policy
+
+
+def tool_policy_delete(*, policy: ToolPolicy, actor=None, source: str = "", ip_address: str | None = None,
+                       user_agent: str = "") -> None:
+    """Delete a policy row, audited with what it said: the tool falls back to its defaults (a built-in's, or its MCP
+    server's approval default when the server is next listed), which may be laxer than the row."""
+    with transaction.atomic():
+        audit_record(actor=actor, action=AuditLog.Action.DELETE, target=policy, source=source, ip_address=ip_address,
+                     user_agent=user_agent,
+                     changes={key: {"old": getattr(policy, key)} for key in ("enabled", "requires_approval",
+                                                                            "approver")})
+        policy.delete()
 
 
 # ----- the tool setup runs read -----

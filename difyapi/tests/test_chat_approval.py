@@ -115,3 +115,24 @@ async def test_without_auto_generate_name_the_name_is_the_shortened_query(defaul
     session = await Session.objects.aget(pk=json.loads(raw)["conversation_id"])
     assert session.name == query.strip()[:47] + "..."
     assert len(fake_upstream.chat_requests) == 1
+
+
+async def test_an_approval_decided_through_v1_is_audited_with_the_end_user_and_the_client(agent_app, fake_upstream):
+    from llmconfigs.models import AuditLog
+
+    _, key = agent_app
+    fake_upstream.script(Reply(text="", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})]))
+    end = (await stream(key, body()))[-1]
+    [pending] = end["metadata"]["pending_approvals"]
+    fake_upstream.script(Reply(text="Noon."))
+    payload = body(query="", conversation_id=end["conversation_id"],
+                   approval={"id": pending["id"], "decision": "reject", "comment": "no"})
+    status, _, _ = await dify_post(key, "/v1/chat-messages", payload, timeout=30,
+                                   headers={"User-Agent": "dify-client/9"})
+    assert status == 200
+
+    [row] = [row async for row in AuditLog.objects.filter(action="decide")]
+    assert (row.actor, row.source, row.user_agent, row.ip_address) == (None, "api", "dify-client/9", "127.0.0.1")
+    assert (row.target_id, row.changes["end_user"], row.changes["status"]["new"]) == (pending["id"], "alice",
+                                                                                      "rejected")
+    assert key not in json.dumps(row.changes) and key not in row.user_agent

@@ -232,3 +232,55 @@ def test_routing_columns_and_a_test_connection_that_brings_a_refused_key_back(ad
     _action(admin_client, "test_connection", [config])
     assert LLMConfig.objects.get(pk=config.pk).auth_failed_at is None
     assert "auth_failed" not in admin_client.get(CHANGELIST).content.decode()
+
+
+# ----- config history -----
+
+
+def test_versions_page_shows_a_readable_diff_and_rolls_back_with_csrf(make_llm_config, django_user_model):
+    from django.test import Client
+
+    old_key, new_key = "sk-admin-version-old-1111aaaa", "sk-admin-version-new-2222bbbb"
+    config = make_llm_config(api_key=old_key, temperature=0.5)
+    user = django_user_model.objects.create_superuser(username="root", password="pw-root-123", email="r@x.io")
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    page = browser.get(_change_url(config))
+    browser.post(_change_url(config), _form(config, temperature="0.9", new_api_key=new_key,
+                                            csrfmiddlewaretoken=page.cookies["csrftoken"].value))
+    versions_url = reverse("admin:llmconfigs_llmconfig_versions", args=[config.pk])
+    assert f'href="{versions_url}"' in browser.get(_change_url(config)).content.decode()
+
+    html = browser.get(versions_url).content.decode()
+
+    assert "<code>temperature</code>: 0.5 &rarr; 0.9" in html
+    assert "changed" in html and "unchanged" in html
+    for secret in (old_key, new_key, old_key[-4:], new_key[-4:]):
+        assert secret not in html
+    rollback_url = reverse("admin:llmconfigs_llmconfig_rollback", args=[config.pk, 1])
+    assert f'action="{rollback_url}"' in html and "Roll back to this version" in html
+    assert browser.post(rollback_url).status_code == 403  # no CSRF token
+    assert browser.get(rollback_url).status_code == 403  # a GET changes nothing
+    assert LLMConfig.objects.get(pk=config.pk).api_key == new_key
+
+    response = browser.post(rollback_url, {"csrfmiddlewaretoken": browser.cookies["csrftoken"].value}, follow=True)
+
+    assert "is back to version 1." in " ".join(_messages(response))
+    fresh = LLMConfig.objects.get(pk=config.pk)
+    assert (fresh.temperature, fresh.api_key) == (0.5, old_key)
+    row = AuditLog.objects.get(action="rollback")
+    assert row.source == "admin" and row.actor == user and row.changes["version"] == 1
+
+
+def test_rollback_button_needs_change_permission(client, django_user_model, grant, make_llm_config):
+    config = make_llm_config(temperature=0.5)
+    from llmconfigs.services import llm_config_update
+
+    llm_config_update(config=config, temperature=0.9)
+    viewer = django_user_model.objects.create_user(username="viewer", password="pw-view-123", is_staff=True)
+    viewer = grant(viewer, "llmconfigs.view_llmconfig")
+    client.force_login(viewer)
+    html = client.get(reverse("admin:llmconfigs_llmconfig_versions", args=[config.pk])).content.decode()
+    assert "Roll back to this version" not in html and "0.5 &rarr; 0.9" in html
+    assert client.post(reverse("admin:llmconfigs_llmconfig_rollback", args=[config.pk, 1])).status_code == 403
+    assert LLMConfig.objects.get(pk=config.pk).temperature == 0.9

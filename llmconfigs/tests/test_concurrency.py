@@ -73,3 +73,17 @@ def test_interleaved_usage_recording_from_stale_objects_loses_no_increment(make_
         llm_config_record_usage(config_id=stale_b.pk, completion_tokens=1)
     fresh = LLMConfig.objects.get(pk=config.pk)
     assert (fresh.usage_count, fresh.prompt_tokens_total, fresh.completion_tokens_total) == (10, 5, 5)
+
+
+@needs_postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_updates_take_distinct_version_numbers(make_llm_config):
+    from llmconfigs.models import LLMConfigVersion
+    from llmconfigs.services import llm_config_update
+
+    config = make_llm_config()
+    errors = _run_threads(12, lambda i: llm_config_update(config=config, description=f"writer {i}"))
+
+    assert errors == []
+    numbers = sorted(LLMConfigVersion.objects.filter(config=config).values_list("number", flat=True))
+    assert numbers == list(range(1, 14))  # the create, then one per writer: no number taken twice, none skipped

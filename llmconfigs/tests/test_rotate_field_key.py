@@ -6,7 +6,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from agentcore.models import MCPServer
-from llmconfigs.models import AuditLog, LLMConfig
+from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
 from tests.stored_secrets import assert_stored_encrypted, field_key_cipher, stored_bytes
 
 pytestmark = pytest.mark.django_db
@@ -27,7 +27,7 @@ def encrypted_with_old_key(make_llm_config):
         name="ops", transport="streamable_http", url="http://127.0.0.1:1/mcp", env=ENV, headers=HEADERS,
     )
     old = field_key_cipher(OLD_KEY)
-    _overwrite(config, "api_key", old.encrypt(pickle.dumps(API_KEY)))
+    _overwrite_key(config, old.encrypt(pickle.dumps(API_KEY)))
     _overwrite(server, "env", old.encrypt(pickle.dumps(ENV)))
     _overwrite(server, "headers", old.encrypt(pickle.dumps(HEADERS)))
     return config, server
@@ -43,16 +43,21 @@ def test_rotation_re_encrypts_every_encrypted_field(encrypted_with_old_key, caps
     fresh = MCPServer.objects.get(pk=server.pk)
     assert (fresh.env, fresh.headers) == (ENV, HEADERS)
     assert_stored_encrypted(config, "api_key", API_KEY, secrets=(API_KEY,))
+    version = LLMConfigVersion.objects.get(config=config)
+    assert version.api_key == API_KEY
+    assert_stored_encrypted(version, "api_key", API_KEY, secrets=(API_KEY,))
     assert_stored_encrypted(server, "env", ENV, secrets=("env-secret",))
     assert_stored_encrypted(server, "headers", HEADERS, secrets=("header-secret",))
     out = capsys.readouterr().out
     assert "llmconfigs.LLMConfig.api_key: 1 value(s) re-encrypted." in out
+    assert "llmconfigs.LLMConfigVersion.api_key: 1 value(s) re-encrypted." in out
     assert "agentcore.MCPServer.env: 1 value(s) re-encrypted." in out
     assert "agentcore.MCPServer.headers: 1 value(s) re-encrypted." in out
     assert out.endswith("\nEvery encrypted field now uses the current FIELD_ENCRYPTION_KEY.\n")
     row = AuditLog.objects.get(action="rotate_key")
     assert row.source == "command" and row.target_repr == "settings.FIELD_ENCRYPTION_KEY"
-    assert row.changes == {"rows": {"llmconfigs.LLMConfig.api_key": 1, "agentcore.MCPServer.env": 1,
+    assert row.changes == {"rows": {"llmconfigs.LLMConfig.api_key": 1, "llmconfigs.LLMConfigVersion.api_key": 1,
+                                    "agentcore.MCPServer.env": 1,
                                     "agentcore.MCPServer.headers": 1}}
 
 
@@ -72,7 +77,7 @@ def test_values_the_old_key_does_not_decrypt_refuse_the_whole_rotation(encrypted
     strays = [make_llm_config(api_key=f"sk-under-a-third-key-00{n}") for n in (1, 2)]
     third = field_key_cipher("a-third-key")
     for n, stray in enumerate(strays, 1):
-        _overwrite(stray, "api_key", third.encrypt(pickle.dumps(f"sk-under-a-third-key-00{n}")))
+        _overwrite_key(stray, third.encrypt(pickle.dumps(f"sk-under-a-third-key-00{n}")))
     rows = [config, *strays]
     before = [stored_bytes(row, "api_key") for row in rows] + [stored_bytes(server, "env")]
 
@@ -92,12 +97,12 @@ def test_rotation_locks_the_rows_it_re_encrypts(encrypted_with_old_key):
         call_command("rotate_field_key", "--old-key", OLD_KEY)
 
     reads = [q["sql"] for q in queries.captured_queries if "IS NOT NULL" in q["sql"]]  # the ciphertext reads
-    assert len(reads) == 3 and all(sql.endswith(" FOR UPDATE") for sql in reads), reads
+    assert len(reads) == 4 and all(sql.endswith(" FOR UPDATE") for sql in reads), reads
 
 
 def test_rerunning_after_a_rotation_says_it_was_already_done(encrypted_with_old_key, make_llm_config):
     second = make_llm_config(api_key="sk-a-second-key-to-rotate")
-    _overwrite(second, "api_key", field_key_cipher(OLD_KEY).encrypt(pickle.dumps("sk-a-second-key-to-rotate")))
+    _overwrite_key(second, field_key_cipher(OLD_KEY).encrypt(pickle.dumps("sk-a-second-key-to-rotate")))
     call_command("rotate_field_key", "--old-key", OLD_KEY)
     with pytest.raises(CommandError) as refused:
         call_command("rotate_field_key", "--old-key", OLD_KEY)
@@ -112,6 +117,13 @@ def test_an_empty_or_missing_old_key_is_refused():
         call_command("rotate_field_key", "--old-key", "")
     with pytest.raises(CommandError, match=r"^Error: the following arguments are required: --old-key$"):
         call_command("rotate_field_key")
+
+
+def _overwrite_key(config, raw: bytes) -> None:
+    """The config's key column and those of its versions (the same key, encrypted the same way)."""
+    _overwrite(config, "api_key", raw)
+    for version in LLMConfigVersion.objects.filter(config=config).only("pk"):
+        _overwrite(version, "api_key", raw)
 
 
 def _overwrite(instance, field_name: str, raw: bytes) -> None:
@@ -147,3 +159,16 @@ def test_a_rotation_by_a_user_is_audited_under_their_name(encrypted_with_old_key
 
     row = AuditLog.objects.get(action="rotate_key")
     assert (row.actor, row.actor_repr, row.source) == (staff_user, "staff", "admin")
+
+
+def test_a_rollback_after_the_rotation_restores_the_key_of_the_old_version(encrypted_with_old_key):
+    from llmconfigs.services import llm_config_rollback, llm_config_update
+
+    config, _server = encrypted_with_old_key
+    call_command("rotate_field_key", "--old-key", OLD_KEY)
+    llm_config_update(config=config, api_key="sk-after-the-rotation-5555")
+
+    llm_config_rollback(config=config, version=1)
+
+    assert LLMConfig.objects.get(pk=config.pk).api_key == API_KEY
+    assert_stored_encrypted(config, "api_key", API_KEY, secrets=(API_KEY,))

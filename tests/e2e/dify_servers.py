@@ -129,12 +129,13 @@ def dify_headers(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
 
-async def dify_post(key: str, path: str, payload: Any, *, timeout: float = 20) -> tuple[int, dict[str, str], bytes]:
-    """POST to the project's ASGI application and read the whole response."""
+async def dify_post(key: str, path: str, payload: Any, *, timeout: float = 20,
+                    headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """POST to the project's ASGI application and read the whole response (`headers` added to the key's)."""
     from opsagent.asgi import application
 
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    async with AsgiCall(application, path=path, headers=dify_headers(key), body=body) as call:
+    async with AsgiCall(application, path=path, headers={**dify_headers(key), **(headers or {})}, body=body) as call:
         raw = await call.read(timeout)
         return call.status, call.headers, raw
 
