@@ -40,4 +40,5 @@ def test_cipher_for_is_the_documented_derivation_and_depends_on_the_key():
 def test_every_encrypted_column_of_the_project_is_found():
     assert sorted(column.label for column in encrypted_columns()) == [
         "agentcore.MCPServer.env", "agentcore.MCPServer.headers", "llmconfigs.LLMConfig.api_key",
+        "llmconfigs.LLMConfigVersion.api_key",
     ]
