@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.generation import session_fallback_name
+from agentcore.limits import Meter, usage_check
 from agentcore.models import AgentApp, Approval, Message, Session
 from agentcore.permissions import DECIDE_APPROVALS, has_perms
 from agentcore.runs.types import Turn, TurnRequest
@@ -36,7 +37,11 @@ def turn_prepare(request: TurnRequest) -> Turn:
     thread hop and connection (each hop costs a connection and a turn of the shared ORM thread). An agent turn also
     reads its tool setup here, so the run starts without another hop."""
     _validate(request)
+    meter = request.meter or Meter.of_app(request.app)
+    # Before any row is written or provider called; a turn that then crosses a budget still finishes.
+    usage_check(meter=meter)
     turn = _prepare_resume(request) if request.approval is not None else _prepare_query(request)
+    turn.meter = meter
     if turn.session.app.mode == AgentApp.Mode.AGENT_CHAT:
         turn.tool_setup = tool_setup_load()
     return turn
