@@ -9,12 +9,12 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from agentcore.errors import InvalidInput
 from agentcore.limits import Meter, usage_record
 from agentcore.models import Message, Session
+from agentcore.selectors import app_pool_resolve
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import chat_model, provider_error
 from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import FAILOVER_CATEGORIES, provider_failure_record
-from llmconfigs.selectors import llm_pool_resolve
 from llmconfigs.services import llm_config_record_usage
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def session_fallback_name(query: str) -> str:
 
 
 def _session_pool(session: Session) -> list[LLMConfig]:
-    return llm_pool_resolve(session_config_id=session.llm_config_id, app_config_id=session.app.llm_config_id)
+    return app_pool_resolve(app=session.app, session_config_id=session.llm_config_id)
 
 
 def _complete(pool: list[LLMConfig], messages: list[BaseMessage], *, meter: Meter) -> str:

@@ -8,6 +8,8 @@ from django.template import engines
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from agentcore.admin import usage_beside_limits
+from agentcore.limits import LIMIT_FIELDS, Limits
 from difyapi.auth import api_key_create, api_key_revoke
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
 from opsagent.common.clients import audit_context
@@ -39,8 +41,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ["app", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "last4", "app__name"]
     actions = ["revoke"]
-    readonly_fields = ["masked", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
-    fields = ["masked", "name", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["masked", "app", "created_by", "created_at", "last_used_at", "revoked_at", "usage"]
+    fields = ["masked", "name", "app", "created_by", "created_at", "last_used_at", "revoked_at", *LIMIT_FIELDS,
+              "usage"]
+
+    @admin.display(description="usage")
+    def usage(self, obj: ApiKey) -> str:
+        return usage_beside_limits(scope=f"key:{obj.pk}", limits=Limits.of(obj))
 
     @admin.display(description="key")
     def masked(self, obj: ApiKey) -> str:
@@ -67,7 +74,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
         if change:
-            obj.save(update_fields=["name"])
+            obj.save(update_fields=["name", *LIMIT_FIELDS])
             return
         context = audit_context(request, source="admin")
         key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=context.pop("actor"), **context)
