@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 
-from agentcore.limits import Limits, Meter, MemoryCounters, OverLimit, usage_check, usage_current, usage_record
+from agentcore.limits import Limits, MemoryCounters, Meter, OverLimit, usage_check, usage_current, usage_record
 from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
 from difyapi.models import ApiKey
