@@ -64,10 +64,7 @@ class AgentAppForm(forms.ModelForm):
         required=False, widget=forms.CheckboxSelectMultiple, label="Allowed models",
         help_text="The models (routes) this app may use; none ticked: every active chat model.",
     )
-
-    class Meta:
-        model = AgentApp
-        fields = ["allowed_routes"]
+    # No Meta: the admin builds the form over every field of AgentApp, this one declared as check boxes.
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,7 +90,7 @@ class AgentAppAdmin(admin.ModelAdmin):
 
     @admin.display(description="usage")
     def usage(self, app: AgentApp) -> str:
-        if app.pk is None:
+        if app._state.adding:
             return "-"
         return usage_beside_limits(scope=f"app:{app.pk}", limits=Limits.of(app))
 

@@ -264,3 +264,4 @@ def test_admin_edits_the_allow_list_as_check_boxes_and_shows_usage_beside_limits
     assert response.status_code == 302, response.content.decode()[:3000]
     app.refresh_from_db()
     assert app.allowed_routes == ["m-cheap"]
+    assert app.tokens_per_day == 500 and app.mode == AgentApp.Mode.CHAT  # the rest of the form saved as it was
