@@ -35,6 +35,22 @@ class ApiKeyAddForm(forms.ModelForm):
         fields = ["app", "name"]
 
 
+class ApiKeyChangeForm(forms.ModelForm):
+    """A key's limits apply on top of its app's: one above the app's would never be reached, so it is refused."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["name", *LIMIT_FIELDS]
+
+    def clean(self):
+        data = super().clean()
+        for name in LIMIT_FIELDS:
+            app_limit = getattr(self.instance.app, name)
+            if app_limit and (data.get(name) or 0) > app_limit:
+                self.add_error(name, f"At most the app's limit ({app_limit}): a key's limits only narrow its app's.")
+        return data
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["masked", "name", "app", "created_at", "last_used_at", "status"]
@@ -58,8 +74,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return "revoked" if obj.revoked_at else "active"
 
     def get_form(self, request, obj=None, change=False, **kwargs):
-        if obj is None:
-            kwargs["form"] = ApiKeyAddForm
+        kwargs["form"] = ApiKeyAddForm if obj is None else ApiKeyChangeForm
         return super().get_form(request, obj, change=change, **kwargs)
 
     def get_fields(self, request, obj=None):

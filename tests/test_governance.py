@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 
-from agentcore.limits import Limits, MemoryCounters, Meter, OverLimit, usage_check, usage_current, usage_record
+from agentcore.limits import (
+    LIMIT_FIELDS,
+    Limits,
+    MemoryCounters,
+    Meter,
+    OverLimit,
+    usage_check,
+    usage_current,
+    usage_record,
+)
 from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
 from difyapi.models import ApiKey
@@ -26,6 +37,13 @@ async def _close_worker_connections():
     """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
     yield
     await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture(autouse=True)
+def _one_minute(monkeypatch):
+    """The limits' clock stands still inside one UTC minute, so that no test straddles a period boundary."""
+    moment = time.time() // 60 * 60 + 20
+    monkeypatch.setattr("agentcore.limits.time", SimpleNamespace(time=lambda: moment))
 
 
 def make_app(**fields) -> tuple[AgentApp, str]:
@@ -265,3 +283,33 @@ def test_admin_edits_the_allow_list_as_check_boxes_and_shows_usage_beside_limits
     app.refresh_from_db()
     assert app.allowed_routes == ["m-cheap"]
     assert app.tokens_per_day == 500 and app.mode == AgentApp.Mode.CHAT  # the rest of the form saved as it was
+
+
+@pytest.mark.django_db
+def test_admin_key_limits_only_narrow_the_apps_and_the_page_shows_usage_but_no_key(admin_client, default_llm_config):
+    app, raw_key = make_app(requests_per_minute=10)
+    key = ApiKey.objects.get(app=app)
+    url = f"/admin/difyapi/apikey/{key.pk}/change/"
+    form = {"name": "team-a", **dict.fromkeys(LIMIT_FIELDS, "0")}
+    response = admin_client.post(url, {**form, "requests_per_minute": "11"})
+    assert response.status_code == 200 and "At most the app&#x27;s limit (10)" in response.content.decode()
+    assert admin_client.post(url, {**form, "requests_per_minute": "3", "tokens_per_day": "900"}).status_code == 302
+    key.refresh_from_db()
+    assert (key.name, key.requests_per_minute, key.tokens_per_day) == ("team-a", 3, 900)
+    usage_record(meter=Meter(app_id=str(app.pk), key_id=str(key.pk)), tokens=42, cost=Decimal(0))
+    page = admin_client.get(url).content.decode()
+    assert "<td>tokens per day</td><td>900</td><td>42</td>" in page
+    assert raw_key not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_chat_asking_for_a_model_outside_the_allow_list_is_400_on_its_field(
+    user_client, make_llm_config, fake_upstream
+):
+    make_llm_config(name="main", model_name="gpt-main", default=True)
+    app, _ = make_app(allowed_routes=["gpt-main"])
+    make_llm_config(name="other", model_name="gpt-other")
+    response = user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk), "model": "other"},
+                                format="json")
+    assert response.status_code == 400 and "model" in response.json(), response.content
+    assert not fake_upstream.chat_requests
