@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 
 from agentcore.limits import (
     LIMIT_FIELDS,
@@ -30,13 +29,6 @@ from difyapi.models import ApiKey
 from difyapi.tests.factories import DifyClient, assert_error, make_message, make_session
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
-
-
-@pytest.fixture(autouse=True)
-async def _close_worker_connections():
-    """Async ORM calls leave a connection open in asgiref's worker thread; close it so the test DB can be dropped."""
-    yield
-    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +60,7 @@ def _header(headers, name: str) -> str | None:
 # ----- rate limits and budgets on /v1 -----
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 async def test_requests_per_minute_lets_exactly_the_limit_through_then_429_with_retry_after(
     default_llm_config, fake_upstream
 ):
@@ -84,6 +77,7 @@ async def test_requests_per_minute_lets_exactly_the_limit_through_then_429_with_
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 async def test_a_keys_limit_narrows_its_apps_and_other_keys_keep_the_apps(default_llm_config, fake_upstream):
     app, key = await sync_to_async(make_app)(requests_per_minute=5)
     await ApiKey.objects.filter(app=app).aupdate(requests_per_minute=1)
@@ -95,6 +89,7 @@ async def test_a_keys_limit_narrows_its_apps_and_other_keys_keep_the_apps(defaul
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 async def test_a_token_budget_crossed_during_a_turn_lets_it_finish_and_refuses_the_next(
     default_llm_config, fake_upstream
 ):
@@ -111,6 +106,7 @@ async def test_a_token_budget_crossed_during_a_turn_lets_it_finish_and_refuses_t
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 async def test_a_cost_budget_per_month_on_the_key_counts_the_configs_prices(make_llm_config, fake_upstream):
     await sync_to_async(make_llm_config)(name="priced", model_name="fake-priced", default=True,
                                          input_price_per_million=Decimal("1000"),
@@ -223,6 +219,7 @@ def test_models_lists_only_the_allowed_routes(make_llm_config):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 @pytest.mark.parametrize("field", ["model", "model_config_id"])
 async def test_asking_for_a_model_outside_the_allow_list_is_invalid_param_naming_the_field(
     field, make_llm_config, fake_upstream
@@ -241,6 +238,7 @@ async def test_asking_for_a_model_outside_the_allow_list_is_invalid_param_naming
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
 async def test_a_conversation_whose_model_left_the_allow_list_is_refused(make_llm_config, fake_upstream):
     main = await sync_to_async(make_llm_config)(name="main", model_name="gpt-main", default=True)
     app, key = await sync_to_async(make_app)()
