@@ -10,6 +10,7 @@ request, atomically, so that N workers racing for the last request let exactly o
 memory (a single process; its counters start over when it restarts)."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentcore.errors import AgentError
 from opsagent.common.dependencies import DependencyUnavailable, redis_server
+
+logger = logging.getLogger(__name__)
 
 # Costs are counted as integers of this unit (the precision of Message.total_price), so Redis adds them exactly.
 COST_UNIT = Decimal("0.0000001")
@@ -243,7 +246,8 @@ def usage_check(*, meter: Meter) -> None:
 
 
 def usage_record(*, meter: Meter, tokens: int, cost: Decimal) -> None:
-    """Add a provider call's tokens and cost to the app's and the key's counters (every period), in one round trip."""
+    """Add a provider call's tokens and cost to the app's and the key's counters (every period), in one round trip.
+    Best effort: with Redis down the usage is lost (and logged), the caller goes on."""
     tokens, units = max(int(tokens), 0), max(_amount("cost", cost or 0), 0)
     if not tokens and not units:
         return
@@ -256,7 +260,11 @@ def usage_record(*, meter: Meter, tokens: int, cost: Decimal) -> None:
                 for period in periods:
                     key, left = _key(scope, counter, period, now)
                     amounts.append((key, amount, left + 1))
-    _counters().add(amounts)
+    try:
+        _counters().add(amounts)
+    except DependencyUnavailable as exc:
+        # After the call: the answer is already given and saved; a Redis outage loses this usage, not the turn.
+        logger.warning("usage of %s not counted: %s", meter.app_id, exc.message)
 
 
 def usage_current(*, scope: str) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
 from difyapi.models import ApiKey
 from difyapi.tests.factories import DifyClient, assert_error, make_message, make_session
+from opsagent.common.dependencies import DependencyUnavailable
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
 
@@ -311,3 +312,14 @@ def test_rest_chat_asking_for_a_model_outside_the_allow_list_is_400_on_its_field
                                 format="json")
     assert response.status_code == 400 and "model" in response.json(), response.content
     assert not fake_upstream.chat_requests
+
+
+def test_usage_lost_to_a_redis_outage_is_logged_not_raised(monkeypatch, caplog):
+    class Down(MemoryCounters):
+        def add(self, amounts):
+            raise DependencyUnavailable("redis")
+
+    monkeypatch.setattr("agentcore.limits._memory", Down())
+    monkeypatch.setattr("agentcore.limits._redis", Down())
+    usage_record(meter=Meter(app_id="app-1"), tokens=5, cost=Decimal(0))
+    assert "usage of app-1 not counted" in caplog.text
