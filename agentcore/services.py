@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -323,6 +324,8 @@ def _app_values(app: AgentApp) -> dict[str, Any]:
         if field.primary_key or field.name in ("created_at", "updated_at"):
             continue
         value = getattr(app, field.attname)
+        if isinstance(value, Decimal):  # budgets: the stored precision, so that "0" and "0.0000" are no change
+            value = str(value.quantize(Decimal(1).scaleb(-field.decimal_places)))
         values[field.attname] = str(value) if isinstance(value, uuid.UUID) else value
     return values
 

@@ -27,6 +27,7 @@ from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
 from difyapi.models import ApiKey
 from difyapi.tests.factories import DifyClient, assert_error, make_message, make_session
+from llmconfigs.models import AuditLog
 from opsagent.common.dependencies import DependencyUnavailable
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
@@ -282,6 +283,13 @@ def test_admin_edits_the_allow_list_as_check_boxes_and_shows_usage_beside_limits
     app.refresh_from_db()
     assert app.allowed_routes == ["m-cheap"]
     assert app.tokens_per_day == 500 and app.mode == AgentApp.Mode.CHAT  # the rest of the form saved as it was
+    # The audit row names what changed, and only that (a budget "0" posted over "0.0000" is no change).
+    row = AuditLog.objects.filter(target_id=str(app.pk)).latest("id")
+    assert set(row.changes) == {"allowed_routes"}
+    form.update(cost_per_day="1.5")
+    assert admin_client.post(f"/admin/agentcore/agentapp/{app.pk}/change/", form).status_code == 302
+    assert AuditLog.objects.filter(target_id=str(app.pk)).latest("id").changes == {
+        "cost_per_day": {"old": "0.0000", "new": "1.5000"}}
 
 
 @pytest.mark.django_db
