@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from agentcore.admin import usage_beside_limits
 from agentcore.limits import LIMIT_FIELDS, Limits
-from difyapi.auth import api_key_create, api_key_revoke
+from difyapi.auth import api_key_create, api_key_revoke, api_key_update
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
 from opsagent.common.clients import audit_context
 
@@ -89,7 +89,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
         if change:
-            obj.save(update_fields=["name", *LIMIT_FIELDS])
+            api_key_update(key=obj, **audit_context(request, source="admin"))
             return
         context = audit_context(request, source="admin")
         key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=context.pop("actor"), **context)

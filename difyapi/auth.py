@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
@@ -69,6 +70,27 @@ def api_key_revoke(*, key: ApiKey, actor=None, source: str = "", ip_address: str
     cache.delete(_cache_key(key.key_hash))
     key.refresh_from_db()
     return key
+
+
+def api_key_update(*, key: ApiKey, actor=None, source: str = "", ip_address: str | None = None,
+                   user_agent: str = "") -> ApiKey:
+    """Save a key's name and limits (already validated, e.g. by the admin form), with an audit row of what changed
+    (never the key: only its mask names it). Saving drops its cached entry, which holds its limits."""
+    fields = ["name", *LIMIT_FIELDS]
+    with transaction.atomic():
+        stored = ApiKey.objects.select_for_update().get(pk=key.pk)
+        changes = {name: {"old": _plain(getattr(stored, name)), "new": _plain(getattr(key, name))}
+                   for name in fields if _plain(getattr(stored, name)) != _plain(getattr(key, name))}
+        key.save(update_fields=fields)
+        if changes:
+            audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=key, source=source,
+                         ip_address=ip_address, user_agent=user_agent, changes=changes)
+    return key
+
+
+def _plain(value):
+    """A value as an audit row holds it: budgets as strings at their stored precision."""
+    return f"{value:.4f}" if isinstance(value, Decimal) else value
 
 
 def api_key_cache_forget(sender, instance: ApiKey, **kwargs) -> None:

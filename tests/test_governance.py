@@ -303,6 +303,9 @@ def test_admin_key_limits_only_narrow_the_apps_and_the_page_shows_usage_but_no_k
     assert admin_client.post(url, {**form, "requests_per_minute": "3", "tokens_per_day": "900"}).status_code == 302
     key.refresh_from_db()
     assert (key.name, key.requests_per_minute, key.tokens_per_day) == ("team-a", 3, 900)
+    assert AuditLog.objects.filter(target_id=str(key.pk)).latest("id").changes == {
+        "name": {"old": "", "new": "team-a"}, "requests_per_minute": {"old": 0, "new": 3},
+        "tokens_per_day": {"old": 0, "new": 900}}
     usage_record(meter=Meter(app_id=str(app.pk), key_id=str(key.pk)), tokens=42, cost=Decimal(0))
     page = admin_client.get(url).content.decode()
     assert "<td>tokens per day</td><td>900</td><td>42</td>" in page
