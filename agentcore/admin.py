@@ -10,6 +10,7 @@ from django.db.models import Prefetch
 from django.utils.html import format_html, format_html_join
 
 from agentcore.api.turns import turn_drain
+from agentcore.limits import LIMITS, Limits, usage_current
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import (
     DECIDE_APPROVALS,
@@ -30,6 +31,7 @@ from agentcore.services import (
 )
 from agentcore.tools.policies import SHELL_TOOL, tool_policy_delete, tool_policy_update
 from llmconfigs.secrets import mask_secret
+from llmconfigs.selectors import llm_route_names
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
 
@@ -46,12 +48,51 @@ class ReadOnlyInline(admin.TabularInline):
         return False
 
 
+def usage_beside_limits(*, scope: str, limits: Limits) -> str:
+    """A table of each limit and the usage of the current period (UTC minute, day or month) beside it."""
+    used = usage_current(scope=scope)
+    return format_html(
+        "<table><tr><th>limit</th><th>set to</th><th>used this period</th></tr>{}</table>",
+        format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", (
+            (label, getattr(limits, name) or "no limit", used[name]) for name, _, _, label in LIMITS
+        )),
+    )
+
+
+class AgentAppForm(forms.ModelForm):
+    allowed_routes = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Allowed models",
+        help_text="The models (routes) this app may use; none ticked: every active chat model.",
+    )
+    # No Meta: the admin builds the form over every field of AgentApp, this one declared as check boxes.
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        routes = set(llm_route_names()) | set(self.initial.get("allowed_routes") or [])
+        self.fields["allowed_routes"].choices = [(route, route) for route in sorted(routes)]
+
+    def clean(self):
+        data = super().clean()
+        config, routes = data.get("llm_config"), data.get("allowed_routes")
+        if config is not None and routes and config.route_name not in routes:
+            self.add_error("allowed_routes", f"The app's own model {config.route_name!r} must be allowed.")
+        return data
+
+
 @admin.register(AgentApp)
 class AgentAppAdmin(admin.ModelAdmin):
+    form = AgentAppForm
     list_display = ["name", "mode", "llm_config", "max_iterations", "max_active_requests", "is_active", "updated_at"]
     list_filter = ["mode", "is_active"]
     list_select_related = ["llm_config"]
     search_fields = ["name", "description"]
+    readonly_fields = ["usage"]
+
+    @admin.display(description="usage")
+    def usage(self, app: AgentApp) -> str:
+        if app._state.adding:
+            return "-"
+        return usage_beside_limits(scope=f"app:{app.pk}", limits=Limits.of(app))
 
     # Writes through the services, which write the audit rows.
     def save_model(self, request, obj, form, change):

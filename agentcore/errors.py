@@ -39,6 +39,12 @@ class PermissionRefused(AgentError):
     status = 403
 
 
+class ModelNotAllowed(InvalidInput):
+    """The model asked for (by `field`) is not on the app's allow-list."""
+
+    code = "model_not_allowed"
+
+
 class TooManyActiveRuns(AgentError):
     code = "too_many_active_runs"
     status = 429

@@ -16,7 +16,23 @@ NETWORK_ALLOW_HELP = (
 )
 
 
-class AgentApp(models.Model):
+class UsageLimits(models.Model):
+    """Rate limits and budgets (agentcore.limits); 0 means no limit. Budgets are per UTC calendar day and month."""
+
+    requests_per_minute = models.PositiveIntegerField(default=0, help_text="Requests per minute; 0 = no limit.")
+    tokens_per_minute = models.PositiveIntegerField(default=0, help_text="Tokens per minute; 0 = no limit.")
+    tokens_per_day = models.PositiveBigIntegerField(default=0, help_text="Token budget per UTC day; 0 = none.")
+    tokens_per_month = models.PositiveBigIntegerField(default=0, help_text="Token budget per UTC month; 0 = none.")
+    cost_per_day = models.DecimalField(max_digits=14, decimal_places=4, default=0,
+                                       help_text="Cost budget per UTC day (the configs' currency); 0 = none.")
+    cost_per_month = models.DecimalField(max_digits=14, decimal_places=4, default=0,
+                                         help_text="Cost budget per UTC month; 0 = none.")
+
+    class Meta:
+        abstract = True
+
+
+class AgentApp(UsageLimits):
     class Mode(models.TextChoices):
         CHAT = "chat", "Chat (no tools)"
         AGENT_CHAT = "agent-chat", "Agent chat (tools)"
@@ -41,6 +57,10 @@ class AgentApp(models.Model):
     )
     max_iterations = models.PositiveSmallIntegerField(default=8)
     max_active_requests = models.PositiveIntegerField(default=0, help_text="Concurrent runs allowed; 0 = unlimited.")
+    allowed_routes = models.JSONField(
+        default=list, blank=True,
+        help_text="The models (routes) this app may use; empty means every active chat route.",
+    )
     user_input_form = models.JSONField(default=list, blank=True, help_text="Dify-style input form definition.")
     file_upload = models.JSONField(default=dict, blank=True, help_text="Dify-style file upload settings.")
     is_active = models.BooleanField(default=True, help_text="Serve this app's API.")

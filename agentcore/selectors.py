@@ -10,10 +10,14 @@ from django.db import connection
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from agentcore.errors import SessionNotFound
+from agentcore.errors import ModelNotAllowed, SessionNotFound
 from agentcore.models import AgentApp, Approval, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import CHANGE_SESSIONS, VIEW_SESSIONS, has_perms, may_see_every_approval
 from agentcore.tools.policies import rule_for, tool_policies_with_defaults
+from llmconfigs.errors import NoUsableConfig
+from llmconfigs.models import LLMConfig
+from llmconfigs.routing import pool_order
+from llmconfigs.selectors import llm_pool_members, llm_pool_resolve
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -137,3 +141,31 @@ def checkpoint_storage_bytes(*, thread_id: str | None = None) -> int:
                 cursor.execute(f"{sql} WHERE thread_id = %s", [str(thread_id)])
             total += cursor.fetchone()[0]
     return total
+
+
+# ----- models an app may use -----
+
+def app_route_allowed(*, app: AgentApp, route: str) -> bool:
+    """Whether `app` may use the pool `route` (its allow-list; empty allows every route)."""
+    return not app.allowed_routes or route in app.allowed_routes
+
+
+def app_pool_resolve(*, app: AgentApp, config_id: Any = None, model: str | None = None,
+                     session_config_id: Any = None) -> list[LLMConfig]:
+    """llm_pool_resolve within the app's allow-list. A model the request or its conversation names outside the list
+    is refused (ModelNotAllowed naming that field); with nothing named, the app's own config or the default pool
+    when allowed, else the first allowed route that has an active member."""
+    pool = llm_pool_resolve(config_id=config_id, model=model, session_config_id=session_config_id,
+                            app_config_id=app.llm_config_id)
+    route = pool[0].route_name
+    if app_route_allowed(app=app, route=route):
+        return pool
+    for field_name, asked in (("model_config_id", config_id), ("model", model), ("conversation_id", session_config_id)):
+        if asked:
+            raise ModelNotAllowed(f"This app may not use model {route!r}; it may use: "
+                                  f"{', '.join(app.allowed_routes)}.", field=field_name)
+    for allowed in app.allowed_routes:
+        members = llm_pool_members(route=allowed)
+        if members:
+            return pool_order(members)
+    raise NoUsableConfig("None of the models this app may use has an active config.")

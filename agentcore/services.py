@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -25,7 +26,7 @@ from agentcore.permissions import (
     has_perms,
     mcp_server_is_command,
 )
-from agentcore.selectors import run_stale_cutoff
+from agentcore.selectors import app_pool_resolve, run_stale_cutoff
 from llmconfigs.errors import ConfigNotFound, InvalidParameter, NoUsableConfig
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.models import AuditLog
@@ -84,14 +85,14 @@ def _validated_parameters(parameters: Any, *, config_id: Any, app: AgentApp) -> 
     return {k: v for k, v in parameters.items() if v is not None}
 
 
-def _chat_config_id(llm_config_id: Any) -> Any:
+def _chat_config_id(llm_config_id: Any, *, app: AgentApp) -> Any:
     if llm_config_id in (None, ""):
         return None
     config = llm_config_get(config_id=llm_config_id)
     if config is None:
         raise ConfigNotFound(f"LLM config {llm_config_id} does not exist.", field="llm_config_id")
     try:
-        llm_config_resolve(config_id=config.pk)
+        app_pool_resolve(app=app, config_id=config.pk)
     except Exception as exc:
         exc.field = "llm_config_id"
         raise
@@ -102,7 +103,7 @@ def session_create(*, app: AgentApp, owner=None, end_user: str = "", source: str
                    name: str = "", inputs: dict | None = None, llm_config_id: Any = None,
                    model_parameters: dict | None = None) -> Session:
     inputs = inputs_check(inputs or {})
-    config_id = _chat_config_id(llm_config_id)
+    config_id = _chat_config_id(llm_config_id, app=app)
     parameters = _validated_parameters(model_parameters, config_id=config_id, app=app)
     return Session.objects.create(app=app, owner=owner, end_user=end_user, source=source, name=name[:255],
                                   inputs=inputs, llm_config_id=config_id, model_parameters=parameters)
@@ -113,7 +114,7 @@ def session_update(*, session: Session, llm_config_id: Any = _UNSET, model_param
     """Change a session's model, its parameter overrides or its name; only the given fields change."""
     fields = ["updated_at"]
     if llm_config_id is not _UNSET:
-        session.llm_config_id = _chat_config_id(llm_config_id)
+        session.llm_config_id = _chat_config_id(llm_config_id, app=session.app)
         fields.append("llm_config")
     if model_parameters is not _UNSET or llm_config_id is not _UNSET:
         parameters = session.model_parameters if model_parameters is _UNSET else model_parameters
@@ -323,6 +324,8 @@ def _app_values(app: AgentApp) -> dict[str, Any]:
         if field.primary_key or field.name in ("created_at", "updated_at"):
             continue
         value = getattr(app, field.attname)
+        if isinstance(value, Decimal):  # budgets: the stored precision, so that "0" and "0.0000" are no change
+            value = str(value.quantize(Decimal(1).scaleb(-field.decimal_places)))
         values[field.attname] = str(value) if isinstance(value, uuid.UUID) else value
     return values
 

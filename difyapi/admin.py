@@ -8,7 +8,9 @@ from django.template import engines
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from difyapi.auth import api_key_create, api_key_revoke
+from agentcore.admin import usage_beside_limits
+from agentcore.limits import LIMIT_FIELDS, Limits
+from difyapi.auth import api_key_create, api_key_revoke, api_key_update
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
 from opsagent.common.clients import audit_context
 
@@ -33,14 +35,35 @@ class ApiKeyAddForm(forms.ModelForm):
         fields = ["app", "name"]
 
 
+class ApiKeyChangeForm(forms.ModelForm):
+    """A key's limits apply on top of its app's: one above the app's would never be reached, so it is refused."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["name", *LIMIT_FIELDS]
+
+    def clean(self):
+        data = super().clean()
+        for name in LIMIT_FIELDS:
+            app_limit = getattr(self.instance.app, name)
+            if app_limit and (data.get(name) or 0) > app_limit:
+                self.add_error(name, f"At most the app's limit ({app_limit}): a key's limits only narrow its app's.")
+        return data
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["masked", "name", "app", "created_at", "last_used_at", "status"]
     list_filter = ["app", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "last4", "app__name"]
     actions = ["revoke"]
-    readonly_fields = ["masked", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
-    fields = ["masked", "name", "app", "created_by", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["masked", "app", "created_by", "created_at", "last_used_at", "revoked_at", "usage"]
+    fields = ["masked", "name", "app", "created_by", "created_at", "last_used_at", "revoked_at", *LIMIT_FIELDS,
+              "usage"]
+
+    @admin.display(description="usage")
+    def usage(self, obj: ApiKey) -> str:
+        return usage_beside_limits(scope=f"key:{obj.pk}", limits=Limits.of(obj))
 
     @admin.display(description="key")
     def masked(self, obj: ApiKey) -> str:
@@ -51,8 +74,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return "revoked" if obj.revoked_at else "active"
 
     def get_form(self, request, obj=None, change=False, **kwargs):
-        if obj is None:
-            kwargs["form"] = ApiKeyAddForm
+        kwargs["form"] = ApiKeyAddForm if obj is None else ApiKeyChangeForm
         return super().get_form(request, obj, change=change, **kwargs)
 
     def get_fields(self, request, obj=None):
@@ -67,7 +89,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
         if change:
-            obj.save(update_fields=["name"])
+            api_key_update(key=obj, **audit_context(request, source="admin"))
             return
         context = audit_context(request, source="admin")
         key, raw_key = api_key_create(app=obj.app, name=obj.name, created_by=context.pop("actor"), **context)

@@ -9,12 +9,15 @@ class DifyApiConfig(AppConfig):
 
     def ready(self):
         from agentcore.models import AgentApp
-        from difyapi.auth import app_cache_forget
+        from difyapi.auth import api_key_cache_forget, app_cache_forget
         from difyapi.errors import DifySurface
+        from difyapi.models import ApiKey
         from opsagent.common import surfaces
 
         # Saving or deleting an app drops its cached row (difyapi.auth).
         for signal in (post_save, post_delete):
             signal.connect(app_cache_forget, sender=AgentApp, dispatch_uid="difyapi.app_cache")
+        # A key's cached entry holds its limits: saving the key drops it.
+        post_save.connect(api_key_cache_forget, sender=ApiKey, dispatch_uid="difyapi.key_cache")
         # Refusals made before a view runs (body limits, dead dependencies, bad query text) in Dify's envelope.
         surfaces.register("/v1", DifySurface())

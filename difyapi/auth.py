@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
+from agentcore.limits import LIMIT_FIELDS, Limits, Meter
 from agentcore.models import AgentApp
 from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unauthorized
 from difyapi.models import ApiKey
@@ -70,6 +72,32 @@ def api_key_revoke(*, key: ApiKey, actor=None, source: str = "", ip_address: str
     return key
 
 
+def api_key_update(*, key: ApiKey, actor=None, source: str = "", ip_address: str | None = None,
+                   user_agent: str = "") -> ApiKey:
+    """Save a key's name and limits (already validated, e.g. by the admin form), with an audit row of what changed
+    (never the key: only its mask names it). Saving drops its cached entry, which holds its limits."""
+    fields = ["name", *LIMIT_FIELDS]
+    with transaction.atomic():
+        stored = ApiKey.objects.select_for_update().get(pk=key.pk)
+        changes = {name: {"old": _plain(getattr(stored, name)), "new": _plain(getattr(key, name))}
+                   for name in fields if _plain(getattr(stored, name)) != _plain(getattr(key, name))}
+        key.save(update_fields=fields)
+        if changes:
+            audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=key, source=source,
+                         ip_address=ip_address, user_agent=user_agent, changes=changes)
+    return key
+
+
+def _plain(value):
+    """A value as an audit row holds it: budgets as strings at their stored precision."""
+    return f"{value:.4f}" if isinstance(value, Decimal) else value
+
+
+def api_key_cache_forget(sender, instance: ApiKey, **kwargs) -> None:
+    """Receiver of post_save of ApiKey (connected in DifyApiConfig.ready): its cached entry holds its limits."""
+    cache_forget(_cache_key(instance.key_hash))
+
+
 def _cache_key(digest: str) -> str:
     return f"dify:apikey:{digest}"
 
@@ -105,6 +133,12 @@ class AppContext:
 
     app: AgentApp
     api_key_id: str
+    key_limits: Limits = Limits()
+
+    @property
+    def meter(self) -> Meter:
+        """The request's usage is charged to, and limited by, its app and its key."""
+        return Meter.of_app(self.app, key_id=self.api_key_id, key_limits=self.key_limits)
 
 
 def parse_bearer(header: str | None) -> str:
@@ -144,12 +178,13 @@ def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
         auth_failure_record(ip=client_ip)
         raise unauthorized("Access token is invalid")
     if cached is None:
-        key = ApiKey.objects.filter(key_hash=digest, revoked_at__isnull=True).only("id", "app_id").first()
+        key = (ApiKey.objects.filter(key_hash=digest, revoked_at__isnull=True)
+               .only("id", "app_id", *LIMIT_FIELDS).first())
         if key is None:
             cache.set(_cache_key(digest), "invalid", CACHE_TTL_INVALID)
             auth_failure_record(ip=client_ip)
             raise unauthorized("Access token is invalid")
-        cached = {"key_id": str(key.pk), "app_id": str(key.app_id)}
+        cached = {"key_id": str(key.pk), "app_id": str(key.app_id), "limits": Limits.of(key)}
         cache.set(_cache_key(digest), cached, CACHE_TTL)
     if _used_key(digest) not in entries:
         # "Last used" to the minute: one write per key a minute, not one per request. Kept apart from the key's
@@ -168,7 +203,7 @@ def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
         _key_apps[digest] = app_id
     if not app.is_active:
         raise DifyError("forbidden", "The app's API service has been disabled.", 403)
-    return AppContext(app=app, api_key_id=cached["key_id"])
+    return AppContext(app=app, api_key_id=cached["key_id"], key_limits=cached.get("limits") or Limits())
 
 
 aauthenticate = sync_to_async(authenticate, thread_sensitive=True)

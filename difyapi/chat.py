@@ -22,6 +22,7 @@ from agentcore.errors import (
     TooManyActiveRuns,
 )
 from agentcore.generation import session_generate_name
+from agentcore.limits import Meter, OverLimit
 from agentcore.models import AgentApp, Session
 from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
 from agentcore.services import inputs_check
@@ -32,6 +33,7 @@ from difyapi.errors import (
     forbidden,
     invalid_param,
     not_found,
+    over_limit,
     unexpected_error,
 )
 from difyapi.models import MessageFile, UploadFile
@@ -80,7 +82,8 @@ class ChatCall:
     files: tuple[FileRef, ...] = field(default_factory=tuple)
 
 
-def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | None = None) -> ChatCall:
+def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | None = None,
+                    meter: Meter | None = None) -> ChatCall:
     """Validate a chat request body in Dify's order of checks (SPEC.md §2) and build the turn it asks for.
 
     Sync (reads upload files and the conversation's config when files are sent): call it off the event loop.
@@ -114,6 +117,7 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
         overrides=overrides,
         attachments=attachments,
         approval=approval,
+        meter=meter,
     )
     return ChatCall(request=request, streaming=response_mode == STREAMING, auto_generate_name=auto_generate_name,
                     files=files)
@@ -357,13 +361,13 @@ def message_files_record(*, message_id: Any, files: tuple[FileRef, ...]) -> None
     )
 
 
-def conversation_auto_name(*, session_id: Any) -> None:
+def conversation_auto_name(*, session_id: Any, meter: Meter | None = None) -> None:
     """Name a new conversation with its model (agentcore.generation; the shortened query when that fails). Runs in a
     worker thread of its own, so it closes its database connection itself."""
     try:
         session = Session.objects.select_related("app").filter(pk=session_id, is_deleted=False).first()
         if session is not None:
-            name = session_generate_name(session=session)
+            name = session_generate_name(session=session, meter=meter)
             Session.objects.filter(pk=session_id).update(name=name)
     except Exception:
         logger.warning("Naming conversation %s failed", session_id, exc_info=True)
@@ -386,6 +390,8 @@ def dify_error_from(exc: Exception, *, app: AgentApp) -> DifyError:
             f"{app.name} is {app.max_active_requests}.",
             429,
         )
+    if isinstance(exc, OverLimit):
+        return over_limit(exc)
     if isinstance(exc, ApprovalNotFound):
         return not_found("Approval Not Exists.")
     if isinstance(exc, ApprovalAlreadyDecided):

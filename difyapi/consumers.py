@@ -149,7 +149,7 @@ def _chat_turn(
     context = context or authenticate(header, client_ip=client_ip)
     payload = parse_json_body(body, content_type, strip_nul=CHAT_NUL_STRIPPED)
     try:
-        call = chat_call_build(app=context.app, payload=payload,
+        call = chat_call_build(app=context.app, payload=payload, meter=context.meter,
                                audit={"source": "api", "ip_address": client_ip, "user_agent": user_agent})
         # With files, their rows are written in the turn's transaction: a turn never exists without them.
         with transaction.atomic() if call.files else contextlib.nullcontext():
@@ -256,7 +256,8 @@ class ChatMessagesConsumer(DifyHttpConsumer):
 def _name_later(turn: Turn) -> None:
     """Dify names a new conversation from its first exchange in the background, after the answer."""
     # Off the shared ORM thread: the generation waits on the model for up to its timeout.
-    _in_background(sync_to_async(conversation_auto_name, thread_sensitive=False)(session_id=turn.session.pk))
+    _in_background(sync_to_async(conversation_auto_name, thread_sensitive=False)(session_id=turn.session.pk,
+                                                                               meter=turn.meter))
 
 
 def _in_background(work: Coroutine[Any, Any, Any]) -> None:

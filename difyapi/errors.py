@@ -46,6 +46,14 @@ def too_many_auth_failures(retry_after: int) -> DifyError:
     )
 
 
+def over_limit(exc) -> DifyError:
+    """A rate limit or budget reached (agentcore.limits.OverLimit). Dify has two 429 codes: `too_many_requests`
+    for its per-app request limit, which clients retry shortly, and `rate_limit_error` for an exhausted quota; a
+    rate per minute is the first, a budget per day or month the second."""
+    code = "rate_limit_error" if exc.budget else "too_many_requests"
+    return DifyError(code, exc.message, 429, headers={"Retry-After": str(exc.retry_after)})
+
+
 def request_too_large(limit: int) -> DifyError:
     """A body over the endpoint's limit (Werkzeug's RequestEntityTooLarge, as Dify names it)."""
     return DifyError("request_entity_too_large", f"The request body is too large: at most {limit} bytes.", 413)

@@ -5,9 +5,12 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from agentcore.models import UsageLimits
 
-class ApiKey(models.Model):
-    """An `app-...` key. Only its SHA-256 is stored, plus the last 4 characters for display."""
+
+class ApiKey(UsageLimits):
+    """An `app-...` key. Only its SHA-256 is stored, plus the last 4 characters for display. Its limits apply on top
+    of its app's, so they can only narrow them."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="api_keys")

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
 
 from agentcore.models import AgentApp, Message, Session
+from agentcore.selectors import app_route_allowed
 from agentcore.tools.policies import tool_policies_with_defaults
 from difyapi.errors import not_found
 from difyapi.models import Feedback, MessageFile, UploadFile
@@ -140,13 +141,13 @@ def upload_file_get(*, file_id: uuid.UUID, app: AgentApp | None = None) -> Uploa
 
 
 def app_models(*, app: AgentApp) -> list[tuple[LLMConfig, bool]]:
-    """The active chat configs the app may use, with whether each is the one the app uses by default
-    (its own config when set, else the default chat config). Keys are never read."""
-    configs = list(
-        LLMConfig.objects.filter(is_active=True, is_embedding=False)
-        .only("id", "name", "provider", "model_name", "route", "is_default")
-        .order_by("-is_default", "name")
-    )
+    """The active chat configs the app may use (its allow-list of routes; empty: all), with whether each is the one
+    the app uses by default (its own config when set, else the default chat config). Keys are never read."""
+    configs = [
+        config for config in LLMConfig.objects.filter(is_active=True, is_embedding=False)
+        .only("id", "name", "provider", "model_name", "route", "is_default").order_by("-is_default", "name")
+        if app_route_allowed(app=app, route=config.route_name)
+    ]
     if app.llm_config_id and any(c.pk == app.llm_config_id for c in configs):
         return [(c, c.pk == app.llm_config_id) for c in configs]
     return [(c, c.is_default) for c in configs]

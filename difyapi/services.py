@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from agentcore.errors import InvalidInput
 from agentcore.generation import session_generate_name
+from agentcore.limits import Meter
 from agentcore.models import AgentApp, Message, Session
 from agentcore.services import agent_app_created_record
 from difyapi import filetypes
@@ -41,11 +42,11 @@ def conversation_rename(*, session: Session, name: str) -> Session:
     return session
 
 
-def conversation_generate_name(*, session: Session) -> Session:
+def conversation_generate_name(*, session: Session, meter: Meter | None = None) -> Session:
     """Rename from the first message with the conversation's model. Dify answers a conversation without messages
     with an uncaught service error: 400 invalid_param with an empty message."""
     try:
-        name = session_generate_name(session=session)
+        name = session_generate_name(session=session, meter=meter)
     except InvalidInput:
         raise invalid_param("") from None
     return conversation_rename(session=session, name=name)

@@ -14,6 +14,7 @@ from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
 from agentcore.generation import message_suggested_questions
+from agentcore.limits import OverLimit, usage_check
 from agentcore.models import AgentApp
 from difyapi import filetypes, presenters, selectors, services
 from difyapi.auth import authenticate
@@ -23,6 +24,7 @@ from difyapi.errors import (
     bad_request,
     invalid_param,
     not_found,
+    over_limit,
     request_too_large,
     unexpected_error,
 )
@@ -72,8 +74,9 @@ def dify_endpoint(*methods: str, authenticated: bool = True) -> Callable:
                         headers={"Allow": ", ".join(sorted(allowed))},
                     )
                 if authenticated:
-                    app = authenticate(request.META.get("HTTP_AUTHORIZATION"), client_ip=client_ip(request)).app
-                    return view(request, app, *args, **kwargs)
+                    context = authenticate(request.META.get("HTTP_AUTHORIZATION"), client_ip=client_ip(request))
+                    request.dify_context = context
+                    return view(request, context.app, *args, **kwargs)
                 return view(request, *args, **kwargs)
             except DifyError as exc:
                 return exc.response()
@@ -192,7 +195,13 @@ def message_suggested(request: HttpRequest, app: AgentApp, message_id) -> HttpRe
     message = selectors.message_get(app=app, user=user, message_id=message_id)
     if not app.suggested_questions_after_answer:
         raise bad_request("Suggested Questions Is Disabled.")
-    return dify_json_response({"result": "success", "data": message_suggested_questions(message=message)})
+    meter = request.dify_context.meter
+    try:
+        usage_check(meter=meter)
+    except OverLimit as exc:
+        raise over_limit(exc) from None
+    return dify_json_response({"result": "success",
+                               "data": message_suggested_questions(message=message, meter=meter)})
 
 
 # ----- conversations -----
@@ -228,7 +237,11 @@ def conversation_rename(request: HttpRequest, app: AgentApp, conversation_id) ->
         raise invalid_param("name is required when auto_generate is false")
     session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
     if auto_generate:
-        session = services.conversation_generate_name(session=session)
+        try:
+            usage_check(meter=request.dify_context.meter)
+        except OverLimit as exc:
+            raise over_limit(exc) from None
+        session = services.conversation_generate_name(session=session, meter=request.dify_context.meter)
     else:
         session = services.conversation_rename(session=session, name=name)
     return dify_json_response(presenters.conversation_to_dify(session))

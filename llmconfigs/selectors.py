@@ -120,6 +120,12 @@ def _usable(config: LLMConfig, *, source: str) -> LLMConfig:
     return config
 
 
+def llm_route_names() -> list[str]:
+    """Every route a chat config serves (active or not): the models an app's allow-list may name."""
+    rows = LLMConfig.objects.filter(is_embedding=False).values_list("route", "model_name")
+    return sorted({route or model_name for route, model_name in rows})
+
+
 def llm_pool_members(*, route: str) -> list[LLMConfig]:
     """The active chat configs serving `route` (their route, or their model name when the route is blank)."""
     return _cached(f"pool:{route}", lambda: list(_pool_queryset(route)))

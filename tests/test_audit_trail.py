@@ -10,6 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.forms.models import model_to_dict
 
+from agentcore.limits import LIMIT_FIELDS
 from agentcore.models import AgentApp, MCPServer, ToolPolicy
 from difyapi.models import ApiKey
 from llmconfigs.models import AuditLog
@@ -114,7 +115,7 @@ def _app_form(**fields) -> dict:
             "opening_statement": "", "suggested_questions": "[]", "model_parameters": "{}", "enabled_tools": "[]",
             "max_iterations": "8", "max_active_requests": "0", "user_input_form": "[]", "file_upload": "{}",
             "is_active": "on", "network_allow_hosts": "[]", "network_allow_networks": "[]",
-            "network_allow_ports": "[]"}
+            "network_allow_ports": "[]", **dict.fromkeys(LIMIT_FIELDS, "0")}
     form.update(fields)
     return form
 

@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
 from agentcore.checkpoint import checkpointer
 from agentcore.events import ApprovalRequired, Event, RunEnd, RunError, TextDelta, ThoughtUpdate, Usage
 from agentcore.graph import agent_graph
+from agentcore.limits import usage_record
 from agentcore.models import AgentApp, Approval, Message, Thought
 from agentcore.runs.types import Turn
 from llmconfigs.errors import ProviderCallError
@@ -52,6 +53,7 @@ class RunOutput:
         self.session = turn.session
         self.message = turn.message
         self.config = turn.config
+        self.meter = turn.meter
         self.agent = self.session.app.mode == AgentApp.Mode.AGENT_CHAT
         self.texts: list[str] = [turn.message.answer] if turn.message.answer else []
         self.iteration: _Iteration | None = None
@@ -229,6 +231,8 @@ class RunOutput:
                 answered = sum(not a["category"] for a in self.model.attempts) if self.model is not None else 1
                 llm_config_record_usage(config_id=self.config.pk, prompt_tokens=self.prompt_tokens,
                                         completion_tokens=self.completion_tokens, cost=cost, calls=max(answered, 1))
+        if cost is not None and self.meter is not None:
+            usage_record(meter=self.meter, tokens=self.prompt_tokens + self.completion_tokens, cost=cost)
 
     async def _remember_partial(self) -> None:
         """Add the answer cut short by a stop or an error to the conversation's checkpoint, so that the next turn's

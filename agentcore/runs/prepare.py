@@ -13,10 +13,11 @@ from django.utils import timezone
 
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.generation import session_fallback_name
+from agentcore.limits import Meter, usage_check
 from agentcore.models import AgentApp, Approval, Message, Session
 from agentcore.permissions import DECIDE_APPROVALS, has_perms
 from agentcore.runs.types import Turn, TurnRequest
-from agentcore.selectors import message_running_live, session_get_for, session_visible_q
+from agentcore.selectors import app_pool_resolve, message_running_live, session_get_for, session_visible_q
 from agentcore.services import (
     approval_decide,
     approval_supersede,
@@ -36,7 +37,11 @@ def turn_prepare(request: TurnRequest) -> Turn:
     thread hop and connection (each hop costs a connection and a turn of the shared ORM thread). An agent turn also
     reads its tool setup here, so the run starts without another hop."""
     _validate(request)
+    meter = request.meter or Meter.of_app(request.app)
+    # Before any row is written or provider called; a turn that then crosses a budget still finishes.
+    usage_check(meter=meter)
     turn = _prepare_resume(request) if request.approval is not None else _prepare_query(request)
+    turn.meter = meter
     if turn.session.app.mode == AgentApp.Mode.AGENT_CHAT:
         turn.tool_setup = tool_setup_load()
     return turn
@@ -111,12 +116,8 @@ def _prepare_query(request: TurnRequest) -> Turn:
             session = session_get_for(session_id=request.session_id, app=request.app, owner=request.owner,
                                       end_user=request.end_user, source=request.source)
         app = session.app if session is not None else request.app
-        pool = llm_pool_resolve(
-            config_id=overrides.config_id,
-            model=overrides.model,
-            session_config_id=session.llm_config_id if session else None,
-            app_config_id=app.llm_config_id,
-        )
+        pool = app_pool_resolve(app=app, config_id=overrides.config_id, model=overrides.model,
+                                session_config_id=session.llm_config_id if session else None)
         config = pool[0]
         requested = {**(app.model_parameters or {}), **((session.model_parameters if session else None) or {})}
         requested = {k: v for k, v in requested.items() if k in OVERRIDABLE}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agentcore.limits import Meter
 from agentcore.models import AgentApp, Message, Session
 from agentcore.tools.policies import ToolSetup
 from llmconfigs.models import LLMConfig
@@ -56,6 +57,7 @@ class TurnRequest:
     attachments: tuple[Attachment, ...] = ()
     approval: ApprovalDecision | None = None  # resume a paused run instead of asking a new query
     session_name: str | None = None  # initial name for a new session (default: the query, shortened)
+    meter: Meter | None = None  # whose limits apply and who is charged (None: the app's alone)
 
 
 @dataclass
@@ -74,3 +76,4 @@ class Turn:
     tool_setup: ToolSetup | None = None  # agent turns: the policy rows and MCP servers, read while preparing
     # The configs that may answer, in the order to try them (llmconfigs.routing); `config` is the first.
     pool: list[LLMConfig] = field(default_factory=list)
+    meter: Meter | None = None  # charged with every provider call of the turn (agentcore.limits)

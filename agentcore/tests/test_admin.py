@@ -9,6 +9,7 @@ import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.urls import reverse
 
+from agentcore.limits import LIMIT_FIELDS
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Thought, ToolPolicy
 from llmconfigs.models import AuditLog
 from tests.fakes.upstream import Reply, ToolCall
@@ -139,7 +140,7 @@ def test_app_admin_saves_an_app(admin_client, default_llm_config):
         "name": "Helper", "mode": "chat", "description": "", "system_prompt": "Be brief.", "opening_statement": "",
         "suggested_questions": "[]", "llm_config": "", "model_parameters": "{}", "enabled_tools": "[]",
         "max_iterations": "8", "max_active_requests": "0", "user_input_form": "[]", "file_upload": "{}",
-        "is_active": "on",
+        "is_active": "on", **dict.fromkeys(LIMIT_FIELDS, "0"),
     })
     assert response.status_code == 302, response.content.decode()[-3000:]
     assert AgentApp.objects.filter(name="Helper", mode="chat").exists()

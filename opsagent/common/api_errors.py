@@ -37,7 +37,9 @@ def api_exception(exc: Exception) -> Exception:
         field = client_field(exc)
         if exc.status == status.HTTP_400_BAD_REQUEST and field:
             return exceptions.ValidationError({field: [exc.message]}, code=exc.code)
-        return _Refusal({"detail": exc.message, "code": exc.code}, exc.status)
+        refusal = _Refusal({"detail": exc.message, "code": exc.code}, exc.status)
+        refusal.wait = getattr(exc, "retry_after", None)  # DRF's handler sends it as Retry-After
+        return refusal
     if isinstance(exc, DjangoValidationError):
         detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         return exceptions.ValidationError(detail)

@@ -1,0 +1,336 @@
+"""Governance of apps and keys: the models an app may use (its allow-list, on every path that chooses a model) and
+its rate limits and budgets (agentcore.limits), on /v1 (Dify's envelope) and /api (DRF's), at their edges."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from agentcore.limits import (
+    LIMIT_FIELDS,
+    Limits,
+    MemoryCounters,
+    Meter,
+    OverLimit,
+    usage_check,
+    usage_current,
+    usage_record,
+)
+from agentcore.models import AgentApp, Message, Session
+from difyapi.auth import api_key_create
+from difyapi.models import ApiKey
+from difyapi.tests.factories import DifyClient, assert_error, make_message, make_session
+from llmconfigs.models import AuditLog
+from opsagent.common.dependencies import DependencyUnavailable
+from tests.e2e.dify_servers import dify_post
+from tests.fakes.upstream import Reply
+
+
+@pytest.fixture(autouse=True)
+def _one_minute(monkeypatch):
+    """The limits' clock stands still inside one UTC minute, so that no test straddles a period boundary."""
+    moment = time.time() // 60 * 60 + 20
+    monkeypatch.setattr("agentcore.limits.time", SimpleNamespace(time=lambda: moment))
+
+
+def make_app(**fields) -> tuple[AgentApp, str]:
+    fields.setdefault("name", f"gov-{uuid.uuid4().hex[:8]}")
+    app = AgentApp.objects.create(mode=AgentApp.Mode.CHAT, **fields)
+    return app, api_key_create(app=app)[1]
+
+
+async def chat(key: str, **fields) -> tuple[int, dict[str, str], dict]:
+    payload = {"inputs": {}, "query": "hello", "user": "alice", "response_mode": "blocking",
+               "auto_generate_name": False, **fields}
+    status, headers, raw = await dify_post(key, "/v1/chat-messages", payload)
+    return status, headers, json.loads(raw)
+
+
+def _header(headers, name: str) -> str | None:
+    if isinstance(headers, dict):
+        return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+    return next((v.decode() for k, v in headers if k.decode().lower() == name.lower()), None)
+
+
+# ----- rate limits and budgets on /v1 -----
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_requests_per_minute_lets_exactly_the_limit_through_then_429_with_retry_after(
+    default_llm_config, fake_upstream
+):
+    app, key = await sync_to_async(make_app)(requests_per_minute=2)
+    for _ in range(2):
+        status, _, data = await chat(key)
+        assert status == 200, data
+    status, headers, data = await chat(key)
+    assert status == 429
+    assert data == {"code": "too_many_requests", "status": 429, "message": data["message"]}
+    assert "requests per minute" in data["message"] and "this app" in data["message"]
+    assert 1 <= int(_header(headers, "Retry-After")) <= 61
+    assert len(fake_upstream.chat_requests) == 2  # refused before any provider call
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_keys_limit_narrows_its_apps_and_other_keys_keep_the_apps(default_llm_config, fake_upstream):
+    app, key = await sync_to_async(make_app)(requests_per_minute=5)
+    await ApiKey.objects.filter(app=app).aupdate(requests_per_minute=1)
+    _, other_key = await sync_to_async(api_key_create)(app=app)
+    assert (await chat(key))[0] == 200
+    status, _, data = await chat(key)
+    assert status == 429 and "this API key" in data["message"]
+    assert (await chat(other_key))[0] == 200
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_token_budget_crossed_during_a_turn_lets_it_finish_and_refuses_the_next(
+    default_llm_config, fake_upstream
+):
+    app, key = await sync_to_async(make_app)(tokens_per_day=10)
+    fake_upstream.script(Reply(text="a long answer", prompt_tokens=12, completion_tokens=7))
+    status, _, data = await chat(key)
+    assert status == 200 and data["answer"] == "a long answer"
+    status, headers, data = await chat(key)
+    assert status == 429 and data["code"] == "rate_limit_error" and "tokens per day" in data["message"]
+    assert 1 <= int(_header(headers, "Retry-After")) <= 86401
+    assert len(fake_upstream.chat_requests) == 1
+    used = await sync_to_async(usage_current)(scope=f"app:{app.pk}")
+    assert used["tokens_per_day"] == used["tokens_per_month"] == 19
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_cost_budget_per_month_on_the_key_counts_the_configs_prices(make_llm_config, fake_upstream):
+    await sync_to_async(make_llm_config)(name="priced", model_name="fake-priced", default=True,
+                                         input_price_per_million=Decimal("1000"),
+                                         output_price_per_million=Decimal("1000"))
+    app, key = await sync_to_async(make_app)()
+    await ApiKey.objects.filter(app=app).aupdate(cost_per_month=Decimal("0.0100"))
+    fake_upstream.script(Reply(text="x", prompt_tokens=5, completion_tokens=5),
+                         Reply(text="y", prompt_tokens=5, completion_tokens=5))
+    assert (await chat(key))[0] == 200  # 10 tokens at 1000 per million: 0.01, the budget exactly
+    status, _, data = await chat(key)
+    assert status == 429 and data["code"] == "rate_limit_error" and "cost per month" in data["message"]
+    key_row = await ApiKey.objects.aget(app=app)
+    assert (await sync_to_async(usage_current)(scope=f"key:{key_row.pk}"))["cost_per_month"] == Decimal("0.0100")
+
+
+@pytest.mark.django_db
+def test_suggested_questions_are_charged_to_the_app_and_key_and_refused_over_the_limit(
+    default_llm_config, fake_upstream
+):
+    app, key = make_app(suggested_questions_after_answer=True, tokens_per_minute=30)
+    message = make_message(make_session(app))
+    client = DifyClient(key)
+    fake_upstream.script(Reply(text='["a?", "b?", "c?"]', prompt_tokens=20, completion_tokens=10))
+    response = client.get(f"/v1/messages/{message.pk}/suggested?user=alice")
+    assert response.status_code == 200 and response.json()["data"] == ["a?", "b?", "c?"]
+    key_row = ApiKey.objects.get(app=app)
+    assert usage_current(scope=f"app:{app.pk}")["tokens_per_minute"] == 30
+    assert usage_current(scope=f"key:{key_row.pk}")["tokens_per_day"] == 30
+    assert_error(client.get(f"/v1/messages/{message.pk}/suggested?user=alice"), 429, "too_many_requests")
+    assert len(fake_upstream.chat_requests) == 1
+
+
+# ----- rate limits on /api -----
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_chat_over_the_apps_limit_is_a_drf_429_with_retry_after(user_client, default_llm_config,
+                                                                     fake_upstream):
+    app, _ = make_app(requests_per_minute=1)
+    assert user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk)},
+                            format="json").status_code == 200
+    response = user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk)}, format="json")
+    assert response.status_code == 429
+    assert response.json()["code"] == "rate_limited"
+    assert 1 <= int(response["Retry-After"]) <= 61
+    assert len(fake_upstream.chat_requests) == 1
+
+
+# ----- the counters -----
+
+def test_memory_counters_let_exactly_the_limit_through_under_threads():
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=7))
+    passed = []
+
+    def hit():
+        try:
+            usage_check(meter=meter)
+            passed.append(1)
+        except OverLimit:
+            pass
+
+    threads = [threading.Thread(target=hit) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(passed) == 7
+
+
+def test_no_limit_means_no_counter_is_touched(monkeypatch):
+    class Refusing(MemoryCounters):
+        def check(self, checks):
+            raise AssertionError("a request without limits reached the counters")
+
+    monkeypatch.setattr("agentcore.limits._memory", Refusing())
+    monkeypatch.setattr("agentcore.limits._redis", Refusing())
+    usage_check(meter=Meter(app_id="a", key_id="k"))
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL")
+def test_redis_counters_refuse_at_the_edge_and_add_usage():
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=3, tokens_per_day=100))
+    for _ in range(3):
+        usage_check(meter=meter)
+    with pytest.raises(OverLimit) as refused:
+        usage_check(meter=meter)
+    assert refused.value.budget is False and 1 <= refused.value.retry_after <= 61
+    budget = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=100))
+    usage_record(meter=budget, tokens=99, cost=Decimal("0.5"))
+    usage_check(meter=budget)
+    usage_record(meter=budget, tokens=1, cost=Decimal(0))
+    with pytest.raises(OverLimit) as refused:
+        usage_check(meter=budget)
+    assert refused.value.budget is True
+    assert usage_current(scope=f"app:{budget.app_id}")["cost_per_month"] == Decimal("0.5000")
+
+
+# ----- the models an app may use -----
+
+@pytest.mark.django_db
+def test_models_lists_only_the_allowed_routes(make_llm_config):
+    make_llm_config(name="main", model_name="gpt-main", default=True)
+    make_llm_config(name="cheap-a", model_name="m-a", route="cheap")
+    make_llm_config(name="cheap-b", model_name="m-b", route="cheap")
+    app, key = make_app(allowed_routes=["cheap"])
+    names = [item["name"] for item in DifyClient(key).get("/v1/models").json()["data"]]
+    assert sorted(names) == ["cheap-a", "cheap-b"]
+    AgentApp.objects.filter(pk=app.pk).update(allowed_routes=[])
+    _, open_key = make_app()
+    assert len(DifyClient(open_key).get("/v1/models").json()["data"]) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+@pytest.mark.parametrize("field", ["model", "model_config_id"])
+async def test_asking_for_a_model_outside_the_allow_list_is_invalid_param_naming_the_field(
+    field, make_llm_config, fake_upstream
+):
+    main = await sync_to_async(make_llm_config)(name="main", model_name="gpt-main", default=True)
+    await sync_to_async(make_llm_config)(name="cheap", model_name="m-cheap")
+    app, key = await sync_to_async(make_app)(allowed_routes=["m-cheap"])
+    status, _, data = await chat(key, **{field: "main" if field == "model" else str(main.pk)})
+    assert status == 400 and data["code"] == "invalid_param"
+    assert field in data["message"] and "'gpt-main'" in data["message"] and "m-cheap" in data["message"]
+    assert not fake_upstream.chat_requests
+    # Nothing named: the default is not allowed, so the app's first allowed model answers.
+    status, _, data = await chat(key)
+    assert status == 200, data
+    assert fake_upstream.chat_requests[-1].body["model"] == "m-cheap"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_conversation_whose_model_left_the_allow_list_is_refused(make_llm_config, fake_upstream):
+    main = await sync_to_async(make_llm_config)(name="main", model_name="gpt-main", default=True)
+    app, key = await sync_to_async(make_app)()
+    session = await Session.objects.acreate(app=app, end_user="alice", source=Session.Source.API, llm_config=main)
+    await AgentApp.objects.filter(pk=app.pk).aupdate(allowed_routes=["other"])
+    status, _, data = await chat(key, conversation_id=str(session.pk))
+    assert status == 400 and data["code"] == "invalid_param" and data["message"].startswith("conversation_id:")
+    assert not fake_upstream.chat_requests
+    assert not await Message.objects.filter(session=session).aexists()
+
+
+@pytest.mark.django_db
+def test_rest_session_with_a_model_outside_the_allow_list_is_400_on_its_field(user_client, make_llm_config):
+    make_llm_config(name="main", model_name="gpt-main", default=True)
+    other = make_llm_config(name="other", model_name="gpt-other")
+    app, _ = make_app(allowed_routes=["gpt-main"])
+    response = user_client.post("/api/sessions/", {"app_id": str(app.pk), "llm_config_id": str(other.pk)},
+                                format="json")
+    assert response.status_code == 400, response.content
+    assert "llm_config_id" in response.json()
+
+
+# ----- the admin -----
+
+@pytest.mark.django_db
+def test_admin_edits_the_allow_list_as_check_boxes_and_shows_usage_beside_limits(admin_client, make_llm_config):
+    make_llm_config(name="main", model_name="gpt-main", default=True)
+    make_llm_config(name="cheap", model_name="m-cheap")
+    app, _ = make_app(tokens_per_day=500)
+    usage_record(meter=Meter.of_app(app), tokens=123, cost=Decimal(0))
+    page = admin_client.get(f"/admin/agentcore/agentapp/{app.pk}/change/").content.decode()
+    assert 'type="checkbox" name="allowed_routes" value="m-cheap"' in page
+    assert "<td>tokens per day</td><td>500</td><td>123</td>" in page
+    form = {f.name: getattr(app, f.attname) for f in AgentApp._meta.concrete_fields
+            if f.editable and f.name not in ("id", "llm_config")}
+    form.update({k: json.dumps(v) for k, v in form.items() if isinstance(v, list | dict)})
+    form.update(allowed_routes=["m-cheap"], llm_config="")
+    response = admin_client.post(f"/admin/agentcore/agentapp/{app.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    app.refresh_from_db()
+    assert app.allowed_routes == ["m-cheap"]
+    assert app.tokens_per_day == 500 and app.mode == AgentApp.Mode.CHAT  # the rest of the form saved as it was
+    # The audit row names what changed, and only that (a budget "0" posted over "0.0000" is no change).
+    row = AuditLog.objects.filter(target_id=str(app.pk)).latest("id")
+    assert set(row.changes) == {"allowed_routes"}
+    form.update(cost_per_day="1.5")
+    assert admin_client.post(f"/admin/agentcore/agentapp/{app.pk}/change/", form).status_code == 302
+    assert AuditLog.objects.filter(target_id=str(app.pk)).latest("id").changes == {
+        "cost_per_day": {"old": "0.0000", "new": "1.5000"}}
+
+
+@pytest.mark.django_db
+def test_admin_key_limits_only_narrow_the_apps_and_the_page_shows_usage_but_no_key(admin_client, default_llm_config):
+    app, raw_key = make_app(requests_per_minute=10)
+    key = ApiKey.objects.get(app=app)
+    url = f"/admin/difyapi/apikey/{key.pk}/change/"
+    form = {"name": "team-a", **dict.fromkeys(LIMIT_FIELDS, "0")}
+    response = admin_client.post(url, {**form, "requests_per_minute": "11"})
+    assert response.status_code == 200 and "At most the app&#x27;s limit (10)" in response.content.decode()
+    assert admin_client.post(url, {**form, "requests_per_minute": "3", "tokens_per_day": "900"}).status_code == 302
+    key.refresh_from_db()
+    assert (key.name, key.requests_per_minute, key.tokens_per_day) == ("team-a", 3, 900)
+    assert AuditLog.objects.filter(target_id=str(key.pk)).latest("id").changes == {
+        "name": {"old": "", "new": "team-a"}, "requests_per_minute": {"old": 0, "new": 3},
+        "tokens_per_day": {"old": 0, "new": 900}}
+    usage_record(meter=Meter(app_id=str(app.pk), key_id=str(key.pk)), tokens=42, cost=Decimal(0))
+    page = admin_client.get(url).content.decode()
+    assert "<td>tokens per day</td><td>900</td><td>42</td>" in page
+    assert raw_key not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_chat_asking_for_a_model_outside_the_allow_list_is_400_on_its_field(
+    user_client, make_llm_config, fake_upstream
+):
+    make_llm_config(name="main", model_name="gpt-main", default=True)
+    app, _ = make_app(allowed_routes=["gpt-main"])
+    make_llm_config(name="other", model_name="gpt-other")
+    response = user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk), "model": "other"},
+                                format="json")
+    assert response.status_code == 400 and "model" in response.json(), response.content
+    assert not fake_upstream.chat_requests
+
+
+def test_usage_lost_to_a_redis_outage_is_logged_not_raised(monkeypatch, caplog):
+    class Down(MemoryCounters):
+        def add(self, amounts):
+            raise DependencyUnavailable("redis")
+
+    monkeypatch.setattr("agentcore.limits._memory", Down())
+    monkeypatch.setattr("agentcore.limits._redis", Down())
+    usage_record(meter=Meter(app_id="app-1"), tokens=5, cost=Decimal(0))
+    assert "usage of app-1 not counted" in caplog.text
