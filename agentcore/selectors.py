@@ -137,3 +137,32 @@ def checkpoint_storage_bytes(*, thread_id: str | None = None) -> int:
                 cursor.execute(f"{sql} WHERE thread_id = %s", [str(thread_id)])
             total += cursor.fetchone()[0]
     return total
+
+
+def chat_page_data(*, user) -> dict[str, Any]:
+    """What the chat page (/chat/) starts from: the active apps, the chat configs a turn may pick (keys never read),
+    each provider's parameter ranges, and which approvals the user may decide. Conversations and messages come from
+    the REST API afterwards."""
+    from agentcore.permissions import APPROVE_SHELL, COMMAND_TOOLS, DECIDE_APPROVALS
+    from llmconfigs.providers import MAX_TOKENS_LIMIT, PROVIDERS, Range
+    from llmconfigs.selectors import llm_config_list
+
+    def bounds(rng: Range) -> dict[str, Any]:
+        return {"low": rng.low, "high": rng.high, "low_open": rng.low_open, "high_open": rng.high_open,
+                "text": rng.describe()}
+
+    apps = AgentApp.objects.filter(is_active=True).order_by("name").values(
+        "id", "name", "mode", "opening_statement", "llm_config_id", "model_parameters")
+    configs = llm_config_list(is_active=True, is_embedding=False).values(
+        "id", "name", "provider", "model_name", "temperature", "top_p", "max_tokens", "is_default")
+    return {
+        "apps": [{**app, "id": str(app["id"]),
+                  "llm_config_id": str(app["llm_config_id"]) if app["llm_config_id"] else None} for app in apps],
+        "configs": [{**config, "id": str(config["id"])} for config in configs],
+        "providers": {key: {"label": spec.label, "temperature": bounds(spec.temperature), "top_p": bounds(spec.top_p)}
+                      for key, spec in PROVIDERS.items()},
+        "max_tokens_limit": MAX_TOKENS_LIMIT,
+        "may_decide": {"command": has_perms(user, APPROVE_SHELL), "staff": has_perms(user, DECIDE_APPROVALS)},
+        "command_tools": sorted(COMMAND_TOOLS),
+        "username": user.get_username(),
+    }
