@@ -206,7 +206,7 @@ function renderSessions() {
     rename.title = "Rename";
     rename.setAttribute("aria-label", "Rename");
     rename.addEventListener("click", () => renameSession(session));
-    const remove = el("button", "icon", "🗑");
+    const remove = el("button", "icon", "×");
     remove.type = "button";
     remove.title = "Delete";
     remove.setAttribute("aria-label", "Delete");
@@ -251,6 +251,7 @@ function newChat() {
 async function selectSession(id) {
   const session = state.sessions.find((candidate) => candidate.id === id);
   if (!session) return newChat();
+  performance.mark("chat-history-start");
   closeSocket();
   state.current = session;
   state.turns = {};
@@ -306,6 +307,8 @@ function renderHistory(messages, approvals) {
   }
   $("messages").replaceChildren(fragment);
   scrollDown();
+  // Loading and drawing a conversation, for the page's speed budget (tests/e2e/test_chat_browser.py reads it).
+  performance.measure("chat-history", "chat-history-start");
 }
 
 function newTurn(messageId) {
@@ -331,7 +334,9 @@ function upsertStep(turn, id, thought) {
     step = turn.stepNodes[id] = { details, summary, input, output };
     turn.steps.append(details);
   }
-  if (thought.tool) step.summary.textContent = `🔧 ${thought.tool}`;
+  if (thought.tool) step.tool = thought.tool;
+  if (thought.status) step.status = thought.status;
+  step.summary.textContent = `Tool: ${step.tool || "…"}${step.status ? ` · ${step.status.replace(/_/g, " ")}` : ""}`;
   if (thought.tool_input && Object.keys(thought.tool_input).length) step.input.textContent = pretty(thought.tool_input);
   if (thought.observation) step.output.textContent = thought.observation;
   if (!step.output.textContent) step.output.textContent = thought.status === "awaiting_approval"
@@ -388,6 +393,12 @@ function showError(text) {
 function scrollDown() {
   const box = $("messages");
   box.scrollTop = box.scrollHeight;
+}
+
+// A new conversation's name until it is renamed: its first message, shortened as Dify names conversations.
+function shortName(text) {
+  const folded = text.split(/\s+/).filter(Boolean).join(" ");
+  return folded.length > 47 ? `${folded.slice(0, 47)}...` : folded;
 }
 
 // ----- the WebSocket -----
@@ -482,14 +493,12 @@ function onEvent(event) {
   scrollDown();
 }
 
-async function send(text) {
-  let params;
-  try { params = parameters(); } catch (error) { showError(error.message); return; }
+async function send(text, params) {
   const body = { type: "chat", message: text, ...params };
   if ($("model").value) body.model_config_id = $("model").value;
   try {
     if (!state.current) {
-      const session = await api("POST", "/api/sessions/", { app_id: $("app").value || null,
+      const session = await api("POST", "/api/sessions/", { app_id: $("app").value || null, name: shortName(text),
         llm_config_id: $("model").value || null, model_parameters: params });
       state.sessions.unshift(session);
       await selectSession(session.id);
@@ -539,8 +548,10 @@ function start() {
     event.preventDefault();
     const text = $("input").value;
     if (!text.trim() || state.running) return;
+    let params;
+    try { params = parameters(); } catch (error) { showError(error.message); return; }
     $("input").value = "";
-    send(text);
+    send(text, params);
   });
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
