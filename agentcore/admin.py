@@ -19,6 +19,7 @@ from agentcore.permissions import (
     mcp_server_is_command,
 )
 from agentcore.runs import ApprovalDecision, TurnRequest, turn_prepare
+from agentcore.selectors import tool_list
 from agentcore.services import (
     agent_app_delete,
     agent_app_save,
@@ -29,7 +30,10 @@ from agentcore.services import (
     mcp_server_update,
 )
 from agentcore.tools.policies import SHELL_TOOL, tool_policy_delete, tool_policy_update
+from llmconfigs.models import LLMConfig
+from llmconfigs.providers import parameter_errors
 from llmconfigs.secrets import mask_secret
+from llmconfigs.selectors import llm_config_default
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
 
@@ -46,12 +50,88 @@ class ReadOnlyInline(admin.TabularInline):
         return False
 
 
+# The model parameters an app may set, edited as fields (the rest of model_parameters is kept as it is).
+APP_PARAMETERS = ("temperature", "max_tokens", "top_p")
+
+
+def _tool_label(tool: dict) -> str:
+    notes = [note for note, applies in (("needs approval", tool["requires_approval"]),
+                                        ("switched off in Tool policies", not tool["enabled"])) if applies]
+    description = tool["description"].splitlines()[0] if tool["description"] else ""
+    return f"{tool['name']}: {description}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+class AgentAppForm(forms.ModelForm):
+    """The app with its tools as checkboxes (each with its description and whether it needs approval) and its model
+    parameters as fields checked against the provider of the app's model (or of the default model)."""
+
+    enabled_tools = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Tools this app may use. None ticked: every tool switched on in Tool policies.",
+    )
+    temperature = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
+    max_tokens = forms.IntegerField(required=False, min_value=1, help_text="Empty: the model's own setting.")
+    top_p = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
+
+    class Meta:
+        model = AgentApp
+        fields = ["name", "mode", "is_active", "description", "system_prompt", "opening_statement",
+                  "suggested_questions", "suggested_questions_after_answer", "llm_config", "enabled_tools",
+                  "max_iterations", "max_active_requests", "user_input_form", "file_upload", "network_allow_hosts",
+                  "network_allow_networks", "network_allow_ports"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        tools = tool_list()
+        known = {tool["name"] for tool in tools}
+        current = list(self.instance.enabled_tools or [])
+        # A tool the app lists that no longer exists stays visible, so that saving does not drop it silently.
+        self.fields["enabled_tools"].choices = [(tool["name"], _tool_label(tool)) for tool in tools] + [
+            (name, f"{name} (unknown tool)") for name in current if name not in known]
+        self.initial.setdefault("enabled_tools", current)
+        for name in APP_PARAMETERS:
+            self.initial.setdefault(name, (self.instance.model_parameters or {}).get(name))
+        if "llm_config" in self.fields:
+            self.fields["llm_config"].queryset = LLMConfig.objects.defer("api_key").filter(is_embedding=False)
+
+    def clean(self):
+        cleaned = super().clean()
+        config = cleaned.get("llm_config") or llm_config_default()
+        values = {name: cleaned.get(name) for name in APP_PARAMETERS}
+        if config is not None:
+            for field, message in parameter_errors(config.provider, **values).items():
+                self.add_error(field, f"{message} (model: {config.name})")
+        return cleaned
+
+    def save(self, commit=True):
+        app = super().save(commit=False)
+        parameters = {key: value for key, value in (app.model_parameters or {}).items() if key not in APP_PARAMETERS}
+        parameters.update({name: self.cleaned_data[name] for name in APP_PARAMETERS
+                           if self.cleaned_data.get(name) is not None})
+        app.model_parameters = parameters
+        app.enabled_tools = list(self.cleaned_data.get("enabled_tools") or [])
+        if commit:
+            app.save()
+            self.save_m2m()
+        return app
+
+
 @admin.register(AgentApp)
 class AgentAppAdmin(admin.ModelAdmin):
+    form = AgentAppForm
     list_display = ["name", "mode", "llm_config", "max_iterations", "max_active_requests", "is_active", "updated_at"]
     list_filter = ["mode", "is_active"]
     list_select_related = ["llm_config"]
     search_fields = ["name", "description"]
+    fieldsets = [
+        (None, {"fields": ["name", "mode", "is_active", "description", "system_prompt", "opening_statement",
+                           "suggested_questions", "suggested_questions_after_answer"]}),
+        ("Model", {"fields": ["llm_config", "temperature", "max_tokens", "top_p"]}),
+        ("Tools", {"fields": ["enabled_tools", "max_iterations", "max_active_requests"]}),
+        ("Dify settings", {"fields": ["user_input_form", "file_upload"], "classes": ["collapse"]}),
+        ("Network", {"fields": ["network_allow_hosts", "network_allow_networks", "network_allow_ports"],
+                     "classes": ["collapse"]}),
+    ]
 
     # Writes through the services, which write the audit rows.
     def save_model(self, request, obj, form, change):

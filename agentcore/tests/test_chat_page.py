@@ -82,3 +82,13 @@ def test_the_starting_data_has_models_with_their_provider_ranges_and_no_key(plai
     allowed = grant(plain_user, "agentcore.approve_shell", "agentcore.change_approval")
     client.force_login(allowed)
     assert _data(client.get("/chat/"))["may_decide"] == {"command": True, "staff": True}
+
+
+def test_the_admin_is_titled_opsagent_and_links_to_the_chat(django_user_model):
+    client = Client()
+    client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "pw-root-123"))
+    page = client.get("/admin/").content.decode()
+    assert '<div id="site-name"><a href="/admin/">OpsAgent</a></div>' in page
+    assert "<title>Models, agent apps, keys and conversations | OpsAgent admin</title>" in page
+    assert '<a href="/">View site</a>' in page
+    assert "LLM configurations" in page and "Llm" not in page
