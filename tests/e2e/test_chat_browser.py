@@ -94,10 +94,10 @@ def _conversation(app, owner, count: int) -> Session:
     return session
 
 
-def _login(page, base_url: str) -> None:
+def _login(page, base_url: str, username: str = "root") -> None:
     page.goto(base_url + "/")
     page.wait_for_url("**/admin/login/**")
-    page.fill("#id_username", "root")
+    page.fill("#id_username", username)
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
     page.wait_for_url("**/chat/")
@@ -241,11 +241,14 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
     assert stopped.status == "stopped" and stopped.answer.startswith("word0")
 
 
-def test_admin_config_form_tests_the_connection_in_the_browser(browser, daphne_server, django_user_model,
-                                                              make_llm_config, fake_upstream):
+def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, django_user_model, make_llm_config,
+                                                       fake_upstream):
     django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
+    # Staff without the right to decide approvals whose approver is staff.
+    django_user_model.objects.create_user("viewer", "viewer@example.com", PASSWORD, is_staff=True)
     config = make_llm_config(name="main", default=True)
     AgentApp.objects.create(name="ops")
+    tool_policy_update(name="current_time", requires_approval=True, approver="staff")
     with browser() as chromium:
         page = chromium.new_page(viewport={"width": 1440, "height": 900})
         steps = Steps(page, "admin")
@@ -267,4 +270,19 @@ def test_admin_config_form_tests_the_connection_in_the_browser(browser, daphne_s
             page.goto(daphne_server.base_url + "/")
             page.wait_for_url("**/chat/")
             assert page.locator("#model option").count() == 2
+        with steps.step("app-form-tools"):
+            page.goto(f"{daphne_server.base_url}/admin/agentcore/agentapp/add/")
+            label = page.locator("label:has(input[name=enabled_tools][value=current_time])")
+            assert "needs approval" in label.inner_text()
+        assert steps.errors == []
+
+        viewer = chromium.new_page(viewport={"width": 390, "height": 844})
+        steps = Steps(viewer, "viewer")
+        with steps.step("waiting-for-approval"):
+            _login(viewer, daphne_server.base_url, "viewer")
+            fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {})]))
+            _send(viewer, "What time is it?")
+            box = viewer.wait_for_selector(".approval:has-text('current_time')", timeout=WAIT)
+            assert "Waiting for approval" in box.inner_text()
+            assert viewer.locator(".approval button").count() == 0
         assert steps.errors == []
