@@ -260,6 +260,13 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
             page.click("button.test-connection")
             page.wait_for_selector(".messagelist .success", timeout=WAIT)
             assert "connection OK" in page.inner_text(".messagelist")
+            if os.environ.get("CHAT_SCREENSHOTS"):
+                steps.shot("1440px-config-form")
+                page.goto(f"{daphne_server.base_url}/admin/llmconfigs/llmconfig/")
+                steps.shot("1440px-config-list")
+                page.goto(f"{daphne_server.base_url}/admin/agentcore/agentapp/add/")
+                steps.shot("1440px-app-form")
+                page.goto(f"{daphne_server.base_url}/admin/llmconfigs/llmconfig/{config.pk}/change/")
         with steps.step("config-form-failure"):
             fake_upstream.script(Reply(status=401, error_message="bad key {api_key}"))
             page.click("button.test-connection")
