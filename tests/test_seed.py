@@ -122,7 +122,7 @@ def test_seed_creates_the_demo_app_with_a_working_key_once(env):
 
 def test_tool_policies_exist_from_the_first_seed(env):
     from agentcore.models import ToolPolicy
-    from agentcore.tools.registry import BUILTIN_DEFAULTS
+    from agentcore.tools.policies import BUILTIN_DEFAULTS
 
     _seed()
     assert set(ToolPolicy.objects.values_list("name", flat=True)) == set(BUILTIN_DEFAULTS)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentcore.models import AgentApp, Message, Session, Thought
-from agentcore.services import tool_policy_update
+from agentcore.tools.policies import tool_policy_update
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

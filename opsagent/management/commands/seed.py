@@ -6,7 +6,8 @@ import os
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from agentcore.services import agent_app_seed_demo, message_close_stale, tool_policy_sync
+from agentcore.services import agent_app_seed_demo, message_close_stale
+from agentcore.tools.policies import tool_policy_add_builtins
 from difyapi.services import dify_seed_demo_key
 from llmconfigs.errors import LLMConfigError
 from llmconfigs.providers import PROVIDERS
@@ -33,7 +34,7 @@ class Command(BaseCommand):
             self.stdout.write(f"Demo config {config.name!r} answers from the fake upstream at {config.base_url}"
                               f"{' (the default model)' if is_default else ' (pick it in the chat page)'}.")
         # The tool policies exist from the start, so that the admin can switch a tool (e.g. run_shell) on at once.
-        tool_policy_sync()
+        tool_policy_add_builtins()
         self._seed_superuser()
         key = self._seed_demo_app()
         closed = message_close_stale()
