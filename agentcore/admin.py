@@ -61,9 +61,72 @@ def _tool_label(tool: dict) -> str:
     return f"{tool['name']}: {description}" + (f" ({', '.join(notes)})" if notes else "")
 
 
+# Dify's input form item kinds (the key of each item of user_input_form).
+INPUT_FORM_KINDS = ("text-input", "paragraph", "select", "number", "checkbox", "file", "file-list")
+
+
+class LinesField(forms.Field):
+    """A JSON list of strings (or of whole numbers) edited as one item per line."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "cols": 60})
+
+    def __init__(self, *, numbers: bool = False, **kwargs):
+        self.numbers = numbers
+        kwargs.setdefault("required", False)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return "\n".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value):
+        if isinstance(value, list):
+            return value
+        text = str(value or "").strip()
+        if text.startswith("["):  # a JSON list pasted as it is stored
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise forms.ValidationError("One item per line (or a JSON list).", code="invalid") from None
+            if isinstance(parsed, list):
+                return parsed
+        lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+        if not self.numbers:
+            return lines
+        try:
+            return [int(line) for line in lines]
+        except ValueError:
+            raise forms.ValidationError("One whole number per line.", code="invalid") from None
+
+
+def input_form_problem(form) -> str | None:
+    """What is wrong with a Dify user_input_form, as a sentence; None when it is well formed."""
+    if not isinstance(form, list):
+        return 'A list of items such as [{"text-input": {"variable": "host", "label": "Host", "required": true}}].'
+    seen = set()
+    for number, item in enumerate(form, 1):
+        if not isinstance(item, dict) or len(item) != 1:
+            return f"Item {number}: an object with one key, the kind ({', '.join(INPUT_FORM_KINDS)})."
+        kind, spec = next(iter(item.items()))
+        if kind not in INPUT_FORM_KINDS:
+            return f"Item {number}: unknown kind {kind!r}; one of {', '.join(INPUT_FORM_KINDS)}."
+        if not isinstance(spec, dict) or not isinstance(spec.get("variable"), str) or not spec["variable"].strip():
+            return f'Item {number}: needs "variable", a non-empty string.'
+        if spec["variable"] in seen:
+            return f"Item {number}: the variable {spec['variable']!r} is already used."
+        seen.add(spec["variable"])
+        options = spec.get("options")
+        if kind == "select" and not (isinstance(options, list) and options
+                                     and all(isinstance(option, str) for option in options)):
+            return f'Item {number}: a select needs "options", a list of strings.'
+    return None
+
+
 class AgentAppForm(forms.ModelForm):
-    """The app with its tools as checkboxes (each with its description and whether it needs approval) and its model
-    parameters as fields checked against the provider of the app's model (or of the default model)."""
+    """The app with its tools as checkboxes (each with its description and whether it needs approval), its model
+    parameters as fields checked against the provider of the app's model (or of the default model), and its lists as
+    one item per line. JSON only where Dify's format is JSON (the user input form and file upload settings)."""
 
     enabled_tools = forms.MultipleChoiceField(
         required=False, widget=forms.CheckboxSelectMultiple,
@@ -72,6 +135,13 @@ class AgentAppForm(forms.ModelForm):
     temperature = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
     max_tokens = forms.IntegerField(required=False, min_value=1, help_text="Empty: the model's own setting.")
     top_p = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
+    suggested_questions = LinesField(help_text="One question per line.")
+    network_allow_hosts = LinesField(help_text=AgentApp._meta.get_field("network_allow_hosts").help_text.replace(
+        'e.g. ["grafana.internal"]', "one per line, e.g. grafana.internal"))
+    network_allow_networks = LinesField(help_text=AgentApp._meta.get_field("network_allow_networks").help_text.replace(
+        'e.g. ["10.20.0.0/16", "127.0.0.1/32"]', "one per line, e.g. 10.20.0.0/16"))
+    network_allow_ports = LinesField(numbers=True, help_text="Ports on which the listed hosts and networks may be "
+                                     "reached, one per line, e.g. 443; empty: any port.")
 
     class Meta:
         model = AgentApp
@@ -93,6 +163,13 @@ class AgentAppForm(forms.ModelForm):
             self.initial.setdefault(name, (self.instance.model_parameters or {}).get(name))
         if "llm_config" in self.fields:
             self.fields["llm_config"].queryset = LLMConfig.objects.defer("api_key").filter(is_embedding=False)
+
+    def clean_user_input_form(self):
+        form = self.cleaned_data.get("user_input_form")
+        problem = input_form_problem(form if form is not None else [])
+        if problem:
+            raise forms.ValidationError(problem, code="invalid")
+        return form if form is not None else []
 
     def clean(self):
         cleaned = super().clean()

@@ -149,8 +149,8 @@ def test_app_admin_saves_an_app(admin_client, default_llm_config):
 def _app_form(**fields) -> dict:
     return {"name": "Ops", "mode": "agent-chat", "description": "", "system_prompt": "", "opening_statement": "",
             "suggested_questions": "[]", "llm_config": "", "max_iterations": "8", "max_active_requests": "0",
-            "user_input_form": "[]", "file_upload": "{}", "network_allow_hosts": "[]",
-            "network_allow_networks": "[]", "network_allow_ports": "[]", "is_active": "on", **fields}
+            "user_input_form": "[]", "file_upload": "{}", "network_allow_hosts": "",
+            "network_allow_networks": "", "network_allow_ports": "", "is_active": "on", **fields}
 
 
 @pytest.mark.django_db
@@ -184,3 +184,32 @@ def test_app_form_has_tools_as_checkboxes_and_parameters_checked_against_the_pro
     assert admin_client.post(change, _app_form(llm_config=str(zhipu.pk))).status_code == 302
     app.refresh_from_db()
     assert app.model_parameters == {"seed": 7} and app.enabled_tools == []
+
+
+@pytest.mark.django_db
+def test_app_form_lists_are_lines_and_the_input_form_is_checked(admin_client):
+    page = admin_client.get(reverse("admin:agentcore_agentapp_add")).content.decode()
+    assert '<textarea name="suggested_questions"' in page and '<textarea name="network_allow_ports"' in page
+    response = admin_client.post(reverse("admin:agentcore_agentapp_add"), _app_form(
+        suggested_questions="Is example.com up?\n\n  What is the load?  ", network_allow_hosts="grafana.internal",
+        network_allow_networks="10.20.0.0/16\n127.0.0.1/32", network_allow_ports="443\n8080",
+        user_input_form='[{"text-input": {"variable": "host", "label": "Host", "required": true}}]'))
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    app = AgentApp.objects.get()
+    assert app.suggested_questions == ["Is example.com up?", "What is the load?"]
+    assert (app.network_allow_hosts, app.network_allow_networks, app.network_allow_ports) == (
+        ["grafana.internal"], ["10.20.0.0/16", "127.0.0.1/32"], [443, 8080])
+    page = admin_client.get(reverse("admin:agentcore_agentapp_change", args=[app.pk])).content.decode()
+    assert "Is example.com up?\nWhat is the load?</textarea>" in page
+
+    for fields, error in [
+        ({"user_input_form": '[{"select": {"variable": "env", "label": "Env"}}]'},
+         "Item 1: a select needs &quot;options&quot;, a list of strings."),
+        ({"user_input_form": '[{"slider": {"variable": "x"}}]'}, "Item 1: unknown kind &#x27;slider&#x27;"),
+        ({"user_input_form": '{"text-input": {}}'}, "A list of items such as"),
+        ({"user_input_form": "[oops"}, "Enter a valid JSON."),
+        ({"network_allow_ports": "https"}, "One whole number per line."),
+        ({"network_allow_networks": "not-a-network"}, "not-a-network"),
+    ]:
+        response = admin_client.post(reverse("admin:agentcore_agentapp_add"), _app_form(name="Other", **fields))
+        assert response.status_code == 200 and error in response.content.decode(), fields
