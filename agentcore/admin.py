@@ -133,8 +133,9 @@ class AgentAppForm(forms.ModelForm):
         help_text="Tools this app may use. None ticked: every tool switched on in Tool policies.",
     )
     temperature = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
-    max_tokens = forms.IntegerField(required=False, min_value=1, help_text="Empty: the model's own setting.")
-    top_p = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
+    max_tokens = forms.IntegerField(required=False, min_value=1, label="max_tokens",
+                                    help_text="Empty: the model's own setting.")
+    top_p = forms.FloatField(required=False, label="top_p", help_text="Empty: the model's own setting.")
     suggested_questions = LinesField(help_text="One question per line.")
     network_allow_hosts = LinesField(help_text=AgentApp._meta.get_field("network_allow_hosts").help_text.replace(
         'e.g. ["grafana.internal"]', "one per line, e.g. grafana.internal"))
@@ -149,6 +150,7 @@ class AgentAppForm(forms.ModelForm):
                   "suggested_questions", "suggested_questions_after_answer", "llm_config", "enabled_tools",
                   "max_iterations", "max_active_requests", "user_input_form", "file_upload", "network_allow_hosts",
                   "network_allow_networks", "network_allow_ports"]
+        labels = {"llm_config": "LLM config"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,6 +211,9 @@ class AgentAppAdmin(admin.ModelAdmin):
         ("Network", {"fields": ["network_allow_hosts", "network_allow_networks", "network_allow_ports"],
                      "classes": ["collapse"]}),
     ]
+
+    class Media:
+        css = {"all": ["agentcore/admin.css"]}
 
     # Writes through the services, which write the audit rows.
     def save_model(self, request, obj, form, change):
