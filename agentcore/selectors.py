@@ -152,7 +152,7 @@ def chat_page_data(*, user) -> dict[str, Any]:
                 "text": rng.describe()}
 
     apps = AgentApp.objects.filter(is_active=True).order_by("name").values(
-        "id", "name", "mode", "opening_statement", "llm_config_id", "model_parameters")
+        "id", "name", "mode", "opening_statement", "suggested_questions", "llm_config_id", "model_parameters")
     configs = llm_config_list(is_active=True, is_embedding=False).values(
         "id", "name", "provider", "model_name", "temperature", "top_p", "max_tokens", "is_default")
     return {

@@ -122,7 +122,8 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
     root = django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     make_llm_config(name="main", model_name="fake-main", default=True)
     second = make_llm_config(name="second", model_name="fake-second")
-    app = AgentApp.objects.create(name="ops", mode=AgentApp.Mode.AGENT_CHAT, opening_statement="Ask me.")
+    app = AgentApp.objects.create(name="ops", mode=AgentApp.Mode.AGENT_CHAT, opening_statement="Ask me.",
+                                  suggested_questions=["What is the load?"])
     tool_policy_update(name="current_time", requires_approval=True)
     long = _conversation(app, root, 50)
     base = daphne_server.base_url
@@ -132,7 +133,7 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
         steps = Steps(page, "chat")
         with steps.step("login"):
             _login(page, base)
-            page.wait_for_selector(".opening")
+            page.wait_for_selector(".opening .suggestion:has-text('What is the load?')")
             paint = page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime")
             assert paint < 2000, f"first paint after {paint:.0f} ms"
 
@@ -151,6 +152,9 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
             _wait_done(page)
             assert _last_answer(page).locator(".answer").inner_text() == "Streaming arrives word by word here."
             assert page.is_hidden("#stop")
+            # Under the answer: the model that gave it, its tokens and time.
+            assert "fake-second · " in _last_answer(page).locator(".meta").inner_text()
+            assert " tokens · " in _last_answer(page).locator(".meta").inner_text()
             request = fake_upstream.chat_requests[-1].body
             assert request["model"] == "fake-second" and request["temperature"] == 0.3
             # The new conversation is listed, named after its first message.
@@ -207,12 +211,26 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
             assert "<script>window.__xss = 1</script>" in answer.inner_text()
             assert answer.locator("pre code").text_content() == 'if ok:\n    print("<b>kept</b>")'
 
+        with steps.step("readable-error"):
+            fake_upstream.script(Reply(status=500, error_message="the model is on fire"))
+            _send(page, "Break, please")
+            _wait_done(page)
+            assert _last_answer(page).get_attribute("data-status") == "error"
+            error = _last_answer(page).locator(".meta .error").inner_text()
+            assert error and not error.lstrip().startswith("{"), error
+
         with steps.step("reload-keeps-the-conversation"):
             page.reload()
-            page.wait_for_function("() => document.querySelectorAll('.bubble.user').length === 4", timeout=WAIT)
+            page.wait_for_function("() => document.querySelectorAll('.bubble.user').length === 5", timeout=WAIT)
             assert page.locator(".bubble.assistant .answer strong").first.inner_text() == "now"
             assert page.evaluate("window.__xss") is None
             assert page.locator(".bubble.assistant").nth(2).get_attribute("data-status") == "stopped"
+            assert page.locator(".bubble.assistant").nth(4).get_attribute("data-status") == "error"
+            assert page.locator(".bubble.assistant").nth(4).locator(".error").inner_text() == error
+            if os.environ.get("CHAT_SCREENSHOTS"):
+                page.set_viewport_size({"width": 390, "height": 844})
+                steps.shot("390px-conversation")
+                page.set_viewport_size({"width": 1440, "height": 900})
 
         with steps.step("fifty-messages"):
             page.click(".conversations li:has-text('Fifty turns') .conversation")

@@ -243,7 +243,19 @@ function newChat() {
   renderSessions();
   const app = appById($("app").value);
   $("messages").replaceChildren();
-  if (app && app.opening_statement) $("messages").append(el("div", "opening", app.opening_statement));
+  if (app && (app.opening_statement || (app.suggested_questions || []).length)) {
+    const opening = el("div", "opening", app.opening_statement || "");
+    const questions = el("div", "suggestions");
+    for (const question of app.suggested_questions || []) {
+      if (typeof question !== "string" || !question.trim()) continue;
+      const button = el("button", "suggestion", question);
+      button.type = "button";
+      button.addEventListener("click", () => { $("input").value = question; $("composer").requestSubmit(); });
+      questions.append(button);
+    }
+    opening.append(questions);
+    $("messages").append(opening);
+  }
   $("app").disabled = false;
   $("input").focus();
 }
@@ -302,6 +314,7 @@ function renderHistory(messages, approvals) {
         approver: approval.approver });
     }
     setAnswer(turn, message.answer);
+    turn.info = usageText(message.model_name, message.total_tokens, message.latency);
     finishTurn(turn, message.status, message.error);
     fragment.append(turn.node);
   }
@@ -376,9 +389,19 @@ function setAnswer(turn, text) {
   turn.answer.innerHTML = markdown(turn.text);
 }
 
+// "model · 1,234 tokens · 2.1 s" under an answer.
+function usageText(model, tokens, latency) {
+  const parts = [];
+  if (model) parts.push(model);
+  if (tokens) parts.push(`${Number(tokens).toLocaleString("en")} tokens`);
+  if (latency) parts.push(`${Number(latency).toFixed(1)} s`);
+  return parts.join(" · ");
+}
+
 function finishTurn(turn, status, error) {
   turn.node.dataset.status = status || "";
   turn.footer.replaceChildren();
+  if (turn.info && status !== "running") turn.footer.append(el("span", "info", turn.info));
   if (status === "stopped") turn.footer.append(el("span", "badge", "Stopped"));
   if (status === "paused") turn.footer.append(el("span", "badge", "Paused: waiting for an approval"));
   if (status === "running") turn.footer.append(el("span", "badge", "Still running…"));
@@ -456,6 +479,7 @@ function onEvent(event) {
     state.turns[event.message_id] = turn;
     turn.text = "";
     turn.error = null;
+    turn.model = event.model_name;
     finishTurn(turn, "running");
     setRunning(true);
   } else if (event.type === "delta" && turn) {
@@ -468,6 +492,8 @@ function onEvent(event) {
     upsertStep(turn, event.thought_id, event);
   } else if (event.type === "approval_required" && turn) {
     addApproval(turn, event);
+  } else if (event.type === "usage" && turn) {
+    turn.info = usageText(turn.model, event.total_tokens, event.latency);
   } else if (event.type === "end") {
     if (turn) {
       setAnswer(turn, event.answer || turn.text);
