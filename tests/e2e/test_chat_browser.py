@@ -253,8 +253,24 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
             assert page.is_visible(".conversations li:has-text('Fifty turns')")
             if os.environ.get("CHAT_SCREENSHOTS"):
                 steps.shot("390px-sidebar")
+
+        with steps.step("rename-and-delete"):
+            page.set_viewport_size({"width": 1440, "height": 900})
+            answers = iter(["Server checks"])
+            page.on("dialog", lambda dialog: dialog.accept(next(answers, "")))
+            page.locator(".conversations li", has_text="Say something slowly").get_by_label("Rename").click()
+            page.wait_for_selector(".conversations li .conversation:text-is('Server checks')")
+            # Deleting the open conversation leaves an empty new chat.
+            page.locator(".conversations li", has_text="Fifty turns").get_by_label("Delete").click()
+            page.wait_for_function("() => document.querySelectorAll('.conversations li').length === 1")
+            assert page.locator(".bubble").count() == 0
+            page.reload()
+            page.wait_for_selector(".conversations li .conversation:text-is('Server checks')")
+            assert page.locator(".conversations li").count() == 1
         assert steps.errors == []
 
+    assert Session.objects.get(name="Server checks").owner == root
+    assert Session.objects.get(pk=long.pk).is_deleted
     stopped = Message.objects.get(query="Talk for a long time")
     assert stopped.status == "stopped" and stopped.answer.startswith("word0")
 
