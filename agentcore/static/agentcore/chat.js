@@ -277,7 +277,8 @@ async function selectSession(id) {
   applyRanges();
   $("messages").replaceChildren(el("p", "loading", "Loading…"));
   try {
-    const [messages, approvals] = await Promise.all([allMessages(id), api("GET", "/api/approvals/?status=pending")]);
+    const [messages, approvals] = await Promise.all([
+      allMessages(id), api("GET", "/api/approvals/?status=pending&page_size=1000")]);
     if (!state.current || state.current.id !== id) return;
     renderHistory(messages, (approvals.results || []).filter((approval) => approval.session_id === id));
   } catch (error) {
