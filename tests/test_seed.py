@@ -97,7 +97,7 @@ def test_superuser_from_django_superuser_variables(env):
     assert user.is_superuser and user.is_staff and user.check_password("pw-boss-123")
     assert user.email == "boss@example.com"
     again = _seed()
-    assert "Superuser 'boss' exists." in again and "pw-boss-123" not in again
+    assert "Superuser 'boss' exists" in again and "pw-boss-123" not in again
     assert get_user_model().objects.filter(username="boss").count() == 1
 
 

@@ -103,7 +103,8 @@ class Command(BaseCommand):
             return
         User = get_user_model()
         if User.objects.filter(username=username).exists():
-            self.stdout.write(f"Superuser {username!r} exists.")
+            self.stdout.write(f"Superuser {username!r} exists (first password: DJANGO_SUPERUSER_PASSWORD"
+                              f"{' in .env' if os.environ.get('DJANGO_READ_DOT_ENV_FILE') else ''}).")
             return
         User.objects.create_superuser(
             username=username, email=os.environ.get("DJANGO_SUPERUSER_EMAIL", ""), password=password
