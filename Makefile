@@ -39,6 +39,9 @@ install-dev: $(VENV)/.installed-dev
 
 # The address to print: a wildcard HOST is reached on loopback from this machine.
 URL_HOST := $(if $(filter 0.0.0.0 ::,$(HOST)),127.0.0.1,$(HOST))
+# Served beyond loopback: the names clients use must be allowed hosts.
+HOST_HINT := $(if $(filter 127.0.0.1 localhost ::1,$(HOST)),,echo "Clients on other machines: add the name or address \
+they use to DJANGO_ALLOWED_HOSTS in .env (Django refuses other Host headers).")
 
 # Before any setup: a port already taken would otherwise fail only after minutes of installing.
 check-port:
@@ -52,6 +55,7 @@ run: check-port install .env
 	$(MANAGE) collectstatic --noinput -v0
 	$(MANAGE) seed --templates --url http://$(URL_HOST):$(PORT)
 	@echo "Serving OpsAgent on http://$(URL_HOST):$(PORT) (chat: /chat/, admin: /admin/, Dify API: /v1). Ctrl+C stops."
+	@$(HOST_HINT)
 	DJANGO_READ_DOT_ENV_FILE=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) opsagent.asgi:application
 
 # `make run` with the project's fake OpenAI-compatible model (tests/fakes/upstream.py) on DEMO_UPSTREAM_PORT and a demo
@@ -61,6 +65,7 @@ demo: check-port install-dev .env
 	$(MANAGE) collectstatic --noinput -v0
 	$(MANAGE) seed --templates --demo-upstream http://127.0.0.1:$(DEMO_UPSTREAM_PORT)/v1 --url http://$(URL_HOST):$(PORT)
 	@echo "Serving the OpsAgent demo on http://$(URL_HOST):$(PORT) (fake model on port $(DEMO_UPSTREAM_PORT)). Ctrl+C stops both."
+	@$(HOST_HINT)
 	@$(PY) -m tests.fakes.upstream --port $(DEMO_UPSTREAM_PORT) --delay 0.05 \
 	    --text "Hello from the OpsAgent demo model. This answer is canned and streamed word by word: add a real provider in the admin (LLM configs) to get real answers." & \
 	upstream=$$!; trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
