@@ -271,7 +271,7 @@ async function selectSession(id) {
   renderSessions();
   $("app").value = session.app_id;
   $("app").disabled = true;  // a conversation stays with its app
-  $("model").value = session.llm_config_id || "";
+  $("model").value = configById(session.llm_config_id) ? session.llm_config_id : "";  // a removed model: the default
   const saved = session.model_parameters || {};
   for (const name of ["temperature", "top_p", "max_tokens"]) $(name).value = saved[name] ?? "";
   applyRanges();
