@@ -153,12 +153,21 @@ def chat_page_data(*, user) -> dict[str, Any]:
 
     apps = AgentApp.objects.filter(is_active=True).order_by("name").values(
         "id", "name", "mode", "opening_statement", "suggested_questions", "llm_config_id", "model_parameters")
-    configs = llm_config_list(is_active=True, is_embedding=False).values(
-        "id", "name", "provider", "model_name", "temperature", "top_p", "max_tokens", "is_default")
+    configs = list(llm_config_list(is_active=True, is_embedding=False).values(
+        "id", "name", "provider", "model_name", "temperature", "top_p", "max_tokens", "is_default", "route",
+        "priority"))
+    # Named pools (configs sharing a route): a turn may ask for the pool, which fails over between its members.
+    routes: dict[str, list[dict[str, Any]]] = {}
+    for config in configs:
+        if config["route"]:
+            routes.setdefault(config["route"], []).append(config)
     return {
         "apps": [{**app, "id": str(app["id"]),
                   "llm_config_id": str(app["llm_config_id"]) if app["llm_config_id"] else None} for app in apps],
         "configs": [{**config, "id": str(config["id"])} for config in configs],
+        "routes": [{"name": name, "members": [str(member["id"]) for member in
+                                              sorted(members, key=lambda m: (-m["priority"], m["name"]))]}
+                   for name, members in sorted(routes.items())],
         "providers": {key: {"label": spec.label, "temperature": bounds(spec.temperature), "top_p": bounds(spec.top_p)}
                       for key, spec in PROVIDERS.items()},
         "max_tokens_limit": MAX_TOKENS_LIMIT,

@@ -72,6 +72,7 @@ def test_the_starting_data_has_models_with_their_provider_ranges_and_no_key(plai
                                                         "high_open": False, "text": "(0, 1]"}
     assert data["providers"]["zhipu"]["top_p"]["text"] == "(0, 1)"
     assert [app["name"] for app in data["apps"]] == ["ops"]
+    assert data["routes"] == []
     for config in (zhipu, default):
         assert config.api_key not in response.content.decode()
     assert "api_key" not in response.content.decode()
@@ -92,3 +93,15 @@ def test_the_admin_is_titled_opsagent_and_links_to_the_chat(django_user_model):
     assert "<title>Models, agent apps, keys and conversations | OpsAgent admin</title>" in page
     assert '<a href="/">View site</a>' in page
     assert "LLM configurations" in page and "Llm" not in page
+
+
+def test_the_starting_data_lists_pools_with_their_members_in_order(plain_user, make_llm_config):
+    low = make_llm_config(name="b-low", route="fast", priority=0)
+    high = make_llm_config(name="a-high", route="fast", priority=5)
+    second = make_llm_config(name="c-also-high", route="fast", priority=5)
+    make_llm_config(name="alone")
+    make_llm_config(name="off", route="fast", is_active=False)
+    client = Client()
+    client.force_login(plain_user)
+    data = _data(client.get("/chat/"))
+    assert data["routes"] == [{"name": "fast", "members": [str(high.pk), str(second.pk), str(low.pk)]}]

@@ -281,6 +281,8 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
     # Staff without the right to decide approvals whose approver is staff.
     django_user_model.objects.create_user("viewer", "viewer@example.com", PASSWORD, is_staff=True)
     config = make_llm_config(name="main", default=True)
+    make_llm_config(name="pool-a", model_name="fake-a", route="fast", priority=10)
+    make_llm_config(name="pool-b", model_name="fake-b", route="fast")
     AgentApp.objects.create(name="ops")
     tool_policy_update(name="current_time", requires_approval=True, approver="staff")
     with browser() as chromium:
@@ -310,7 +312,15 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
         with steps.step("back-to-chat"):
             page.goto(daphne_server.base_url + "/")
             page.wait_for_url("**/chat/")
-            assert page.locator("#model option").count() == 2
+            assert page.locator("#model optgroup[label=Models] option").all_inner_texts() == [
+                f"main ({config.model_name})", "pool-a (fake-a)", "pool-b (fake-b)"]
+        with steps.step("chat-with-a-pool"):
+            page.select_option("#model", "route:fast")
+            _send(page, "Which model answers?")
+            _wait_done(page)
+            # The pool's first member (highest priority) answered.
+            assert fake_upstream.chat_requests[-1].body["model"] == "fake-a"
+            assert "fake-a" in _last_answer(page).locator(".meta").inner_text()
         with steps.step("app-form-tools"):
             page.goto(f"{daphne_server.base_url}/admin/agentcore/agentapp/add/")
             label = page.locator("label:has(input[name=enabled_tools][value=current_time])")

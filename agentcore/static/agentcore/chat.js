@@ -127,18 +127,40 @@ function fillPickers() {
   const automatic = el("option", null, "App default");
   automatic.value = "";
   $("model").append(automatic);
+  const models = el("optgroup");
+  models.label = "Models";
   for (const config of DATA.configs) {
     const option = el("option", null, `${config.name} (${config.model_name})`);
     option.value = config.id;
-    $("model").append(option);
+    models.append(option);
+  }
+  if (DATA.configs.length) $("model").append(models);
+  // Pools: the configs sharing a route; a turn sent to a pool fails over between them.
+  if (DATA.routes.length) {
+    const pools = el("optgroup");
+    pools.label = "Pools (failover)";
+    for (const route of DATA.routes) {
+      const count = route.members.length;
+      const option = el("option", null, `${route.name} (${count} model${count > 1 ? "s" : ""})`);
+      option.value = `route:${route.name}`;
+      pools.append(option);
+    }
+    $("model").append(pools);
   }
   if (!DATA.configs.length) automatic.textContent = "No model is configured yet";
   applyRanges();
 }
 
-// The model a turn will use: the picked config, else the app's, else the default one.
+function pickedRoute() {
+  const value = $("model").value;
+  return value.startsWith("route:") ? value.slice("route:".length) : null;
+}
+
+// The model a turn will use first: the picked config (or the pool's first member), else the app's, else the default.
 function effectiveConfig() {
   const app = appById($("app").value);
+  const route = DATA.routes.find((candidate) => candidate.name === pickedRoute());
+  if (route) return configById(route.members[0]);
   return configById($("model").value) || (app && configById(app.llm_config_id))
     || DATA.configs.find((config) => config.is_default) || null;
 }
@@ -522,16 +544,18 @@ function onEvent(event) {
 
 async function send(text, params) {
   const body = { type: "chat", message: text, ...params };
-  if ($("model").value) body.model_config_id = $("model").value;
+  const route = pickedRoute();
+  const configId = route ? null : $("model").value || null;
+  if (route) body.model = route;
+  else if (configId) body.model_config_id = configId;
   try {
     if (!state.current) {
       const session = await api("POST", "/api/sessions/", { app_id: $("app").value || null, name: shortName(text),
-        llm_config_id: $("model").value || null, model_parameters: params });
+        llm_config_id: configId, model_parameters: params });
       state.sessions.unshift(session);
       await selectSession(session.id);
     } else {
-      api("PATCH", `/api/sessions/${state.current.id}/`, { llm_config_id: $("model").value || null,
-        model_parameters: params }).then((saved) => Object.assign(state.current, saved)).catch(() => {});
+      api("PATCH", `/api/sessions/${state.current.id}/`, { llm_config_id: configId, model_parameters: params }).then((saved) => Object.assign(state.current, saved)).catch(() => {});
     }
     const socket = await socketFor(state.current.id);
     $("messages").querySelector(".opening")?.remove();
