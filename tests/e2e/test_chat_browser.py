@@ -303,6 +303,13 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
                 page.goto(f"{daphne_server.base_url}/admin/agentcore/agentapp/add/")
                 steps.shot("1440px-app-form")
                 page.goto(f"{daphne_server.base_url}/admin/llmconfigs/llmconfig/{config.pk}/change/")
+        with steps.step("config-list-fits-1440"):
+            page.goto(f"{daphne_server.base_url}/admin/llmconfigs/llmconfig/")
+            # Every column, the masked key last, is on the screen: the results do not scroll sideways.
+            assert page.evaluate("(() => { const r = document.querySelector('.results');"
+                                 " return r.scrollWidth <= r.clientWidth; })()")
+            assert page.is_visible("td.field-key") and "sk-…" in page.inner_text("td.field-key")
+            page.goto(f"{daphne_server.base_url}/admin/llmconfigs/llmconfig/{config.pk}/change/")
         with steps.step("config-form-failure"):
             fake_upstream.script(Reply(status=401, error_message="bad key {api_key}"))
             page.click("button.test-connection")
