@@ -1,22 +1,29 @@
-# The two commands: `make run` (set up and serve on 127.0.0.1:8000) and `make test` (the whole suite).
+# The two commands: `make run` (set up and serve on 127.0.0.1:8000; `make run PORT=8001 HOST=0.0.0.0` elsewhere) and
+# `make test` (the whole suite). `make demo` serves with a fake model, so the first chat answers without a provider key.
 PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DEMO_UPSTREAM_PORT ?= 9100
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MANAGE := DJANGO_READ_DOT_ENV_FILE=1 $(PY) manage.py
 
-.PHONY: run test install install-dev lint bench mutate
+.PHONY: run demo check-port test install install-dev lint bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# pip's progress bars stay on: the first install downloads for a few minutes.
 $(VENV)/.installed: requirements.txt | $(PY)
-	$(PIP) install -q -r requirements.txt
+	@echo "Installing the dependencies into $(VENV) (the first time takes a few minutes)..."
+	$(PIP) install --progress-bar on -r requirements.txt
 	touch $@
 
 $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
-	$(PIP) install -q -r requirements-dev.txt
+	@echo "Installing the development dependencies..."
+	$(PIP) install --progress-bar on -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,12 +37,39 @@ install-dev: $(VENV)/.installed-dev
 	'DJANGO_SUPERUSER_EMAIL=admin@localhost', 'DJANGO_SUPERUSER_PASSWORD=' + secrets.token_urlsafe(12)]))" > .env
 	@echo "Wrote .env with generated secrets."
 
-run: install .env
+# The address to print: a wildcard HOST is reached on loopback from this machine.
+URL_HOST := $(if $(filter 0.0.0.0 ::,$(HOST)),127.0.0.1,$(HOST))
+# Served beyond loopback: the names clients use must be allowed hosts.
+HOST_HINT := $(if $(filter 127.0.0.1 localhost ::1,$(HOST)),,echo "Clients on other machines: add the name or address \
+they use to DJANGO_ALLOWED_HOSTS in .env (Django refuses other Host headers).")
+
+# Before any setup: a port already taken would otherwise fail only after minutes of installing.
+check-port:
+	@$(PYTHON) -c "import socket, sys; s = socket.socket(socket.AF_INET6 if ':' in '$(HOST)' else socket.AF_INET); \
+	s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('$(HOST)', $(PORT)))" 2>/dev/null || { \
+	echo "Port $(PORT) on $(HOST) is busy (or not an address of this machine): stop what uses it, or pick another," \
+	"e.g. make $(firstword $(MAKECMDGOALS) run) PORT=$$(($(PORT) + 1))"; exit 1; }
+
+run: check-port install .env
 	$(MANAGE) migrate --noinput
 	$(MANAGE) collectstatic --noinput -v0
-	$(MANAGE) seed --templates
-	@echo "Serving OpsAgent on http://127.0.0.1:8000 (admin: http://127.0.0.1:8000/admin/, Dify API: http://127.0.0.1:8000/v1)"
-	DJANGO_READ_DOT_ENV_FILE=1 $(VENV)/bin/daphne -b 127.0.0.1 -p 8000 opsagent.asgi:application
+	$(MANAGE) seed --templates --url http://$(URL_HOST):$(PORT)
+	@echo "Serving OpsAgent on http://$(URL_HOST):$(PORT) (chat: /chat/, admin: /admin/, Dify API: /v1). Ctrl+C stops."
+	@$(HOST_HINT)
+	DJANGO_READ_DOT_ENV_FILE=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) opsagent.asgi:application
+
+# `make run` with the project's fake OpenAI-compatible model (tests/fakes/upstream.py) on DEMO_UPSTREAM_PORT and a demo
+# config for it (the default model unless one is configured): canned answers, streamed, no key, no internet.
+demo: check-port install-dev .env
+	$(MANAGE) migrate --noinput
+	$(MANAGE) collectstatic --noinput -v0
+	$(MANAGE) seed --templates --demo-upstream http://127.0.0.1:$(DEMO_UPSTREAM_PORT)/v1 --url http://$(URL_HOST):$(PORT)
+	@echo "Serving the OpsAgent demo on http://$(URL_HOST):$(PORT) (fake model on port $(DEMO_UPSTREAM_PORT)). Ctrl+C stops both."
+	@$(HOST_HINT)
+	@$(PY) -m tests.fakes.upstream --port $(DEMO_UPSTREAM_PORT) --delay 0.05 \
+	    --text "Hello from the OpsAgent demo model. This answer is canned and streamed word by word: add a real provider in the admin (LLM configs) to get real answers." & \
+	upstream=$$!; trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
+	DJANGO_READ_DOT_ENV_FILE=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) opsagent.asgi:application
 
 test: install-dev
 	$(PY) -m pytest

@@ -10,7 +10,7 @@ from django.db.models import Prefetch
 from django.utils.html import format_html, format_html_join
 
 from agentcore.api.turns import turn_drain
-from agentcore.limits import LIMITS, Limits, usage_current
+from agentcore.limits import LIMIT_FIELDS, LIMITS, Limits, usage_current
 from agentcore.models import AgentApp, Approval, MCPServer, Message, Session, Task, Thought, ToolPolicy
 from agentcore.permissions import (
     DECIDE_APPROVALS,
@@ -20,6 +20,7 @@ from agentcore.permissions import (
     mcp_server_is_command,
 )
 from agentcore.runs import ApprovalDecision, TurnRequest, turn_prepare
+from agentcore.selectors import tool_list
 from agentcore.services import (
     agent_app_delete,
     agent_app_save,
@@ -30,8 +31,10 @@ from agentcore.services import (
     mcp_server_update,
 )
 from agentcore.tools.policies import SHELL_TOOL, tool_policy_delete, tool_policy_update
+from llmconfigs.models import LLMConfig
+from llmconfigs.providers import parameter_errors
 from llmconfigs.secrets import mask_secret
-from llmconfigs.selectors import llm_route_names
+from llmconfigs.selectors import llm_config_default, llm_route_names
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
 
@@ -59,24 +62,158 @@ def usage_beside_limits(*, scope: str, limits: Limits) -> str:
     )
 
 
+# The model parameters an app may set, edited as fields (the rest of model_parameters is kept as it is).
+APP_PARAMETERS = ("temperature", "max_tokens", "top_p")
+
+
+def _tool_label(tool: dict) -> str:
+    notes = [note for note, applies in (("needs approval", tool["requires_approval"]),
+                                        ("switched off in Tool policies", not tool["enabled"])) if applies]
+    description = tool["description"].splitlines()[0] if tool["description"] else ""
+    return f"{tool['name']}: {description}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+# Dify's input form item kinds (the key of each item of user_input_form).
+INPUT_FORM_KINDS = ("text-input", "paragraph", "select", "number", "checkbox", "file", "file-list")
+
+
+class LinesField(forms.Field):
+    """A JSON list of strings (or of whole numbers) edited as one item per line."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "cols": 60})
+
+    def __init__(self, *, numbers: bool = False, **kwargs):
+        self.numbers = numbers
+        kwargs.setdefault("required", False)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return "\n".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value):
+        if isinstance(value, list):
+            return value
+        text = str(value or "").strip()
+        if text.startswith("["):  # a JSON list pasted as it is stored
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise forms.ValidationError("One item per line (or a JSON list).", code="invalid") from None
+            if isinstance(parsed, list):
+                return parsed
+        lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+        if not self.numbers:
+            return lines
+        try:
+            return [int(line) for line in lines]
+        except ValueError:
+            raise forms.ValidationError("One whole number per line.", code="invalid") from None
+
+
+def input_form_problem(form) -> str | None:
+    """What is wrong with a Dify user_input_form, as a sentence; None when it is well formed."""
+    if not isinstance(form, list):
+        return 'A list of items such as [{"text-input": {"variable": "host", "label": "Host", "required": true}}].'
+    seen = set()
+    for number, item in enumerate(form, 1):
+        if not isinstance(item, dict) or len(item) != 1:
+            return f"Item {number}: an object with one key, the kind ({', '.join(INPUT_FORM_KINDS)})."
+        kind, spec = next(iter(item.items()))
+        if kind not in INPUT_FORM_KINDS:
+            return f"Item {number}: unknown kind {kind!r}; one of {', '.join(INPUT_FORM_KINDS)}."
+        if not isinstance(spec, dict) or not isinstance(spec.get("variable"), str) or not spec["variable"].strip():
+            return f'Item {number}: needs "variable", a non-empty string.'
+        if spec["variable"] in seen:
+            return f"Item {number}: the variable {spec['variable']!r} is already used."
+        seen.add(spec["variable"])
+        options = spec.get("options")
+        if kind == "select" and not (isinstance(options, list) and options
+                                     and all(isinstance(option, str) for option in options)):
+            return f'Item {number}: a select needs "options", a list of strings.'
+    return None
+
+
 class AgentAppForm(forms.ModelForm):
+    """The app with its tools as checkboxes (each with its description and whether it needs approval), its model
+    parameters as fields checked against the provider of the app's model (or of the default model), and its lists as
+    one item per line. JSON only where Dify's format is JSON (the user input form and file upload settings)."""
+
+    enabled_tools = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Tools this app may use. None ticked: every tool switched on in Tool policies.",
+    )
+    temperature = forms.FloatField(required=False, help_text="Empty: the model's own setting.")
+    max_tokens = forms.IntegerField(required=False, min_value=1, label="max_tokens",
+                                    help_text="Empty: the model's own setting.")
+    top_p = forms.FloatField(required=False, label="top_p", help_text="Empty: the model's own setting.")
+    suggested_questions = LinesField(help_text="One question per line.")
+    network_allow_hosts = LinesField(help_text=AgentApp._meta.get_field("network_allow_hosts").help_text.replace(
+        'e.g. ["grafana.internal"]', "one per line, e.g. grafana.internal"))
+    network_allow_networks = LinesField(help_text=AgentApp._meta.get_field("network_allow_networks").help_text.replace(
+        'e.g. ["10.20.0.0/16", "127.0.0.1/32"]', "one per line, e.g. 10.20.0.0/16"))
+    network_allow_ports = LinesField(numbers=True, help_text="Ports on which the listed hosts and networks may be "
+                                     "reached, one per line, e.g. 443; empty: any port.")
     allowed_routes = forms.MultipleChoiceField(
         required=False, widget=forms.CheckboxSelectMultiple, label="Allowed models",
         help_text="The models (routes) this app may use; none ticked: every active chat model.",
     )
-    # No Meta: the admin builds the form over every field of AgentApp, this one declared as check boxes.
+
+    class Meta:
+        model = AgentApp
+        fields = ["name", "mode", "is_active", "description", "system_prompt", "opening_statement",
+                  "suggested_questions", "suggested_questions_after_answer", "llm_config", "enabled_tools",
+                  "max_iterations", "max_active_requests", "user_input_form", "file_upload", "network_allow_hosts",
+                  "network_allow_networks", "network_allow_ports", "allowed_routes", *LIMIT_FIELDS]
+        labels = {"llm_config": "LLM config"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        routes = set(llm_route_names()) | set(self.initial.get("allowed_routes") or [])
+        tools = tool_list()
+        known = {tool["name"] for tool in tools}
+        current = list(self.instance.enabled_tools or [])
+        # A tool the app lists that no longer exists stays visible, so that saving does not drop it silently.
+        self.fields["enabled_tools"].choices = [(tool["name"], _tool_label(tool)) for tool in tools] + [
+            (name, f"{name} (unknown tool)") for name in current if name not in known]
+        self.initial.setdefault("enabled_tools", current)
+        for name in APP_PARAMETERS:
+            self.initial.setdefault(name, (self.instance.model_parameters or {}).get(name))
+        routes = set(llm_route_names()) | set(self.instance.allowed_routes or [])
         self.fields["allowed_routes"].choices = [(route, route) for route in sorted(routes)]
+        if "llm_config" in self.fields:
+            self.fields["llm_config"].queryset = LLMConfig.objects.defer("api_key").filter(is_embedding=False)
+
+    def clean_user_input_form(self):
+        form = self.cleaned_data.get("user_input_form")
+        problem = input_form_problem(form if form is not None else [])
+        if problem:
+            raise forms.ValidationError(problem, code="invalid")
+        return form if form is not None else []
 
     def clean(self):
-        data = super().clean()
-        config, routes = data.get("llm_config"), data.get("allowed_routes")
-        if config is not None and routes and config.route_name not in routes:
-            self.add_error("allowed_routes", f"The app's own model {config.route_name!r} must be allowed.")
-        return data
+        cleaned = super().clean()
+        config = cleaned.get("llm_config") or llm_config_default()
+        values = {name: cleaned.get(name) for name in APP_PARAMETERS}
+        if config is not None:
+            for field, message in parameter_errors(config.provider, **values).items():
+                self.add_error(field, f"{message} (model: {config.name})")
+        own, routes = cleaned.get("llm_config"), cleaned.get("allowed_routes")
+        if own is not None and routes and own.route_name not in routes:
+            self.add_error("allowed_routes", f"The app's own model {own.route_name!r} must be allowed.")
+        return cleaned
+
+    def save(self, commit=True):
+        app = super().save(commit=False)
+        parameters = {key: value for key, value in (app.model_parameters or {}).items() if key not in APP_PARAMETERS}
+        parameters.update({name: self.cleaned_data[name] for name in APP_PARAMETERS
+                           if self.cleaned_data.get(name) is not None})
+        app.model_parameters = parameters
+        app.enabled_tools = list(self.cleaned_data.get("enabled_tools") or [])
+        if commit:
+            app.save()
+            self.save_m2m()
+        return app
 
 
 @admin.register(AgentApp)
@@ -93,6 +230,19 @@ class AgentAppAdmin(admin.ModelAdmin):
         if app._state.adding:
             return "-"
         return usage_beside_limits(scope=f"app:{app.pk}", limits=Limits.of(app))
+    fieldsets = [
+        (None, {"fields": ["name", "mode", "is_active", "description", "system_prompt", "opening_statement",
+                           "suggested_questions", "suggested_questions_after_answer"]}),
+        ("Model", {"fields": ["llm_config", "temperature", "max_tokens", "top_p"]}),
+        ("Tools", {"fields": ["enabled_tools", "max_iterations", "max_active_requests"]}),
+        ("Dify settings", {"fields": ["user_input_form", "file_upload"], "classes": ["collapse"]}),
+        ("Network", {"fields": ["network_allow_hosts", "network_allow_networks", "network_allow_ports"],
+                     "classes": ["collapse"]}),
+        ("Models and limits", {"fields": ["allowed_routes", *LIMIT_FIELDS, "usage"]}),
+    ]
+
+    class Media:
+        css = {"all": ["agentcore/admin.css"]}
 
     # Writes through the services, which write the audit rows.
     def save_model(self, request, obj, form, change):

@@ -169,3 +169,44 @@ def app_pool_resolve(*, app: AgentApp, config_id: Any = None, model: str | None 
         if members:
             return pool_order(members)
     raise NoUsableConfig("None of the models this app may use has an active config.")
+
+
+def chat_page_data(*, user) -> dict[str, Any]:
+    """What the chat page (/chat/) starts from: the active apps, the chat configs a turn may pick (keys never read),
+    each provider's parameter ranges, and which approvals the user may decide. Conversations and messages come from
+    the REST API afterwards."""
+    from agentcore.permissions import APPROVE_SHELL, COMMAND_TOOLS, DECIDE_APPROVALS
+    from llmconfigs.providers import MAX_TOKENS_LIMIT, PROVIDERS, Range
+    from llmconfigs.selectors import llm_config_list
+
+    def bounds(rng: Range) -> dict[str, Any]:
+        return {"low": rng.low, "high": rng.high, "low_open": rng.low_open, "high_open": rng.high_open,
+                "text": rng.describe()}
+
+    apps = AgentApp.objects.filter(is_active=True).order_by("name").values(
+        "id", "name", "mode", "opening_statement", "suggested_questions", "llm_config_id", "model_parameters",
+        "allowed_routes")
+    configs = list(llm_config_list(is_active=True, is_embedding=False).values(
+        "id", "name", "provider", "model_name", "temperature", "top_p", "max_tokens", "is_default", "route",
+        "priority"))
+    # Named pools (configs sharing a route): a turn may ask for the pool, which fails over between its members.
+    routes: dict[str, list[dict[str, Any]]] = {}
+    for config in configs:
+        if config["route"]:
+            routes.setdefault(config["route"], []).append(config)
+    return {
+        "apps": [{**app, "id": str(app["id"]),
+                  "llm_config_id": str(app["llm_config_id"]) if app["llm_config_id"] else None} for app in apps],
+        # route_name: the pool a config serves in, which the app's allow-list names.
+        "configs": [{**config, "id": str(config["id"]), "route_name": config["route"] or config["model_name"]}
+                    for config in configs],
+        "routes": [{"name": name, "members": [str(member["id"]) for member in
+                                              sorted(members, key=lambda m: (-m["priority"], m["name"]))]}
+                   for name, members in sorted(routes.items())],
+        "providers": {key: {"label": spec.label, "temperature": bounds(spec.temperature), "top_p": bounds(spec.top_p)}
+                      for key, spec in PROVIDERS.items()},
+        "max_tokens_limit": MAX_TOKENS_LIMIT,
+        "may_decide": {"command": has_perms(user, APPROVE_SHELL), "staff": has_perms(user, DECIDE_APPROVALS)},
+        "command_tools": sorted(COMMAND_TOOLS),
+        "username": user.get_username(),
+    }

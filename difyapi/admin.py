@@ -2,16 +2,25 @@
 then only `app-…last4`; revoked, never deleted) and read-only end users, uploaded files and feedback."""
 from __future__ import annotations
 
+import base64
+import binascii
+
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.core.signing import BadSignature
+from django.http import Http404, HttpResponseRedirect
 from django.template import engines
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import path, reverse
 
 from agentcore.admin import usage_beside_limits
 from agentcore.limits import LIMIT_FIELDS, Limits
 from difyapi.auth import api_key_create, api_key_revoke, api_key_update
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
+from llmconfigs.encryption import cipher_for
 from opsagent.common.clients import audit_context
 
 # Extends the admin's own base template, so no template file has to be shipped.
@@ -21,12 +30,39 @@ _KEY_CREATED_TEMPLATE = engines["django"].from_string(
 {% block extrastyle %}{{ block.super }}<link rel="stylesheet" href="{% static 'difyapi/admin.css' %}">{% endblock %}
 {% block content %}
 <h1>API key created for {{ key.app }}</h1>
+{% if raw_key %}
 <p>Copy this key now. It is stored hashed and will never be shown again.</p>
 <p><code class="api-key-once">{{ raw_key }}</code></p>
+{% else %}
+<p>The key <code>{{ key }}</code> was shown once, when it was created, and cannot be shown again. If it was not
+copied, revoke it and add a new one.</p>
+{% endif %}
 <p>Clients send it as <code>Authorization: Bearer &lt;key&gt;</code> to <code>/v1/…</code>.</p>
 <p><a href="{{ changelist_url }}">Back to API keys</a></p>
 {% endblock %}"""
 )
+
+
+# The new key's way from the add form to the page that shows it (post/redirect/get, so that reloading that page
+# cannot post the form again and create a second key): encrypted with the field key in the admin's session, taken
+# out when shown, and readable for a few minutes only.
+_CREATED_SESSION_KEY = "difyapi:created-key:{}"
+CREATED_KEY_TTL_SECONDS = 300
+
+
+def _created_key_seal(raw_key: str) -> str:
+    return base64.b64encode(cipher_for(settings.FIELD_ENCRYPTION_KEY).encrypt(raw_key.encode())).decode("ascii")
+
+
+def _created_key_open(sealed: str | None) -> str | None:
+    if not sealed:
+        return None
+    try:
+        data = cipher_for(settings.FIELD_ENCRYPTION_KEY).decrypt(base64.b64decode(sealed),
+                                                                  ttl=CREATED_KEY_TTL_SECONDS)
+    except (BadSignature, binascii.Error, ValueError):  # expired, or sealed under another field key
+        return None
+    return data.decode()
 
 
 class ApiKeyAddForm(forms.ModelForm):
@@ -102,10 +138,28 @@ class ApiKeyAdmin(admin.ModelAdmin):
         raw_key = getattr(request, "_dify_raw_key", None)
         if raw_key is None:
             return super().response_add(request, obj, post_url_continue)
+        request.session[_CREATED_SESSION_KEY.format(obj.pk)] = _created_key_seal(raw_key)
+        return HttpResponseRedirect(reverse("admin:difyapi_apikey_created", args=[obj.pk]))
+
+    def get_urls(self):
+        return [
+            path("<path:object_id>/created/", self.admin_site.admin_view(self.created_view),
+                 name="difyapi_apikey_created"),
+            *super().get_urls(),
+        ]
+
+    def created_view(self, request, object_id):
+        """The page after adding a key: the plaintext on the first visit only."""
+        key = self.get_object(request, unquote(object_id))
+        if key is None:
+            raise Http404("No such API key.")
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        raw_key = _created_key_open(request.session.pop(_CREATED_SESSION_KEY.format(key.pk), None))
         context = {
             **self.admin_site.each_context(request),
             "title": "API key created",
-            "key": obj,
+            "key": key,
             "raw_key": raw_key,
             "changelist_url": reverse("admin:difyapi_apikey_changelist"),
         }

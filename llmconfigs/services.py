@@ -548,3 +548,22 @@ def llm_config_seed_templates() -> list[LLMConfig]:
             )
         )
     return created
+
+
+DEMO_CONFIG_NAME = "demo-fake-upstream"
+
+
+def llm_config_seed_demo(*, base_url: str) -> tuple[LLMConfig, bool]:
+    """The demo config of `make demo`: an OpenAI-compatible model at `base_url` (the project's fake upstream, which
+    needs no key). Idempotent; it becomes the default chat config only when there is none, so a configured provider
+    stays the default. Returns (config, is_default)."""
+    fields = {"provider": "openai_compatible", "model_name": "demo", "base_url": base_url, "is_active": True,
+              "description": "The fake upstream of `make demo`: canned answers, no provider key. Not a real model."}
+    config = LLMConfig.objects.filter(name=DEMO_CONFIG_NAME).first()
+    if config is None:
+        config = llm_config_create(name=DEMO_CONFIG_NAME, source="command", **fields)
+    else:
+        config = llm_config_update(config=config, source="command", **fields)
+    if not config.is_default and not LLMConfig.objects.filter(is_default=True, is_embedding=False).exists():
+        config = llm_config_set_default(config=config, source="command")
+    return config, config.is_default

@@ -1,11 +1,14 @@
-"""URL map: admin, health, the REST API under /api, the Dify Service API under /v1."""
+"""URL map: the chat page (`/` leads to it), admin, health, the REST API under /api, the Dify Service API under /v1."""
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
+from agentcore.pages import chat_page, home
 from opsagent.views import health
 
 urlpatterns = [
+    path("", home, name="home"),
+    path("chat/", chat_page, name="chat"),
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

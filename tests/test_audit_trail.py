@@ -112,10 +112,9 @@ def test_mcp_server_create_change_delete_test_are_audited_with_secrets_masked(st
 
 def _app_form(**fields) -> dict:
     form = {"name": "Team app", "mode": "agent-chat", "description": "", "system_prompt": "Be brief.",
-            "opening_statement": "", "suggested_questions": "[]", "model_parameters": "{}", "enabled_tools": "[]",
-            "max_iterations": "8", "max_active_requests": "0", "user_input_form": "[]", "file_upload": "{}",
-            "is_active": "on", "network_allow_hosts": "[]", "network_allow_networks": "[]",
-            "network_allow_ports": "[]", **dict.fromkeys(LIMIT_FIELDS, "0")}
+            "opening_statement": "", "suggested_questions": "[]", "max_iterations": "8", "max_active_requests": "0",
+            "user_input_form": "[]", "file_upload": "{}", "is_active": "on", "network_allow_hosts": "[]",
+            "network_allow_networks": "[]", "network_allow_ports": "[]", **dict.fromkeys(LIMIT_FIELDS, "0")}
     form.update(fields)
     return form
 
@@ -153,7 +152,8 @@ def test_api_key_create_and_revoke_in_the_admin_are_audited_without_the_key(admi
     import re
 
     app = AgentApp.objects.create(name="keyed")
-    page = admin_browser.post("/admin/difyapi/apikey/add/", {"app": str(app.pk), "name": "ci"},
+    # The key is shown on the page the add form redirects to.
+    page = admin_browser.post("/admin/difyapi/apikey/add/", {"app": str(app.pk), "name": "ci"}, follow=True,
                               **_request_meta()).content.decode()
     [raw] = re.findall(r"app-[A-Za-z0-9_-]{20,}", page)
     key = ApiKey.objects.get(app=app)

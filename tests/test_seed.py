@@ -91,11 +91,13 @@ def test_superuser_from_django_superuser_variables(env):
     env.setenv("DJANGO_SUPERUSER_USERNAME", "boss")
     env.setenv("DJANGO_SUPERUSER_PASSWORD", "pw-boss-123")
     env.setenv("DJANGO_SUPERUSER_EMAIL", "boss@example.com")
-    assert "Created superuser 'boss'" in _seed()
+    # The first run shows the password it was given (make run generated it into .env); later runs do not.
+    assert "Created superuser 'boss' with password 'pw-boss-123'" in _seed()
     user = get_user_model().objects.get(username="boss")
     assert user.is_superuser and user.is_staff and user.check_password("pw-boss-123")
     assert user.email == "boss@example.com"
-    assert "Superuser 'boss' exists." in _seed()
+    again = _seed()
+    assert "Superuser 'boss' exists" in again and "pw-boss-123" not in again
     assert get_user_model().objects.filter(username="boss").count() == 1
 
 
@@ -116,3 +118,40 @@ def test_seed_creates_the_demo_app_with_a_working_key_once(env):
     second = _seed()
     assert key not in second
     assert AgentApp.objects.count() == 1
+
+
+def test_tool_policies_exist_from_the_first_seed(env):
+    from agentcore.models import ToolPolicy
+    from agentcore.tools.policies import BUILTIN_DEFAULTS
+
+    _seed()
+    assert set(ToolPolicy.objects.values_list("name", flat=True)) == set(BUILTIN_DEFAULTS)
+    assert ToolPolicy.objects.get(name="run_shell").enabled is False
+
+
+def test_next_steps_say_where_to_chat_and_what_to_do_without_a_model(env):
+    out = _seed("--url", "http://127.0.0.1:8001/")
+    assert "Chat in the browser: http://127.0.0.1:8001/ " in out
+    assert "curl -N -X POST http://127.0.0.1:8001/v1/chat-messages -H 'Authorization: Bearer app-" in out
+    assert "No model is configured yet" in out and "make demo" in out
+    env.setenv("LLM_TYPE", "deepseek")
+    env.setenv("LLM_API_KEY", KEY)
+    out = _seed("--url", "http://127.0.0.1:8001")
+    assert "No model is configured yet" not in out and "Bearer app-" not in out  # the key is shown once
+    assert KEY not in out
+
+
+def test_demo_config_answers_without_a_key_and_never_takes_a_real_default(env, fake_upstream):
+    out = _seed("--demo-upstream", fake_upstream.base_url)
+    demo = LLMConfig.objects.get(name="demo-fake-upstream")
+    assert demo.is_default and demo.is_active and demo.api_key == "" and demo.base_url == fake_upstream.base_url
+    assert "(the default model)" in out
+    _seed("--demo-upstream", fake_upstream.base_url)
+    assert LLMConfig.objects.filter(name="demo-fake-upstream").count() == 1
+
+    LLMConfig.objects.all().delete()
+    env.setenv("LLM_TYPE", "deepseek")
+    env.setenv("LLM_API_KEY", KEY)
+    out = _seed("--demo-upstream", fake_upstream.base_url)
+    assert LLMConfig.objects.get(is_default=True).name == "default-deepseek"
+    assert "(pick it in the chat page)" in out

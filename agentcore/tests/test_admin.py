@@ -2,6 +2,7 @@
 service; MCP secrets are write-only; the MCP test action reports the server's tools."""
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -138,9 +139,78 @@ def test_mcp_test_action_lists_the_servers_tools(admin_client, tmp_path):
 def test_app_admin_saves_an_app(admin_client, default_llm_config):
     response = admin_client.post(reverse("admin:agentcore_agentapp_add"), {
         "name": "Helper", "mode": "chat", "description": "", "system_prompt": "Be brief.", "opening_statement": "",
-        "suggested_questions": "[]", "llm_config": "", "model_parameters": "{}", "enabled_tools": "[]",
+        "suggested_questions": "[]", "llm_config": "",
         "max_iterations": "8", "max_active_requests": "0", "user_input_form": "[]", "file_upload": "{}",
         "is_active": "on", **dict.fromkeys(LIMIT_FIELDS, "0"),
     })
     assert response.status_code == 302, response.content.decode()[-3000:]
-    assert AgentApp.objects.filter(name="Helper", mode="chat").exists()
+    assert AgentApp.objects.filter(name="Helper", mode="chat", enabled_tools=[], model_parameters={}).exists()
+
+
+def _app_form(**fields) -> dict:
+    return {"name": "Ops", "mode": "agent-chat", "description": "", "system_prompt": "", "opening_statement": "",
+            "suggested_questions": "[]", "llm_config": "", "max_iterations": "8", "max_active_requests": "0",
+            "user_input_form": "[]", "file_upload": "{}", "network_allow_hosts": "",
+            "network_allow_networks": "", "network_allow_ports": "", "is_active": "on", **fields}
+
+
+@pytest.mark.django_db
+def test_app_form_has_tools_as_checkboxes_and_parameters_checked_against_the_provider(admin_client, make_llm_config):
+    zhipu = make_llm_config(name="glm", provider="zhipu", model_name="glm-4-flash", top_p=0.9, temperature=0.5)
+    page = admin_client.get(reverse("admin:agentcore_agentapp_add")).content.decode()
+    assert 'type="checkbox" name="enabled_tools" value="http_check"' in page
+    assert "run_shell: " in page and "(needs approval, switched off in Tool policies)" in page
+    assert 'name="temperature"' in page and 'name="model_parameters"' not in page
+
+    refused = admin_client.post(reverse("admin:agentcore_agentapp_add"),
+                                _app_form(llm_config=str(zhipu.pk), top_p="1", temperature="0.3"))
+    assert refused.status_code == 200
+    assert "Zhipu GLM accepts top_p in (0, 1), got 1. (model: glm)" in refused.content.decode()
+    assert not AgentApp.objects.exists()
+
+    saved = admin_client.post(reverse("admin:agentcore_agentapp_add"), _app_form(
+        llm_config=str(zhipu.pk), top_p="0.8", max_tokens="512", enabled_tools=["http_check", "dns_lookup"]))
+    assert saved.status_code == 302, saved.content.decode()[-2000:]
+    app = AgentApp.objects.get()
+    assert sorted(app.enabled_tools) == ["dns_lookup", "http_check"]
+    assert app.model_parameters == {"top_p": 0.8, "max_tokens": 512}
+
+    # Other keys of model_parameters stay; an emptied field drops its key.
+    AgentApp.objects.filter(pk=app.pk).update(model_parameters={"top_p": 0.8, "seed": 7})
+    change = reverse("admin:agentcore_agentapp_change", args=[app.pk])
+    page = admin_client.get(change).content.decode()
+    assert 'name="top_p" value="0.8"' in page
+    assert "checked" in re.search(r'<input[^>]*name="enabled_tools" value="http_check"[^>]*>', page).group(0)
+    assert "checked" not in re.search(r'<input[^>]*name="enabled_tools" value="current_time"[^>]*>', page).group(0)
+    assert admin_client.post(change, _app_form(llm_config=str(zhipu.pk))).status_code == 302
+    app.refresh_from_db()
+    assert app.model_parameters == {"seed": 7} and app.enabled_tools == []
+
+
+@pytest.mark.django_db
+def test_app_form_lists_are_lines_and_the_input_form_is_checked(admin_client):
+    page = admin_client.get(reverse("admin:agentcore_agentapp_add")).content.decode()
+    assert '<textarea name="suggested_questions"' in page and '<textarea name="network_allow_ports"' in page
+    response = admin_client.post(reverse("admin:agentcore_agentapp_add"), _app_form(
+        suggested_questions="Is example.com up?\n\n  What is the load?  ", network_allow_hosts="grafana.internal",
+        network_allow_networks="10.20.0.0/16\n127.0.0.1/32", network_allow_ports="443\n8080",
+        user_input_form='[{"text-input": {"variable": "host", "label": "Host", "required": true}}]'))
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    app = AgentApp.objects.get()
+    assert app.suggested_questions == ["Is example.com up?", "What is the load?"]
+    assert (app.network_allow_hosts, app.network_allow_networks, app.network_allow_ports) == (
+        ["grafana.internal"], ["10.20.0.0/16", "127.0.0.1/32"], [443, 8080])
+    page = admin_client.get(reverse("admin:agentcore_agentapp_change", args=[app.pk])).content.decode()
+    assert "Is example.com up?\nWhat is the load?</textarea>" in page
+
+    for fields, error in [
+        ({"user_input_form": '[{"select": {"variable": "env", "label": "Env"}}]'},
+         "Item 1: a select needs &quot;options&quot;, a list of strings."),
+        ({"user_input_form": '[{"slider": {"variable": "x"}}]'}, "Item 1: unknown kind &#x27;slider&#x27;"),
+        ({"user_input_form": '{"text-input": {}}'}, "A list of items such as"),
+        ({"user_input_form": "[oops"}, "Enter a valid JSON."),
+        ({"network_allow_ports": "https"}, "One whole number per line."),
+        ({"network_allow_networks": "not-a-network"}, "not-a-network"),
+    ]:
+        response = admin_client.post(reverse("admin:agentcore_agentapp_add"), _app_form(name="Other", **fields))
+        assert response.status_code == 200 and error in response.content.decode(), fields

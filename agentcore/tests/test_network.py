@@ -172,8 +172,8 @@ def test_the_admin_edits_an_apps_allow_list_and_explains_a_bad_entry(client, dja
     url = reverse("admin:agentcore_agentapp_change", args=[app.pk])
     page = client.get(url).content.decode()
     assert "Link-local and cloud metadata addresses are refused whatever is listed" in page
-    form = {"name": "Ops", "mode": "agent-chat", "suggested_questions": "[]", "model_parameters": "{}",
-            "enabled_tools": "[]", "max_iterations": 8, "max_active_requests": 0, "user_input_form": "[]",
+    form = {"name": "Ops", "mode": "agent-chat", "suggested_questions": "[]", "max_iterations": 8,
+            "max_active_requests": 0, "user_input_form": "[]",
             "file_upload": "{}", "is_active": "on", "network_allow_hosts": '["grafana.internal"]',
             "network_allow_networks": '["10.20.0.0/16", "169.254.169.254/32"]', "network_allow_ports": "[443]"}
     response = client.post(url, form)

@@ -22,13 +22,20 @@ KEY_RE = re.compile(r"app-[A-Za-z0-9_-]{20,}")
 def test_admin_creates_a_key_shows_it_once_then_only_the_mask(admin_client):
     app = make_app(name="demo")
     response = admin_client.post("/admin/difyapi/apikey/add/", {"app": str(app.pk), "name": "ci"})
-    assert response.status_code == 200
+    key = ApiKey.objects.get(app=app)
+    # Post/redirect/get: the page showing the key is a GET, so reloading it cannot create a second key.
+    assert response.status_code == 302 and response["Location"] == f"/admin/difyapi/apikey/{key.pk}/created/"
+    assert not KEY_RE.search(str(dict(admin_client.session)))  # sealed, not in plain text
+    response = admin_client.get(response["Location"])
     page = response.content.decode()
     [raw] = KEY_RE.findall(page)
     assert "no-store" in response["Cache-Control"]
-    key = ApiKey.objects.get(app=app)
     assert key.key_hash == api_key_hash(raw) and key.last4 == raw[-4:] and key.name == "ci"
     assert DifyClient(raw).get("/v1/info").status_code == 200
+
+    reload = admin_client.get(f"/admin/difyapi/apikey/{key.pk}/created/")
+    assert reload.status_code == 200 and "cannot be shown again" in reload.content.decode()
+    assert ApiKey.objects.filter(app=app).count() == 1
 
     for url in ("/admin/difyapi/apikey/", f"/admin/difyapi/apikey/{key.pk}/change/"):
         page = admin_client.get(url).content.decode()
@@ -151,3 +158,29 @@ def test_seed_hook_gives_a_key_the_first_time_only():
     assert DifyClient(raw).get("/v1/info").status_code == 200
     assert dify_seed_demo_key(app=app) is None
     assert ApiKey.objects.filter(app=app).count() == 1
+
+
+def test_the_created_page_shows_no_key_after_its_time_or_to_another_admin(admin_client, django_user_model, settings,
+                                                                         monkeypatch):
+    import time
+
+    from django.test import Client
+
+    from difyapi import admin as dify_admin
+
+    app = make_app(name="late")
+    location = admin_client.post("/admin/difyapi/apikey/add/", {"app": str(app.pk), "name": "x"})["Location"]
+    sealed = next(value for name, value in admin_client.session.items() if name.startswith("difyapi:created-key:"))
+    assert dify_admin._created_key_open(sealed).startswith("app-")
+    now = time.time()
+    # Past the time to live and the clock skew the signer allows.
+    monkeypatch.setattr(time, "time", lambda: now + dify_admin.CREATED_KEY_TTL_SECONDS + 120)
+    assert dify_admin._created_key_open(sealed) is None
+    monkeypatch.undo()
+    settings.FIELD_ENCRYPTION_KEY = "another-field-key"
+    assert dify_admin._created_key_open(sealed) is None
+    assert dify_admin._created_key_open("not base64!") is None
+    other = django_user_model.objects.create_superuser("other", "o@example.com", "pw-other-123")
+    client = Client()
+    client.force_login(other)
+    assert KEY_RE.findall(client.get(location).content.decode()) == []

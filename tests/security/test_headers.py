@@ -1,4 +1,4 @@
-"""Security headers on every surface of a real daphne (issue 15, item 1), and the pages the project serves (admin,
+"""Security headers on every surface of a real daphne (issue 15, item 1), and the pages the project serves (chat, admin,
 Swagger at /api/docs/) working in a real headless Chromium under their Content-Security-Policy."""
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ PASSWORD = "pw-headers-admin-123"
 
 
 def test_every_surface_sends_the_security_headers(daphne_server):
-    paths = ["/admin/login/", "/api/docs/", "/api/docs/?script=", "/api/schema/", "/api/llm-configs/", "/v1/info",
-             "/v1/no-such-endpoint", "/health/"]
+    paths = ["/", "/chat/", "/admin/login/", "/api/docs/", "/api/docs/?script=", "/api/schema/", "/api/llm-configs/",
+             "/v1/info", "/v1/no-such-endpoint", "/health/"]
     for path in paths:
         response = httpx.get(daphne_server.base_url + path, timeout=20)
         assert response.status_code < 500, path
@@ -119,7 +119,7 @@ def admin_and_docs_pages_are_clean(watch: PageWatch, *, config_id) -> None:
     watch.page.fill("#id_password", PASSWORD)
     watch.page.click("input[type=submit]")
     watch.page.wait_for_url("**/admin/")
-    for path in ["/admin/", "/admin/llmconfigs/llmconfig/", "/admin/llmconfigs/llmconfig/add/",
+    for path in ["/chat/", "/admin/", "/admin/llmconfigs/llmconfig/", "/admin/llmconfigs/llmconfig/add/",
                  f"/admin/llmconfigs/llmconfig/{config_id}/change/", "/admin/difyapi/apikey/add/",
                  "/admin/auth/user/add/"]:
         assert watch.open(path).status == 200, path

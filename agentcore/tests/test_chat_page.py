@@ -1,0 +1,107 @@
+"""The chat page (/chat/) as the server sends it: who may open it, where `/` leads, the policy it is served under and
+the starting data it embeds (no key, ranges from the provider registry, approval rights). The page at work in a
+browser is tests/browser/test_chat_browser.py."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from agentcore.models import AgentApp
+
+pytestmark = pytest.mark.django_db
+
+
+def _data(response) -> dict:
+    match = re.search(r'<script id="chat-data" type="application/json">(.*?)</script>', response.content.decode(),
+                      re.S)
+    assert match, "the page embeds its starting data"
+    return json.loads(match.group(1))
+
+
+def test_anonymous_visitors_are_sent_to_the_login_page():
+    client = Client()
+    home = client.get("/")
+    assert home.status_code == 302 and home["Location"] == "/admin/login/?next=%2Fchat%2F"
+    page = client.get("/chat/")
+    assert page.status_code == 302 and page["Location"].startswith("/admin/login/?next=/chat/")
+
+
+def test_signed_in_users_land_on_the_chat_page(plain_user):
+    client = Client()
+    client.force_login(plain_user)
+    assert client.get("/")["Location"] == "/chat/"
+    response = client.get("/chat/")
+    assert response.status_code == 200
+    assert response.templates[0].name == "chat/index.html"
+    assert "csrftoken" in response.cookies  # the page's REST calls send it back
+    assert client.post("/chat/").status_code == 405
+
+
+def test_the_page_runs_under_the_csp_without_inline_script_or_style(plain_user):
+    client = Client()
+    client.force_login(plain_user)
+    response = client.get("/chat/")
+    assert response["Content-Security-Policy"] == settings.CONTENT_SECURITY_POLICY
+    html = response.content.decode()
+    # Scripts come from files; the one inline <script> is JSON data, which a browser never runs.
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
+    assert [attributes for attributes, body in scripts if body.strip()] == [' id="chat-data" type="application/json"']
+    assert any('src="/static/agentcore/chat.js"' in attributes for attributes, _ in scripts)
+    assert "<style" not in html and " style=" not in html
+    assert not re.search(r"<[^>]*\son[a-z]+\s*=", html, re.I)  # no inline event handler
+
+
+def test_the_starting_data_has_models_with_their_provider_ranges_and_no_key(plain_user, make_llm_config, grant):
+    zhipu = make_llm_config(name="glm", provider="zhipu", model_name="glm-4-flash", temperature=0.5, top_p=0.9)
+    default = make_llm_config(name="main", default=True)
+    make_llm_config(name="off", is_active=False)
+    make_llm_config(name="vectors", is_embedding=True, model_name="text-embedding-3-small")
+    AgentApp.objects.create(name="ops", opening_statement="Hi <b>there</b>")
+    AgentApp.objects.create(name="retired", is_active=False)
+    client = Client()
+    client.force_login(plain_user)
+    response = client.get("/chat/")
+    data = _data(response)
+    assert [config["name"] for config in data["configs"]] == ["main", "glm"]
+    assert data["configs"][0]["id"] == str(default.pk) and data["configs"][0]["is_default"] is True
+    assert data["providers"]["zhipu"]["temperature"] == {"low": 0.0, "high": 1.0, "low_open": True,
+                                                        "high_open": False, "text": "(0, 1]"}
+    assert data["providers"]["zhipu"]["top_p"]["text"] == "(0, 1)"
+    assert [app["name"] for app in data["apps"]] == ["ops"]
+    assert data["routes"] == []
+    for config in (zhipu, default):
+        assert config.api_key not in response.content.decode()
+    assert "api_key" not in response.content.decode()
+    # The data is JSON in an inert element: markup in it is escaped.
+    assert "Hi <b>there</b>" not in response.content.decode() and data["apps"][0]["opening_statement"] == (
+        "Hi <b>there</b>")
+    assert data["may_decide"] == {"command": False, "staff": False}
+    allowed = grant(plain_user, "agentcore.approve_shell", "agentcore.change_approval")
+    client.force_login(allowed)
+    assert _data(client.get("/chat/"))["may_decide"] == {"command": True, "staff": True}
+
+
+def test_the_admin_is_titled_opsagent_and_links_to_the_chat(django_user_model):
+    client = Client()
+    client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "pw-root-123"))
+    page = client.get("/admin/").content.decode()
+    assert '<div id="site-name"><a href="/admin/">OpsAgent</a></div>' in page
+    assert "<title>Models, agent apps, keys and conversations | OpsAgent admin</title>" in page
+    assert '<a href="/">View site</a>' in page
+    assert "LLM configurations" in page and "Llm" not in page
+
+
+def test_the_starting_data_lists_pools_with_their_members_in_order(plain_user, make_llm_config):
+    low = make_llm_config(name="b-low", route="fast", priority=0)
+    high = make_llm_config(name="a-high", route="fast", priority=5)
+    second = make_llm_config(name="c-also-high", route="fast", priority=5)
+    make_llm_config(name="alone")
+    make_llm_config(name="off", route="fast", is_active=False)
+    client = Client()
+    client.force_login(plain_user)
+    data = _data(client.get("/chat/"))
+    assert data["routes"] == [{"name": "fast", "members": [str(high.pk), str(second.pk), str(low.pk)]}]
