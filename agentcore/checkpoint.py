@@ -41,11 +41,25 @@ def _postgres_conninfo() -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+# The key of the PostgreSQL advisory lock that serialises the checkpoint tables' setup across processes.
+SETUP_LOCK_KEY = 0x6F70736167656E74  # "opsagent"
+
+
 async def _set_up(saver: AsyncPostgresSaver, conninfo: str) -> None:
+    """Create or migrate the checkpoint tables once per process. Workers starting together on a new database would
+    each insert the same version into checkpoint_migrations (a unique violation: a failed first turn), so the setup
+    runs under an advisory lock held on a connection of its own; the next worker waits and finds the work done.
+
+    The others poll for the lock instead of blocking on it: a session blocked in pg_advisory_lock is a running
+    statement with a snapshot, and the setup's CREATE INDEX CONCURRENTLY waits for every such snapshot to end."""
     if conninfo not in _ready:
         async with _setup_lock:
             if conninfo not in _ready:
-                await saver.setup()
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as lock:
+                    while not (await (await lock.execute("SELECT pg_try_advisory_lock(%s)",
+                                                         (SETUP_LOCK_KEY,))).fetchone())[0]:
+                        await asyncio.sleep(0.05)
+                    await saver.setup()  # closing `lock` releases the lock, whatever happens here
                 _ready.add(conninfo)
 
 

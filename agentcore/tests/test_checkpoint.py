@@ -186,3 +186,57 @@ async def test_the_model_is_given_the_window_and_the_checkpoint_keeps_only_that(
         "question 2", "answer 2", "question 3", "answer 3", "question 4", "answer 4"]
     # The whole conversation stays in the history that clients read.
     assert await Message.objects.filter(session_id=session_id).acount() == 5
+
+
+# Run by each worker process of the test below: set the checkpoint tables up at the same moment as the others.
+SETUP_RACE = """
+import asyncio, sys, time
+import django
+django.setup()
+from agentcore import checkpoint
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+async def main():
+    conninfo = checkpoint._postgres_conninfo()
+    async with AsyncPostgresSaver.from_conn_string(conninfo) as saver:
+        time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+        await checkpoint._set_up(saver, conninfo)
+
+asyncio.run(main())
+"""
+
+
+def test_workers_starting_together_on_a_new_database_set_the_tables_up_once(settings):
+    """Four processes set up the checkpoint tables of an empty database at the same instant: none may fail (without
+    the setup lock they race on checkpoint_migrations' primary key)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite's setup is one transaction on one file")
+    db = settings.DATABASES["default"]
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"}
+    for _ in range(3):
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS checkpoint_writes, checkpoint_blobs, checkpoints, "
+                           "checkpoint_migrations")
+        start = time.time() + 4  # every process has imported Django and connected by then
+        workers = [subprocess.Popen([sys.executable, "-c", SETUP_RACE, str(start)], env=env, stderr=subprocess.PIPE)
+                   for _ in range(4)]
+        try:
+            failures = [error.decode()[-1500:] for worker in workers
+                        if (error := worker.communicate(timeout=120)[1]) and worker.returncode != 0]
+        finally:
+            for worker in workers:
+                worker.kill()
+        assert failures == []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*), count(DISTINCT v) FROM checkpoint_migrations")
+        total, distinct = cursor.fetchone()
+    assert total == distinct > 0
+    checkpoint._ready.clear()
