@@ -87,7 +87,8 @@ bench: install-dev
 MUTANTS ?= llmconfigs.encryption.* llmconfigs.secrets.* llmconfigs.management.commands.rotate_field_key.* \
 	llmconfigs.pricing.* llmconfigs.services.x_llm_config_record_usage* llmconfigs.rotation.* difyapi.selectors.* \
 	agentcore.services.x_approval_* difyapi.auth.* agentcore.network.* agentcore.remote_files.* \
-	agentcore.tools.builtin.x_http_check_url* agentcore.permissions.* opsagent.common.permissions.*
+	agentcore.tools.builtin.x_http_check_url* agentcore.tools.policies.x_tool_policy_update* agentcore.limits.* \
+	agentcore.permissions.* opsagent.common.permissions.*
 
 mutate: install-dev
 	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')

@@ -156,6 +156,36 @@ def test_rest_chat_over_the_apps_limit_is_a_drf_429_with_retry_after(user_client
     assert len(fake_upstream.chat_requests) == 1
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_websocket_chat_over_the_apps_limit_is_an_error_event_and_reaches_no_provider(plain_user,
+                                                                                           default_llm_config,
+                                                                                           fake_upstream):
+    from channels.testing import WebsocketCommunicator
+    from rest_framework.authtoken.models import Token
+
+    from agentcore.models import Session
+    from agentcore.routing import websocket_application
+
+    app, _ = await sync_to_async(make_app)(requests_per_minute=1)
+    session = await Session.objects.acreate(app=app, owner=plain_user)
+    token = (await Token.objects.acreate(user=plain_user)).key
+    communicator = WebsocketCommunicator(websocket_application, f"/ws/agent/sessions/{session.id}/?token={token}")
+    assert (await communicator.connect(timeout=10))[0]
+    answers = []
+    for _ in range(2):
+        await communicator.send_json_to({"type": "chat", "message": "hi"})
+        while True:
+            event = await communicator.receive_json_from(timeout=10)
+            if event["type"] in ("end", "error"):
+                answers.append(event)
+                break
+    await communicator.disconnect()
+    assert answers[0]["type"] == "end" and answers[0]["status"] == "normal"
+    assert answers[1]["type"] == "error" and answers[1]["code"] == "rate_limited", answers[1]
+    assert len(fake_upstream.chat_requests) == 1
+
+
 # ----- the counters -----
 
 def test_memory_counters_let_exactly_the_limit_through_under_threads():
