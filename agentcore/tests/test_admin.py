@@ -151,7 +151,8 @@ def _app_form(**fields) -> dict:
     return {"name": "Ops", "mode": "agent-chat", "description": "", "system_prompt": "", "opening_statement": "",
             "suggested_questions": "[]", "llm_config": "", "max_iterations": "8", "max_active_requests": "0",
             "user_input_form": "[]", "file_upload": "{}", "network_allow_hosts": "",
-            "network_allow_networks": "", "network_allow_ports": "", "is_active": "on", **fields}
+            "network_allow_networks": "", "network_allow_ports": "", "is_active": "on",
+            **dict.fromkeys(LIMIT_FIELDS, "0"), **fields}
 
 
 @pytest.mark.django_db

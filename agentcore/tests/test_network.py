@@ -5,6 +5,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
+from agentcore.limits import LIMIT_FIELDS
 from agentcore.models import AgentApp
 from agentcore.network import (
     NOTHING_PRIVATE,
@@ -174,7 +175,8 @@ def test_the_admin_edits_an_apps_allow_list_and_explains_a_bad_entry(client, dja
     assert "Link-local and cloud metadata addresses are refused whatever is listed" in page
     form = {"name": "Ops", "mode": "agent-chat", "suggested_questions": "[]", "max_iterations": 8,
             "max_active_requests": 0, "user_input_form": "[]",
-            "file_upload": "{}", "is_active": "on", "network_allow_hosts": '["grafana.internal"]',
+            "file_upload": "{}", "is_active": "on", **dict.fromkeys(LIMIT_FIELDS, "0"),
+            "network_allow_hosts": '["grafana.internal"]',
             "network_allow_networks": '["10.20.0.0/16", "169.254.169.254/32"]', "network_allow_ports": "[443]"}
     response = client.post(url, form)
     assert response.status_code == 200
