@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
-from django.urls import reverse, reverse_lazy
+from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET
@@ -13,7 +13,7 @@ from agentcore.selectors import chat_page_data
 
 
 @require_GET
-@login_required(login_url=reverse_lazy("admin:login"))
+@login_required
 @ensure_csrf_cookie
 def chat_page(request):
     return render(request, "chat/index.html", {"chat_data": chat_page_data(user=request.user)})
@@ -24,4 +24,4 @@ def home(request):
     """`/`: the chat page for a signed-in user, the login page (coming back to the chat) for anyone else."""
     if request.user.is_authenticated:
         return redirect("chat")
-    return redirect(f"{reverse('admin:login')}?{urlencode({'next': reverse('chat')})}")
+    return redirect(f"{reverse('login')}?{urlencode({'next': reverse('chat')})}")

@@ -167,7 +167,10 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "opsagent"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# ===== Passwords =====
+# ===== Sign-in and passwords =====
+# The chat page's own login (any active user; the admin's admits staff only), and where it leads afterwards.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

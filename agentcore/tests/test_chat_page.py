@@ -25,9 +25,32 @@ def _data(response) -> dict:
 def test_anonymous_visitors_are_sent_to_the_login_page():
     client = Client()
     home = client.get("/")
-    assert home.status_code == 302 and home["Location"] == "/admin/login/?next=%2Fchat%2F"
+    assert home.status_code == 302 and home["Location"] == "/login/?next=%2Fchat%2F"
     page = client.get("/chat/")
-    assert page.status_code == 302 and page["Location"].startswith("/admin/login/?next=/chat/")
+    assert page.status_code == 302 and page["Location"].startswith("/login/?next=/chat/")
+
+
+def test_any_active_user_signs_in_for_the_chat_page_with_the_admins_brakes_on_guessing(plain_user, settings):
+    """The admin's login admits staff only; the chat page's admits any active user, and shares the admin login's
+    lockout after repeated failures (same counters, same message)."""
+    client = Client()
+    assert client.get("/login/").status_code == 200
+    # The admin refuses this user: not staff.
+    refused = client.post("/admin/login/?next=/admin/", {"username": "alice", "password": "pw-alice-123"})
+    assert refused.status_code == 200 and "_auth_user_id" not in client.session
+    signed_in = client.post("/login/", {"username": "alice", "password": "pw-alice-123", "next": "/chat/"})
+    assert signed_in.status_code == 302 and signed_in["Location"] == "/chat/"
+    assert client.get("/chat/").status_code == 200
+    assert client.post("/logout/").status_code == 302
+    assert client.get("/chat/").status_code == 302
+
+    settings.ADMIN_LOGIN_FAILURE_LIMIT = 2
+    for _ in range(2):
+        wrong = client.post("/login/", {"username": "alice", "password": "wrong-password"})
+        assert wrong.status_code == 200 and "Please enter a correct username and password" in wrong.content.decode()
+    locked = client.post("/login/", {"username": "alice", "password": "pw-alice-123"})
+    assert "Too many failed login attempts" in locked.content.decode()
+    assert "_auth_user_id" not in client.session
 
 
 def test_signed_in_users_land_on_the_chat_page(plain_user):

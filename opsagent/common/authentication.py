@@ -3,6 +3,7 @@ authentication for /api and the admin login form."""
 from __future__ import annotations
 
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import ValidationError
 from rest_framework.authentication import TokenAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, Throttled
@@ -37,8 +38,8 @@ class ThrottledTokenAuthentication(TokenAuthentication):
             raise
 
 
-class ThrottledAdminLoginForm(AdminAuthenticationForm):
-    """The admin login, refused while the username or the address is locked after too many failures."""
+class LoginThrottle:
+    """A login form refused while the username or the address is locked after too many failures."""
 
     def clean(self):
         username = self.cleaned_data.get("username") or ""
@@ -57,3 +58,11 @@ class ThrottledAdminLoginForm(AdminAuthenticationForm):
             raise
         login_failures_clear(username=username)
         return cleaned
+
+
+class ThrottledAdminLoginForm(LoginThrottle, AdminAuthenticationForm):
+    """The admin login (staff only)."""
+
+
+class ThrottledLoginForm(LoginThrottle, AuthenticationForm):
+    """The chat page's login: any active user; the same brakes on guessing as the admin's, on the same counters."""

@@ -96,7 +96,7 @@ def _conversation(app, owner, count: int) -> Session:
 
 def _login(page, base_url: str, username: str = "root") -> None:
     page.goto(base_url + "/")
-    page.wait_for_url("**/admin/login/**")
+    page.wait_for_url("**/login/**")
     page.fill("#id_username", username)
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
@@ -368,4 +368,30 @@ def test_the_model_picker_offers_only_what_the_app_may_use(browser, daphne_serve
         with steps.step("open-app"):
             page.select_option("#app", label="b-open")
             assert offered(page) == {str(main.pk), str(second.pk)}
+        assert steps.errors == []
+
+
+def test_a_user_who_is_not_staff_signs_in_and_chats(browser, daphne_server, django_user_model, make_llm_config,
+                                                    fake_upstream):
+    django_user_model.objects.create_user("carol", "carol@example.com", PASSWORD)
+    make_llm_config(name="main", model_name="fake-main", default=True)
+    AgentApp.objects.create(name="ops", mode=AgentApp.Mode.CHAT)
+    fake_upstream.script(Reply(text="Hello Carol."))
+    with browser() as chromium:
+        page = chromium.new_page(viewport={"width": 390, "height": 844})
+        steps = Steps(page, "not-staff")
+        with steps.step("login"):
+            _login(page, daphne_server.base_url, username="carol")
+            assert page.locator(".links .who").inner_text() == "carol"
+            assert page.locator(".links a:has-text('Admin')").count() == 0
+            if os.environ.get("CHAT_SCREENSHOTS"):
+                steps.shot("chat-390")
+        with steps.step("chat"):
+            _send(page, "hello")
+            _wait_done(page)
+            assert _last_answer(page).locator(".answer").inner_text() == "Hello Carol."
+        with steps.step("logout"):
+            page.click("#toggle-sidebar")  # at phone width the conversations and links fold away
+            page.click(".links button:has-text('Log out')")
+            page.wait_for_url("**/login/**")
         assert steps.errors == []

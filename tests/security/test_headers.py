@@ -21,7 +21,8 @@ PASSWORD = "pw-headers-admin-123"
 
 
 def test_every_surface_sends_the_security_headers(daphne_server):
-    paths = ["/", "/chat/", "/admin/login/", "/api/docs/", "/api/docs/?script=", "/api/schema/", "/api/llm-configs/",
+    paths = ["/", "/chat/", "/login/", "/admin/login/", "/api/docs/", "/api/docs/?script=", "/api/schema/",
+             "/api/llm-configs/",
              "/v1/info", "/v1/no-such-endpoint", "/health/"]
     for path in paths:
         response = httpx.get(daphne_server.base_url + path, timeout=20)
@@ -111,6 +112,10 @@ def test_admin_and_api_docs_work_under_their_csp_in_chromium(chromium, daphne_se
 
 
 def admin_and_docs_pages_are_clean(watch: PageWatch, *, config_id) -> None:
+    watch.open("/login/")
+    watch.assert_clean("chat login page")
+    # The chat stylesheet applied (a blocked one would leave the form unstyled).
+    assert watch.page.evaluate("getComputedStyle(document.querySelector('.login-form')).display") == "flex"
     watch.open("/admin/login/")
     watch.assert_clean("login page")
     # The admin's stylesheet applied (a blocked one would leave the header unstyled).
