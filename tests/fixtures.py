@@ -158,3 +158,15 @@ def user_client(plain_user):
     client = APIClient()
     client.force_authenticate(plain_user)
     return client
+
+
+def refused_by_database(write) -> bool:
+    """Whether the database refuses `write` (an IntegrityError from a constraint), in a savepoint of its own."""
+    from django.db import IntegrityError, transaction
+
+    try:
+        with transaction.atomic():
+            write()
+    except IntegrityError:
+        return True
+    return False

@@ -1,21 +1,12 @@
 """Every status column holds one of its model's choices: the database refuses anything else, even from a write that
 bypasses Python (a bulk update, raw SQL, another client)."""
 import pytest
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agentcore.models import AgentApp, Approval, Message, Session, Task, Thought
+from tests.fixtures import refused_by_database
 
 pytestmark = pytest.mark.django_db
-
-
-def _refused(write) -> bool:
-    try:
-        with transaction.atomic():
-            write()
-    except IntegrityError:
-        return True
-    return False
 
 
 @pytest.fixture
@@ -32,9 +23,10 @@ def rows():
 def test_a_status_outside_the_choices_is_refused_by_the_database(rows, model):
     row = rows[model]
     extra = {"decided_at": timezone.now()} if model is Approval else {}  # its other constraint is not the one tested
-    assert _refused(lambda: model.objects.filter(pk=row.pk).update(status="bogus", **extra))
+    assert refused_by_database(lambda: model.objects.filter(pk=row.pk).update(status="bogus", **extra))
     assert model.objects.get(pk=row.pk).status == row.status
     for value in model.Status.values:
         extra = {"decided_at": None if value == "pending" else timezone.now()} if model is Approval else {}
-        assert not _refused(lambda value=value, extra=extra: model.objects.filter(pk=row.pk).update(status=value,
+        same_row = model.objects.filter(pk=row.pk)
+        assert not refused_by_database(lambda rows=same_row, value=value, extra=extra: rows.update(status=value,
                                                                                                     **extra))

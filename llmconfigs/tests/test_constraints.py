@@ -1,33 +1,25 @@
 """The database itself refuses bad configs, even when Python validation is bypassed; keys are ciphertext on disk."""
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import connection
 
 from llmconfigs.models import LLMConfig
+from tests.fixtures import refused_by_database
 
 pytestmark = pytest.mark.django_db
-
-
-def _refused(write) -> bool:
-    try:
-        with transaction.atomic():
-            write()
-    except IntegrityError:
-        return True
-    return False
 
 
 def test_a_second_default_of_the_same_kind_is_refused_by_the_database(make_llm_config):
     make_llm_config(default=True)
     other = make_llm_config()
-    assert _refused(lambda: LLMConfig.objects.filter(pk=other.pk).update(is_default=True))
+    assert refused_by_database(lambda: LLMConfig.objects.filter(pk=other.pk).update(is_default=True))
     # A default of the other kind is fine.
     embedding = make_llm_config(is_embedding=True)
-    assert not _refused(lambda: LLMConfig.objects.filter(pk=embedding.pk).update(is_default=True))
+    assert not refused_by_database(lambda: LLMConfig.objects.filter(pk=embedding.pk).update(is_default=True))
 
 
-def test_an_inactive_default_is_refused(make_llm_config):
+def test_an_inactive_default_isrefused_by_database(make_llm_config):
     config = make_llm_config(default=True)
-    assert _refused(lambda: LLMConfig.objects.filter(pk=config.pk).update(is_active=False))
+    assert refused_by_database(lambda: LLMConfig.objects.filter(pk=config.pk).update(is_active=False))
 
 
 @pytest.mark.parametrize(
@@ -48,14 +40,14 @@ def test_an_inactive_default_is_refused(make_llm_config):
 )
 def test_out_of_range_values_are_refused_by_the_database(make_llm_config, field, value):
     config = make_llm_config()
-    assert _refused(lambda: LLMConfig.objects.filter(pk=config.pk).update(**{field: value}))
+    assert refused_by_database(lambda: LLMConfig.objects.filter(pk=config.pk).update(**{field: value}))
     fields = {"name": f"raw-{field}", "provider": "openai", "model_name": "m", field: value}
-    assert _refused(lambda: LLMConfig.objects.create(**fields))
+    assert refused_by_database(lambda: LLMConfig.objects.create(**fields))
 
 
 def test_duplicate_names_are_refused_by_the_database(make_llm_config):
     make_llm_config(name="same")
-    assert _refused(lambda: LLMConfig.objects.create(name="same", provider="openai", model_name="m"))
+    assert refused_by_database(lambda: LLMConfig.objects.create(name="same", provider="openai", model_name="m"))
 
 
 def test_the_key_is_absent_from_the_raw_database_bytes(make_llm_config):

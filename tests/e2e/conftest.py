@@ -6,7 +6,9 @@ must be a file (tests/settings.py makes it one): an in-memory DB can't be shared
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DAPHNE = Path(sys.executable).with_name("daphne")
 # Importing the project takes about 6 s of CPU; on a shared, loaded 2-core machine that was over 30 s of wall time.
 START_TIMEOUT = float(os.environ.get("E2E_START_TIMEOUT", "120"))
+# Debian's Chromium, driven by Playwright (no browser downloads here); .ci/run installs it when missing.
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
 
 @dataclass
@@ -123,3 +127,23 @@ def _wait_ready(server: DaphneServer) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"daphne did not answer within {START_TIMEOUT}s:\n{server.log()[-4000:]}")
+
+
+@pytest.fixture
+def chromium():
+    """Opens a headless Chromium: call it after the test's rows are written (Playwright's sync API runs an event
+    loop in this thread, and Django refuses synchronous queries while one runs)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+
+    @contextlib.contextmanager
+    def launch():
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    return launch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,30 +18,9 @@ from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parents[2] / "var" / "browser"
 PASSWORD = "pw-chat-browser-123"
 WAIT = 30_000  # ms: a loaded 2-core machine answers slowly, not never
-
-
-@pytest.fixture
-def browser():
-    """A headless Chromium. Use it after the test's rows are written: Playwright's sync API runs an event loop in this
-    thread, and Django refuses synchronous queries while one runs."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
-
-    @contextlib.contextmanager
-    def launch():
-        with sync_api.sync_playwright() as playwright:
-            instance = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            try:
-                yield instance
-            finally:
-                instance.close()
-
-    return launch
 
 
 class Steps:
@@ -118,7 +96,7 @@ def _wait_done(page) -> None:
         " return b && b.dataset.status && b.dataset.status !== 'running'; }", timeout=WAIT)
 
 
-def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make_llm_config, fake_upstream):
+def test_chatting_in_the_browser(chromium, daphne_server, django_user_model, make_llm_config, fake_upstream):
     root = django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     make_llm_config(name="main", model_name="fake-main", default=True)
     second = make_llm_config(name="second", model_name="fake-second")
@@ -128,8 +106,8 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
     long = _conversation(app, root, 50)
     base = daphne_server.base_url
 
-    with browser() as chromium:
-        page = chromium.new_page(viewport={"width": 1440, "height": 900})
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
         steps = Steps(page, "chat")
         with steps.step("login"):
             _login(page, base)
@@ -275,7 +253,7 @@ def test_chatting_in_the_browser(browser, daphne_server, django_user_model, make
     assert stopped.status == "stopped" and stopped.answer.startswith("word0")
 
 
-def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, django_user_model, make_llm_config,
+def test_admin_config_form_and_approvals_others_decide(chromium, daphne_server, django_user_model, make_llm_config,
                                                        fake_upstream):
     django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     # Staff without the right to decide approvals whose approver is staff.
@@ -285,8 +263,8 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
     make_llm_config(name="pool-b", model_name="fake-b", route="fast")
     AgentApp.objects.create(name="ops")
     tool_policy_update(name="current_time", requires_approval=True, approver="staff")
-    with browser() as chromium:
-        page = chromium.new_page(viewport={"width": 1440, "height": 900})
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
         steps = Steps(page, "admin")
         with steps.step("login"):
             _login(page, daphne_server.base_url)
@@ -334,7 +312,7 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
             assert "needs approval" in label.inner_text()
         assert steps.errors == []
 
-        viewer = chromium.new_page(viewport={"width": 390, "height": 844})
+        viewer = browser.new_page(viewport={"width": 390, "height": 844})
         steps = Steps(viewer, "viewer")
         with steps.step("waiting-for-approval"):
             _login(viewer, daphne_server.base_url, "viewer")
@@ -346,7 +324,7 @@ def test_admin_config_form_and_approvals_others_decide(browser, daphne_server, d
         assert steps.errors == []
 
 
-def test_the_model_picker_offers_only_what_the_app_may_use(browser, daphne_server, django_user_model,
+def test_the_model_picker_offers_only_what_the_app_may_use(chromium, daphne_server, django_user_model,
                                                            make_llm_config):
     django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     main = make_llm_config(name="main", model_name="fake-main", default=True)
@@ -358,8 +336,8 @@ def test_the_model_picker_offers_only_what_the_app_may_use(browser, daphne_serve
         return set(page.eval_on_selector_all("#model option", "options => options.filter("
                                              "o => o.value && !o.disabled && !o.hidden).map(o => o.value)"))
 
-    with browser() as chromium:
-        page = chromium.new_page(viewport={"width": 1440, "height": 900})
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
         steps = Steps(page, "allow-list")
         with steps.step("limited-app"):
             _login(page, daphne_server.base_url)
@@ -371,14 +349,14 @@ def test_the_model_picker_offers_only_what_the_app_may_use(browser, daphne_serve
         assert steps.errors == []
 
 
-def test_a_user_who_is_not_staff_signs_in_and_chats(browser, daphne_server, django_user_model, make_llm_config,
+def test_a_user_who_is_not_staff_signs_in_and_chats(chromium, daphne_server, django_user_model, make_llm_config,
                                                     fake_upstream):
     django_user_model.objects.create_user("carol", "carol@example.com", PASSWORD)
     make_llm_config(name="main", model_name="fake-main", default=True)
     AgentApp.objects.create(name="ops", mode=AgentApp.Mode.CHAT)
     fake_upstream.script(Reply(text="Hello Carol."))
-    with browser() as chromium:
-        page = chromium.new_page(viewport={"width": 390, "height": 844})
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
         steps = Steps(page, "not-staff")
         with steps.step("login"):
             _login(page, daphne_server.base_url, username="carol")

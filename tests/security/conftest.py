@@ -3,7 +3,7 @@ The daphne fixtures are the end-to-end suite's own."""
 import pytest
 from django.db import connection
 
-from tests.e2e.conftest import daphne_server, start_daphne  # noqa: F401
+from tests.e2e.conftest import chromium, daphne_server, start_daphne  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

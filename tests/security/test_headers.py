@@ -2,10 +2,6 @@
 Swagger at /api/docs/) working in a real headless Chromium under their Content-Security-Policy."""
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-
 import httpx
 import pytest
 from django.conf import settings
@@ -16,7 +12,6 @@ from tests.security.test_uploads import HTML, png_bytes, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 PASSWORD = "pw-headers-admin-123"
 
 
@@ -42,26 +37,6 @@ def test_every_surface_sends_the_security_headers(daphne_server):
     assert "; secure" not in login.headers["set-cookie"].lower()
     assert "frame-ancestors 'none'" in settings.CONTENT_SECURITY_POLICY
     assert "'unsafe-inline'" not in settings.CONTENT_SECURITY_POLICY
-
-
-@pytest.fixture
-def chromium():
-    """Opens a headless Chromium: call it after the test's rows are written (Playwright's sync API runs an event
-    loop in this thread, and Django refuses synchronous queries while one runs)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
-
-    @contextlib.contextmanager
-    def launch():
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            try:
-                yield browser
-            finally:
-                browser.close()
-
-    return launch
 
 
 class PageWatch:
