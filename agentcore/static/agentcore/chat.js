@@ -628,8 +628,12 @@ function start() {
     if (state.socket && state.socket.readyState === WebSocket.OPEN) state.socket.send(JSON.stringify({ type: "stop" }));
   });
   const wanted = location.hash.slice(1);
+  // A question sent before the list arrives has opened its own conversation by then: keep it.
   loadSessions()
-    .then(() => (wanted && state.sessions.some((s) => s.id === wanted) ? selectSession(wanted) : newChat()))
+    .then(() => {
+      if (state.current) return null;
+      return wanted && state.sessions.some((s) => s.id === wanted) ? selectSession(wanted) : newChat();
+    })
     .catch((error) => showError(error.message));
   if (!DATA.apps.length) showError("No agent app exists yet: create one in the admin (Agent apps).");
 }
