@@ -32,7 +32,7 @@ from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.models import AuditLog
 from llmconfigs.secrets import url_origin
 from llmconfigs.selectors import llm_config_get, llm_config_resolve
-from llmconfigs.services import audit_record
+from llmconfigs.services import audit_changes, audit_record
 from opsagent.common.client_input import ClientInputError, ObjectBounds, object_check
 
 STALE_RUN_ERROR = "interrupted: the server stopped during this answer"
@@ -243,12 +243,7 @@ def _mcp_command_allowed(actor, server: MCPServer) -> None:
 
 
 def _mcp_changes(before: dict[str, Any], server: MCPServer) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    for name in _MCP_FIELDS:
-        old, new = before.get(name), getattr(server, name)
-        if old != new:
-            changes[name] = {"changed": True} if name in _MCP_SECRET_FIELDS else {"old": old, "new": new}
-    return changes
+    return audit_changes(before, {name: getattr(server, name) for name in _MCP_FIELDS}, secret=_MCP_SECRET_FIELDS)
 
 
 def mcp_server_headers_refusal(*, stored_url: str, stored_headers: dict | None, url: str) -> str:
@@ -350,8 +345,7 @@ def agent_app_save(*, app: AgentApp, actor=None, source: str = "", ip_address: s
         stored = AgentApp.objects.select_for_update().get(pk=app.pk)
         before, after = _app_values(stored), _app_values(app)
         app.save()
-        changes = {name: {"old": before[name], "new": value} for name, value in after.items()
-                   if before.get(name) != value}
+        changes = audit_changes(before, after)
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=app, changes=changes, source=source,
                          ip_address=ip_address, user_agent=user_agent)

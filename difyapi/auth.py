@@ -16,7 +16,7 @@ from agentcore.models import AgentApp
 from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unauthorized
 from difyapi.models import ApiKey
 from llmconfigs.models import AuditLog
-from llmconfigs.services import audit_record
+from llmconfigs.services import audit_changes, audit_record
 from opsagent.common.cache import cache_forget
 from opsagent.common.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
 
@@ -79,8 +79,8 @@ def api_key_update(*, key: ApiKey, actor=None, source: str = "", ip_address: str
     fields = ["name", *LIMIT_FIELDS]
     with transaction.atomic():
         stored = ApiKey.objects.select_for_update().get(pk=key.pk)
-        changes = {name: {"old": _plain(getattr(stored, name)), "new": _plain(getattr(key, name))}
-                   for name in fields if _plain(getattr(stored, name)) != _plain(getattr(key, name))}
+        changes = audit_changes({name: getattr(stored, name) for name in fields},
+                                {name: getattr(key, name) for name in fields}, plain=_plain)
         key.save(update_fields=fields)
         if changes:
             audit_record(actor=actor, action=AuditLog.Action.UPDATE, target=key, source=source,
@@ -148,10 +148,8 @@ def parse_bearer(header: str | None) -> str:
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise unauthorized("Authorization scheme must be 'Bearer'")
-    token = token.strip()
-    if not token:
-        raise unauthorized("Authorization header must be provided and start with 'Bearer'")
-    return token
+    # Never empty: the stripped header has a space with a non-space character after it.
+    return token.strip()
 
 
 # The app of each key as this process last saw it, so that the app's cache entry is asked for in the same round trip

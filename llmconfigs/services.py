@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,6 +62,19 @@ def audit_record(
     )
 
 
+def audit_changes(before: Mapping[str, Any], after: Mapping[str, Any], *, secret: Collection[str] = (),
+                  plain: Callable[[Any], Any] = lambda value: value) -> dict[str, Any]:
+    """The `changes` of an audit row: for each name of `after` whose value differs from `before`, {"old", "new"} as
+    `plain` records them (e.g. Decimals as strings; compared before, so 0.10 and 0.1 are no change); a `secret` field
+    is recorded only as {"changed": True}."""
+    changes: dict[str, Any] = {}
+    for name, value in after.items():
+        old = before.get(name)
+        if old != value:
+            changes[name] = {"changed": True} if name in secret else {"old": plain(old), "new": plain(value)}
+    return changes
+
+
 def llm_config_cache_drop() -> None:
     # Now, so reads later in this transaction see the change; and again after commit, so a concurrent reader that
     # cached the old row in between is corrected.
@@ -77,15 +91,6 @@ def _set_api_key(config: LLMConfig, api_key: str | None) -> bool:
     config.api_key_mask = mask_secret(config.api_key)
     config.api_key_origin = config.endpoint_origin()
     return True
-
-
-def _changed(before: dict[str, Any], config: LLMConfig, fields: list[str]) -> dict[str, Any]:
-    diff = {}
-    for name in fields:
-        old, new = before.get(name), getattr(config, name)
-        if old != new:
-            diff[name] = {"old": _jsonable(old), "new": _jsonable(new)}
-    return diff
 
 
 def _jsonable(value: Any) -> Any:
@@ -190,7 +195,7 @@ def llm_config_update(*, config: LLMConfig, actor=None, api_key: str | None = No
         locked.updated_by = actor if getattr(actor, "is_authenticated", False) else locked.updated_by
         locked.full_clean()
         locked.save()
-        changes = _changed(before, locked, _AUDITED_FIELDS)
+        changes = audit_changes(before, {name: getattr(locked, name) for name in _AUDITED_FIELDS}, plain=_jsonable)
         if key_changed:
             changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}
             llm_config_health_clear(config=locked, actor=actor, source=source, ip_address=ip_address,
@@ -231,7 +236,7 @@ def llm_config_rollback(*, config: LLMConfig, version: int, actor=None, source: 
         # clean_fields() turns the JSON values back into the fields' types (decimals from strings).
         locked.full_clean()
         locked.save()
-        changes = _changed(before, locked, _AUDITED_FIELDS)
+        changes = audit_changes(before, {name: getattr(locked, name) for name in _AUDITED_FIELDS}, plain=_jsonable)
         key_changed = locked.api_key != before_key
         if key_changed:
             changes["api_key"] = {"old": before_mask, "new": locked.api_key_mask}

@@ -18,7 +18,7 @@ from agentcore.graph import ToolRule, truncate
 from agentcore.models import MCPServer, ToolPolicy
 from agentcore.tools import builtin
 from llmconfigs.models import AuditLog
-from llmconfigs.services import audit_record
+from llmconfigs.services import audit_changes, audit_record
 from opsagent.common.cache import cache_forget
 
 SHELL_TOOL = "run_shell"
@@ -128,8 +128,7 @@ def tool_policy_update(*, name: str, actor=None, source: str = "", ip_address: s
         policy = ToolPolicy.objects.select_for_update().filter(name=name).first()
         if policy is None:
             raise InvalidInput(f"Unknown tool {name!r}.", field="name")
-        changes = {key: {"old": getattr(policy, key), "new": value} for key, value in fields.items()
-                   if getattr(policy, key) != value}
+        changes = audit_changes({key: getattr(policy, key) for key in fields}, fields)
         for key, value in fields.items():
             setattr(policy, key, value)
         policy.save()
