@@ -7,6 +7,7 @@ import json
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -18,7 +19,7 @@ from django.utils.timezone import localtime
 from llmconfigs.errors import LLMConfigError
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS
-from llmconfigs.routing import health_of
+from llmconfigs.routing import cooling_until, health_of
 from llmconfigs.selectors import llm_config_versions
 from llmconfigs.services import (
     llm_config_activate,
@@ -123,6 +124,16 @@ def _copy_saved(target: LLMConfig, saved: LLMConfig) -> None:
     target._state.db = saved._state.db
 
 
+class _HealthChangeList(ChangeList):
+    """The list page reads the cooldowns of all its rows in one cache round trip, not one per row."""
+
+    def get_results(self, request):
+        super().get_results(request)
+        cooling = cooling_until([obj.pk for obj in self.result_list])
+        for obj in self.result_list:
+            obj.cooling = cooling
+
+
 @admin.register(LLMConfig)
 class LLMConfigAdmin(admin.ModelAdmin):
     form = LLMConfigForm
@@ -173,6 +184,9 @@ class LLMConfigAdmin(admin.ModelAdmin):
         # The key is decrypted only when a form needs it (lazily, for validation); lists never read it.
         return super().get_queryset(request).defer("api_key")
 
+    def get_changelist(self, request, **kwargs):
+        return _HealthChangeList
+
     def lookup_allowed(self, lookup, value, request=None):
         if lookup.split("__", 1)[0] in _SECRET_FIELDS:
             return False
@@ -214,7 +228,7 @@ class LLMConfigAdmin(admin.ModelAdmin):
     def health(self, obj: LLMConfig) -> str:
         if obj.pk is None:
             return "-"
-        health = health_of(obj)
+        health = health_of(obj, cooling=getattr(obj, "cooling", None))
         if health["state"] == "ok":
             return "ok"
         detail = f" until {health['until']}" if health["until"] else ""

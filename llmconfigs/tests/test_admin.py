@@ -237,6 +237,41 @@ def test_routing_columns_and_a_test_connection_that_brings_a_refused_key_back(ad
     assert "auth_failed" not in admin_client.get(CHANGELIST).content.decode()
 
 
+def test_the_list_shows_each_rows_cooldown_from_one_cache_read(admin_client, make_llm_config):
+    from django.core.cache import cache
+
+    from llmconfigs.errors import ProviderCallError
+    from llmconfigs.routing import provider_failure_record
+
+    members = [make_llm_config(name=f"member-{n}", route="pool") for n in range(4)]
+    provider_failure_record(config=members[2], error=ProviderCallError("rate_limit", "slow down", status_code=429))
+    # Round trips to the cache: get_many counts once (the local-memory cache implements it with get).
+    reads, inside = [], []
+    real_get, real_get_many = cache.get, cache.get_many
+
+    def get(key, *args, **kwargs):
+        if not inside:
+            reads.append([key])
+        return real_get(key, *args, **kwargs)
+
+    def get_many(keys, *args, **kwargs):
+        reads.append(list(keys))
+        inside.append(True)
+        try:
+            return real_get_many(keys, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "get", get)
+        patch.setattr(cache, "get_many", get_many)
+        html = admin_client.get(CHANGELIST + "?q=member").content.decode()
+    rows = {name: html.split(f">{name}<", 1)[1].split("</tr>", 1)[0] for name in ("member-1", "member-2")}
+    assert "cooling_down until" in rows["member-2"] and "rate_limit: slow down" in rows["member-2"]
+    assert "cooling_down" not in rows["member-1"]
+    assert len([keys for keys in reads if any("llmhealth:cool" in str(key) for key in keys)]) == 1
+
+
 # ----- config history -----
 
 
