@@ -306,6 +306,11 @@ def test_admin_config_form_and_approvals_others_decide(chromium, daphne_server, 
             # The pool's first member (highest priority) answered.
             assert fake_upstream.chat_requests[-1].body["model"] == "fake-a"
             assert "fake-a" in _last_answer(page).locator(".meta").inner_text()
+            # The conversation keeps its pool (it stores a config, not a pool): opened again, the picker shows it.
+            assert page.input_value("#model") == "route:fast"
+            page.reload()
+            page.wait_for_selector(".bubble.user", timeout=WAIT)
+            assert page.input_value("#model") == "route:fast"
         with steps.step("app-form-tools"):
             page.goto(f"{daphne_server.base_url}/admin/agentcore/agentapp/add/")
             label = page.locator("label:has(input[name=enabled_tools][value=current_time])")

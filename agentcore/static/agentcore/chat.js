@@ -308,6 +308,8 @@ async function selectSession(id) {
   $("app").value = session.app_id;
   $("app").disabled = true;  // a conversation stays with its app
   $("model").value = configById(session.llm_config_id) ? session.llm_config_id : "";  // a removed model: the default
+  const pool = rememberedPool(id);
+  if (pool && DATA.routes.some((route) => route.name === pool)) $("model").value = `route:${pool}`;
   const saved = session.model_parameters || {};
   for (const name of ["temperature", "top_p", "max_tokens"]) $(name).value = saved[name] ?? "";
   applyRanges();
@@ -556,6 +558,18 @@ function onEvent(event) {
   scrollDown();
 }
 
+// A conversation stores a config, not a pool: the pool picked for it is remembered in this browser.
+function rememberPool(sessionId, route) {
+  try {
+    if (route) localStorage.setItem(`opsagent.pool.${sessionId}`, route);
+    else localStorage.removeItem(`opsagent.pool.${sessionId}`);
+  } catch { /* storage disabled: the picker falls back to the conversation's config */ }
+}
+
+function rememberedPool(sessionId) {
+  try { return localStorage.getItem(`opsagent.pool.${sessionId}`); } catch { return null; }
+}
+
 async function send(text, params) {
   const body = { type: "chat", message: text, ...params };
   const route = pickedRoute();
@@ -567,8 +581,10 @@ async function send(text, params) {
       const session = await api("POST", "/api/sessions/", { app_id: $("app").value || null, name: shortName(text),
         llm_config_id: configId, model_parameters: params });
       state.sessions.unshift(session);
+      rememberPool(session.id, route);
       await selectSession(session.id);
     } else {
+      rememberPool(state.current.id, route);
       api("PATCH", `/api/sessions/${state.current.id}/`, { llm_config_id: configId, model_parameters: params }).then((saved) => Object.assign(state.current, saved)).catch(() => {});
     }
     const socket = await socketFor(state.current.id);
