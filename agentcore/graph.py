@@ -170,7 +170,7 @@ async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[
     raise error  # outside the except clause, so the unscrubbed original is not kept as its context
 
 
-def route(state: AgentState, runtime: Runtime[AgentContext]) -> str:
+async def route(state: AgentState, runtime: Runtime[AgentContext]) -> str:
     last = state["messages"][-1]
     if not isinstance(last, AIMessage) or not last.tool_calls:
         return END
@@ -205,7 +205,7 @@ async def run_tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[s
     return {"messages": results}
 
 
-def refuse_over_limit(state: AgentState) -> dict[str, Any]:
+async def refuse_over_limit(state: AgentState) -> dict[str, Any]:
     calls = state["messages"][-1].tool_calls
     return {"messages": [
         ToolMessage(content=LIMIT_REACHED, tool_call_id=c["id"], name=c["name"], artifact={"status": "error"})

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.consumer import AsyncConsumer
+from channels.consumer import AsyncConsumer, get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
@@ -75,6 +75,15 @@ class DifyHttpConsumer(AsyncConsumer):
         self.body: list[bytes] = []
         self.task: asyncio.Task | None = None
         self.context: AppContext | None = None  # set when the key was checked before the body had arrived
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' own dispatch first closes stale database connections in a thread hop of its own, for every message
+        # (the request, the disconnect). Every database call here goes through database_sync_to_async, which does that
+        # around the call itself: the extra hop was pure cost.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def http_request(self, message: dict[str, Any]) -> None:
         self.body.append(message.get("body", b""))
