@@ -1,9 +1,10 @@
 """Profile: where the server's CPU goes while it streams /v1/chat-messages (chat or agent-chat), sampled with py-spy.
 
 Standalone like bench/dify_overhead.py (fake upstream, temporary database, daphne). py-spy samples the daphne process
-(only the thread holding the GIL: where the CPU goes) while `-n` streamed requests run one after another (or `--concurrency` at a time), then this prints the functions with
-the most samples on top of the stack (self) and the project/library modules with the most samples anywhere in the
-stack (inclusive). The raw collapsed stacks are kept (--out) for a flame graph (e.g. speedscope.app, offline copy).
+(only the thread holding the GIL: where the CPU goes) while `-n` streamed requests run one after another (or
+`--concurrency` at a time); then this prints the server's CPU per request, the functions with the most samples on top
+of the stack (self) and the packages with the most samples anywhere in the stack (inclusive). The raw collapsed stacks
+are kept (--out) for a flame graph. `--cpu-only` measures the CPU per request without sampling.
 Run: `.venv/bin/python bench/profile_stream.py [--mode chat|agent-chat] [-n 300] [--concurrency 1] [--rate 250]`.
 py-spy needs ptrace rights over daphne (a child of this script: fine as root or with ptrace_scope 0).
 """
@@ -22,9 +23,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from dify_overhead import bench_server, cpu_seconds, ttft_dify  # noqa: E402
+from bench.dify_overhead import bench_server, cpu_seconds, ttft_dify  # noqa: E402
 
 PROJECT = {"agentcore", "difyapi", "llmconfigs", "opsagent"}
 KEY = f"app-profile-{secrets.token_hex(12)}"
