@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import mimetypes
 import uuid
 from dataclasses import dataclass, field
@@ -182,7 +183,11 @@ def _model_field(name: str, value: Any) -> Any:
         number = float(value)
     except ValueError:
         number = None
+    except OverflowError:  # an integer no float holds (JSON allows it): past every range, as infinity is
+        number = math.inf
     if name == "max_tokens":
+        if isinstance(value, int) and value >= 1:
+            return value  # exact, however large: the provider's range check refuses it by name
         if number is None or not number.is_integer() or number < 1:
             raise invalid_param("max_tokens must be a positive integer")
         return int(number)

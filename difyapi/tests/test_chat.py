@@ -109,6 +109,9 @@ async def test_agent_chat_refuses_blocking_mode(default_llm_config, fake_upstrea
         ({"top_p": 3}, "top_p"),
         ({"max_tokens": 1.5}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
+        # Integers too large for a float (JSON allows them): refused, not a 500.
+        ({"temperature": 10**400}, "temperature"),
+        ({"max_tokens": 10**400}, "max_tokens"),
         ({"inputs": {"temperature": "hot"}}, "temperature"),
         ({"auto_generate_name": "maybe"}, "auto_generate_name"),
         ({"approval": "yes"}, "approval"),
