@@ -256,6 +256,15 @@ async def test_an_inactive_config_is_refused_naming_it(chat_app, make_llm_config
     assert fake_upstream.chat_requests == []
 
 
+async def test_a_model_name_longer_than_any_config_can_have_is_refused_without_a_lookup(chat_app, fake_upstream):
+    # Every input has a bound: a 100 kB `model` is neither looked up (nor cached) nor echoed back.
+    _, key = chat_app
+    status, data = await post(key, body(model="m" * 100_000))
+    assert status == 400 and data["code"] == "invalid_param"
+    assert data["message"] == "model must be at most 200 characters"
+    assert fake_upstream.chat_requests == []
+
+
 async def test_no_configured_model_is_provider_not_initialize(db, fake_upstream):
     _, key = await sync_to_async(make_app_with_key)(name="unconfigured")
     status, data = await post(key, body())
