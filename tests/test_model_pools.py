@@ -191,6 +191,22 @@ async def test_priority_order_keeps_the_backup_idle_while_the_main_member_answer
     assert upstreams.healthy.chat_requests == []
 
 
+async def test_a_member_after_a_failover_is_called_with_its_own_settings(chat_app, plain_user, upstreams, member):
+    # The first member's own temperature and max_tokens are its settings, not the request's: the member that answers
+    # after it uses its own. What the request asks for goes to every member.
+    await database_sync_to_async(member)("dead", upstreams.closed, priority=1, temperature=0.2, max_tokens=50)
+    await database_sync_to_async(member)("alive", upstreams.healthy, temperature=0.9, max_tokens=300)
+    assert (await _turn(chat_app, plain_user))[-1].answer == "Healthy answers."
+    sent = upstreams.healthy.chat_requests[-1].body
+    assert (sent["temperature"], sent.get("max_completion_tokens", sent.get("max_tokens"))) == (0.9, 300)
+
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(model="pool-m", temperature=0.5)))
+    assert events[-1].answer == "Healthy answers."
+    sent = upstreams.healthy.chat_requests[-1].body
+    assert (sent["temperature"], sent.get("max_completion_tokens", sent.get("max_tokens"))) == (0.5, 300)
+
+
 async def test_a_refused_key_is_marked_auth_failed_and_left_out(chat_app, plain_user, upstreams, member):
     refused = await database_sync_to_async(member)("refused", upstreams.second, priority=1)
     await database_sync_to_async(member)("alive", upstreams.healthy)
