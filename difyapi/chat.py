@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import mimetypes
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 STREAMING = "streaming"
 BLOCKING = "blocking"
 MODEL_FIELDS = ("model_config_id", "model", "temperature", "max_tokens", "top_p")
+# The longest name, route or model name a config can have (LLMConfig's columns): a longer `model` names nothing.
+MODEL_MAX_LENGTH = 200
 FILE_TYPES = ("image", "document", "audio", "video", "custom")
 TRANSFER_METHODS = ("remote_url", "local_file")
 TEXT_EXTENSIONS = frozenset({"txt", "md", "markdown", "csv", "json", "log", "yaml", "yml"})
@@ -175,6 +178,8 @@ def _model_field(name: str, value: Any) -> Any:
     if name == "model":
         if not isinstance(value, str) or not value.strip():
             raise invalid_param("model must be a non-empty string (an LLM config name or model name)")
+        if len(value.strip()) > MODEL_MAX_LENGTH:
+            raise invalid_param(f"model must be at most {MODEL_MAX_LENGTH} characters")
         return value.strip()
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise invalid_param(f"{name} must be {'an integer' if name == 'max_tokens' else 'a number'}")
@@ -182,7 +187,11 @@ def _model_field(name: str, value: Any) -> Any:
         number = float(value)
     except ValueError:
         number = None
+    except OverflowError:  # an integer no float holds (JSON allows it): past every range, as infinity is
+        number = math.inf
     if name == "max_tokens":
+        if isinstance(value, int) and value >= 1:
+            return value  # exact, however large: the provider's range check refuses it by name
         if number is None or not number.is_integer() or number < 1:
             raise invalid_param("max_tokens must be a positive integer")
         return int(number)

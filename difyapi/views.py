@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import html
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
+from django.core.handlers.asgi import ASGIRequest
 from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
@@ -319,7 +321,7 @@ def file_upload(request: HttpRequest, app: AgentApp) -> HttpResponse:
 FILE_CONTENT_SECURITY_POLICY = "sandbox; default-src 'none'; frame-ancestors 'none'"
 
 
-def _file_response(upload, *, as_attachment: bool) -> HttpResponse:
+def _file_response(request: HttpRequest, upload, *, as_attachment: bool) -> HttpResponse:
     """The bytes of an upload: inline only for a safe raster image (unless a download is asked for), an attachment
     otherwise, never with a type the upload's sniffing did not produce."""
     content_type, may_be_inline = filetypes.served_type(upload.mime_type)
@@ -329,10 +331,20 @@ def _file_response(upload, *, as_attachment: bool) -> HttpResponse:
         raise FILE_NOT_FOUND from None
     response = FileResponse(handle, as_attachment=as_attachment or not may_be_inline, filename=upload.name,
                             content_type=content_type)
+    if isinstance(request, ASGIRequest):
+        # Under ASGI Django reads a synchronous file iterator whole into memory before sending it: stream it instead
+        # (the headers stay those FileResponse derived from the file, which it still closes).
+        response.streaming_content = _file_chunks(handle, FileResponse.block_size * 16)
     response["Content-Length"] = str(upload.size)
     response["X-Content-Type-Options"] = "nosniff"
     response["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response
+
+
+async def _file_chunks(handle, size: int) -> AsyncIterator[bytes]:
+    read = sync_to_async(handle.read, thread_sensitive=False)
+    while chunk := await read(size):
+        yield chunk
 
 
 @dify_endpoint("GET")
@@ -342,7 +354,7 @@ def file_preview(request: HttpRequest, app: AgentApp, file_id) -> HttpResponse:
     upload = selectors.upload_file_get(app=app, file_id=file_id)
     if upload is None:
         raise FILE_NOT_FOUND
-    return _file_response(upload, as_attachment=as_attachment)
+    return _file_response(request, upload, as_attachment=as_attachment)
 
 
 @dify_endpoint("GET", authenticated=False)
@@ -359,7 +371,7 @@ def file_signed_preview(request: HttpRequest, file_id) -> HttpResponse:
     if upload is None:
         raise FILE_NOT_FOUND
     as_attachment = bool_from(query.get("as_attachment"), field="as_attachment", default=False)
-    return _file_response(upload, as_attachment=as_attachment)
+    return _file_response(request, upload, as_attachment=as_attachment)
 
 
 # ----- audio: Dify's own "not supported" answers -----

@@ -194,6 +194,7 @@ class PoolChatModel(BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         if not self.members:
             raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
+        failure: BaseException | None = None  # the last call's error, scrubbed
         for index, config in enumerate(self.members):
             last = index == len(self.members) - 1
             started = time.monotonic()
@@ -204,7 +205,9 @@ class PoolChatModel(BaseChatModel):
                 # another endpoint. Nothing is wrong with the provider, so its health stays as it is.
                 self._attempt(config, getattr(exc, "category", "bad_request"), started)
                 if last:
-                    raise
+                    if failure is None:
+                        raise
+                    break  # the turn's error is the last call's, not this refusal
                 continue
             stream = model._astream(messages, stop=stop, **kwargs)
             try:
@@ -219,9 +222,9 @@ class PoolChatModel(BaseChatModel):
                 # the database. `settle()` waits for it before the turn is saved.
                 self._recording.append(asyncio.ensure_future(
                     database_sync_to_async(provider_failure_record)(config=config, error=error)))
+                # Scrubbed with this member's key (the caller knows no single key of a pool).
+                failure = provider_exception_scrubbed(exc, api_key=config.api_key)
                 if last or error.category not in FAILOVER_CATEGORIES:
-                    # Scrubbed with this member's key (the caller knows no single key of a pool).
-                    failure = provider_exception_scrubbed(exc, api_key=config.api_key)
                     break
                 continue
             self._attempt(config, "", started)

@@ -191,6 +191,37 @@ async def test_priority_order_keeps_the_backup_idle_while_the_main_member_answer
     assert upstreams.healthy.chat_requests == []
 
 
+async def test_a_member_after_a_failover_is_called_with_its_own_settings(chat_app, plain_user, upstreams, member):
+    # The first member's own temperature and max_tokens are its settings, not the request's: the member that answers
+    # after it uses its own. What the request asks for goes to every member.
+    await database_sync_to_async(member)("dead", upstreams.closed, priority=1, temperature=0.2, max_tokens=50)
+    await database_sync_to_async(member)("alive", upstreams.healthy, temperature=0.9, max_tokens=300)
+    assert (await _turn(chat_app, plain_user))[-1].answer == "Healthy answers."
+    sent = upstreams.healthy.chat_requests[-1].body
+    assert (sent["temperature"], sent.get("max_completion_tokens", sent.get("max_tokens"))) == (0.9, 300)
+
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(model="pool-m", temperature=0.5)))
+    assert events[-1].answer == "Healthy answers."
+    sent = upstreams.healthy.chat_requests[-1].body
+    assert (sent["temperature"], sent.get("max_completion_tokens", sent.get("max_tokens"))) == (0.5, 300)
+
+
+async def test_a_last_member_that_refuses_the_requested_parameters_leaves_the_last_call_s_error(
+        chat_app, plain_user, upstreams, member):
+    # temperature 1.5 suits the first member (OpenAI: 0-2), not the last (Moonshot: 0-1), which is never called:
+    # the turn's error is the first member's, not an internal error.
+    await database_sync_to_async(member)("dead", upstreams.closed, priority=1)
+    await database_sync_to_async(member)("narrow", upstreams.healthy, provider="moonshot")
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(model="pool-m", temperature=1.5)))
+    assert isinstance(events[-1], RunError) and events[-1].category == "unreachable", events[-1]
+    assert upstreams.healthy.chat_requests == []
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert [(a["config_name"], a["category"]) for a in message.attempts] == [("dead", "unreachable"),
+                                                                               ("narrow", "bad_request")]
+
+
 async def test_a_refused_key_is_marked_auth_failed_and_left_out(chat_app, plain_user, upstreams, member):
     refused = await database_sync_to_async(member)("refused", upstreams.second, priority=1)
     await database_sync_to_async(member)("alive", upstreams.healthy)

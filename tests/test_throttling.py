@@ -53,3 +53,19 @@ def test_forwarded_addresses_are_believed_only_from_trusted_proxies(settings):
     scope = {"client": ("10.0.0.9", 1234), "headers": [(b"x-forwarded-for", b"6.6.6.6, 203.0.113.7")]}
     assert scope_client_ip(scope) == "203.0.113.7"
     assert scope_client_ip({"client": ("192.0.2.1", 1), "headers": scope["headers"]}) == "192.0.2.1"
+
+
+def test_a_forwarded_hop_is_an_address_or_nothing(settings):
+    # Some proxies add the client's port; a hop that is no address at all ("unknown") names nobody. Either way no
+    # text other than an address reaches an audit row (PostgreSQL's inet column refuses it: a 500) or a lockout.
+    settings.TRUSTED_PROXY_IPS = ["10.0.0.9"]
+    factory = RequestFactory()
+
+    def forwarded(value: str) -> str | None:
+        return client_ip(factory.get("/", REMOTE_ADDR="10.0.0.9", HTTP_X_FORWARDED_FOR=value))
+
+    assert forwarded("203.0.113.7:5123") == "203.0.113.7"
+    assert forwarded("[2001:db8::1]:443, 10.0.0.9:80") == "2001:db8::1"
+    assert forwarded("2001:db8::2") == "2001:db8::2"
+    assert forwarded("6.6.6.6, unknown") is None
+    assert forwarded("<script>" * 100) is None

@@ -267,7 +267,9 @@ class _Run:
                                                setup=self.turn.tool_setup)
         else:
             tools, rules = {}, {}
-        overrides = {k: self.turn.parameters.get(k) for k in OVERRIDABLE}
+        overrides = self.turn.requested_parameters
+        if overrides is None:
+            overrides = {k: self.turn.parameters.get(k) for k in OVERRIDABLE}
         model = self.output.model = run_chat_model(self.turn.pool or [self.config], overrides)
         if self.turn.resume is not None:
             await self.output.load_thoughts()

@@ -138,7 +138,8 @@ def _prepare_query(request: TurnRequest) -> Turn:
             tools=list(overrides.tools) if overrides.tools is not None else None,
         )
     return Turn(session=session, message=message, config=config, parameters=parameters, session_created=created,
-                tools=message.tools, attachments=tuple(request.attachments), pool=pool)
+                tools=message.tools, attachments=tuple(request.attachments), pool=pool,
+                requested_parameters={k: parameters[k] for k, v in requested.items() if v is not None})
 
 
 def _check_capacity(app: AgentApp) -> None:

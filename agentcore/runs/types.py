@@ -77,3 +77,6 @@ class Turn:
     # The configs that may answer, in the order to try them (llmconfigs.routing); `config` is the first.
     pool: list[LLMConfig] = field(default_factory=list)
     meter: Meter | None = None  # charged with every provider call of the turn (agentcore.limits)
+    # The sampling parameters the app, conversation or request asked for, sent to every member of the pool (each
+    # member keeps its own settings for the rest). None: `parameters` (a resumed turn, whose request is not kept).
+    requested_parameters: dict | None = None

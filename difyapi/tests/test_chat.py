@@ -109,6 +109,9 @@ async def test_agent_chat_refuses_blocking_mode(default_llm_config, fake_upstrea
         ({"top_p": 3}, "top_p"),
         ({"max_tokens": 1.5}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
+        # Integers too large for a float (JSON allows them): refused, not a 500.
+        ({"temperature": 10**400}, "temperature"),
+        ({"max_tokens": 10**400}, "max_tokens"),
         ({"inputs": {"temperature": "hot"}}, "temperature"),
         ({"auto_generate_name": "maybe"}, "auto_generate_name"),
         ({"approval": "yes"}, "approval"),
@@ -250,6 +253,15 @@ async def test_an_inactive_config_is_refused_naming_it(chat_app, make_llm_config
     status, data = await post(key, body(model_config_id=str(inactive.pk)))
     assert status == 400 and data["code"] == "invalid_param"
     assert data["message"] == "LLM config 'retired' (model_config_id) is inactive."
+    assert fake_upstream.chat_requests == []
+
+
+async def test_a_model_name_longer_than_any_config_can_have_is_refused_without_a_lookup(chat_app, fake_upstream):
+    # Every input has a bound: a 100 kB `model` is neither looked up (nor cached) nor echoed back.
+    _, key = chat_app
+    status, data = await post(key, body(model="m" * 100_000))
+    assert status == 400 and data["code"] == "invalid_param"
+    assert data["message"] == "model must be at most 200 characters"
     assert fake_upstream.chat_requests == []
 
 

@@ -6,10 +6,13 @@ import hashlib
 import hmac
 import time
 import uuid
+import warnings
 from urllib.parse import urlsplit
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import AsyncClient
 
 from difyapi.models import EndUser, MessageFile, UploadFile
 from difyapi.tests.factories import DifyClient, assert_error, make_app, make_key, make_message, make_session
@@ -232,3 +235,22 @@ def test_uploaded_file_appears_in_message_files(app, client):
     assert item["mime_type"] == "image/png" and item["size"] == len(PNG) and item["transfer_method"] == "local_file"
     assert item["url"].startswith("http://testserver/v1/files/")
     assert DifyClient(None).get(item["url"].split("testserver", 1)[1]).getvalue() == PNG
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_preview_under_asgi_streams_the_file_in_chunks(media):
+    # Under ASGI a synchronous file iterator is read whole into memory first (Django warns): the file must go out
+    # as an asynchronous stream.
+    app = await sync_to_async(make_app)()
+    client = DifyClient(await sync_to_async(make_key)(app))
+    content = PNG + bytes(range(256)) * 1000
+    file_id = (await sync_to_async(upload)(client, file=file(content=content))).json()["id"]
+    await sync_to_async(client.close)()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        response = await AsyncClient().get(f"/v1/files/{file_id}/preview", headers=client.headers)
+        body = b"".join([chunk async for chunk in response])
+    assert response.status_code == 200 and body == content
+    assert response["Content-Length"] == str(len(content)) and response["Content-Type"] == "image/png"
+    assert [str(w.message) for w in caught if "synchronous iterators" in str(w.message)] == []

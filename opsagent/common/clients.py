@@ -2,6 +2,8 @@
 X-Forwarded-For only from trusted proxies), its User-Agent, and the audit context every audited service takes."""
 from __future__ import annotations
 
+import ipaddress
+
 from django.conf import settings
 
 
@@ -25,11 +27,26 @@ def _client_address(remote: str | None, forwarded: str | None) -> str | None:
     if not remote or remote not in trusted or not forwarded:
         return remote or None
     # Each proxy appends the address it saw: the rightmost one no trusted proxy added is the client.
-    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    hops = [_address(hop) for hop in forwarded.split(",") if hop.strip()]
     for hop in reversed(hops):
         if hop not in trusted:
             return hop
     return hops[0] if hops else remote
+
+
+def _address(hop: str) -> str | None:
+    """A forwarded hop as an IP address, without the port some proxies add (`203.0.113.7:5123`, `[2001:db8::1]:443`);
+    None when it is no address ("unknown", garbage): only an address may go into an audit row (PostgreSQL's inet
+    column refuses anything else) or name a lockout."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
 
 
 # Enough to tell clients apart; a client-chosen header must not grow the audit table without bound.
