@@ -67,7 +67,9 @@ def api_key_revoke(*, key: ApiKey, actor=None, source: str = "", ip_address: str
             audit_record(actor=actor, action=AuditLog.Action.REVOKE, target=key, source=source,
                          ip_address=ip_address, user_agent=user_agent,
                          changes={"key": {"old": str(key)}, "app": {"old": str(key.app)}})
-    cache.delete(_cache_key(key.key_hash))
+        # Now and again on commit: inside a caller's transaction, a request between this and the commit would
+        # cache the key as valid again.
+        cache_forget(_cache_key(key.key_hash))
     key.refresh_from_db()
     return key
 

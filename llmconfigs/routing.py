@@ -205,8 +205,10 @@ class PoolChatModel(BaseChatModel):
                 # another endpoint. Nothing is wrong with the provider, so its health stays as it is.
                 self._attempt(config, getattr(exc, "category", "bad_request"), started)
                 if last:
-                    if failure is None:
-                        raise
+                    if failure is None:  # no member was called: the turn is refused, saying why
+                        if isinstance(exc, ProviderCallError):
+                            raise
+                        raise ProviderCallError("bad_request", exc.message, status_code=400) from None
                     break  # the turn's error is the last call's, not this refusal
                 continue
             stream = model._astream(messages, stop=stop, **kwargs)

@@ -336,3 +336,18 @@ async def test_a_key_echoed_by_a_failing_member_is_stored_nowhere(chat_app, plai
     for stored in (fresh.last_error, json.dumps(message.attempts), audits):
         assert echoing.api_key not in stored
     assert fresh.last_error.startswith("rate_limit: Rate limit for ")
+
+
+async def test_members_that_all_refuse_before_any_call_end_the_turn_with_a_clear_refusal(chat_app, plain_user,
+                                                                                        upstreams, member):
+    # The first member's key was entered for another endpoint (refused before any call); the last one's provider
+    # (Moonshot: 0-1) refuses temperature 1.5: no call was made, and the turn says why instead of an internal error.
+    moved = await database_sync_to_async(member)("moved", upstreams.healthy, priority=1)
+    await LLMConfig.objects.filter(pk=moved.pk).aupdate(api_key_origin="https://elsewhere.example")
+    await database_sync_to_async(member)("narrow", upstreams.healthy, provider="moonshot")
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user,
+                                       overrides=TurnOverrides(model="pool-m", temperature=1.5)))
+    error = events[-1]
+    assert isinstance(error, RunError) and error.category == "bad_request", error
+    assert "temperature" in error.message
+    assert upstreams.healthy.chat_requests == []

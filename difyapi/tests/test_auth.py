@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import connection
+from django.core.cache import cache
+from django.db import connection, transaction
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 
-from difyapi.auth import KEY_PREFIX, api_key_create, api_key_generate, api_key_hash, api_key_revoke
+from difyapi.auth import KEY_PREFIX, _cache_key, api_key_create, api_key_generate, api_key_hash, api_key_revoke
 from difyapi.models import ApiKey
 from difyapi.tests.factories import assert_error, make_app, make_key
 
@@ -73,6 +74,22 @@ def test_revoking_a_key_leaves_the_apps_other_keys_working():
     assert_error(info(first), 401, "unauthorized", "Access token is invalid")
     assert info(second).status_code == 200
     assert ApiKey.objects.get(last4=second[-4:]).revoked_at is None
+
+
+def test_a_key_revoked_inside_a_transaction_is_not_left_valid_by_a_request_before_the_commit(
+        django_capture_on_commit_callbacks):
+    app = make_app()
+    key = make_key(app)
+    assert info(key).status_code == 200  # cached as valid
+    row = ApiKey.objects.get(app=app)
+    entry = _cache_key(row.key_hash)
+    valid = cache.get(entry)
+    assert valid is not None
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        api_key_revoke(key=row)
+        # A request on another connection before the commit still reads the key as valid and caches it again.
+        cache.set(entry, valid)
+    assert_error(info(key), 401, "unauthorized", "Access token is invalid")
 
 
 def test_revoking_a_revoked_key_keeps_the_time_it_was_revoked():
