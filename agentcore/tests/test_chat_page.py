@@ -53,6 +53,17 @@ def test_any_active_user_signs_in_for_the_chat_page_with_the_admins_brakes_on_gu
     assert "_auth_user_id" not in client.session
 
 
+def test_the_right_password_at_the_admin_is_no_failure_for_a_user_who_is_not_staff(plain_user, settings):
+    """The admin refuses a non-staff user with the right password; that must not lock the user out of /login/."""
+    settings.ADMIN_LOGIN_FAILURE_LIMIT = 2
+    client = Client()
+    for _ in range(3):
+        refused = client.post("/admin/login/?next=/admin/", {"username": "alice", "password": "pw-alice-123"})
+        assert refused.status_code == 200 and "Too many failed login attempts" not in refused.content.decode()
+    signed_in = client.post("/login/", {"username": "alice", "password": "pw-alice-123", "next": "/chat/"})
+    assert signed_in.status_code == 302 and signed_in["Location"] == "/chat/"
+
+
 def test_signed_in_users_land_on_the_chat_page(plain_user):
     client = Client()
     client.force_login(plain_user)

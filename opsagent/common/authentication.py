@@ -54,7 +54,9 @@ class LoginThrottle:
         try:
             cleaned = super().clean()
         except ValidationError:
-            login_failure_record(username=username, ip=ip)
+            # A right password refused by the form's own rule (the admin's: staff only) is no guess.
+            if getattr(self, "user_cache", None) is None:
+                login_failure_record(username=username, ip=ip)
             raise
         login_failures_clear(username=username)
         return cleaned
