@@ -265,6 +265,7 @@ async function deleteSession(session) {
   if (!window.confirm(`Delete "${session.name || "New chat"}"?`)) return;
   try {
     await api("DELETE", `/api/sessions/${session.id}/`);
+    rememberPool(session.id, null);
     state.sessions = state.sessions.filter((other) => other.id !== session.id);
     if (state.current && state.current.id === session.id) newChat();
     renderSessions();
