@@ -30,6 +30,7 @@ from agentcore.runs import (
     turn_prepare,
     turn_run,
 )
+from difyapi.annotations import AnnotationReply, ReplyPlan, annotation_reply_for, annotation_reply_plan
 from difyapi.auth import AppContext, authenticate
 from difyapi.chat import (
     CHAT_NUL_STRIPPED,
@@ -41,7 +42,7 @@ from difyapi.chat import (
 )
 from difyapi.encoding import dify_json
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
-from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, run_error_to_dify
+from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, annotation_reply_events, run_error_to_dify
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
@@ -151,7 +152,7 @@ class DifyHttpConsumer(AsyncConsumer):
 def _chat_turn(
     header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None,
     user_agent: str = "",
-) -> tuple[ChatCall, Turn]:
+) -> tuple[ChatCall, ReplyPlan | None, Turn]:
     """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
     wait for."""
@@ -160,6 +161,8 @@ def _chat_turn(
     try:
         call = chat_call_build(app=context.app, payload=payload, meter=context.meter,
                                audit={"source": "api", "ip_address": client_ip, "user_agent": user_agent})
+        # A new query may be one an annotation answers (an approval's decision never is).
+        plan = annotation_reply_plan(app=context.app) if call.request.approval is None else None
         # With files, their rows are written in the turn's transaction: a turn never exists without them.
         with transaction.atomic() if call.files else contextlib.nullcontext():
             turn = turn_prepare(call.request)
@@ -169,7 +172,7 @@ def _chat_turn(
         raise
     except Exception as exc:
         raise dify_error_from(exc, app=context.app) from exc
-    return call, turn
+    return call, plan, turn
 
 
 # After these, a stream has said its last word: no ping may follow.
@@ -184,13 +187,16 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         # request fails before the run.
         saver = SaverOpening()
         try:
-            call, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
+            call, plan, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
                 _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
                 (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT],
             ))
             try:
-                if call.streaming:
+                reply = await annotation_reply_for(plan=plan, message=turn.message)
+                if reply is not None:
+                    await self.annotation_answer(turn, reply, streaming=call.streaming)
+                elif call.streaming:
                     await self.stream(turn, saver)
                 else:
                     await self.blocking(turn, saver)
@@ -239,6 +245,19 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
         await self.send({"type": "http.response.body", "body": b""})
+
+    async def annotation_answer(self, turn: Turn, reply: AnnotationReply, *, streaming: bool) -> None:
+        """The answer of an annotation (already recorded): no model call, so no run, pings or stop to hear."""
+        dify = DifyTurn(mode=turn.session.app.mode, annotation_reply=reply.metadata)
+        events = annotation_reply_events(turn, reply.answer)
+        if not streaming:
+            for event in events[:-1]:
+                dify.collect(event)
+            await self.send_json(200, dify.blocking(events[-1]))
+            return
+        await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        body = b"".join(encode_event(data) for data in map(dify.stream, events) if data is not None)
+        await self.send({"type": "http.response.body", "body": body})
 
     async def _ping(self, lock: asyncio.Lock, ended) -> None:
         interval = settings.DIFY_PING_INTERVAL

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentcore.events import ApprovalRequired, RunEnd, RunError, RunStarted, TextDelta, ThoughtUpdate, Usage
+from agentcore.events import (
+    ApprovalRequired,
+    Event,
+    RunEnd,
+    RunError,
+    RunStarted,
+    TextDelta,
+    ThoughtUpdate,
+    Usage,
+)
 from agentcore.models import AgentApp, Thought
-from agentcore.runs import UNAVAILABLE
+from agentcore.runs import UNAVAILABLE, Turn
 from difyapi.errors import DifyError
 from difyapi.presenters import (
     message_metadata,
@@ -46,9 +55,12 @@ def _usage(usage: Usage | None) -> dict[str, Any]:
 class DifyTurn:
     """Turns the neutral events of one run into Dify's stream events (`stream`) or blocking answer (`blocking`)."""
 
-    def __init__(self, *, mode: str):
+    def __init__(self, *, mode: str, annotation_reply: dict[str, Any] | None = None):
         self.mode = mode
-        self.answer_event = "agent_message" if mode == AgentApp.Mode.AGENT_CHAT else "message"
+        # An annotation's answer is Dify's direct output: `message` events in every mode (SPEC.md §3).
+        self.annotation_reply = annotation_reply
+        chat = mode != AgentApp.Mode.AGENT_CHAT or annotation_reply is not None
+        self.answer_event = "message" if chat else "agent_message"
         self.head: dict[str, Any] = {}
         self.task_id = ""
         self.message_id = ""
@@ -75,7 +87,7 @@ class DifyTurn:
             self.usage = event
             return None
         if isinstance(event, RunEnd):
-            metadata = message_metadata(_usage(self.usage))
+            metadata = self._metadata()
             if event.status == "paused" or event.pending_approvals:
                 metadata["pending_approvals"] = [
                     {"id": str(p.get("id")), "tool": p.get("tool"), "tool_input": p.get("tool_input")}
@@ -89,6 +101,11 @@ class DifyTurn:
         if isinstance(event, ApprovalRequired):
             return None  # shown by its agent_thought; listed in message_end's pending_approvals
         return None
+
+    def _metadata(self) -> dict[str, Any]:
+        metadata = message_metadata(_usage(self.usage))
+        metadata["annotation_reply"] = self.annotation_reply
+        return metadata
 
     def _start(self, event: RunStarted) -> None:
         self.task_id = str(event.task_id)
@@ -135,7 +152,16 @@ class DifyTurn:
             "conversation_id": self.conversation_id,
             "mode": self.mode,
             "answer": answer,
-            "metadata": message_metadata(_usage(self.usage)),
+            "metadata": self._metadata(),
             "created_at": self.created_at,
         }
 
+
+def annotation_reply_events(turn: Turn, answer: str) -> list[Event]:
+    """The run events of a turn an annotation answered: Dify streams its answer character by character."""
+    message = turn.message
+    started = RunStarted(session_id=str(turn.session.pk), message_id=str(message.pk), task_id=str(message.task_id),
+                         created_at=int(message.created_at.timestamp()), llm_config_id=str(turn.config.pk),
+                         model_name=turn.config.model_name)
+    return [started, *(TextDelta(text=character) for character in answer),
+            RunEnd(message_id=str(message.pk), status="normal", answer=answer)]

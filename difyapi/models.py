@@ -1,4 +1,5 @@
-"""What the Dify Service API adds to the agent: app API keys, end users, uploaded files, message files, feedback."""
+"""What the Dify Service API adds to the agent: app API keys, end users, uploaded files, message files, feedback,
+annotations (stock answers) with their reply setting, jobs and hit history."""
 import uuid
 
 from django.conf import settings
@@ -128,3 +129,112 @@ class Feedback(models.Model):
 
     def __str__(self) -> str:
         return f"{self.rating} on {self.message_id}"
+
+
+class Annotation(models.Model):
+    """A stock answer (Dify's MessageAnnotation): with annotation replies on, a query close enough to `question` is
+    answered with `answer` and no model call. `embedding` is the question's vector (float32 bytes) from
+    `embedding_config`; it is recomputed when the question or the app's embedding config changes."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="annotations")
+    question = models.TextField()
+    answer = models.TextField()
+    hit_count = models.PositiveIntegerField(default=0)
+    embedding = models.BinaryField(null=True, blank=True, editable=False)
+    embedding_config = models.ForeignKey(
+        "llmconfigs.LLMConfig", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["app", "-created_at"])]
+
+    def __str__(self) -> str:
+        return self.question[:80]
+
+
+class AnnotationSetting(models.Model):
+    """An app's annotation reply (Dify's AppAnnotationSetting): on or off, the embedding config that embeds questions
+    and queries, and the cosine score a query needs. `index_version` grows with every change to the app's
+    annotations or this row, so each worker knows when its in-memory index is stale."""
+
+    app = models.OneToOneField(
+        "agentcore.AgentApp", on_delete=models.CASCADE, primary_key=True, related_name="annotation_setting"
+    )
+    enabled = models.BooleanField(default=False)
+    score_threshold = models.FloatField(default=0.9)
+    embedding_config = models.ForeignKey(
+        "llmconfigs.LLMConfig", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        limit_choices_to={"is_embedding": True},
+    )
+    index_version = models.PositiveBigIntegerField(default=0, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(score_threshold__gte=0) & Q(score_threshold__lte=1),
+                                   name="annotationsetting_threshold_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"annotation reply of {self.app_id}: {'on' if self.enabled else 'off'}"
+
+
+class AnnotationJob(models.Model):
+    """An enable or disable of annotation replies (Dify runs it as a background job and reports its status)."""
+
+    class Action(models.TextChoices):
+        ENABLE = "enable"
+        DISABLE = "disable"
+
+    class Status(models.TextChoices):
+        WAITING = "waiting"
+        PROCESSING = "processing"
+        COMPLETED = "completed"
+        ERROR = "error"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="annotation_jobs")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.WAITING)
+    error_msg = models.TextField(blank=True, default="")
+    score_threshold = models.FloatField()
+    embedding_provider_name = models.CharField(max_length=255)
+    embedding_model_name = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(action__in=["enable", "disable"]), name="annotationjob_action_known"),
+            models.CheckConstraint(condition=Q(status__in=["waiting", "processing", "completed", "error"]),
+                                   name="annotationjob_status_known"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.status}"
+
+
+class AnnotationHit(models.Model):
+    """One query answered by an annotation (Dify's AppAnnotationHitHistory): which message, how close."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="+")
+    annotation = models.ForeignKey(Annotation, on_delete=models.CASCADE, related_name="hits")
+    message = models.OneToOneField("agentcore.Message", on_delete=models.CASCADE, related_name="annotation_hit")
+    question = models.TextField()
+    score = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.annotation_id} ({self.score:.3f})"

@@ -2,7 +2,7 @@
 consumers by difyapi.routing before Django sees them. Anything else under /v1 gets the Dify 404 envelope."""
 from django.urls import path, re_path
 
-from difyapi import views
+from difyapi import annotation_views, views
 
 urlpatterns = [
     path("", views.index, name="dify-index"),
@@ -28,5 +28,11 @@ urlpatterns = [
     path("files/<uuid:file_id>/file-preview", views.file_signed_preview, name="dify-file-signed-preview"),
     path("audio-to-text", views.audio_to_text, name="dify-audio-to-text"),
     path("text-to-audio", views.text_to_audio, name="dify-text-to-audio"),
+    path("apps/annotations", annotation_views.annotation_list, name="dify-annotations"),
+    path("apps/annotations/<uuid:annotation_id>", annotation_views.annotation_detail, name="dify-annotation"),
+    path("apps/annotation-reply/<str:action>", annotation_views.annotation_reply_action,
+         name="dify-annotation-reply"),
+    path("apps/annotation-reply/<str:action>/status/<uuid:job_id>", annotation_views.annotation_reply_status,
+         name="dify-annotation-reply-status"),
     re_path(r"^(?P<path>.*)$", views.not_found_view, name="dify-not-found"),
 ]

@@ -273,6 +273,9 @@ LLM_COOLDOWN_FAILURES = env.int("LLM_COOLDOWN_FAILURES", default=3)
 LLM_COOLDOWN_SECONDS = env.float("LLM_COOLDOWN_SECONDS", default=60.0)
 LLM_COOLDOWN_WINDOW = env.float("LLM_COOLDOWN_WINDOW", default=60.0)
 LLM_FIRST_TOKEN_TIMEOUT = env.float("LLM_FIRST_TOKEN_TIMEOUT", default=30.0)
+# Annotation replies (difyapi.annotations): a chat query is embedded before the model is called, so a slow
+# embedding provider delays every answer by at most this many seconds (then the model answers).
+ANNOTATION_EMBEDDING_TIMEOUT = env.float("ANNOTATION_EMBEDDING_TIMEOUT", default=5.0)
 
 # ===== Dify Service API (/v1): keep-alive pings and uploads =====
 DIFY_PING_INTERVAL = env.float("DIFY_PING_INTERVAL", default=10.0)

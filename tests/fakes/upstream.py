@@ -83,6 +83,10 @@ class FakeUpstream:
         self.requests: list[Received] = []
         self.default = Reply(text="Hello from the fake upstream.")
         self._queue: deque[Reply] = deque()
+        self._embedding_queue: deque[Reply] = deque()
+        # The vector /embeddings gives a text: set here per text (so a test decides which texts are close), else
+        # 8 numbers derived from the text's SHA-256.
+        self.embedding_vectors: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -100,9 +104,16 @@ class FakeUpstream:
         with self._lock:
             self._queue.extend(replies)
 
+    def script_embeddings(self, *replies: Reply) -> None:
+        """Answers for the next /embeddings calls only (an error status, a hang); chat scripts stay untouched."""
+        with self._lock:
+            self._embedding_queue.extend(replies)
+
     def reset(self) -> None:
         with self._lock:
             self._queue.clear()
+            self._embedding_queue.clear()
+            self.embedding_vectors.clear()
             self.requests.clear()
             self.default = Reply(text="Hello from the fake upstream.")
             self.cancelled_streams = 0
@@ -110,6 +121,20 @@ class FakeUpstream:
     @property
     def chat_requests(self) -> list[Received]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    @property
+    def embedding_requests(self) -> list[Received]:
+        return [r for r in self.requests if r.path.endswith("/embeddings")]
+
+    def _next_embedding(self) -> Reply:
+        """An embeddings script if there is one; else a scripted error from the shared queue (what tests of an
+        embedding config's connection test queue), but never a chat answer."""
+        with self._lock:
+            if self._embedding_queue:
+                return self._embedding_queue.popleft()
+            if self._queue and self._queue[0].status != 200:
+                return self._queue.popleft()
+        return Reply()
 
     def _next(self) -> Reply:
         with self._lock:
@@ -275,7 +300,9 @@ class FakeUpstream:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         received = await self._record(request)
-        reply = self._next() if self._queue else Reply()
+        reply = self._next_embedding()
+        if reply.hang:
+            await asyncio.sleep(reply.hang)
         if reply.status != 200:
             return self._error(reply, received)
         inputs = received.body.get("input", [])
@@ -283,8 +310,11 @@ class FakeUpstream:
             inputs = [inputs]
         data = []
         for i, text in enumerate(inputs):
-            digest = hashlib.sha256(str(text).encode()).digest()
-            data.append({"object": "embedding", "index": i, "embedding": [b / 255 for b in digest[:8]]})
+            vector = self.embedding_vectors.get(str(text))
+            if vector is None:
+                digest = hashlib.sha256(str(text).encode()).digest()
+                vector = [b / 255 for b in digest[:8]]
+            data.append({"object": "embedding", "index": i, "embedding": vector})
         return web.json_response(
             {
                 "object": "list",

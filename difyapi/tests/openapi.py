@@ -1,0 +1,65 @@
+"""Bodies checked against Dify's own published OpenAPI document (openapi_service.json, kept beside the shared
+SPEC.md, outside the project): `assert_schema(body, "CompletionResponse")` fails the test with every place where the
+body breaks the named schema. OpenAPI 3.0's `nullable` is read as JSON Schema's null type."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+ROOT = Path(__file__).resolve().parents[2]
+# Where the document is looked for: $DIFY_OPENAPI_JSON, else `shared/dify/` beside the checkout or its worktree root.
+CANDIDATES = (ROOT.parent / "shared" / "dify" / "openapi_service.json",
+              ROOT.parent.parent / "shared" / "dify" / "openapi_service.json")
+
+
+def _document_path() -> Path:
+    if os.environ.get("DIFY_OPENAPI_JSON"):
+        return Path(os.environ["DIFY_OPENAPI_JSON"])
+    for path in CANDIDATES:
+        if path.is_file():
+            return path
+    raise AssertionError(
+        "Dify's openapi_service.json was not found: set DIFY_OPENAPI_JSON or put it in ../shared/dify/"
+    )
+
+
+def _nullable(node: Any) -> Any:
+    """OpenAPI 3.0 `nullable: true` as JSON Schema (a null type, or a null branch beside a $ref/allOf)."""
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False):
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@functools.cache
+def _components() -> dict[str, Any]:
+    document = json.loads(_document_path().read_text())
+    return {"components": _nullable(document["components"])}
+
+
+def schema_errors(body: Any, name: str) -> list[str]:
+    """Where `body` breaks components.schemas[name] (empty when it conforms)."""
+    schema = {**_components(), "$ref": f"#/components/schemas/{name}"}
+    validator = Draft202012Validator(schema, format_checker=FormatChecker())
+    return [f"{'/'.join(map(str, error.absolute_path)) or '<body>'}: {error.message}"
+            for error in validator.iter_errors(body)]
+
+
+def assert_schema(body: Any, name: str) -> Any:
+    errors = schema_errors(body, name)
+    assert not errors, f"{name}: {errors}"
+    return body
