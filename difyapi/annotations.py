@@ -352,7 +352,7 @@ def annotation_reply_record(*, message: Message, annotation_id: uuid.UUID, score
     counts a hit, the hit history gets a row; in one transaction. None when the annotation was deleted meanwhile
     (the turn then goes on to the model)."""
     with transaction.atomic():
-        annotation = (Annotation.objects.select_for_update().select_related("created_by", "app")
+        annotation = (Annotation.objects.select_for_update(of=("self",)).select_related("created_by", "app")
                       .defer("embedding").filter(pk=annotation_id).first())
         if annotation is None:
             return None
