@@ -28,6 +28,7 @@ from agentcore.runs import (
     run_stop,
     turn_abandon,
     turn_prepare,
+    turn_remember_answer,
     turn_run,
 )
 from difyapi.annotations import AnnotationReply, ReplyPlan, annotation_reply_for, annotation_reply_plan
@@ -195,7 +196,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             try:
                 reply = await annotation_reply_for(plan=plan, message=turn.message)
                 if reply is not None:
-                    await self.annotation_answer(turn, reply, streaming=call.streaming)
+                    await self.annotation_answer(turn, reply, saver, streaming=call.streaming)
                 elif call.streaming:
                     await self.stream(turn, saver)
                 else:
@@ -246,8 +247,10 @@ class ChatMessagesConsumer(DifyHttpConsumer):
                 await pinger
         await self.send({"type": "http.response.body", "body": b""})
 
-    async def annotation_answer(self, turn: Turn, reply: AnnotationReply, *, streaming: bool) -> None:
+    async def annotation_answer(self, turn: Turn, reply: AnnotationReply, saver: SaverOpening, *,
+                                streaming: bool) -> None:
         """The answer of an annotation (already recorded): no model call, so no run, pings or stop to hear."""
+        await turn_remember_answer(turn, reply.answer, saver=saver)
         dify = DifyTurn(mode=turn.session.app.mode, annotation_reply=reply.metadata)
         events = annotation_reply_events(turn, reply.answer)
         if not streaming:

@@ -152,3 +152,14 @@ async def test_a_deleted_annotation_stops_answering(replying, fake_upstream):
     status, raw = await post(key, body(CLOSE, response_mode="blocking"))
     assert json.loads(raw)["answer"] == "Hello from the fake upstream."
     assert len(fake_upstream.chat_requests) == 1
+
+
+async def test_the_model_remembers_an_annotated_exchange(replying, fake_upstream):
+    _, key, _ = await replying()
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))
+    conversation_id = json.loads(raw)["conversation_id"]
+    fake_upstream.script(Reply(text="You asked about nginx."))
+    status, raw = await post(key, body(FAR, response_mode="blocking", conversation_id=conversation_id))
+    assert json.loads(raw)["answer"] == "You asked about nginx."
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
+    assert sent == [("user", CLOSE), ("assistant", ANSWER), ("user", FAR)]
