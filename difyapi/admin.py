@@ -208,3 +208,7 @@ class FeedbackAdmin(ReadOnlyAdmin):
     list_display = ["message", "rating", "from_source", "end_user", "app", "created_at"]
     list_filter = ["app", "rating", "from_source"]
     search_fields = ["content"]
+
+
+# The annotation admins (their own module) build on ReadOnlyAdmin above; importing them here registers them.
+from difyapi import annotation_admin  # noqa: E402, F401

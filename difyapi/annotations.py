@@ -172,7 +172,8 @@ def annotation_embedding_config_find(*, provider_name: str, model_name: str) -> 
 
 
 def annotation_reply_job_start(*, app: AgentApp, action: str, score_threshold: float, embedding_provider_name: str,
-                               embedding_model_name: str, background: bool = True) -> tuple[AnnotationJob, bool]:
+                               embedding_model_name: str, embedding_config: LLMConfig | None = None,
+                               background: bool = True) -> tuple[AnnotationJob, bool]:
     """Start enabling or disabling the app's annotation replies, as Dify does: a job that runs in the background and
     reports its status. While one of the same action is still running for the app, that one is returned (and True:
     Dify then says `processing`)."""
@@ -186,6 +187,7 @@ def annotation_reply_job_start(*, app: AgentApp, action: str, score_threshold: f
         job = AnnotationJob.objects.create(
             app=app, action=action, score_threshold=score_threshold,
             embedding_provider_name=embedding_provider_name[:255], embedding_model_name=embedding_model_name[:255],
+            embedding_config=embedding_config,
         )
     if background:
         transaction.on_commit(lambda: _in_thread(job.pk))
@@ -209,7 +211,7 @@ def annotation_reply_job_run(*, job_id: uuid.UUID | str) -> AnnotationJob:
     if not AnnotationJob.objects.filter(pk=job_id, status=AnnotationJob.Status.WAITING).update(
             status=AnnotationJob.Status.PROCESSING):
         return AnnotationJob.objects.get(pk=job_id)
-    job = AnnotationJob.objects.select_related("app").get(pk=job_id)
+    job = AnnotationJob.objects.select_related("app", "embedding_config").get(pk=job_id)
     try:
         if job.action == AnnotationJob.Action.ENABLE:
             _enable(job)
@@ -237,9 +239,9 @@ EMBED_BATCH = 100
 
 
 def _enable(job: AnnotationJob) -> None:
-    config = annotation_embedding_config_find(provider_name=job.embedding_provider_name,
-                                              model_name=job.embedding_model_name)
-    if config is None:
+    config = job.embedding_config or annotation_embedding_config_find(provider_name=job.embedding_provider_name,
+                                                                      model_name=job.embedding_model_name)
+    if config is None or not config.is_embedding or not config.is_active:
         raise JobFailed(f"No active embedding config for provider {job.embedding_provider_name!r} and model "
                         f"{job.embedding_model_name!r}.")
     if not 0 <= job.score_threshold <= 1:

@@ -207,6 +207,10 @@ class AnnotationJob(models.Model):
     score_threshold = models.FloatField()
     embedding_provider_name = models.CharField(max_length=255)
     embedding_model_name = models.CharField(max_length=255)
+    # Chosen directly in the admin; through the API the config is found from the two names when the job runs.
+    embedding_config = models.ForeignKey(
+        "llmconfigs.LLMConfig", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
