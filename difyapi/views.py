@@ -19,6 +19,7 @@ from agentcore.generation import message_suggested_questions
 from agentcore.limits import OverLimit, usage_check
 from agentcore.models import AgentApp
 from difyapi import filetypes, presenters, selectors, services
+from difyapi.annotations import annotation_reply_plan
 from difyapi.auth import authenticate
 from difyapi.errors import (
     INTERNAL,
@@ -121,7 +122,9 @@ def app_info(request: HttpRequest, app: AgentApp) -> HttpResponse:
 
 @dify_endpoint("GET")
 def app_parameters(request: HttpRequest, app: AgentApp) -> HttpResponse:
-    return dify_json_response(presenters.app_parameters_to_dify(app, upload=selectors.app_file_upload(app=app)))
+    parameters = presenters.app_parameters_to_dify(app, upload=selectors.app_file_upload(app=app))
+    parameters["annotation_reply"] = {"enabled": annotation_reply_plan(app=app) is not None}
+    return dify_json_response(parameters)
 
 
 @dify_endpoint("GET")

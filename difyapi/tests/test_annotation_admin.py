@@ -6,7 +6,7 @@ import pytest
 
 from difyapi.annotations import annotation_reply_metadata
 from difyapi.models import Annotation, AnnotationJob, AnnotationSetting
-from difyapi.tests.factories import make_app
+from difyapi.tests.factories import DifyClient, make_app, make_key
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db
@@ -80,3 +80,11 @@ def test_annotation_admin_needs_its_permissions(client, django_user_model, grant
     assert client.get(ANNOTATIONS).status_code == 200
     assert client.get(f"{ANNOTATIONS}add/").status_code == 403
     assert client.get(SETTINGS).status_code == 403
+
+
+def test_parameters_report_whether_annotation_replies_are_on(admin_client, embedding_config):
+    app = make_app(name="ops")
+    client = DifyClient(make_key(app))
+    assert client.get("/v1/parameters").json()["annotation_reply"] == {"enabled": False}
+    enable(admin_client, app, embedding_config)
+    assert client.get("/v1/parameters").json()["annotation_reply"] == {"enabled": True}
