@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -179,9 +180,13 @@ def annotation_reply_job_start(*, app: AgentApp, action: str, score_threshold: f
     Dify then says `processing`)."""
     with transaction.atomic():
         AgentApp.objects.select_for_update().filter(pk=app.pk).first()
-        running = AnnotationJob.objects.filter(
+        unfinished = AnnotationJob.objects.filter(
             app=app, action=action, status__in=[AnnotationJob.Status.WAITING, AnnotationJob.Status.PROCESSING]
-        ).first()
+        )
+        # A job whose process died says nothing for a while: it is over, and must not hold the app's next one.
+        unfinished.filter(updated_at__lt=timezone.now() - timedelta(seconds=JOB_STALE_SECONDS)).update(
+            status=AnnotationJob.Status.ERROR, error_msg="The job was interrupted.", updated_at=timezone.now())
+        running = unfinished.first()
         if running is not None:
             return running, True
         job = AnnotationJob.objects.create(
@@ -236,6 +241,8 @@ class JobFailed(Exception):
 
 
 EMBED_BATCH = 100
+# A running job touches its row after every batch; one silent for this long was interrupted (its process died).
+JOB_STALE_SECONDS = 600
 
 
 def _enable(job: AnnotationJob) -> None:
@@ -259,6 +266,7 @@ def _enable(job: AnnotationJob) -> None:
             # Only if the question is still the one embedded (an update meanwhile embedded its own).
             Annotation.objects.filter(pk=pk, question=question).update(embedding=vector_to_bytes(vector),
                                                                        embedding_config=config)
+        AnnotationJob.objects.filter(pk=job.pk).update(updated_at=timezone.now())
     with transaction.atomic():
         AnnotationSetting.objects.get_or_create(app=job.app)
         AnnotationSetting.objects.filter(app=job.app).update(

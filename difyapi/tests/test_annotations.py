@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from difyapi.annotations import ANNOTATIONS_PER_APP
 from difyapi.models import Annotation, AnnotationJob, AnnotationSetting
@@ -233,6 +235,16 @@ def test_a_second_enable_while_one_runs_is_the_same_job(api):
     again = client.post("/v1/apps/annotation-reply/enable", REPLY_BODY).json()
     assert again == {"job_id": first["job_id"], "job_status": "processing"}
     assert AnnotationJob.objects.filter(app=app).count() == 1
+
+
+def test_a_job_interrupted_by_a_dead_process_does_not_hold_the_next_one(api):
+    app, client = api
+    first = client.post("/v1/apps/annotation-reply/enable", REPLY_BODY).json()
+    AnnotationJob.objects.filter(pk=first["job_id"]).update(updated_at=timezone.now() - timedelta(minutes=11))
+    again = client.post("/v1/apps/annotation-reply/enable", REPLY_BODY).json()
+    assert again["job_id"] != first["job_id"] and again["job_status"] == "waiting"
+    status = client.get(f"/v1/apps/annotation-reply/enable/status/{first['job_id']}").json()
+    assert status == {"job_id": first["job_id"], "job_status": "error", "error_msg": "The job was interrupted."}
 
 
 def test_plugin_style_provider_names_map_to_the_config(embedding_config):
