@@ -3,8 +3,8 @@
 The stored vectors are normalised and quantised to small integers once, when the index is built, and laid out by
 dimension: for each dimension one Python integer holds that component of every vector, each in a fixed-width bit
 field. A query then costs one big-integer multiply-add per dimension (`acc += q_j * column_j`), which CPython does
-in C over all vectors at once, instead of one Python-level multiplication per component per vector: 1,000 vectors of
-1,536 dimensions match in a few milliseconds (bench/annotations_match.py).
+in C over all vectors at once, instead of one Python-level multiplication per component per vector (1,000 vectors of
+1,536 dimensions: bench/annotations_match.py, docs/benchmarks.md).
 
 Quantisation keeps scores within about 1e-3 of the exact cosine: stored components are 12-bit, query components
 16-bit, and every field is 40 bits wide, more than any sum of products needs, so fields never carry into each other.
