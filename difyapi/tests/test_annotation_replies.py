@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -163,3 +164,14 @@ async def test_the_model_remembers_an_annotated_exchange(replying, fake_upstream
     assert json.loads(raw)["answer"] == "You asked about nginx."
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
     assert sent == [("user", CLOSE), ("assistant", ANSWER), ("user", FAR)]
+
+
+async def test_a_hanging_embedding_provider_times_out_and_the_model_answers(replying, fake_upstream, settings):
+    _, key, _ = await replying()
+    settings.ANNOTATION_EMBEDDING_TIMEOUT = 0.5
+    fake_upstream.script_embeddings(Reply(hang=5))
+    fake_upstream.script(Reply(text="From the model."))
+    started = time.monotonic()
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))
+    assert status == 200 and json.loads(raw)["answer"] == "From the model."
+    assert time.monotonic() - started < 4
