@@ -123,9 +123,9 @@ class DifyHttpConsumer(AsyncConsumer):
         except Exception as exc:
             error = unexpected_error(exc)
             if error is INTERNAL:
-                logger.exception("Dify request failed: %s", self.scope.get("path"))
+                logger.exception("Dify request failed: %s", self.log_path())
             else:
-                logger.warning("Dify request failed: %s: %s", self.scope.get("path"), error.message)
+                logger.warning("Dify request failed: %s: %s", self.log_path(), error.message)
             await self.send_json(error.status, error.payload(), headers=error.headers)
         else:
             return True
@@ -133,6 +133,10 @@ class DifyHttpConsumer(AsyncConsumer):
 
     async def respond(self, body: bytes) -> None:
         raise NotImplementedError
+
+    def log_path(self) -> str:
+        """The path as logs may show it (a consumer whose path holds a secret masks it)."""
+        return self.scope.get("path", "")
 
     async def authenticate(self) -> AppContext:
         if self.context is not None:

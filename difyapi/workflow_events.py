@@ -157,6 +157,9 @@ class HumanInputFormConsumer(DifyHttpConsumer):
 
     methods = ("GET", "POST")
 
+    def log_path(self) -> str:
+        return "/v1/form/human_input/<form_token>"  # the token answers the form: never in a log
+
     async def respond(self, body: bytes) -> None:
         context = await self.authenticate()
         token = self.scope["url_route"]["kwargs"]["form_token"]

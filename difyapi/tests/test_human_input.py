@@ -8,6 +8,7 @@ import asyncio
 import copy
 import hashlib
 import json
+import logging
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -371,3 +372,25 @@ async def test_continue_on_pause_follows_a_second_pause(agent_app, fake_upstream
         rest = data_events(await call.read(30))
     assert rest[0]["event"] == "human_input_form_filled" and rest[-1]["event"] == "message_end"
     assert "".join(e["answer"] for e in rest if e["event"] == "agent_message") == "It is evening in Tokyo."
+
+
+async def test_a_failing_form_request_logs_no_token(agent_app, fake_upstream, caplog, monkeypatch):
+    from difyapi import workflow_events
+
+    _, key = agent_app
+    token = form_of(await paused(key, fake_upstream))["data"]["form_token"]
+
+    def broken(**kwargs):
+        raise RuntimeError("the form store broke")
+
+    monkeypatch.setattr(workflow_events, "human_input_form_get", broken)
+    # Attached to the logger itself: Django's logging setup may have replaced the root handlers pytest added.
+    consumer_log = logging.getLogger("difyapi.consumers")
+    consumer_log.addHandler(caplog.handler)
+    try:
+        status, raw = await get(key, f"/v1/form/human_input/{token}")
+    finally:
+        consumer_log.removeHandler(caplog.handler)
+    assert_error(status, json.loads(raw), (500, "internal_server_error"))
+    assert "the form store broke" in caplog.text and "<form_token>" in caplog.text
+    assert token not in caplog.text and token not in raw.decode()
