@@ -19,12 +19,13 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
 
-from agentcore.events import RunEnd
+from agentcore.events import RunEnd, RunError
 from agentcore.models import AgentApp, Message, Session
 from agentcore.runs import turn_run
+from agentcore.services import message_close_stale
 from difyapi.consumers import TERMINAL_EVENTS, DifyHttpConsumer, _header, _in_background
 from difyapi.errors import INTERNAL, DifyError, not_found, unexpected_error
-from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn
+from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, run_error_to_dify
 from difyapi.human_input import (
     FormSubmission,
     form_answer_from,
@@ -200,6 +201,23 @@ def _message_end(message: Message) -> dict[str, Any]:
             "id": str(message.pk), "metadata": message_metadata(usage), "files": None}
 
 
+def _final_event(message: Message) -> dict[str, Any]:
+    """How a finished run ends a stream, from its row: `message_end`, or the `error` of a run that failed."""
+    if message.status != Message.Status.ERROR:
+        return _message_end(message)
+    error = run_error_to_dify(RunError(category=message.error_category or "internal", message=message.error))
+    return {"event": "error", "conversation_id": str(message.session_id), "message_id": str(message.pk),
+            "created_at": int(message.created_at.timestamp()), "status": error.status, "code": error.code,
+            "message": error.message}
+
+
+@database_sync_to_async
+def _current(message: Message) -> Message | None:
+    """The run's row now; a run whose process died (no heartbeat) is closed first, as the stale-run sweep would."""
+    message_close_stale(session=message.session)
+    return Message.objects.filter(pk=message.pk).first()
+
+
 FINISHED = frozenset({Message.Status.NORMAL, Message.Status.STOPPED, Message.Status.ERROR})
 
 
@@ -256,7 +274,7 @@ class WorkflowEventsConsumer(DifyHttpConsumer):
             if await self._emit(data):
                 return
         if not last and message.status in FINISHED:
-            await self._emit(_message_end(message))
+            await self._emit(_final_event(message))
             return
         # Running or paused: what comes next arrives live. A run that ends without publishing (resumed through the
         # `approval` field, or its worker gone) is noticed between pings.
@@ -271,12 +289,21 @@ class WorkflowEventsConsumer(DifyHttpConsumer):
             seq = received.get("seq") or 0
             if received.get("type") != EVENT_TYPE or (seq and seq <= last):
                 continue
+            if seq > last + 1:
+                # Events this channel did not get (a full channel drops them) or that came before it joined: from
+                # the buffer, in order.
+                for missed, data in await _safely(buffer.read(after=last), "replay", message.task_id) or []:
+                    if missed >= seq:
+                        break
+                    last = missed
+                    if await self._emit(data):
+                        return
             last = seq or last
             if await self._emit(received["data"]):
                 return
 
     async def _ended_quietly(self, buffer: EventBuffer, message: Message, last: int) -> bool:
-        current = await Message.objects.filter(pk=message.pk).afirst()
+        current = await _current(message)
         if current is None:
             await self._emit(RUN_NOT_FOUND.payload() | {"event": "error"})
             return True
@@ -285,5 +312,5 @@ class WorkflowEventsConsumer(DifyHttpConsumer):
         for _seq, data in await _safely(buffer.read(after=last), "replay", message.task_id) or []:
             if await self._emit(data):
                 return True
-        await self._emit(_message_end(current))
+        await self._emit(_final_event(current))
         return True

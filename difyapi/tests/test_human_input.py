@@ -394,3 +394,41 @@ async def test_a_failing_form_request_logs_no_token(agent_app, fake_upstream, ca
     assert_error(status, json.loads(raw), (500, "internal_server_error"))
     assert "the form store broke" in caplog.text and "<form_token>" in caplog.text
     assert token not in caplog.text and token not in raw.decode()
+
+
+async def test_a_follower_of_a_run_whose_server_died_gets_its_error(agent_app, fake_upstream, settings):
+    settings.DIFY_PING_INTERVAL = 0.1
+    _, key = agent_app
+    required = form_of(await paused(key, fake_upstream))
+    # As if a form's answer had resumed the run on a server that then died: running, its heartbeat long gone.
+    await Message.objects.filter(task_id=required["workflow_run_id"]).aupdate(
+        status="running", heartbeat_at=timezone.now() - timedelta(hours=1))
+    events = await follow(key, required["workflow_run_id"], timeout=10)
+    assert [e["event"] for e in events] == ["error"]
+    validate_event(events[0])
+    assert events[0]["status"] == 500 and events[0]["code"] == "internal_server_error"
+    assert (await Message.objects.aget(task_id=required["workflow_run_id"])).status == "error"
+
+
+async def test_an_event_the_channel_dropped_is_taken_from_the_replay(agent_app, fake_upstream):
+    from channels.layers import get_channel_layer
+
+    from difyapi.workflow_events import EVENT_TYPE, EventBuffer, events_group
+
+    _, key = agent_app
+    required = form_of(await paused(key, fake_upstream))
+    run = required["workflow_run_id"]
+    head = {"task_id": run, "message_id": required["message_id"], "conversation_id": required["conversation_id"],
+            "created_at": required["created_at"]}
+    async with dify_call(key, f"/v1/workflow/{run}/events?user=alice") as call:
+        assert await call.start() == 200
+        await asyncio.sleep(0.2)
+        buffer = EventBuffer(run)
+        await buffer.begin()
+        await buffer.append({"event": "agent_message", **head, "id": head["message_id"], "answer": "lost "})
+        end = {"event": "message_end", **head, "id": head["message_id"], "metadata": {}, "files": None}
+        seq = await buffer.append(end)
+        await get_channel_layer().group_send(events_group(run), {"type": EVENT_TYPE, "seq": seq, "data": end})
+        events = data_events(await call.read(10))
+    assert [e["event"] for e in events] == ["agent_message", "message_end"]
+    assert events[0]["answer"] == "lost "

@@ -79,14 +79,18 @@ def test_the_run_answered_on_one_worker_streams_on_another(start_daphne, agent_k
     if connection.vendor != "postgresql" or not os.environ.get("REDIS_URL"):
         pytest.skip("two workers need a shared PostgreSQL database and Redis (REDIS_URL)")
     answering = start_daphne()
-    following = start_daphne()
+    # Pings (and the follower's look at the database for a run that ended without it) only every minute: the run
+    # can only reach this follower in time live, through Redis.
+    following = start_daphne(DIFY_PING_INTERVAL="60")
     with httpx.Client(timeout=30) as client:
         required = pause(client, answering.base_url, agent_key, fake_upstream)
         fake_upstream.script(Reply(text="Noon, from the other worker.", delay=0.2))
         run = required["workflow_run_id"]
+        started = time.monotonic()
         events = data_events_of(follow_and_answer(
             client, key=agent_key, follow_url=f"{following.base_url}/v1/workflow/{run}/events",
             answer_url=f"{answering.base_url}/v1/form/human_input/{required['data']['form_token']}"))
+        assert time.monotonic() - started < 15
         # A client that comes back later, to either worker, gets the resumed run replayed.
         replayed = client.get(f"{following.base_url}/v1/workflow/{run}/events", params={"user": "alice"},
                               headers=headers(agent_key))
