@@ -240,6 +240,9 @@ class WorkflowEventsConsumer(DifyHttpConsumer):
         await layer.group_add(events_group(task_id), channel)
         try:
             await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            # A server may hold the headers back until the body starts (daphne does), and the next event may be a
+            # form's answer away: a ping now tells the client the stream is open.
+            await self.send({"type": "http.response.body", "body": PING, "more_body": True})
             try:
                 await self._follow(layer, channel, message)
             except asyncio.CancelledError:
