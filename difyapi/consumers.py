@@ -44,6 +44,7 @@ from difyapi.chat import (
 from difyapi.encoding import dify_json
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
 from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, annotation_reply_events, run_error_to_dify
+from difyapi.human_input import human_input_pause_events
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
@@ -71,6 +72,7 @@ class DifyHttpConsumer(AsyncConsumer):
 
     # The run listens on its own stop group; the consumer itself needs no channel (and no channel-layer round trip).
     channel_layer_alias = None
+    methods: tuple[str, ...] = ("POST",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -103,12 +105,12 @@ class DifyHttpConsumer(AsyncConsumer):
         raise StopConsumer()
 
     async def _admit(self) -> None:
-        if self.scope.get("method") != "POST":
+        if self.scope.get("method") not in self.methods:
             raise METHOD_NOT_ALLOWED
         self.context = await self.authenticate()
 
     async def _respond(self, body: bytes) -> None:
-        if self.scope.get("method") != "POST":
+        if self.scope.get("method") not in self.methods:
             raise METHOD_NOT_ALLOWED
         await self.respond(body)
 
@@ -123,9 +125,9 @@ class DifyHttpConsumer(AsyncConsumer):
         except Exception as exc:
             error = unexpected_error(exc)
             if error is INTERNAL:
-                logger.exception("Dify request failed: %s", self.scope.get("path"))
+                logger.exception("Dify request failed: %s", self.log_path())
             else:
-                logger.warning("Dify request failed: %s: %s", self.scope.get("path"), error.message)
+                logger.warning("Dify request failed: %s: %s", self.log_path(), error.message)
             await self.send_json(error.status, error.payload(), headers=error.headers)
         else:
             return True
@@ -133,6 +135,10 @@ class DifyHttpConsumer(AsyncConsumer):
 
     async def respond(self, body: bytes) -> None:
         raise NotImplementedError
+
+    def log_path(self) -> str:
+        """The path as logs may show it (a consumer whose path holds a secret masks it)."""
+        return self.scope.get("path", "")
 
     async def authenticate(self) -> AppContext:
         if self.context is not None:
@@ -221,12 +227,20 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             async with contextlib.aclosing(turn_run(turn, saver=saver)) as events:
                 async for event in events:
                     data = dify.stream(event)
-                    if data is not None:
-                        async with lock:
-                            ended = data["event"] in TERMINAL_EVENTS
-                            await self.send(
-                                {"type": "http.response.body", "body": encode_event(data), "more_body": True}
-                            )
+                    if data is None:
+                        continue
+                    if isinstance(event, RunEnd) and event.pending_approvals:
+                        # The same pause as Dify's Human Input forms, before the message_end that lists it.
+                        for extra in await human_input_pause_events(dify=dify, end=event, app=turn.session.app,
+                                                                    end_user=turn.session.end_user):
+                            async with lock:
+                                await self.send({"type": "http.response.body", "body": encode_event(extra),
+                                                 "more_body": True})
+                    async with lock:
+                        ended = data["event"] in TERMINAL_EVENTS
+                        await self.send(
+                            {"type": "http.response.body", "body": encode_event(data), "more_body": True}
+                        )
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -242,3 +242,32 @@ class AnnotationHit(models.Model):
 
     def __str__(self) -> str:
         return f"{self.annotation_id} ({self.score:.3f})"
+
+
+class HumanInputForm(models.Model):
+    """An approval offered through Dify's Human Input protocol (difyapi.human_input): a form with a token the client
+    got in `human_input_required`. Only the token's SHA-256 is stored. The form lives while its approval is pending
+    and until `expires_at`; `submitted_at` is set once, in the transaction that decides the approval."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)  # Dify's form_id
+    app = models.ForeignKey("agentcore.AgentApp", on_delete=models.CASCADE, related_name="human_input_forms")
+    approval = models.OneToOneField("agentcore.Approval", on_delete=models.CASCADE, related_name="human_input_form")
+    end_user = models.CharField(max_length=255)  # the `user` whose conversation paused
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    expires_at = models.DateTimeField()
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    action = models.CharField(max_length=20, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(submitted_at__isnull=True, action="") | Q(submitted_at__isnull=False, action__in=[
+                    "approve", "reject"]),
+                name="human_input_form_submission_complete",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"form {self.id} ({self.approval_id})"

@@ -279,6 +279,11 @@ ANNOTATION_EMBEDDING_TIMEOUT = env.float("ANNOTATION_EMBEDDING_TIMEOUT", default
 
 # ===== Dify Service API (/v1): keep-alive pings and uploads =====
 DIFY_PING_INTERVAL = env.float("DIFY_PING_INTERVAL", default=10.0)
+# Approvals offered as Dify Human Input forms (difyapi.human_input): how long a form can be answered (never longer
+# than its approval is pending), and how long the events of a run resumed by a form are kept for
+# GET /v1/workflow/{id}/events to replay (in the cache).
+DIFY_HUMAN_INPUT_FORM_TTL = env.int("DIFY_HUMAN_INPUT_FORM_TTL", default=24 * 3600)
+DIFY_WORKFLOW_EVENTS_TTL = env.int("DIFY_WORKFLOW_EVENTS_TTL", default=3600)
 UPLOAD_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_FILE_SIZE_LIMIT", default=15)
 UPLOAD_IMAGE_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_IMAGE_FILE_SIZE_LIMIT", default=10)
 UPLOAD_AUDIO_FILE_SIZE_LIMIT_MB = env.int("UPLOAD_AUDIO_FILE_SIZE_LIMIT", default=50)

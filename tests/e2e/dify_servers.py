@@ -50,6 +50,7 @@ class AsgiCall:
     def __init__(self, application, *, method: str = "POST", path: str, headers: dict[str, str] | None = None,
                  body: bytes = b""):
         self.application = application
+        path, _, query = path.partition("?")
         self.scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
@@ -58,7 +59,7 @@ class AsgiCall:
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query.encode(),
             "root_path": "",
             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
             "client": ("127.0.0.1", 50000),
@@ -127,6 +128,13 @@ class AsgiCall:
 
 def dify_headers(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+
+def dify_call(key: str, path: str, *, method: str = "GET", body: bytes = b"") -> AsgiCall:
+    """A request to the project's ASGI application with the key's headers, read as it streams (`async with`)."""
+    from opsagent.asgi import application
+
+    return AsgiCall(application, method=method, path=path, headers=dify_headers(key), body=body)
 
 
 async def dify_post(key: str, path: str, payload: Any, *, timeout: float = 20,
