@@ -19,11 +19,14 @@ from opsagent.common.client_input import ClientInputError, json_loads
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.errors import ServiceError
+from opsagent.common.metrics import stream_active
+from opsagent.common.request_log import RequestRecord
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_SESSION_NOT_FOUND = 4404
+SWITCHING_PROTOCOLS = 101
 
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
@@ -146,11 +149,22 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.run_task = asyncio.create_task(self._run(request))
 
     async def _run(self, request: TurnRequest) -> None:
+        # Each turn has its own request log line (the socket's status, 101, and the turn's outcome); this task's
+        # context carries it to the run, which fills in its config and timings.
+        record = RequestRecord(surface="websocket", method="WEBSOCKET", path=self.scope.get("path", ""),
+                               status=SWITCHING_PROTOCOLS).begin()
+        try:
+            await self._run_turn(request, record)
+        finally:
+            record.write()
+
+    async def _run_turn(self, request: TurnRequest, record: RequestRecord) -> None:
         try:
             turn = await aturn_prepare(request)
         except ServiceError as exc:
             field = client_field(exc)
             fields = {field: [exc.message]} if field else None
+            record.outcome = exc.code
             await self._error(exc.code, exc.message, fields=fields)
             return
         except Exception as exc:
@@ -165,14 +179,15 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         try:
             # aclosing: a cancel that lands while a message is being sent still closes the run here and now, so its
             # partial answer is saved before the disconnect handler returns.
-            async with contextlib.aclosing(turn_event_messages(turn)) as messages:
-                async for message in messages:
-                    if message["type"] == "run_started":
-                        self.task_id = message["task_id"]
-                        self.run_started.set()
-                    await self.send_json(_ws_message(message))
-                    if message["type"] == "end":
-                        self.run_ended = True
+            with stream_active("websocket"):
+                async with contextlib.aclosing(turn_event_messages(turn)) as messages:
+                    async for message in messages:
+                        if message["type"] == "run_started":
+                            self.task_id = message["task_id"]
+                            self.run_started.set()
+                        await self.send_json(_ws_message(message))
+                        if message["type"] == "end":
+                            self.run_ended = True
         except asyncio.CancelledError:
             # The socket closed, maybe before the run started (then nothing else closes its message).
             await asyncio.shield(turn_abandon(turn))

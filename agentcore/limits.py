@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentcore.errors import AgentError
 from opsagent.common.dependencies import DependencyUnavailable, redis_server
+from opsagent.common.metrics import rate_limit_refusal_observe
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +235,13 @@ def usage_check(*, meter: Meter) -> None:
             if limit:
                 key, left = _key(scope, counter, period, now)
                 checks.append((key, _amount(name, limit), counter == "req", left + 1))
-                described.append((scope.split(":")[0], label, left, period != "minute"))
+                described.append((scope.split(":")[0], name, label, left, period != "minute"))
     if not checks:
         return
     refused = _counters().check(checks)
     if refused:
-        whose, label, left, budget = described[refused - 1]
+        whose, name, label, left, budget = described[refused - 1]
+        rate_limit_refusal_observe(scope=whose, limit=name)
         who = "this app" if whose == "app" else "this API key"
         raise OverLimit(f"The limit of {label} of {who} is reached; try again in {left} seconds.",
                         retry_after=left, budget=budget)

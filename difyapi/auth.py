@@ -18,7 +18,12 @@ from difyapi.models import ApiKey
 from llmconfigs.models import AuditLog
 from llmconfigs.services import audit_changes, audit_record
 from opsagent.common.cache import cache_forget
-from opsagent.common.throttling import auth_failure_record, auth_lock_key, auth_lock_remaining
+from opsagent.common.throttling import (
+    auth_failure_record,
+    auth_lock_key,
+    auth_lock_refusal_observe,
+    auth_lock_remaining,
+)
 
 KEY_PREFIX = "app-"
 CACHE_TTL = 600
@@ -172,6 +177,7 @@ def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
     entries = cache.get_many(names + ([lock] if lock else []))  # one round trip with Redis
     locked_for = auth_lock_remaining(entries.get(lock))
     if locked_for:
+        auth_lock_refusal_observe()
         raise too_many_auth_failures(locked_for)
     cached = entries.get(_cache_key(digest))
     if cached == "invalid":

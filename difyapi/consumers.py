@@ -48,11 +48,15 @@ from difyapi.human_input import human_input_pause_events
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
+from opsagent.common.metrics import stream_active
+from opsagent.common.request_log import RequestRecord
 
 logger = logging.getLogger(__name__)
 
 # Channels answers these without Django's middleware, so the header SecurityMiddleware adds elsewhere is set here.
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
+# The status logged for a request whose client left before any response went out (nginx's convention).
+CLIENT_CLOSED = 499
 # Background work that outlives its request (conversation names); referenced so it is not garbage-collected.
 _background: set[asyncio.Task] = set()
 
@@ -79,6 +83,7 @@ class DifyHttpConsumer(AsyncConsumer):
         self.body: list[bytes] = []
         self.task: asyncio.Task | None = None
         self.context: AppContext | None = None  # set when the key was checked before the body had arrived
+        self.record: RequestRecord | None = None  # the request log line, written when the response ends
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' own dispatch first closes stale database connections in a thread hop of its own, for every message
@@ -90,6 +95,10 @@ class DifyHttpConsumer(AsyncConsumer):
         await handler(message)
 
     async def http_request(self, message: dict[str, Any]) -> None:
+        if self.record is None:
+            # Begun before the answer's task starts, which inherits it: the run fills in its config and timings.
+            self.record = RequestRecord(surface="dify", method=self.scope.get("method", ""),
+                                        path=self.scope.get("path", "")).begin()
         self.body.append(message.get("body", b""))
         if not message.get("more_body"):
             self.task = asyncio.create_task(self._answer_errors(self._respond(b"".join(self.body))))
@@ -102,7 +111,19 @@ class DifyHttpConsumer(AsyncConsumer):
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        if self.record is not None:
+            # The client left before the response ended: 499, as proxies log it, unless a status went out.
+            self.record.write(self.record.status or CLIENT_CLOSED)
         raise StopConsumer()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await super().send(message)
+        if self.record is None:
+            return
+        if message["type"] == "http.response.start":
+            self.record.status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.record.write()
 
     async def _admit(self) -> None:
         if self.scope.get("method") not in self.methods:
@@ -218,6 +239,11 @@ class ChatMessagesConsumer(DifyHttpConsumer):
 
     async def stream(self, turn: Turn, saver: SaverOpening) -> None:
         await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        with stream_active("dify"):
+            await self._stream_events(turn, saver)
+        await self.send({"type": "http.response.body", "body": b""})
+
+    async def _stream_events(self, turn: Turn, saver: SaverOpening) -> None:
         dify = DifyTurn(mode=turn.session.app.mode)
         # Events and pings share the body: the lock keeps each write whole, and no ping follows the last event.
         lock = asyncio.Lock()
@@ -259,7 +285,6 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
-        await self.send({"type": "http.response.body", "body": b""})
 
     async def annotation_answer(self, turn: Turn, reply: AnnotationReply, saver: SaverOpening, *,
                                 streaming: bool) -> None:

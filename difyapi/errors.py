@@ -117,6 +117,8 @@ class DifySurface(Surface):
     """/v1's refusals made before any view runs (opsagent.common.surfaces), in Dify's envelope; registered by
     DifyApiConfig.ready()."""
 
+    name = "dify"
+
     def body_limit(self, path: str) -> int:
         """Uploads may be as large as the largest accepted file plus room for the form around it."""
         if path in UPLOAD_PATHS:

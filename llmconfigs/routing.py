@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -29,12 +29,14 @@ from langchain_core.language_models.chat_models import agenerate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error, provider_exception_scrubbed
 from llmconfigs.models import LLMConfig
 from llmconfigs.secrets import scrub
+from opsagent.common.metrics import provider_call_observe
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,24 @@ def health_of(config: LLMConfig, *, cooling: dict[str, float] | None = None) -> 
     else:
         state, until = "ok", None
     return {"state": state, "until": until, "last_error": config.last_error}
+
+
+HEALTH_STATES = ("ok", "cooling_down", "auth_failed")
+
+
+def pool_health_metrics() -> Iterator[Metric]:
+    """The health of every active chat config, for /metrics: one series per state, 1 for the one it is in."""
+    family = GaugeMetricFamily("opsagent_pool_member_health", "Health of each active chat config (pool member): 1 for "
+                               "its state (ok, cooling_down, auth_failed), 0 for the others.",
+                               labels=["route", "config", "state"])
+    members = list(LLMConfig.objects.filter(is_active=True, is_embedding=False)
+                   .only("id", "name", "route", "model_name", "auth_failed_at", "last_error"))
+    cooling = cooling_until([m.pk for m in members])
+    for member in members:
+        state = health_of(member, cooling=cooling)["state"]
+        for candidate in HEALTH_STATES:
+            family.add_metric([member.route_name, member.name, candidate], 1.0 if candidate == state else 0.0)
+    yield family
 
 
 def pool_order(members: list[LLMConfig], *, first: LLMConfig | None = None) -> list[LLMConfig]:
@@ -248,6 +268,7 @@ class PoolChatModel(BaseChatModel):
                 logger.error("a provider failure could not be recorded: %r", result)
 
     def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
+        provider_call_observe(config_name=config.name, route=config.route_name, category=category)
         self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
                               "latency_ms": round((time.monotonic() - started) * 1000, 1)})
 

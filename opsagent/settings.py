@@ -242,6 +242,13 @@ LOGGING = {
 }
 # Requests slower than this are logged at WARNING by the request log middleware.
 REQUEST_SLOW_SECONDS = env.float("REQUEST_SLOW_SECONDS", default=1.0)
+# Prometheus metrics at /metrics (off: not counted, and /metrics is a 404). A scraper sends METRICS_TOKEN as a bearer
+# token; without one, only clients on this host (loopback, not relayed by a proxy) may read them.
+METRICS_ENABLED = env.bool("METRICS_ENABLED", default=True)
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# Several worker processes: a directory (empty at start) where each writes its counts, so any of them serves the sum.
+# prometheus_client reads it from the environment itself, before the first metric exists: set it there, not here.
+PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default="")
 
 # ===== Agent and models =====
 # Runs of a dead process (heartbeat): a running answer's row gets `heartbeat_at` and the answer so far every

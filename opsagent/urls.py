@@ -1,4 +1,5 @@
-"""URL map: the chat page (`/` leads to it), admin, health, the REST API under /api, the Dify Service API under /v1."""
+"""URL map: the chat page (`/` leads to it), admin, health, metrics, the REST API under /api, the Dify Service API
+under /v1."""
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
@@ -6,7 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from agentcore.pages import chat_page, home
 from opsagent.common.authentication import ThrottledLoginForm
-from opsagent.views import health
+from opsagent.views import health, metrics
 
 urlpatterns = [
     path("", home, name="home"),
@@ -17,6 +18,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),
+    path("metrics", metrics, name="metrics"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/", include("llmconfigs.urls")),

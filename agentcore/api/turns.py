@@ -12,6 +12,7 @@ from asgiref.sync import async_to_sync
 from agentcore.events import Event, RunEnd, RunError, RunStarted, TextDelta, Usage, event_to_dict
 from agentcore.runs import UNAVAILABLE, Turn, turn_run
 from opsagent.common.dependencies import dependency_down
+from opsagent.common.metrics import stream_active
 
 
 class TurnResult:
@@ -100,8 +101,9 @@ async def turn_event_messages(turn: Turn) -> AsyncIterator[dict[str, Any]]:
 
 async def turn_sse(turn: Turn) -> AsyncIterator[str]:
     """Server-sent events: one JSON event per `data:` line."""
-    async for message in turn_event_messages(turn):
-        yield f"data: {json.dumps(message, ensure_ascii=False)}\n\n"
+    with stream_active("rest"):
+        async for message in turn_event_messages(turn):
+            yield f"data: {json.dumps(message, ensure_ascii=False)}\n\n"
 
 
 def _payload(event: Event) -> dict[str, Any]:

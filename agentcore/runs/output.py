@@ -29,6 +29,7 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from opsagent.common.dependencies import dependency_down
+from opsagent.common.metrics import chat_request_observe
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,10 @@ class RunOutput:
         called = bool(self.prompt_tokens or self.completion_tokens or self.first_token is not None)
         # database_sync_to_async also closes the worker thread's connection (CONN_MAX_AGE=0) once the run is over.
         await database_sync_to_async(self._save_rows)(fields, cost.total_price if called else None)
+        chat_request_observe(config_name=self.config.name, route=self.config.route_name, app=self.session.app.name,
+                             task_id=str(self.message.task_id), status=status, latency=latency, ttft=ttft,
+                             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                             cost=cost.total_price if called else None, currency=cost.currency)
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens, cost=cost, latency=round(latency, 4),

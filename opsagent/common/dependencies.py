@@ -16,6 +16,8 @@ import time
 import psycopg
 import redis
 from django.conf import settings
+from django.core.cache import cache
+from django.db import connection
 from django.utils.deprecation import MiddlewareMixin
 
 from opsagent.common.surfaces import surface_for
@@ -128,3 +130,30 @@ class DependencyFailureMiddleware(MiddlewareMixin):
 
 def retry_after() -> int:
     return max(1, round(settings.DEPENDENCY_RETRY_SECONDS))
+
+
+# ----- probes (the health check, the metrics) -----
+
+def _probe(check) -> str:
+    """"ok", or "unavailable" when the check fails because the dependency is down (known down: at once)."""
+    try:
+        return "ok" if check() else "unavailable"
+    except Exception as exc:  # a server down, or a SQLite file that cannot be opened: unusable all the same
+        dependency_down(exc)  # a server found down fails the requests that need it at once from now on
+        return "unavailable"
+
+
+def _database_answers() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        return cursor.fetchone() == (1,)
+
+
+def _cache_answers() -> bool:
+    cache.set("health:probe", 1, 5)
+    return cache.get("health:probe") == 1
+
+
+def dependency_states() -> dict[str, str]:
+    """{"database": "ok" | "unavailable", "cache": ...}: each asked now (synchronous: off the event loop)."""
+    return {"database": _probe(_database_answers), "cache": _probe(_cache_answers)}

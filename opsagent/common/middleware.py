@@ -1,17 +1,15 @@
 """Project middleware: the request log (method, path, status and duration of every request, warning when slow; never
 bodies, query strings or headers, so no key or token can reach the log), the Content-Security-Policy header, and the
 refusal of paths and query strings holding text no column can store."""
-import logging
-import time
+from collections.abc import AsyncIterator
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpResponse
 
 from opsagent.common.client_input import text_problem
+from opsagent.common.request_log import RequestRecord
 from opsagent.common.surfaces import surface_for
-
-logger = logging.getLogger("opsagent.requests")
 
 
 class HybridMiddleware:
@@ -27,39 +25,39 @@ class HybridMiddleware:
 
 
 class RequestLogMiddleware(HybridMiddleware):
+    """Starts each request's record (opsagent.common.request_log) and writes its line when the response is ready; for
+    a streamed response, when its stream ends, with what the run put in the record (time to first token, config)."""
 
     def __call__(self, request):
         if iscoroutinefunction(self):
             return self.__acall__(request)
-        started = time.perf_counter()
+        record = self._begin(request)
         response = self.get_response(request)
-        self._log(request, response, started)
+        record.write(response.status_code)
         return response
 
     async def __acall__(self, request):
-        started = time.perf_counter()
+        record = self._begin(request)
         response = await self.get_response(request)
-        self._log(request, response, started)
+        if response.streaming and response.is_async:
+            record.status = response.status_code
+            response.streaming_content = _written_when_done(response.streaming_content, record)
+        else:
+            record.write(response.status_code)
         return response
 
     @staticmethod
-    def _log(request, response, started: float) -> None:
-        duration = time.perf_counter() - started
-        level = logging.WARNING if duration > settings.REQUEST_SLOW_SECONDS else logging.INFO
-        logger.log(
-            level,
-            "%s %s %s %.1fms",
-            request.method,
-            request.path,
-            response.status_code,
-            duration * 1000,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status_code,
-                "duration_ms": round(duration * 1000, 1),
-            },
-        )
+    def _begin(request) -> RequestRecord:
+        return RequestRecord(surface=surface_for(request.path).name, method=request.method,
+                             path=request.path).begin()
+
+
+async def _written_when_done(content: AsyncIterator[bytes], record: RequestRecord) -> AsyncIterator[bytes]:
+    try:
+        async for part in content:
+            yield part
+    finally:
+        record.write()
 
 
 class ContentSecurityPolicyMiddleware(HybridMiddleware):

@@ -45,7 +45,9 @@ class Refusal:
 
 class Surface:
     """The formats of paths no app registered (the admin, /health/): DRF-style JSON errors, a plain-text 413.
-    Subclasses override what their surface answers differently."""
+    Subclasses override what their surface answers differently. `name` labels its requests in the metrics."""
+
+    name = "web"
 
     def body_limit(self, path: str) -> int:
         """Bytes a request body to `path` may have."""
@@ -67,6 +69,8 @@ class Surface:
 
 class RestSurface(Surface):
     """DRF's format (the REST API under /api): a 413 is JSON too."""
+
+    name = "rest"
 
     def too_large(self, path: str, limit: int) -> Refusal:
         return Refusal.json({"detail": f"Request body too large: at most {limit} bytes.", "code": "request_too_large"},

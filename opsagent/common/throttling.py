@@ -9,6 +9,8 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 
+from opsagent.common.metrics import rate_limit_refusal_observe
+
 # Every surface (app keys on /v1, tokens on /api and the WebSocket, admin logins) adds to one count per address.
 CLIENT = "client"
 LOGIN = "login"
@@ -43,7 +45,15 @@ def auth_lock_remaining(until: float | None) -> int | None:
 def auth_locked_for(*, ip: str | None) -> int | None:
     """Seconds until this address may authenticate again, None when it may now (one cache read)."""
     key = auth_lock_key(ip=ip)
-    return auth_lock_remaining(cache.get(key)) if key else None
+    left = auth_lock_remaining(cache.get(key)) if key else None
+    if left:
+        auth_lock_refusal_observe()
+    return left
+
+
+def auth_lock_refusal_observe() -> None:
+    """A request refused because its address is locked (for the metrics)."""
+    rate_limit_refusal_observe(scope="client", limit="auth_lock")
 
 
 def _failure_record(kind: str, subject: str, *, limit: int, window: int) -> int | None:
@@ -74,7 +84,10 @@ def login_locked_for(*, username: str, ip: str | None) -> int | None:
     """Seconds until this username may try to log in from this address again (either may be locked)."""
     keys = [_lock_key(LOGIN, username)] + ([_lock_key(CLIENT, ip)] if ip else [])
     remaining = [auth_lock_remaining(until) for until in cache.get_many(keys).values()]
-    return max((left for left in remaining if left), default=None)
+    left = max((left for left in remaining if left), default=None)
+    if left:
+        rate_limit_refusal_observe(scope="client", limit="login_lock")
+    return left
 
 
 def login_failure_record(*, username: str, ip: str | None) -> None:
