@@ -117,13 +117,12 @@ class DifyHttpConsumer(AsyncConsumer):
         raise StopConsumer()
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self.record is not None:
+            if message["type"] == "http.response.start":
+                self.record.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                self.record.write()  # before the last byte: a client that has it finds the line written
         await super().send(message)
-        if self.record is None:
-            return
-        if message["type"] == "http.response.start":
-            self.record.status = message["status"]
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            self.record.write()
 
     async def _admit(self) -> None:
         if self.scope.get("method") not in self.methods:

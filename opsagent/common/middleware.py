@@ -32,13 +32,15 @@ class RequestLogMiddleware(HybridMiddleware):
         if iscoroutinefunction(self):
             return self.__acall__(request)
         record = self._begin(request)
-        response = self.get_response(request)
-        record.write(response.status_code)
-        return response
+        return self._logged(self.get_response(request), record)
 
     async def __acall__(self, request):
         record = self._begin(request)
-        response = await self.get_response(request)
+        return self._logged(await self.get_response(request), record)
+
+    @staticmethod
+    def _logged(response, record: RequestRecord):
+        # Under ASGI a stream is sent on the event loop after this returns (even when this ran in a thread).
         if response.streaming and response.is_async:
             record.status = response.status_code
             response.streaming_content = _written_when_done(response.streaming_content, record)
