@@ -171,9 +171,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             # The socket outlives a fault in one turn: the client is told, the details go to the log only.
             failure = dependency_down(exc)
             if failure is not None:
+                record.outcome = "service_unavailable"
                 await self._error("service_unavailable", failure.message)
                 return
             logger.exception("agent turn could not start (session %s)", self.session.id)
+            record.outcome = "internal"
             await self._error("internal", "The answer could not be started.")
             return
         try:

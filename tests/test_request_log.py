@@ -192,3 +192,26 @@ async def test_each_websocket_turn_is_logged(plain_user, default_llm_config, fak
                              app="log-ws-app")
     assert line["surface"] == "websocket"
     assert token.key not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_websocket_turn_refused_before_it_starts_is_logged_with_why(plain_user, default_llm_config,
+                                                                            fake_upstream, caplog):
+    app = await AgentApp.objects.acreate(name="log-ws-limited", mode="chat", requests_per_minute=1)
+    session = await Session.objects.acreate(app=app, owner=plain_user)
+    token = await Token.objects.acreate(user=plain_user)
+    fake_upstream.default = Reply(text=ANSWER)
+    caplog.set_level(logging.INFO, logger="opsagent.requests")
+    communicator = WebsocketCommunicator(websocket_application, f"/ws/agent/sessions/{session.pk}/?token={token.key}")
+    assert (await communicator.connect(timeout=10))[0]
+    await communicator.send_json_to({"type": "chat", "message": QUESTION})
+    while (await communicator.receive_json_from(timeout=10))["type"] != "end":
+        pass
+    await communicator.send_json_to({"type": "chat", "message": QUESTION})
+    assert (await communicator.receive_json_from(timeout=10))["code"] == "rate_limited"
+    await communicator.disconnect()
+    answered, refused = _request_records(caplog)
+    assert answered.outcome == "normal"
+    assert (refused.method, refused.status, refused.outcome) == ("WEBSOCKET", 101, "rate_limited")
+    assert not hasattr(refused, "task_id")

@@ -29,7 +29,7 @@ class RequestRecord:
     app: str = ""
     task_id: str = ""
     ttft_ms: float | None = None
-    outcome: str = ""  # a turn's end: normal, stopped, paused, error
+    outcome: str = ""  # a turn's end (normal, stopped, paused, error), or why it did not start (rate_limited, ...)
     written: bool = False
 
     def begin(self) -> RequestRecord:
@@ -48,9 +48,11 @@ class RequestRecord:
         level = logging.WARNING if duration > settings.REQUEST_SLOW_SECONDS else logging.INFO
         extra = {"method": self.method, "path": self.path, "status": self.status,
                  "duration_ms": round(duration * 1000, 1)}
+        if self.outcome:
+            extra["outcome"] = self.outcome
         if self.task_id:
             extra.update(surface=self.surface, config=self.config, app=self.app, task_id=self.task_id,
-                         outcome=self.outcome, ttft_ms=self.ttft_ms)
+                         ttft_ms=self.ttft_ms)
         suffix = f" ttft={self.ttft_ms}ms" if self.ttft_ms is not None else ""
         logger.log(level, "%s %s %s %.1fms%s", self.method, self.path, self.status, duration * 1000, suffix,
                    extra=extra)
