@@ -3,8 +3,8 @@
 1. the counting on the way to the first token (a pool member's call counted, the active-streams gauge raised), called
    in this process with METRICS_ENABLED on and off, in microseconds;
 2. time to first token through POST /v1/chat-messages (streaming) on two daphne servers over one database, one with
-   METRICS_ENABLED=1 and one with METRICS_ENABLED=0, interleaved so that drift affects both alike; and the time a
-   scrape of /metrics takes.
+   METRICS_ENABLED=1 and one with METRICS_ENABLED=0, interleaved so that drift affects both alike (`--aa`: both on,
+   to see what difference the machine alone makes between two servers); and the time a scrape of /metrics takes.
 
 Standalone (as bench/dify_overhead.py: fake upstream, temporary database, daphne). Run:
 `.venv/bin/python bench/metrics_overhead.py [-n 200] [--multiprocess] [--database-url ...] [--redis-url ...]`.
@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=200, help="streamed requests per server")
     parser.add_argument("--multiprocess", action="store_true",
                         help="both servers in prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR)")
+    parser.add_argument("--aa", action="store_true",
+                        help="calibration: metrics on in both servers, so the difference is the noise of the machine")
     parser.add_argument("--database-url", default="",
                         help="a PostgreSQL server to create a temporary database on (default: a temporary SQLite file)")
     parser.add_argument("--redis-url", default="")
@@ -99,7 +101,7 @@ def main() -> int:
     apps = [("bench-metrics", "chat", KEY)]
     with bench_server(database_url=args.database_url, redis_url=args.redis_url, apps=apps, **settings) as (
             server, env, _):
-        off = Daphne(env={**env, "METRICS_ENABLED": "0"}).start(timeout=120)
+        off = Daphne(env={**env, "METRICS_ENABLED": "1" if args.aa else "0"}).start(timeout=120)
         try:
             with_metrics, without = asyncio.run(ttft_pair(server.url, off.url, args.n))
             scrapes = asyncio.run(scrape_times(server.url, 50))
@@ -107,7 +109,7 @@ def main() -> int:
             off.stop()
     ms = 1000
     overhead = (statistics.median(with_metrics) - statistics.median(without)) * ms
-    for name, times in (("metrics on ", with_metrics), ("metrics off", without)):
+    for name, times in (("metrics on ", with_metrics), ("metrics on " if args.aa else "metrics off", without)):
         print(f"first token, {name}: p50 {statistics.median(times) * ms:7.2f} ms  "
               f"p99 {percentile(times, 99) * ms:7.2f} ms", flush=True)
     print(f"metrics add (p50)       : {overhead:+.2f} ms", flush=True)
