@@ -98,7 +98,7 @@ class DifyHttpConsumer(AsyncConsumer):
         if self.record is None:
             # Begun before the answer's task starts, which inherits it: the run fills in its config and timings.
             self.record = RequestRecord(surface="dify", method=self.scope.get("method", ""),
-                                        path=self.scope.get("path", "")).begin()
+                                        path=self.log_path()).begin()
         self.body.append(message.get("body", b""))
         if not message.get("more_body"):
             self.task = asyncio.create_task(self._answer_errors(self._respond(b"".join(self.body))))

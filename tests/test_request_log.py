@@ -215,3 +215,17 @@ async def test_a_websocket_turn_refused_before_it_starts_is_logged_with_why(plai
     assert answered.outcome == "normal"
     assert (refused.method, refused.status, refused.outcome) == ("WEBSOCKET", 101, "rate_limited")
     assert not hasattr(refused, "task_id")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_dify_path_holding_a_secret_is_logged_masked(caplog):
+    caplog.set_level(logging.INFO, logger="opsagent.requests")
+    form_token = "form-token-secret-7a6b5c4d3e2f"
+    async with AsgiCall(application, method="GET", path=f"/v1/form/human_input/{form_token}",
+                        headers=dify_headers("app-not-a-key")) as call:
+        await call.read(20)
+    assert call.status == 401
+    (record,) = _request_records(caplog)
+    assert (record.method, record.path, record.status) == ("GET", "/v1/form/human_input/<form_token>", 401)
+    assert form_token not in caplog.text
