@@ -323,8 +323,11 @@ def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     currency; and the same per group over the whole period. Reads the rollups and the calls not rolled up yet, in
     one snapshot (a rollup committing in between cannot count a call twice or not at all)."""
     series: dict[tuple[datetime, str], Totals] = {}
+    # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
+    # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
+    repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
     with transaction.atomic():
-        if connection.vendor == "postgresql":
+        if repeatable:
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         _add_rollups(series, query)
