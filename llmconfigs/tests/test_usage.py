@@ -75,12 +75,14 @@ def test_success_rate_error_categories_tokens_and_cost_are_exact(priced_config, 
 
 def test_numbers_are_complete_while_part_of_the_period_is_rolled_up(priced_config, reader):
     three_successes_and_a_timeout(priced_config)
+    record(priced_config, T0 + timedelta(minutes=20), category="rate_limit")
+    record(priced_config, T0 + timedelta(minutes=21), category="rate_limit")
     usage_rollup()
     record(priced_config, T0 + timedelta(minutes=30), category="rate_limit")
     data = report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"})
     [row] = data["series"]
     assert row["group"] is None
-    assert (row["calls"], row["errors"], row["error_categories"]) == (5, 2, {"rate_limit": 1, "timeout": 1})
+    assert (row["calls"], row["errors"], row["error_categories"]) == (7, 4, {"rate_limit": 3, "timeout": 1})
 
 
 def test_hour_buckets_have_utc_edges(priced_config, reader):
@@ -92,7 +94,7 @@ def test_hour_buckets_have_utc_edges(priced_config, reader):
         data = report(reader, **{"from": "2026-03-01T12:30:00+02:00", "to": "2026-03-01T11:30:00Z"})
         assert (data["from"], data["to"]) == ("2026-03-01T10:00:00+00:00", "2026-03-01T12:00:00+00:00")
         assert [(r["bucket"], r["calls"]) for r in data["series"]] == [
-            ("2026-03-01T10:00:00+00:00", 1), ("2026-03-01T11:00:00+00:00", 2)]
+            ("2026-03-01T10:00:00+00:00", 1), ("2026-03-01T11:00:00+00:00", 2)], rolled
         usage_rollup()
 
 
@@ -252,3 +254,45 @@ def test_default_period_is_the_last_day_up_to_the_next_hour(reader):
     start, end = datetime.fromisoformat(data["from"]), datetime.fromisoformat(data["to"])
     assert end - start == timedelta(days=1)
     assert end.minute == 0 and end > datetime.now(UTC) >= end - timedelta(hours=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overlapping_rollups_count_each_call_once(priced_config, monkeypatch):
+    """A second run that starts while the first holds its batch (claimed, not committed) takes none of it."""
+    import threading
+
+    from django.db import connections
+
+    from llmconfigs import usage
+
+    for second in range(5):
+        record(priced_config, T0 + timedelta(seconds=second))
+    holding, release = threading.Event(), threading.Event()
+    real_upsert = usage._upsert
+
+    def upsert_and_wait(groups, labels):
+        real_upsert(groups, labels)
+        if threading.current_thread().name == "first":
+            holding.set()
+            release.wait(10)
+
+    monkeypatch.setattr(usage, "_upsert", upsert_and_wait)
+    results = {}
+
+    def run(name):
+        try:
+            results[name] = usage_rollup()
+        finally:
+            connections.close_all()
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    second.join(0.5)  # it is now waiting for the first run's row locks (PostgreSQL) or write lock (SQLite)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"first": 5, "second": 0}
+    assert sum(UsageRollup.objects.filter(size="hour").values_list("calls", flat=True)) == 5
