@@ -313,8 +313,7 @@ class LLMConfigViewSet(UsageReportResponses, viewsets.ModelViewSet):
     def stats(self, request, pk=None):
         """The usage report of this config alone (as GET /api/usage/?config=<id>, without grouping)."""
         config = self.get_object()
-        query = usage_query(request, group_by="", filters=(("config_id", str(config.pk)),))
-        return Response(usage_report(query=query))
+        return Response(usage_report(query=usage_query(request, config_id=str(config.pk))))
 
     @extend_schema(responses={200: ProviderSerializer(many=True)})
     @action(detail=False, methods=["get"], pagination_class=None)

@@ -54,12 +54,16 @@ class UsageQuerySerializer(serializers.Serializer):
                           filters=tuple((name, str(value)) for name, value in filters.items() if value))
 
 
-def usage_query(request, **fixed) -> UsageQuery:
-    """The validated query of `request` (a DRF ValidationError otherwise), with `fixed` fields set (the stats of one
-    config: its filter, no grouping)."""
+def usage_query(request, *, config_id: str = "") -> UsageQuery:
+    """The validated query of `request` (a DRF ValidationError otherwise); with `config_id`, the stats of that one
+    config: its calls alone, not grouped."""
     serializer = UsageQuerySerializer(data=request.query_params)
     serializer.is_valid(raise_exception=True)
-    return dataclasses.replace(serializer.validated_data, **fixed)
+    query = serializer.validated_data
+    if not config_id:
+        return query
+    filters = tuple(item for item in query.filters if item[0] != "config_id") + (("config_id", config_id),)
+    return dataclasses.replace(query, group_by="", filters=filters)
 
 
 class UsageCSVRenderer(BaseRenderer):

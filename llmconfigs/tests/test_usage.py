@@ -189,6 +189,10 @@ def test_config_stats_cover_that_config_alone(priced_config, make_llm_config, re
     data = response.json()
     assert data["group_by"] is None
     assert [(r["calls"], r["success_rate"]) for r in data["series"]] == [(4, 0.75)]
+    # Its other filters still apply; a `config` parameter cannot widen it to another config.
+    timeouts = client_for(reader).get(f"/api/llm-configs/{priced_config.pk}/stats/", {
+        "from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z", "kind": "chat", "config": str(other.pk)}).json()
+    assert [r["calls"] for r in timeouts["series"]] == [4]
 
 
 def test_csv_export_has_one_line_per_bucket_and_group(priced_config, reader):
