@@ -96,17 +96,3 @@ def test_the_page_has_no_inline_script_or_style(staff_user, calls):
     html = page.content.decode()
     assert "<script>" not in html and " style=" not in html and "<style" not in html
     assert "script-src 'self'" in page["Content-Security-Policy"]
-
-
-def test_config_app_and_key_pages_link_to_their_usage(staff_user, calls):
-    from agentcore.models import AgentApp
-    from difyapi.auth import api_key_create
-
-    fast, _ = calls
-    client = logged_in(staff_user)
-    html = client.get(f"/admin/llmconfigs/llmconfig/{fast.pk}/change/").content.decode()
-    assert f"{URL}?config={fast.pk}" in html
-    app = AgentApp.objects.create(name="Linked", mode=AgentApp.Mode.CHAT)
-    assert f"{URL}?app={app.pk}" in client.get(f"/admin/agentcore/agentapp/{app.pk}/change/").content.decode()
-    key, _token = api_key_create(app=app)
-    assert f"{URL}?key={key.pk}" in client.get(f"/admin/difyapi/apikey/{key.pk}/change/").content.decode()
