@@ -7,12 +7,12 @@ import math
 import time
 import uuid
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate
+from itertools import accumulate, pairwise
+from operator import add
 from typing import Any
 
 from django.conf import settings
@@ -91,16 +91,29 @@ def histogram_index(value_ms: float) -> int:
 def histogram_percentile(counts: Sequence[int], q: float) -> float | None:
     """The q-quantile (0 < q <= 1) of the values counted in `counts`, as the geometric middle of the bucket that holds
     it (within a factor 2^(1/4) of the true value between 4 ms and 131 s); None without values."""
-    total = sum(counts)
+    return histogram_percentiles(counts, (q,))[0]
+
+
+def histogram_percentiles(counts: Sequence[int], qs: Sequence[float]) -> list[float | None]:
+    """histogram_percentile for each of `qs` (in increasing order), in one pass over `counts`."""
+    cumulative = list(accumulate(counts))
+    total = cumulative[-1] if cumulative else 0
     if not total:
-        return None
-    rank = max(math.ceil(q * total), 1)
-    index = next(i for i, seen in enumerate(accumulate(counts)) if seen >= rank)
-    if index == 0:
-        return round(HISTOGRAM_BOUNDS_MS[0] / 2, 1)
-    if index >= len(HISTOGRAM_BOUNDS_MS):
-        return round(HISTOGRAM_BOUNDS_MS[-1], 1)
-    return round(math.sqrt(HISTOGRAM_BOUNDS_MS[index - 1] * HISTOGRAM_BOUNDS_MS[index]), 1)
+        return [None] * len(qs)
+    found, index = [], 0
+    for q in qs:
+        rank = max(math.ceil(q * total), 1)
+        while cumulative[index] < rank:
+            index += 1
+        found.append(_MIDDLES[index])
+    return found
+
+
+# What a value in each bucket is reported as: the geometric middle of its bounds (half the first bound in the first
+# bucket, the last bound above it).
+_MIDDLES = (round(HISTOGRAM_BOUNDS_MS[0] / 2, 1),
+            *(round(math.sqrt(low * high), 1) for low, high in pairwise(HISTOGRAM_BOUNDS_MS)),
+            round(HISTOGRAM_BOUNDS_MS[-1], 1))
 
 
 # ----- aggregation (shared by the rollup and the reports) -----
@@ -112,7 +125,7 @@ class Totals:
 
     label: str = ""
     calls: int = 0
-    errors: Counter = field(default_factory=Counter)
+    errors: dict[str, int] = field(default_factory=dict)  # category -> calls
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: dict[str, Decimal] = field(default_factory=dict)
@@ -123,7 +136,7 @@ class Totals:
                  completion_tokens: int, cost: Decimal, currency: str) -> None:
         self.calls += 1
         if error_category:
-            self.errors[error_category] += 1
+            self.errors[error_category] = self.errors.get(error_category, 0) + 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.cost[currency] = self.cost.get(currency, Decimal(0)) + Decimal(cost)
@@ -135,33 +148,35 @@ class Totals:
                  cost: Decimal, currency: str, latency: Sequence[int], ttft: Sequence[int]) -> None:
         self.calls += calls
         if error_category:
-            self.errors[error_category] += calls
+            self.errors[error_category] = self.errors.get(error_category, 0) + calls
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.cost[currency] = self.cost.get(currency, Decimal(0)) + Decimal(cost)
-        self.latency = [a + b for a, b in zip(self.latency, latency, strict=True)]
-        self.ttft = [a + b for a, b in zip(self.ttft, ttft, strict=True)]
+        self.latency = list(map(add, self.latency, latency))
+        self.ttft = list(map(add, self.ttft, ttft))
 
     def merge(self, other: Totals) -> None:
         self.calls += other.calls
-        self.errors.update(other.errors)
+        for category, count in other.errors.items():
+            self.errors[category] = self.errors.get(category, 0) + count
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         for currency, amount in other.cost.items():
             self.cost[currency] = self.cost.get(currency, Decimal(0)) + amount
-        self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
-        self.ttft = [a + b for a, b in zip(self.ttft, other.ttft, strict=True)]
+        self.latency = list(map(add, self.latency, other.latency))
+        self.ttft = list(map(add, self.ttft, other.ttft))
 
     def as_dict(self) -> dict[str, Any]:
         errors = sum(self.errors.values())
+        latency = histogram_percentiles(self.latency, (0.5, 0.95))
+        ttft = histogram_percentiles(self.ttft, (0.5, 0.95))
         return {
             "calls": self.calls,
             "errors": errors,
             "success_rate": round((self.calls - errors) / self.calls, 4) if self.calls else None,
             "error_categories": dict(sorted(self.errors.items())),
-            "latency_ms": {"p50": histogram_percentile(self.latency, 0.5),
-                           "p95": histogram_percentile(self.latency, 0.95)},
-            "ttft_ms": {"p50": histogram_percentile(self.ttft, 0.5), "p95": histogram_percentile(self.ttft, 0.95)},
+            "latency_ms": {"p50": latency[0], "p95": latency[1]},
+            "ttft_ms": {"p50": ttft[0], "p95": ttft[1]},
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -358,7 +373,9 @@ def _add_rollups(series: dict[tuple[datetime, str], Totals], query: UsageQuery) 
     sums = {column: Sum(column) for column in _SUM_COLUMNS}
     if label_column:
         sums["label"] = Max(label_column)
-    for row in rows.values(*dimensions).annotate(**sums).order_by():
+    names = [*dimensions, *sums]
+    for values in rows.values(*dimensions).annotate(**sums).order_by().values_list(*names):
+        row = dict(zip(names, values, strict=True))
         group = row[id_column] if id_column else ""
         totals = series.setdefault((row["bucket"].astimezone(UTC), group), Totals())
         totals.label = max(totals.label, row.get("label") or "")
