@@ -35,6 +35,7 @@ from llmconfigs.models import LLMConfig
 from llmconfigs.providers import parameter_errors
 from llmconfigs.secrets import mask_secret
 from llmconfigs.selectors import llm_config_default, llm_route_names
+from llmconfigs.usage_admin import usage_page_url
 from opsagent.common.clients import audit_context
 from opsagent.common.errors import ServiceError
 
@@ -229,7 +230,9 @@ class AgentAppAdmin(admin.ModelAdmin):
     def usage(self, app: AgentApp) -> str:
         if app._state.adding:
             return "-"
-        return usage_beside_limits(scope=f"app:{app.pk}", limits=Limits.of(app))
+        return format_html('{} <a href="{}">Usage report</a>',
+                           usage_beside_limits(scope=f"app:{app.pk}", limits=Limits.of(app)),
+                           usage_page_url(app=str(app.pk)))
     fieldsets = [
         (None, {"fields": ["name", "mode", "is_active", "description", "system_prompt", "opening_statement",
                            "suggested_questions", "suggested_questions_after_answer"]}),

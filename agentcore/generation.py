@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
@@ -12,10 +13,11 @@ from agentcore.models import Message, Session
 from agentcore.selectors import app_pool_resolve
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import chat_model, provider_error
-from llmconfigs.models import LLMConfig
+from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import FAILOVER_CATEGORIES, provider_failure_record
 from llmconfigs.services import llm_config_record_usage
+from llmconfigs.usage import CallOrigin, CallRecord, provider_calls_record
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,18 @@ def _session_pool(session: Session) -> list[LLMConfig]:
     return app_pool_resolve(app=session.app, session_config_id=session.llm_config_id)
 
 
-def _complete(pool: list[LLMConfig], messages: list[BaseMessage], *, meter: Meter) -> str:
-    """One non-streaming call, by the first member of the pool that answers; every call is counted on its config and
-    charged to `meter` (the app's and the key's usage). Provider failures come back as ProviderCallError with the
-    key scrubbed."""
+def _complete(pool: list[LLMConfig], messages: list[BaseMessage], *, meter: Meter, kind: str,
+              session: Session) -> str:
+    """One non-streaming call, by the first member of the pool that answers; every call is counted on its config,
+    charged to `meter` (the app's and the key's usage) and recorded as a `kind` call (llmconfigs.usage). Provider
+    failures come back as ProviderCallError with the key scrubbed."""
     error = ProviderCallError("unavailable", "No model is available.")
+    origin = CallOrigin(app_id=str(session.app_id), app_name=session.app.name, key_id=meter.key_id,
+                        user_id=session.owner_id)
     for index, config in enumerate(pool):
-        error = _complete_with(config, messages, meter=meter, retries=index == len(pool) - 1)
+        call = CallRecord(config=config, kind=kind)
+        error = _complete_with(config, messages, meter=meter, retries=index == len(pool) - 1, call=call)
+        provider_calls_record(calls=[call], origin=origin)
         if isinstance(error, str):
             return error
         if error.category not in FAILOVER_CATEGORIES:
@@ -63,25 +70,30 @@ def _complete(pool: list[LLMConfig], messages: list[BaseMessage], *, meter: Mete
     raise error
 
 
-def _complete_with(config: LLMConfig, messages: list[BaseMessage], *, meter: Meter,
-                   retries: bool) -> str | ProviderCallError:
-    """The answer of `config`, or its failure (recorded on the config, as the run records its own). Without
-    `retries` the SDK does not retry: the next member is the retry."""
+def _complete_with(config: LLMConfig, messages: list[BaseMessage], *, meter: Meter, retries: bool,
+                   call: CallRecord) -> str | ProviderCallError:
+    """The answer of `config`, or its failure (recorded on the config, as the run records its own), measured into
+    `call`. Without `retries` the SDK does not retry: the next member is the retry."""
     model = chat_model(config, streaming=False, timeout=GENERATION_TIMEOUT, max_retries=None if retries else 0)
+    started = time.monotonic()
     try:
         reply = model.invoke(messages)
     except Exception as exc:  # any provider/transport failure: classify it, never leak the key
         error = provider_error(exc, api_key=config.api_key)
+        call.error_category = error.category
     else:
         usage = reply.usage_metadata or {}
         prompt, completion = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+        call.prompt_tokens, call.completion_tokens = prompt, completion
         cost = usage_cost(input_price_per_million=config.input_price_per_million,
                           output_price_per_million=config.output_price_per_million, currency=config.currency,
                           prompt_tokens=prompt, completion_tokens=completion)
         llm_config_record_usage(config_id=config.pk, prompt_tokens=prompt, completion_tokens=completion,
                                 cost=cost.total_price)
         usage_record(meter=meter, tokens=prompt + completion, cost=cost.total_price)
+        call.latency_ms = round((time.monotonic() - started) * 1000, 1)
         return reply.content if isinstance(reply.content, str) else str(reply.content)
+    call.latency_ms = round((time.monotonic() - started) * 1000, 1)
     provider_failure_record(config=config, error=error)
     return error
 
@@ -101,7 +113,7 @@ def session_generate_name(*, session: Session, meter: Meter | None = None) -> st
         raise InvalidInput("The conversation has no messages to name it from.")
     try:
         name = _clean_name(_complete(_session_pool(session), [SystemMessage(NAME_PROMPT), HumanMessage(first.query)],
-                                     meter=meter or Meter.of_app(session.app)))
+                                     meter=meter or Meter.of_app(session.app), kind=CallKind.TITLE, session=session))
     except (LLMConfigError, ProviderCallError) as exc:
         logger.warning("conversation name generation failed for session %s: %s", session.pk, exc)
         name = ""
@@ -139,7 +151,8 @@ def message_suggested_questions(*, message: Message, meter: Meter | None = None)
             history.append(AIMessage(turn.answer))
     history.append(HumanMessage("Now list the three likely follow-up questions as a JSON array."))
     try:
-        return _parse_questions(_complete(_session_pool(session), history, meter=meter or Meter.of_app(session.app)))
+        return _parse_questions(_complete(_session_pool(session), history, meter=meter or Meter.of_app(session.app),
+                                          kind=CallKind.SUGGESTION, session=session))
     except (LLMConfigError, ProviderCallError) as exc:
         logger.warning("suggested questions failed for message %s: %s", message.pk, exc)
         return []

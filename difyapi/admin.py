@@ -15,12 +15,14 @@ from django.http import Http404, HttpResponseRedirect
 from django.template import engines
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.html import format_html
 
 from agentcore.admin import usage_beside_limits
 from agentcore.limits import LIMIT_FIELDS, Limits
 from difyapi.auth import api_key_create, api_key_revoke, api_key_update
 from difyapi.models import ApiKey, EndUser, Feedback, UploadFile
 from llmconfigs.encryption import cipher_for
+from llmconfigs.usage_admin import usage_page_url
 from opsagent.common.clients import audit_context
 
 # Extends the admin's own base template, so no template file has to be shipped.
@@ -99,7 +101,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="usage")
     def usage(self, obj: ApiKey) -> str:
-        return usage_beside_limits(scope=f"key:{obj.pk}", limits=Limits.of(obj))
+        return format_html('{} <a href="{}">Usage report</a>',
+                           usage_beside_limits(scope=f"key:{obj.pk}", limits=Limits.of(obj)),
+                           usage_page_url(key=str(obj.pk)))
 
     @admin.display(description="key")
     def masked(self, obj: ApiKey) -> str:

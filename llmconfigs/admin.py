@@ -16,6 +16,7 @@ from django.utils.formats import date_format
 from django.utils.html import format_html, format_html_join
 from django.utils.timezone import localtime
 
+from llmconfigs import usage_admin  # noqa: F401  (registers the Usage page)
 from llmconfigs.errors import LLMConfigError
 from llmconfigs.models import AuditLog, LLMConfig
 from llmconfigs.providers import PROVIDERS

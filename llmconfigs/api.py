@@ -5,6 +5,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, serializers, viewsets
 from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from llmconfigs.models import AuditLog, LLMConfig
@@ -20,6 +21,14 @@ from llmconfigs.services import (
     llm_config_set_default,
     llm_config_test_connection,
     llm_config_update,
+)
+from llmconfigs.usage import usage_report
+from llmconfigs.usage_api import (
+    USAGE_PARAMETERS,
+    USAGE_PERMISSION,
+    UsageCSVRenderer,
+    UsageReportResponses,
+    usage_query,
 )
 from opsagent.common.clients import audit_context
 from opsagent.common.permissions import ActionPermissions
@@ -193,7 +202,7 @@ _LIST_PARAMETERS = [
 @extend_schema_view(list=extend_schema(parameters=_LIST_PARAMETERS), destroy=extend_schema(
     responses={204: None, 409: OpenApiResponse(description="The config is the current default.")}
 ))
-class LLMConfigViewSet(viewsets.ModelViewSet):
+class LLMConfigViewSet(UsageReportResponses, viewsets.ModelViewSet):
     """LLM configurations: any authenticated user reads them (keys only as masks, so that API users can pick a model);
     every write and the connection test need the model's permissions, as in the admin."""
 
@@ -213,6 +222,7 @@ class LLMConfigViewSet(viewsets.ModelViewSet):
         # Versions name who changed what: for those who may see configs in the admin.
         "versions": ("llmconfigs.view_llmconfig",),
         "rollback": ("llmconfigs.change_llmconfig",),
+        "stats": (USAGE_PERMISSION,),
     }
 
     def get_queryset(self):
@@ -297,6 +307,13 @@ class LLMConfigViewSet(viewsets.ModelViewSet):
         config = llm_config_rollback(config=self.get_object(), version=serializer.validated_data["version"],
                                      **_audit_context(request))
         return Response(self.get_serializer(llm_config_list().get(pk=config.pk)).data)
+
+    @extend_schema(parameters=USAGE_PARAMETERS, responses={200: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, UsageCSVRenderer])
+    def stats(self, request, pk=None):
+        """The usage report of this config alone (as GET /api/usage/?config=<id>, without grouping)."""
+        config = self.get_object()
+        return Response(usage_report(query=usage_query(request, config_id=str(config.pk))))
 
     @extend_schema(responses={200: ProviderSerializer(many=True)})
     @action(detail=False, methods=["get"], pagination_class=None)

@@ -287,3 +287,127 @@ class LLMConfigVersion(models.Model):
 
     def __repr__(self) -> str:
         return f"<LLMConfigVersion {self.config_id} #{self.number}>"
+
+
+# ----- usage: one row per provider call, rolled up per hour and per day -----
+
+# The upper bounds (ms) of the latency and time-to-first-token histogram buckets kept with every rollup row: powers of
+# √2 from 4 ms to 131 s, plus one bucket above. A percentile read from them lies in the same bucket as the true one;
+# reported as the bucket's geometric middle (interpolated by rank) it is within a factor 2^(1/4) (-16 %, +19 %) of
+# the true value, whatever the spread of the calls (docs/api-rest.md#usage-reports).
+HISTOGRAM_BOUNDS_MS = tuple(2 ** (k / 2) for k in range(4, 35))
+HISTOGRAM_BUCKETS = len(HISTOGRAM_BOUNDS_MS) + 1
+LATENCY_COLUMNS = tuple(f"latency_h{i:02d}" for i in range(HISTOGRAM_BUCKETS))
+TTFT_COLUMNS = tuple(f"ttft_h{i:02d}" for i in range(HISTOGRAM_BUCKETS))
+
+
+class CallKind(models.TextChoices):
+    CHAT = "chat", "chat turn"
+    TOOL_STEP = "tool_step", "tool-loop step"
+    TITLE = "title", "conversation title"
+    SUGGESTION = "suggestion", "suggested questions"
+    CONNECTION_TEST = "connection_test", "connection test"
+
+
+class ProviderCall(models.Model):
+    """One call to a provider (a failed one too): who made it, through which config, how it went. Written in bulk
+    when the turn ends, rolled up into UsageRollup by `manage.py usage_rollup`, deleted after USAGE_RETENTION_DAYS."""
+
+    class Status(models.TextChoices):
+        OK = "ok"
+        ERROR = "error"
+
+    id = models.BigAutoField(primary_key=True)
+    created_at = models.DateTimeField(help_text="When the call started (UTC).")
+    config = models.ForeignKey(LLMConfig, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    config_name = models.CharField(max_length=100, help_text="The config's name at the time of the call.")
+    model_name = models.CharField(max_length=200, blank=True, default="")
+    route = models.CharField(max_length=200, blank=True, default="")
+    app_id = models.CharField(max_length=36, blank=True, default="")
+    app_name = models.CharField(max_length=100, blank=True, default="")
+    key_id = models.CharField(max_length=36, blank=True, default="", help_text="The Dify API key's id, if any.")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+")
+    kind = models.CharField(max_length=16, choices=CallKind.choices)
+    status = models.CharField(max_length=8, choices=Status.choices)
+    error_category = models.CharField(max_length=32, blank=True, default="")
+    latency_ms = models.FloatField()
+    ttft_ms = models.FloatField(null=True, blank=True, help_text="Streaming calls that produced a token.")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=18, decimal_places=7, default=0)
+    currency = models.CharField(max_length=8, default="USD")
+    # Set, in the same transaction that adds the row to its rollups, by the `usage_rollup` run that took it.
+    rollup_batch = models.UUIDField(null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = "usage"
+        verbose_name_plural = "usage"
+        ordering = ["-created_at", "-id"]
+        default_permissions = ()
+        permissions = [("view_usage", "Can view usage reports")]
+        indexes = [
+            models.Index(fields=["created_at"], name="providercall_created"),
+            models.Index(fields=["created_at"], condition=Q(rollup_batch__isnull=True),
+                         name="providercall_not_rolled"),
+            models.Index(fields=["rollup_batch"], name="providercall_batch"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(status="ok", error_category="") | Q(status="error")
+                                   & ~Q(error_category=""), name="providercall_status_matches_error"),
+            models.CheckConstraint(condition=Q(latency_ms__gte=0), name="providercall_latency_positive"),
+            models.CheckConstraint(condition=Q(cost__gte=0), name="providercall_cost_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.config_name} {self.status} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class UsageRollup(models.Model):
+    """The provider calls of one hour (or one day) that share every dimension: counts, token and cost sums, and
+    latency/TTFT histograms (HISTOGRAM_BOUNDS_MS). Rows only grow, by upserts that add (never read-modify-write),
+    so concurrent rollups cannot lose a count. Dimensions are strings ("" for none) so that the unique key holds
+    no NULL."""
+
+    class Size(models.TextChoices):
+        HOUR = "hour"
+        DAY = "day"
+
+    id = models.BigAutoField(primary_key=True)
+    size = models.CharField(max_length=4, choices=Size.choices)
+    bucket = models.DateTimeField(help_text="The start of the hour or day (UTC).")
+    config_id = models.CharField(max_length=36, blank=True, default="")
+    config_name = models.CharField(max_length=100, blank=True, default="")
+    model_name = models.CharField(max_length=200, blank=True, default="")
+    route = models.CharField(max_length=200, blank=True, default="")
+    app_id = models.CharField(max_length=36, blank=True, default="")
+    app_name = models.CharField(max_length=100, blank=True, default="")
+    key_id = models.CharField(max_length=36, blank=True, default="")
+    user_id = models.CharField(max_length=36, blank=True, default="")
+    user_name = models.CharField(max_length=150, blank=True, default="")
+    kind = models.CharField(max_length=16, choices=CallKind.choices)
+    error_category = models.CharField(max_length=32, blank=True, default="", help_text="Blank: the calls succeeded.")
+    currency = models.CharField(max_length=8, default="USD")
+    calls = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=7, default=0)
+
+    class Meta:
+        default_permissions = ()
+        constraints = [
+            models.UniqueConstraint(
+                fields=["size", "bucket", "config_id", "model_name", "route", "app_id", "key_id", "user_id", "kind",
+                        "error_category", "currency"],
+                name="usagerollup_one_row_per_bucket_and_dimensions",
+            ),
+        ]
+        indexes = [models.Index(fields=["size", "bucket"], name="usagerollup_size_bucket"),
+                   models.Index(fields=["config_id", "size", "bucket"], name="usagerollup_config")]
+
+    def __str__(self) -> str:
+        return f"{self.size} {self.bucket:%Y-%m-%d %H:00} {self.config_name} {self.kind} ({self.calls} calls)"
+
+
+for _column in (*LATENCY_COLUMNS, *TTFT_COLUMNS):
+    UsageRollup.add_to_class(_column, models.PositiveBigIntegerField(default=0))

@@ -34,8 +34,9 @@ from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error, provider_exception_scrubbed
-from llmconfigs.models import LLMConfig
+from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.secrets import scrub
+from llmconfigs.usage import CallRecord
 from opsagent.common.metrics import provider_call_observe
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,9 @@ class PoolChatModel(BaseChatModel):
     """A chat model over the members of a pool, in their try order. A provider error before the first token (no
     text, tool call or reasoning yet) sends the same request to the next member; once a token has gone out, errors
     go out as they are. `attempts` records every call (config, error category, latency), `served` the member that
-    answered. One instance serves one turn.
+    answered, `calls` every call as a usage record (its duration, first token and tokens too: written when the turn
+    ends, llmconfigs.usage). One instance serves one turn; each of its model calls is a step (a tool loop makes
+    several).
 
     `build(config, last)` returns the member's chat model; members before the last are built without the SDK's own
     retries (the next member is the retry) and wait at most LLM_FIRST_TOKEN_TIMEOUT for their first token."""
@@ -182,6 +185,8 @@ class PoolChatModel(BaseChatModel):
     build: Callable[[LLMConfig, bool], BaseChatModel]
     attempts: list[dict[str, Any]] = Field(default_factory=list)
     served: Any = None
+    calls: list[Any] = Field(default_factory=list)  # CallRecord
+    steps: int = 0
     streaming: bool = True
     _recording: list[asyncio.Future] = PrivateAttr(default_factory=list)
 
@@ -215,9 +220,11 @@ class PoolChatModel(BaseChatModel):
         if not self.members:
             raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
         failure: BaseException | None = None  # the last call's error, scrubbed
+        self.steps += 1
         for index, config in enumerate(self.members):
             last = index == len(self.members) - 1
             started = time.monotonic()
+            call = CallRecord(config=config, kind=CallKind.CHAT if self.steps == 1 else CallKind.TOOL_STEP)
             try:
                 model = self.build(config, last)
             except (LLMConfigError, ProviderCallError) as exc:
@@ -239,7 +246,7 @@ class PoolChatModel(BaseChatModel):
                 if not isinstance(exc, PROVIDER_EXCEPTIONS):
                     raise
                 error = provider_error(exc, api_key=config.api_key)
-                self._attempt(config, error.category, started)
+                self._attempt(config, error.category, started, call=call)
                 # Recorded beside the request, not before the next member is called: the request does not wait for
                 # the database. `settle()` waits for it before the turn is saved.
                 self._recording.append(asyncio.ensure_future(
@@ -249,14 +256,23 @@ class PoolChatModel(BaseChatModel):
                 if last or error.category not in FAILOVER_CATEGORIES:
                     break
                 continue
-            self._attempt(config, "", started)
+            self._attempt(config, "", started, call=call)
+            call.ttft_ms = call.latency_ms
             self.served = config
             if config.auth_failed_at is not None:  # tried as the last resort, and the provider took the key again
                 self._recording.append(asyncio.ensure_future(database_sync_to_async(health_restore)(config=config)))
-            for chunk in head:
-                yield chunk
-            async for chunk in stream:
-                yield chunk
+            try:
+                for chunk in head:
+                    _count_tokens(call, chunk)
+                    yield chunk
+                async for chunk in stream:
+                    _count_tokens(call, chunk)
+                    yield chunk
+            except PROVIDER_EXCEPTIONS as exc:
+                call.error_category = provider_error(exc, api_key=config.api_key).category
+                raise
+            finally:
+                call.latency_ms = round((time.monotonic() - started) * 1000, 1)
             return
         raise failure  # outside the except clause, so the unscrubbed original is not kept as its context
 
@@ -267,10 +283,23 @@ class PoolChatModel(BaseChatModel):
             if isinstance(result, Exception):
                 logger.error("a provider failure could not be recorded: %r", result)
 
-    def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
+    def _attempt(self, config: LLMConfig, category: str, started: float, *, call: CallRecord | None = None) -> None:
+        """Note a call of `config` that failed with `category` or ("") produced its first token. A member refused
+        before any request (no `call`) made no provider call: it is no usage."""
         provider_call_observe(config_name=config.name, route=config.route_name, category=category)
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
         self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
-                              "latency_ms": round((time.monotonic() - started) * 1000, 1)})
+                              "latency_ms": latency_ms})
+        if call is not None:
+            call.error_category, call.latency_ms = category, latency_ms
+            self.calls.append(call)
+
+
+def _count_tokens(call: CallRecord, chunk: ChatGenerationChunk) -> None:
+    usage = getattr(chunk.message, "usage_metadata", None)
+    if usage:
+        call.prompt_tokens += usage.get("input_tokens", 0)
+        call.completion_tokens += usage.get("output_tokens", 0)
 
 
 async def _first_token(stream: AsyncIterator[ChatGenerationChunk], *, timeout: float | None,

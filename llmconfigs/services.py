@@ -23,9 +23,10 @@ from llmconfigs.errors import (
     ConfigNotFound,
     ConfigProtected,
 )
-from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
+from llmconfigs.models import AuditLog, CallKind, LLMConfig, LLMConfigVersion
 from llmconfigs.secrets import mask_secret, scrub
 from llmconfigs.selectors import llm_config_cache_invalidate
+from llmconfigs.usage import CallOrigin, CallRecord, provider_calls_record
 
 logger = logging.getLogger(__name__)
 
@@ -484,6 +485,7 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
     connection-test timeout and no retries. Returns ok + latency, or the provider's error with the key scrubbed."""
     config = LLMConfig.objects.get(pk=config.pk)
     timeout = settings.LLM_CONNECTION_TEST_TIMEOUT
+    call = CallRecord(config=config, kind=CallKind.CONNECTION_TEST)
     started = time.perf_counter()
     try:
         if config.is_embedding:
@@ -491,8 +493,12 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
         else:
             model = factory.chat_model(config, streaming=True, timeout=timeout, max_retries=0,
                                        max_tokens=_CONNECTION_TEST_MAX_TOKENS)
-            for _chunk in model.stream("ping"):
-                pass
+            for chunk in model.stream("ping"):
+                if call.ttft_ms is None and (chunk.content or chunk.tool_call_chunks):
+                    call.ttft_ms = round((time.perf_counter() - started) * 1000, 1)
+                if chunk.usage_metadata:
+                    call.prompt_tokens += chunk.usage_metadata.get("input_tokens", 0)
+                    call.completion_tokens += chunk.usage_metadata.get("output_tokens", 0)
         result = ConnectionTestResult(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 1))
     except Exception as exc:
         error = factory.provider_error(exc, api_key=config.api_key)
@@ -501,6 +507,9 @@ def llm_config_test_connection(*, config: LLMConfig, actor=None, source: str = "
             message=scrub(error.message, config.api_key), status_code=error.status_code,
         )
         logger.warning("Connection test of LLM config %s failed: %s: %s", config.pk, result.category, result.message)
+    call.latency_ms, call.error_category = result.latency_ms, result.category
+    provider_calls_record(calls=[call], origin=CallOrigin(user_id=actor.pk if getattr(actor, "is_authenticated",
+                                                                                         False) else None))
     audit_record(actor=actor, action=AuditLog.Action.TEST_CONNECTION, target=config, changes=result.as_dict(),
                  source=source, ip_address=ip_address, user_agent=user_agent)
     if result.ok:

@@ -283,6 +283,10 @@ LLM_FIRST_TOKEN_TIMEOUT = env.float("LLM_FIRST_TOKEN_TIMEOUT", default=30.0)
 # Annotation replies (difyapi.annotations): a chat query is embedded before the model is called, so a slow
 # embedding provider delays every answer by at most this many seconds (then the model answers).
 ANNOTATION_EMBEDDING_TIMEOUT = env.float("ANNOTATION_EMBEDDING_TIMEOUT", default=5.0)
+# Usage reports (llmconfigs.usage): one row per provider call, written when the turn ends; `manage.py usage_rollup`
+# rolls them up per hour and day and deletes the rolled-up rows older than USAGE_RETENTION_DAYS.
+USAGE_RECORDING = env.bool("USAGE_RECORDING", default=True)
+USAGE_RETENTION_DAYS = env.int("USAGE_RETENTION_DAYS", default=90)
 
 # ===== Dify Service API (/v1): keep-alive pings and uploads =====
 DIFY_PING_INTERVAL = env.float("DIFY_PING_INTERVAL", default=10.0)

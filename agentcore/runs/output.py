@@ -28,6 +28,7 @@ from llmconfigs.factory import provider_error
 from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
+from llmconfigs.usage import CallOrigin, provider_calls_record
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.metrics import chat_request_observe
 
@@ -230,6 +231,8 @@ class RunOutput:
     def _save_rows(self, fields: dict[str, Any], cost: Any) -> None:
         with transaction.atomic():
             Message.objects.filter(pk=self.message.pk).update(**fields)
+            if self.model is not None:
+                provider_calls_record(calls=self.model.calls, origin=self._origin())
             if cost is not None:
                 # Every model call that answered (an agent turn makes several); failed ones were counted as they
                 # failed, on their own configs.
@@ -238,6 +241,11 @@ class RunOutput:
                                         completion_tokens=self.completion_tokens, cost=cost, calls=max(answered, 1))
         if cost is not None and self.meter is not None:
             usage_record(meter=self.meter, tokens=self.prompt_tokens + self.completion_tokens, cost=cost)
+
+    def _origin(self) -> CallOrigin:
+        app = self.session.app
+        return CallOrigin(app_id=str(app.pk), app_name=app.name, key_id=self.meter.key_id if self.meter else "",
+                          user_id=self.session.owner_id)
 
     async def _remember_partial(self) -> None:
         """Add the answer cut short by a stop or an error to the conversation's checkpoint, so that the next turn's

@@ -1,0 +1,302 @@
+"""Usage reports: what GET /api/usage/ and /api/llm-configs/{id}/stats/ answer for known calls, before and after
+the rollup; UTC bucket edges; rollup exactly once; retention; CSV; permissions; bad parameters."""
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+
+from llmconfigs.models import ProviderCall, UsageRollup
+from llmconfigs.usage import (
+    CallOrigin,
+    CallRecord,
+    histogram_percentile,
+    provider_calls_record,
+    usage_prune,
+    usage_rollup,
+)
+from tests.fixtures import client_for
+
+pytestmark = pytest.mark.django_db
+
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def priced_config(make_llm_config):
+    return make_llm_config(name="priced", model_name="priced-model", input_price_per_million=Decimal("1.5"),
+                           output_price_per_million=Decimal("2"), currency="USD")
+
+
+@pytest.fixture
+def reader(plain_user, grant):
+    return grant(plain_user, "llmconfigs.view_usage")
+
+
+def record(config, at: datetime, *, category: str = "", latency: float = 100.0, ttft: float | None = 50.0,
+           prompt: int = 10, completion: int = 5, kind: str = "chat", origin: CallOrigin = CallOrigin()) -> None:
+    provider_calls_record(calls=[CallRecord(config=config, kind=kind, started=at.timestamp(), latency_ms=latency,
+                                            ttft_ms=ttft, prompt_tokens=prompt, completion_tokens=completion,
+                                            error_category=category)], origin=origin)
+
+
+def report(user, **params) -> dict:
+    response = client_for(user).get("/api/usage/", params)
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def three_successes_and_a_timeout(config):
+    for minute in (1, 2, 3):
+        record(config, T0 + timedelta(minutes=minute), prompt=1000, completion=300)
+    record(config, T0 + timedelta(minutes=4), category="timeout", prompt=0, completion=0, ttft=None)
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["raw", "rolled-up"])
+def test_success_rate_error_categories_tokens_and_cost_are_exact(priced_config, reader, rolled):
+    three_successes_and_a_timeout(priced_config)
+    if rolled:
+        assert usage_rollup() == 4
+    data = report(reader, **{"from": "2026-03-01T10:00:00Z", "to": "2026-03-01T11:00:00Z", "group_by": "config"})
+    [row] = data["series"]
+    assert row["bucket"] == "2026-03-01T10:00:00+00:00"
+    assert row["group"] == {"id": str(priced_config.pk), "name": "priced"}
+    assert (row["calls"], row["errors"], row["success_rate"]) == (4, 1, 0.75)
+    assert row["error_categories"] == {"timeout": 1}
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (3000, 900, 3900)
+    # 3 x (1000 x 1.5 + 300 x 2) / 1e6 = 0.0063
+    assert row["cost"] == {"USD": "0.0063000"}
+    assert data["totals"][0]["calls"] == 4 and data["totals"][0]["cost"] == {"USD": "0.0063000"}
+
+
+def test_numbers_are_complete_while_part_of_the_period_is_rolled_up(priced_config, reader):
+    three_successes_and_a_timeout(priced_config)
+    record(priced_config, T0 + timedelta(minutes=20), category="rate_limit")
+    record(priced_config, T0 + timedelta(minutes=21), category="rate_limit")
+    usage_rollup()
+    record(priced_config, T0 + timedelta(minutes=30), category="rate_limit")
+    data = report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"})
+    [row] = data["series"]
+    assert row["group"] is None
+    assert (row["calls"], row["errors"], row["error_categories"]) == (7, 4, {"rate_limit": 3, "timeout": 1})
+
+
+def test_hour_buckets_have_utc_edges(priced_config, reader):
+    record(priced_config, datetime(2026, 3, 1, 10, 59, 59, 999000, tzinfo=UTC))
+    record(priced_config, datetime(2026, 3, 1, 11, 0, tzinfo=UTC))
+    record(priced_config, datetime(2026, 3, 1, 11, 0, tzinfo=UTC))
+    # 12:30 in UTC+02:00 is 10:30 UTC: `from` is read with its offset and widened down to 10:00 UTC.
+    for rolled in (False, True):
+        data = report(reader, **{"from": "2026-03-01T12:30:00+02:00", "to": "2026-03-01T11:30:00Z"})
+        assert (data["from"], data["to"]) == ("2026-03-01T10:00:00+00:00", "2026-03-01T12:00:00+00:00")
+        assert [(r["bucket"], r["calls"]) for r in data["series"]] == [
+            ("2026-03-01T10:00:00+00:00", 1), ("2026-03-01T11:00:00+00:00", 2)], rolled
+        usage_rollup()
+
+
+def test_day_buckets_start_at_midnight_utc(priced_config, reader):
+    record(priced_config, datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC))
+    record(priced_config, datetime(2026, 3, 2, 0, 0, tzinfo=UTC))
+    for rolled in (False, True):
+        data = report(reader, **{"from": "2026-03-01", "to": "2026-03-03", "bucket": "day"})
+        assert [(r["bucket"], r["calls"]) for r in data["series"]] == [
+            ("2026-03-01T00:00:00+00:00", 1), ("2026-03-02T00:00:00+00:00", 1)], rolled
+        usage_rollup()
+
+
+def test_rollup_counts_each_call_once(priced_config):
+    three_successes_and_a_timeout(priced_config)
+    assert usage_rollup() == 4
+    assert usage_rollup() == 0
+    record(priced_config, T0 + timedelta(minutes=5))
+    assert usage_rollup(batch_size=2) == 1
+    hour = UsageRollup.objects.filter(size="hour")
+    assert sum(r.calls for r in hour) == 5 and sum(r.calls for r in UsageRollup.objects.filter(size="day")) == 5
+    # Same dimensions, same hour: one row for the successes (three runs added to it), one for the timeout.
+    assert sorted((r.error_category, r.calls) for r in hour) == [("", 4), ("timeout", 1)]
+    assert not ProviderCall.objects.filter(rollup_batch__isnull=True).exists()
+
+
+def test_rollup_runs_in_batches_until_every_call_is_rolled_up(priced_config, reader):
+    for second in range(7):
+        record(priced_config, T0 + timedelta(seconds=second))
+    assert usage_rollup(batch_size=3) == 7
+    assert report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"})["series"][0]["calls"] == 7
+
+
+def test_retention_deletes_old_rolled_up_calls_and_keeps_their_numbers(priced_config, reader, settings):
+    settings.USAGE_RETENTION_DAYS = 90
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=91), now - timedelta(days=89)
+    record(priced_config, old)
+    record(priced_config, recent)
+    assert usage_prune() == 0  # nothing rolled up yet: nothing is lost
+    call_command("usage_rollup", stdout=io.StringIO())
+    assert ProviderCall.objects.count() == 1
+    assert ProviderCall.objects.get().created_at == recent
+    data = report(reader, **{"from": (old - timedelta(days=1)).date().isoformat(), "to": now.isoformat(),
+                             "bucket": "day"})
+    assert sum(r["calls"] for r in data["series"]) == 2
+
+
+def test_latency_percentiles_stay_within_the_documented_bound(priced_config, reader):
+    latencies = [20.0] * 50 + [900.0] * 45 + [5000.0] * 5
+    for i, latency in enumerate(latencies):
+        record(priced_config, T0 + timedelta(seconds=i), latency=latency, ttft=latency / 10)
+    usage_rollup()
+    [row] = report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"})["series"]
+    for reported, true in ((row["latency_ms"]["p50"], 20.0), (row["latency_ms"]["p95"], 900.0),
+                           (row["ttft_ms"]["p50"], 2.0), (row["ttft_ms"]["p95"], 90.0)):
+        if true < 4:
+            assert abs(reported - true) <= 2
+        else:
+            assert true / 2 ** 0.25 <= reported <= true * 2 ** 0.25, (reported, true)
+
+
+def test_percentile_of_nothing_is_none():
+    assert histogram_percentile([0] * 5, 0.5) is None
+
+
+def test_group_by_app_key_and_user_name_each_group(priced_config, reader, plain_user):
+    record(priced_config, T0, origin=CallOrigin(app_id="a1", app_name="Ops", key_id="k1", user_id=plain_user.pk))
+    record(priced_config, T0, origin=CallOrigin(app_id="a2", app_name="Chat"))
+    record(priced_config, T0, kind="connection_test")
+    usage_rollup()
+    record(priced_config, T0, origin=CallOrigin(app_id="a1", app_name="Ops", key_id="k1", user_id=plain_user.pk))
+    period = {"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"}
+    apps = {t["group"]["name"]: t["calls"] for t in report(reader, group_by="app", **period)["totals"]}
+    assert apps == {"Ops": 2, "Chat": 1, "": 1}
+    keys = {t["group"]["id"]: t["calls"] for t in report(reader, group_by="key", **period)["totals"]}
+    assert keys == {"k1": 2, "": 2}
+    users = {t["group"]["name"]: t["calls"] for t in report(reader, group_by="user", **period)["totals"]}
+    assert users == {"alice": 2, "": 2}
+    tests = report(reader, kind="connection_test", **period)["totals"]
+    assert [t["calls"] for t in tests] == [1]
+    assert report(reader, app="00000000-0000-0000-0000-000000000000", **period)["series"] == []
+
+
+def test_config_stats_cover_that_config_alone(priced_config, make_llm_config, reader):
+    other = make_llm_config(name="other")
+    three_successes_and_a_timeout(priced_config)
+    record(other, T0)
+    response = client_for(reader).get(f"/api/llm-configs/{priced_config.pk}/stats/",
+                                      {"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z", "group_by": "app"})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["group_by"] is None
+    assert [(r["calls"], r["success_rate"]) for r in data["series"]] == [(4, 0.75)]
+    # Its other filters still apply; a `config` parameter cannot widen it to another config.
+    timeouts = client_for(reader).get(f"/api/llm-configs/{priced_config.pk}/stats/", {
+        "from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z", "kind": "chat", "config": str(other.pk)}).json()
+    assert [r["calls"] for r in timeouts["series"]] == [4]
+
+
+def test_csv_export_has_one_line_per_bucket_and_group(priced_config, reader):
+    three_successes_and_a_timeout(priced_config)
+    priced_config.name = "=HYPERLINK(1)"
+    record(priced_config, T0 + timedelta(hours=1))
+    for url, params in (("/api/usage/", {"format": "csv"}), ("/api/usage.csv", {})):
+        response = client_for(reader).get(url, {"from": "2026-03-01T10:00Z", "to": "2026-03-01T12:00Z",
+                                                "group_by": "config", **params})
+        assert response.status_code == 200
+        assert response["Content-Type"].startswith("text/csv")
+        assert response["Content-Disposition"] == 'attachment; filename="usage.csv"'
+        rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+        assert [(r["bucket"], r["group_name"], r["calls"], r["success_rate"], r["error_categories"], r["cost"],
+                 r["currency"]) for r in rows] == [
+            ("2026-03-01T10:00:00+00:00", "priced", "4", "0.75", "timeout=1", "0.0063000", "USD"),
+            # A name a spreadsheet would run as a formula is quoted.
+            ("2026-03-01T11:00:00+00:00", "'=HYPERLINK(1)", "1", "1.0", "", "0.0000250", "USD"),
+        ]
+        assert priced_config.api_key not in response.content.decode()
+
+
+@pytest.mark.parametrize("user_fixture", ["plain_user", "bare_staff_user"])
+def test_usage_needs_the_view_usage_permission(request, priced_config, user_fixture):
+    user = request.getfixturevalue(user_fixture)
+    for url in ("/api/usage/", "/api/usage.csv", f"/api/llm-configs/{priced_config.pk}/stats/"):
+        response = client_for(user).get(url)
+        assert response.status_code == 403, url
+        assert response["Content-Type"] == "application/json"
+
+
+def test_usage_refuses_anonymous_clients(api_client):
+    assert api_client.get("/api/usage/").status_code in (401, 403)
+
+
+def test_view_usage_is_enough_and_superusers_have_it(reader, django_user_model):
+    assert client_for(reader).get("/api/usage/").status_code == 200
+    root = django_user_model.objects.create_superuser(username="root", password="pw-root-123")
+    assert client_for(root).get("/api/usage/").status_code == 200
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"bucket": "week"}, "bucket"),
+    ({"group_by": "planet"}, "group_by"),
+    ({"from": "yesterday"}, "from"),
+    ({"from": "2026-03-02", "to": "2026-03-01"}, "from"),
+    ({"from": "2026-01-01", "to": "2026-03-01"}, "from"),  # 59 days of hour buckets: more than 31
+    ({"from": "2025-01-01", "to": "2026-03-01", "bucket": "day"}, "from"),
+    ({"config": "not-a-uuid"}, "config"),
+    ({"kind": "dream"}, "kind"),
+    ({"key": "k" * 37}, "key"),
+])
+def test_bad_parameters_are_field_errors(reader, params, field):
+    for extra in ({}, {"format": "csv"}):
+        response = client_for(reader).get("/api/usage/", {**params, **extra})
+        assert response.status_code == 400
+        assert response["Content-Type"] == "application/json"
+        assert field in response.json()
+
+
+def test_default_period_is_the_last_day_up_to_the_next_hour(reader):
+    data = report(reader)
+    start, end = datetime.fromisoformat(data["from"]), datetime.fromisoformat(data["to"])
+    assert end - start == timedelta(days=1)
+    assert end.minute == 0 and end > datetime.now(UTC) >= end - timedelta(hours=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overlapping_rollups_count_each_call_once(priced_config, monkeypatch):
+    """A second run that starts while the first holds its batch (claimed, not committed) takes none of it."""
+    import threading
+
+    from django.db import connections
+
+    from llmconfigs import usage
+
+    for second in range(5):
+        record(priced_config, T0 + timedelta(seconds=second))
+    holding, release = threading.Event(), threading.Event()
+    real_upsert = usage._upsert
+
+    def upsert_and_wait(groups, labels):
+        real_upsert(groups, labels)
+        if threading.current_thread().name == "first":
+            holding.set()
+            release.wait(10)
+
+    monkeypatch.setattr(usage, "_upsert", upsert_and_wait)
+    results = {}
+
+    def run(name):
+        try:
+            results[name] = usage_rollup()
+        finally:
+            connections.close_all()
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    second.join(0.5)  # it is now waiting for the first run's row locks (PostgreSQL) or write lock (SQLite)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"first": 5, "second": 0}
+    assert sum(UsageRollup.objects.filter(size="hour").values_list("calls", flat=True)) == 5
