@@ -109,6 +109,15 @@ async def test_stream_chunks_are_exact(pool, fake_upstream):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in choice_chunks) == "one two three"
 
 
+async def test_first_chunk_has_the_role_when_the_provider_sent_none(pool, fake_upstream):
+    _, key = pool
+    fake_upstream.script(Reply(text="no role here", role_chunk=False))
+    _, raw = await post(key, ask(stream=True))
+    chunks = lines(raw)[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "no "}
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+
+
 async def test_stream_without_include_usage_has_no_usage_chunk_but_is_accounted(pool, fake_upstream):
     config, key = pool
     fake_upstream.script(Reply(text="ok", prompt_tokens=5, completion_tokens=1))
