@@ -25,7 +25,6 @@ from agentcore.runs import (
     Turn,
     TurnOverrides,
     TurnRequest,
-    prepared_or_abandoned,
     provider_client,
     turn_abandon,
     turn_prepare,
@@ -104,6 +103,20 @@ def _turn_request(context: AppContext, request: CompletionRequest) -> TurnReques
                        source=Session.Source.API, meter=context.meter, overrides=overrides, history=history)
 
 
+async def _prepared(prepare: Coroutine[Any, Any, CompletionCall]) -> CompletionCall:
+    """Await `prepare`; a client that leaves meanwhile leaves no running agent message behind (as
+    agentcore.runs.prepared_or_abandoned does for a turn)."""
+    future = asyncio.ensure_future(prepare)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            call = await future
+            if call.turn is not None:
+                await turn_abandon(call.turn)
+        raise
+
+
 class ChatCompletionsConsumer(DifyHttpConsumer):
     """POST /v1/chat/completions."""
 
@@ -135,7 +148,7 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
     async def respond(self, body: bytes) -> None:
         saver = SaverOpening()
         try:
-            call = await prepared_or_abandoned(database_sync_to_async(_completion_call)(
+            call = await _prepared(database_sync_to_async(_completion_call)(
                 _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
             ))
