@@ -1,7 +1,8 @@
 """Benchmark: time to first token through POST /v1/chat/completions (streaming, daphne, a pool of one) vs. straight
-to the same fake upstream, and, side by side in the same run, through LiteLLM's proxy to that upstream when it is
-installed (in its own virtualenv: `python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install
-'litellm[proxy]'`; never in the project's). The three sides are interleaved, so drift affects them alike.
+to the same fake upstream, with the Dify surface's /v1/chat-messages of the same run for scale, and, side by side in
+the same run, through LiteLLM's proxy to that upstream when it is installed (in its own virtualenv: `python -m venv
+/tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'`; never in the project's). The sides are
+interleaved, so drift affects them alike.
 
 Standalone: it starts the fake upstream, a temporary database (SQLite unless --database-url is given) with an app,
 its key and a config, daphne, and LiteLLM. Run: `.venv/bin/python bench/openai_overhead.py [-n 100]
@@ -28,13 +29,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.dify_overhead import bench_server, cpu_seconds, percentile, ttft_direct  # noqa: E402
+from bench.dify_overhead import bench_server, cpu_seconds, percentile, ttft_dify, ttft_direct  # noqa: E402
 from tests.e2e.dify_servers import free_port  # noqa: E402
 
 KEY = f"app-bench-openai-{secrets.token_hex(12)}"
 MODEL = "fake-e2e"  # the route of the config bench_server provisions: a pool of one
 GOAL_P50_MS = 3.0
 LITELLM_DEFAULT = "/tmp/litellm-venv/bin/litellm"
+LITELLM_KEY = f"sk-bench-{secrets.token_hex(16)}"  # its proxy refuses to start without a master key
 
 
 async def ttft_completions(client: httpx.AsyncClient, url: str, key: str, model: str) -> float:
@@ -82,7 +84,8 @@ def litellm_proxy(executable: str, upstream_url: str) -> Iterator[str | None]:
     )
     port = free_port()
     log = (workdir / "litellm.log").open("wb")
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True",
+           "LITELLM_MASTER_KEY": LITELLM_KEY}
     process = subprocess.Popen([executable, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                                 "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -112,21 +115,22 @@ def litellm_proxy(executable: str, upstream_url: str) -> Iterator[str | None]:
 
 
 async def measure(base: str, upstream: str, litellm: str | None, n: int, server_pid: int) -> dict[str, list[float]]:
-    sides: dict[str, list[float]] = {"direct": [], "opsagent": [], "litellm": []}
+    sides: dict[str, list[float]] = {"direct": [], "opsagent": [], "dify": [], "litellm": []}
     cpu = 0.0
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(10):  # warm-up: connections, caches, imports
             await ttft_direct(client, upstream)
             await ttft_completions(client, base, KEY, MODEL)
             if litellm:
-                await ttft_completions(client, litellm, "sk-any", "fake-bench")
+                await ttft_completions(client, litellm, LITELLM_KEY, "fake-bench")
         for _ in range(n):
             sides["direct"].append(await ttft_direct(client, upstream))
             before = cpu_seconds(server_pid)
             sides["opsagent"].append(await ttft_completions(client, base, KEY, MODEL))
             cpu += cpu_seconds(server_pid) - before
+            sides["dify"].append(await ttft_dify(client, base, KEY))  # the same day's Dify surface, for scale
             if litellm:
-                sides["litellm"].append(await ttft_completions(client, litellm, "sk-any", "fake-bench"))
+                sides["litellm"].append(await ttft_completions(client, litellm, LITELLM_KEY, "fake-bench"))
     sides["cpu_ms"] = [cpu / n * 1000]
     return sides
 
@@ -147,9 +151,10 @@ def main() -> int:
     direct_p99 = percentile(sides["direct"], 99) * ms
     print(f"{'direct to the upstream':<34} p50 {direct_p50:7.2f} ms  p99 {direct_p99:7.2f} ms", flush=True)
     overheads = {}
-    for name, label in (("opsagent", "OpsAgent /v1/chat/completions"), ("litellm", "LiteLLM proxy")):
+    for name, label in (("opsagent", "OpsAgent /v1/chat/completions"), ("dify", "OpsAgent /v1/chat-messages"),
+                        ("litellm", "LiteLLM proxy")):
         if not sides[name]:
-            print(f"{label:<34} not installed", flush=True)
+            print(f"{label:<34} not installed (or did not start)", flush=True)
             continue
         p50, p99 = statistics.median(sides[name]) * ms, percentile(sides[name], 99) * ms
         overheads[name] = p50 - direct_p50
@@ -164,7 +169,7 @@ def main() -> int:
         line += f"; < 1/3 of LiteLLM's ({'met' if ratio_met else 'MISSED'}: " \
                 f"{overheads['opsagent']:.2f} vs {overheads['litellm']:.2f} ms)"
     else:
-        line += "; LiteLLM side by side: not installed"
+        line += "; LiteLLM side by side: not installed (or did not start)"
     print(line, flush=True)
     return 0
 
