@@ -4,6 +4,7 @@ that leaves, and the app's agent as the model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
@@ -233,11 +234,12 @@ async def test_rate_limit_is_429_with_retry_after(pool, fake_upstream):
 
 async def test_provider_failures_map_to_openai_statuses(pool, fake_upstream):
     config, key = pool
-    for reply, status in ((Reply(status=400, error_message="bad tool schema"), 400),
-                          (Reply(status=500, error_message="boom {api_key}"), 502),
-                          (Reply(status=429, error_message="slow down"), 429)):
+    cases = ((Reply(status=400, error_message="bad tool schema"), 400),
+             (Reply(status=500, error_message="boom {api_key}"), 502),
+             (Reply(status=429, error_message="slow down"), 429))
+    for (reply, status), stream in itertools.product(cases, (True, False)):
         fake_upstream.script(reply)
-        call, raw = await post(key, ask(stream=True))
+        call, raw = await post(key, ask(stream=stream))
         assert call.status == status, raw
         assert set(json.loads(raw)["error"]) == ERROR_KEYS and config.api_key not in raw.decode()
         if status == 429:
