@@ -155,7 +155,7 @@ class PoolCompletion:
         """`call` on each member in turn until one answers (see the class)."""
         if not self.members:
             raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
-        failure: BaseException | None = None
+        failure: BaseException | None = None  # the last call's error
         for index, config in enumerate(self.members):
             last = index == len(self.members) - 1
             started = time.monotonic()
@@ -166,9 +166,10 @@ class PoolCompletion:
                 # Refused before any call (a parameter outside this member's range, a key entered for another
                 # endpoint): nothing is wrong with the provider, so its health stays as it is.
                 self._attempt(config, getattr(exc, "category", "bad_request"), started)
-                failure = exc
+                if last and failure is None:
+                    raise  # no member was called: the request is refused, saying why (the parameter it names)
                 if last:
-                    break
+                    break  # the request's error is the last call's, not this refusal
                 continue
             try:
                 result = await (call(client, sent) if last

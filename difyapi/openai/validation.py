@@ -24,6 +24,8 @@ PASSED = {
 # Read by OpsAgent itself.
 OWN = frozenset({"model", "messages", "stream", "stream_options", "n"})
 USER_MAX_LENGTH = 255
+# The longest route, config name or model name a config can have (difyapi.chat's bound), or `app:` and an app name.
+MODEL_MAX_LENGTH = 210
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ def completion_request_parse(raw: bytes, content_type: str | None) -> Completion
     model = payload.get("model")
     if not isinstance(model, str) or not model.strip():
         raise invalid_request("you must provide a model parameter", param="model")
-    if len(model) > 255:
-        raise invalid_request("model is longer than 255 characters.", param="model")
+    if len(model) > MODEL_MAX_LENGTH:  # before any lookup: a name no config or app can have is not looked up
+        raise invalid_request(f"model is longer than {MODEL_MAX_LENGTH} characters.", param="model")
     messages = _messages(payload.get("messages"))
     stream = payload.get("stream", False)
     if stream is None:

@@ -183,6 +183,7 @@ async def test_failover_before_the_first_token(duo, fake_upstream):
     ({"model": "gpt-pool", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", None),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", None),
     (ask("no-such-model"), 404, "model", "model_not_found"),
+    (ask("m" * 300), 400, "model", None),
 ])
 async def test_bad_requests_are_refused_in_openai_envelope(pool, fake_upstream, payload, status, param, code):
     _, key = pool
@@ -206,6 +207,20 @@ async def test_provider_range_is_the_members(kimi, fake_upstream):
     call, raw = await post(key, ask("kimi", temperature=1.5))
     assert call.status == 400
     assert json.loads(raw)["error"]["param"] == "temperature" and "Moonshot" in json.loads(raw)["error"]["message"]
+
+
+@pytest.fixture
+def mixed(make_llm_config):
+    make_llm_config(name="mixed-openai", model_name="m-openai", route="mixed", priority=2)
+    make_llm_config(name="mixed-kimi", provider="moonshot", model_name="moonshot-v1-8k", route="mixed", priority=1)
+    return make_app_with_key(name="mixed-app", mode="chat")[1]
+
+
+async def test_a_last_member_refusing_the_parameters_leaves_the_last_calls_error(mixed, fake_upstream):
+    fake_upstream.script(Reply(status=500, error_message="openai member down"))
+    call, raw = await post(mixed, ask("mixed", temperature=1.5))  # Moonshot takes 0-1: refused without a call
+    assert call.status == 502 and "openai member down" in json.loads(raw)["error"]["message"]
+    assert [r.body["model"] for r in fake_upstream.chat_requests] == ["m-openai"]
 
 
 async def test_authentication_and_allow_list(pool, fake_upstream):
