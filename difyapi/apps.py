@@ -12,6 +12,7 @@ class DifyApiConfig(AppConfig):
         from difyapi.auth import api_key_cache_forget, app_cache_forget
         from difyapi.errors import DifySurface
         from difyapi.models import ApiKey
+        from difyapi.openai.errors import OpenAISurface
         from opsagent.common import surfaces
 
         # Saving or deleting an app drops its cached row (difyapi.auth).
@@ -21,3 +22,5 @@ class DifyApiConfig(AppConfig):
         post_save.connect(api_key_cache_forget, sender=ApiKey, dispatch_uid="difyapi.key_cache")
         # Refusals made before a view runs (body limits, dead dependencies, bad query text) in Dify's envelope.
         surfaces.register("/v1", DifySurface())
+        # ...except the OpenAI-compatible surface's, in OpenAI's envelope.
+        surfaces.register("/v1/chat/completions", OpenAISurface())

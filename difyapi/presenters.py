@@ -338,7 +338,8 @@ def app_site_to_dify(app: AgentApp) -> dict[str, Any]:
 
 
 def model_to_dify(config: LLMConfig, is_default: bool) -> dict[str, Any]:
-    """An item of the GET /v1/models extension (never the key or its mask)."""
+    """An item of the GET /v1/models extension (never the key or its mask), also an item of OpenAI's model list:
+    `id` is what a client sends as `model` to /v1/chat/completions (the config's pool, this config first)."""
     return {
         "id": str(config.id),
         "name": config.name,
@@ -346,4 +347,7 @@ def model_to_dify(config: LLMConfig, is_default: bool) -> dict[str, Any]:
         "model_name": config.model_name,
         "route": config.route_name,
         "is_default": is_default,
+        "object": "model",
+        "created": int(config.created_at.timestamp()),
+        "owned_by": config.provider,
     }

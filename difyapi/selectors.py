@@ -145,7 +145,8 @@ def app_models(*, app: AgentApp) -> list[tuple[LLMConfig, bool]]:
     the app uses by default (its own config when set, else the default chat config). Keys are never read."""
     configs = [
         config for config in LLMConfig.objects.filter(is_active=True, is_embedding=False)
-        .only("id", "name", "provider", "model_name", "route", "is_default").order_by("-is_default", "name")
+        .only("id", "name", "provider", "model_name", "route", "is_default", "created_at")
+        .order_by("-is_default", "name")
         if app_route_allowed(app=app, route=config.route_name)
     ]
     if app.llm_config_id and any(c.pk == app.llm_config_id for c in configs):

@@ -140,7 +140,9 @@ def app_site(request: HttpRequest, app: AgentApp) -> HttpResponse:
 @dify_endpoint("GET")
 def app_models(request: HttpRequest, app: AgentApp) -> HttpResponse:
     models = selectors.app_models(app=app)
-    return dify_json_response({"data": [presenters.model_to_dify(config, is_default) for config, is_default in models]})
+    # "object": "list" makes the body OpenAI's model list too (the items carry OpenAI's fields beside their own).
+    return dify_json_response({"object": "list",
+                               "data": [presenters.model_to_dify(config, is_default) for config, is_default in models]})
 
 
 # ----- messages, feedback, suggestions -----

@@ -334,6 +334,8 @@ INPUTS_MAX_KEYS = env.int("INPUTS_MAX_KEYS", default=100)
 INPUTS_MAX_KEY_LENGTH = env.int("INPUTS_MAX_KEY_LENGTH", default=255)
 INPUTS_MAX_VALUE_LENGTH = env.int("INPUTS_MAX_VALUE_LENGTH", default=32 * 1024)
 INPUTS_MAX_DEPTH = env.int("INPUTS_MAX_DEPTH", default=5)
+# Messages in one POST /v1/chat/completions (the OpenAI-compatible surface; its body size is bounded too).
+OPENAI_MESSAGES_MAX = env.int("OPENAI_MESSAGES_MAX", default=1000)
 # Feedback text on a message (/v1 `content`), in characters.
 FEEDBACK_CONTENT_MAX_LENGTH = env.int("FEEDBACK_CONTENT_MAX_LENGTH", default=10_000)
 

@@ -15,6 +15,7 @@ Async/sync pairs follow Django's rule: the async one has an `a` prefix (`turn_pr
 `aturn_prepare` from the event loop).
 """
 from agentcore.checkpoint import SaverOpening
+from agentcore.runs.chat_models import provider_client
 from agentcore.runs.direct import turn_remember_answer
 from agentcore.runs.lifecycle import run_stop, turn_prepare_and_run, turn_run
 from agentcore.runs.output import UNAVAILABLE
@@ -23,6 +24,6 @@ from agentcore.runs.types import ApprovalDecision, Attachment, Turn, TurnOverrid
 
 __all__ = [
     "UNAVAILABLE", "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest",
-    "aturn_prepare", "prepared_or_abandoned", "run_stop", "turn_abandon", "turn_prepare", "turn_prepare_and_run",
-    "turn_remember_answer", "turn_run",
+    "aturn_prepare", "prepared_or_abandoned", "provider_client", "run_stop", "turn_abandon", "turn_prepare",
+    "turn_prepare_and_run", "turn_remember_answer", "turn_run",
 ]

@@ -56,3 +56,11 @@ def run_chat_model(pool: list[LLMConfig], overrides: dict[str, Any]) -> PoolChat
     records the run's model calls."""
     _http_clients_for_this_loop()
     return PoolChatModel(members=pool, build=lambda config, last: _chat_model_for(config, overrides, retries=last))
+
+
+def provider_client(config: LLMConfig, *, retries: bool = True) -> Any:
+    """The AsyncOpenAI client of `config` on the running event loop (the one its chat model sends with: same key,
+    base URL, timeout and pooled connections), for a request passed to the provider as the client sent it. Without
+    `retries` the SDK does not retry."""
+    _http_clients_for_this_loop()
+    return _chat_model_for(config, {}, retries=retries).root_async_client

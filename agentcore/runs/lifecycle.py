@@ -14,7 +14,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
@@ -258,7 +258,9 @@ class _Run:
             content = [{"type": "text", "text": content}] + [
                 {"type": "image_url", "image_url": {"url": a.url}} for a in images
             ]
-        return {"messages": [HumanMessage(content=content, id=str(self.message.pk))], "iterations": 0}
+        earlier = [HumanMessage(content=text) if role == "user" else AIMessage(content=text)
+                   for role, text in self.turn.history]
+        return {"messages": [*earlier, HumanMessage(content=content, id=str(self.message.pk))], "iterations": 0}
 
     async def _stream(self) -> None:
         app = self.session.app

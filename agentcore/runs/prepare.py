@@ -94,6 +94,11 @@ def _validate(request: TurnRequest) -> None:
                 raise InvalidInput(f"Image {attachment.name!r} needs an http(s) or data: URL.", field="files")
         elif attachment.kind != "text":
             raise InvalidInput(f"Unsupported file kind {attachment.kind!r}.", field="files")
+    for role, text in request.history:
+        if role not in ("user", "assistant") or not isinstance(text, str):
+            raise InvalidInput("history holds (role, text) pairs of user and assistant turns.", field="history")
+    if sum(len(text) for _, text in request.history) > settings.QUERY_MAX_LENGTH:
+        raise InvalidInput(f"The history is longer than {settings.QUERY_MAX_LENGTH} characters.", field="history")
     tools = request.overrides.tools
     if tools is not None:
         if not isinstance(tools, list | tuple) or not all(isinstance(t, str) for t in tools):
@@ -139,7 +144,8 @@ def _prepare_query(request: TurnRequest) -> Turn:
         )
     return Turn(session=session, message=message, config=config, parameters=parameters, session_created=created,
                 tools=message.tools, attachments=tuple(request.attachments), pool=pool,
-                requested_parameters={k: parameters[k] for k, v in requested.items() if v is not None})
+                requested_parameters={k: parameters[k] for k, v in requested.items() if v is not None},
+                history=tuple(request.history) if created else ())
 
 
 def _check_capacity(app: AgentApp) -> None:

@@ -58,6 +58,9 @@ class TurnRequest:
     approval: ApprovalDecision | None = None  # resume a paused run instead of asking a new query
     session_name: str | None = None  # initial name for a new session (default: the query, shortened)
     meter: Meter | None = None  # whose limits apply and who is charged (None: the app's alone)
+    # A new session's earlier exchange, as (role, text) pairs with role "user" or "assistant": the model sees it
+    # before the query (a client that keeps its own history, such as the OpenAI-compatible surface).
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -80,3 +83,4 @@ class Turn:
     # The sampling parameters the app, conversation or request asked for, sent to every member of the pool (each
     # member keeps its own settings for the rest). None: `parameters` (a resumed turn, whose request is not kept).
     requested_parameters: dict | None = None
+    history: tuple[tuple[str, str], ...] = ()  # TurnRequest.history, for a new session

@@ -221,7 +221,10 @@ def test_models_lists_active_chat_configs_without_keys(app, client, make_llm_con
     data = response.json()["data"]
     assert [item["name"] for item in data] == ["main", "another", "other"]  # the default first, then by name
     assert data[0] == {"id": str(default.id), "name": "main", "provider": "openai", "model_name": "gpt-main",
-                       "route": "gpt-main", "is_default": True}
+                       "route": "gpt-main", "is_default": True,
+                       # OpenAI's model list fields (the OpenAI-compatible surface): the same body serves both.
+                       "object": "model", "created": int(default.created_at.timestamp()), "owned_by": "openai"}
+    assert response.json()["object"] == "list"
     assert data[1]["is_default"] is False
     assert b"sk-test" not in response.content
     app.llm_config = other

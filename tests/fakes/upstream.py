@@ -49,6 +49,7 @@ class Reply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    role_chunk: bool = True  # streaming: open with a chunk holding only the role (some providers send none)
 
     def stream_chunks(self) -> list[str]:
         if self.chunks is not None:
@@ -260,7 +261,8 @@ class FakeUpstream:
                 }
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-            await send({"role": "assistant", "content": ""})
+            if reply.role_chunk:
+                await send({"role": "assistant", "content": ""})
             for i, piece in enumerate(chunks):
                 if reply.cut_after is not None and i >= reply.cut_after:
                     request.transport.close()

@@ -1,0 +1,214 @@
+"""A client's own chat completion request sent through a pool as it is (the OpenAI-compatible surface): the body
+each member gets, its sampling parameters checked against the member's provider, failover before the first token as
+in llmconfigs.routing, and the usage the answer reports.
+
+Unlike PoolChatModel, nothing is translated to LangChain messages and back: the client's messages, tools,
+response_format and the rest reach the provider byte for byte (only `model` and the parameters the provider names
+differently change), and the provider's chunks come back as the JSON objects it sent."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import openai
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from llmconfigs.errors import InvalidParameter, LLMConfigError, ProviderCallError
+from llmconfigs.factory import provider_error
+from llmconfigs.models import LLMConfig
+from llmconfigs.providers import parameter_errors, provider_spec
+from llmconfigs.routing import FAILOVER_CATEGORIES, PROVIDER_EXCEPTIONS, health_restore, provider_failure_record
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS_NAMES = ("max_tokens", "max_completion_tokens")
+# What a delta carries once the model has said something (the first token, in routing's sense).
+TOKEN_FIELDS = ("content", "tool_calls", "function_call", "reasoning_content", "refusal")
+
+
+def member_body(config: LLMConfig, body: dict[str, Any], *, streaming: bool) -> dict[str, Any]:
+    """The request `config` is sent: the client's `body` with the member's model name, the config's sampling
+    parameters where the client gave none, the maximum under the name the provider knows, and the provider's
+    required extra body. Raises InvalidParameter (naming the field) for a parameter outside the provider's range."""
+    spec = provider_spec(config.provider)
+    sent = dict(body)
+    asked_max = next((sent.pop(name) for name in MAX_TOKENS_NAMES if sent.get(name) is not None), None)
+    for name in MAX_TOKENS_NAMES:
+        sent.pop(name, None)
+    errors = parameter_errors(config.provider, temperature=sent.get("temperature"), top_p=sent.get("top_p"),
+                              max_tokens=asked_max, frequency_penalty=sent.get("frequency_penalty"),
+                              presence_penalty=sent.get("presence_penalty"))
+    for name, message in errors.items():
+        field = name
+        if name == "max_tokens":
+            field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise InvalidParameter(message, field=field)
+    sent["model"] = config.model_name
+    sent.setdefault("temperature", config.temperature)
+    sent.setdefault("top_p", config.top_p)
+    maximum = asked_max if asked_max is not None else config.max_tokens
+    if maximum is not None:
+        sent[spec.max_tokens_param] = maximum
+    if spec.penalties:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if name not in sent and getattr(config, name):
+                sent[name] = getattr(config, name)
+    extra = dict(spec.extra_body_for(config.model_name, streaming=streaming))
+    extra.update((config.extra_config or {}).get("extra_body", {}))
+    for name, value in extra.items():
+        sent.setdefault(name, value)
+    if streaming:
+        sent["stream"] = True
+        if spec.stream_usage:
+            # Always asked for, so that the call is accounted; the client sees the usage only when it asked.
+            sent["stream_options"] = {"include_usage": True}
+    else:
+        sent.pop("stream", None)
+    return sent
+
+
+def chunk_has_token(chunk: dict[str, Any]) -> bool:
+    """Whether the chunk carries something of the answer (not only the role, an empty text or the usage)."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if any(delta.get(name) for name in TOKEN_FIELDS):
+            return True
+    return False
+
+
+class PoolCompletion:
+    """One client request through the members of a pool, in their try order. A provider error before the first token
+    (or, blocking, any provider error) sends the same request to the next member; once a token has gone out, errors
+    go out as they are. `attempts` records every call, `served` the member that answered and `usage` what it reported.
+
+    `client(config, last)` returns the member's AsyncOpenAI client; members before the last get no SDK retries (the
+    next member is the retry) and LLM_FIRST_TOKEN_TIMEOUT seconds to start answering."""
+
+    def __init__(self, *, members: list[LLMConfig], client: Callable[[LLMConfig, bool], openai.AsyncOpenAI]):
+        self.members = members
+        self.client = client
+        self.attempts: list[dict[str, Any]] = []
+        self.served: LLMConfig | None = None
+        self.usage: dict[str, Any] | None = None
+        self._recording: list[asyncio.Future] = []
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The provider's whole answer (a `chat.completion` object) to a blocking request."""
+        async def call(client: openai.AsyncOpenAI, sent: dict[str, Any]) -> dict[str, Any]:
+            answer = await client.post("/chat/completions", body=sent, cast_to=object)
+            if not isinstance(answer, dict):
+                raise ProviderCallError("upstream_error", "The model provider's answer is not a JSON object.")
+            return answer
+
+        answer = await self._first_answer(body, call, streaming=False)
+        self.usage = answer.get("usage") or None
+        return answer
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The provider's chunks (JSON objects) of a streaming request, from the member that answered."""
+        opened: list[openai.AsyncStream] = []
+
+        async def call(client: openai.AsyncOpenAI, sent: dict[str, Any]) -> list[dict[str, Any]]:
+            stream = await client.post("/chat/completions", body=sent, cast_to=object, stream=True,
+                                       stream_cls=openai.AsyncStream[object])
+            opened.append(stream)
+            head = []
+            try:
+                async for chunk in stream:
+                    head.append(chunk)
+                    if chunk_has_token(chunk) or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                        break
+            except BaseException:
+                await asyncio.shield(_close([stream]))  # a member given up on stops generating at once
+                raise
+            return head
+
+        try:
+            head = await self._first_answer(body, call, streaming=True)
+            stream = opened[-1]
+            for chunk in head:
+                self._note_usage(chunk)
+                yield chunk
+            try:
+                async for chunk in stream:
+                    self._note_usage(chunk)
+                    yield chunk
+            except PROVIDER_EXCEPTIONS as exc:
+                failure = provider_error(exc, api_key=self.served.api_key)
+            else:
+                return
+            raise failure  # outside the except clause: the unscrubbed original is not kept as its context
+        finally:
+            # Closing the response closes the connection: a client that left stops the provider's generation.
+            await asyncio.shield(_close(opened))
+
+    def _note_usage(self, chunk: dict[str, Any]) -> None:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+
+    async def _first_answer(self, body: dict[str, Any], call: Callable[[openai.AsyncOpenAI, dict[str, Any]], Any],
+                            *, streaming: bool) -> Any:
+        """`call` on each member in turn until one answers (see the class)."""
+        if not self.members:
+            raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
+        failure: BaseException | None = None  # the last call's error
+        for index, config in enumerate(self.members):
+            last = index == len(self.members) - 1
+            started = time.monotonic()
+            try:
+                client = self.client(config, last)
+                sent = member_body(config, body, streaming=streaming)
+            except (LLMConfigError, ProviderCallError) as exc:
+                # Refused before any call (a parameter outside this member's range, a key entered for another
+                # endpoint): nothing is wrong with the provider, so its health stays as it is.
+                self._attempt(config, getattr(exc, "category", "bad_request"), started)
+                if last and failure is None:
+                    raise  # no member was called: the request is refused, saying why (the parameter it names)
+                if last:
+                    break  # the request's error is the last call's, not this refusal
+                continue
+            try:
+                result = await (call(client, sent) if last
+                                else asyncio.wait_for(call(client, sent), settings.LLM_FIRST_TOKEN_TIMEOUT))
+            except PROVIDER_EXCEPTIONS as exc:
+                error = provider_error(exc, api_key=config.api_key)
+            else:
+                self._attempt(config, "", started)
+                self.served = config
+                if config.auth_failed_at is not None:  # the last resort took the key again
+                    self._record(health_restore, config=config)
+                return result
+            self._attempt(config, error.category, started)
+            # Recorded beside the request: the next member is called without waiting for the database.
+            self._record(provider_failure_record, config=config, error=error)
+            failure = error
+            if last or error.category not in FAILOVER_CATEGORIES:
+                break
+        raise failure
+
+    def _record(self, function: Callable[..., None], **kwargs: Any) -> None:
+        self._recording.append(asyncio.ensure_future(database_sync_to_async(function)(**kwargs)))
+
+    async def settle(self) -> None:
+        """Wait until every failure of this request is recorded (counted, and its member's health updated)."""
+        pending, self._recording = self._recording, []
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, Exception):
+                logger.error("a provider failure could not be recorded: %r", result)
+
+    def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
+        self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
+                              "latency_ms": round((time.monotonic() - started) * 1000, 1)})
+
+
+async def _close(opened: list[openai.AsyncStream]) -> None:
+    for stream in opened:
+        try:
+            await stream.close()
+        except Exception:  # noqa: BLE001 - a connection already gone has nothing left to close
+            logger.debug("closing a provider stream failed", exc_info=True)
+
