@@ -16,7 +16,7 @@ urlpatterns = [
     path("messages/<uuid:message_id>/suggested", views.message_suggested, name="dify-message-suggested"),
     path("app/feedbacks", views.app_feedbacks, name="dify-app-feedbacks"),
     path("conversations", views.conversation_list, name="dify-conversations"),
-    path("conversations/<uuid:conversation_id>", views.conversation_delete, name="dify-conversation"),
+    path("conversations/<uuid:conversation_id>", views.conversation_detail, name="dify-conversation"),
     path("conversations/<uuid:conversation_id>/name", views.conversation_rename, name="dify-conversation-name"),
     path(
         "conversations/<uuid:conversation_id>/variables",

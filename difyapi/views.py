@@ -226,8 +226,17 @@ def conversation_list(request: HttpRequest, app: AgentApp) -> HttpResponse:
     return dify_json_response({"limit": limit, "has_more": page.has_more, "data": data})
 
 
-@dify_endpoint("DELETE")
-def conversation_delete(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
+@dify_endpoint("GET", "DELETE")
+def conversation_detail(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
+    """GET (the previous OpsAgent API's read, kept for its clients: an item of GET /v1/conversations) and DELETE."""
+    if request.method == "DELETE":
+        return _conversation_delete(request, app, conversation_id)
+    user = optional_user_from(query_dict(request).get("user"))
+    session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    return dify_json_response(presenters.conversation_to_dify(session))
+
+
+def _conversation_delete(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
     user = optional_user_from(request_json(request).get("user"))
     session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
     services.conversation_delete(session=session)

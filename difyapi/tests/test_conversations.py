@@ -17,6 +17,7 @@ from difyapi.tests.factories import (
     make_session,
     seconds,
 )
+from difyapi.tests.openapi import assert_schema
 from tests.fakes.upstream import Reply
 
 pytestmark = pytest.mark.django_db
@@ -105,6 +106,49 @@ def test_list_validation(client, app):
     assert_error(listing(client, last_id=str(uuid.uuid4())), 404, "not_found", "Last Conversation Not Exists.")
     assert_error(listing(client, last_id=str(other.id)), 404, "not_found", "Last Conversation Not Exists.")
     assert listing(client, pinned="true").status_code == 200  # unknown keys (the SDK's `pinned`) are ignored
+
+
+def test_get_is_the_same_object_as_the_list_item(app, client):
+    session = make_session(app, name="Disk check", inputs={"host": "db1"}, at=seconds(5))
+    make_message(session)
+    response = client.get(f"/v1/conversations/{session.id}", {"user": "alice"})
+    assert response.status_code == 200 and response["Content-Type"] == "application/json"
+    item = assert_schema(response.json(), "ConversationListItem")
+    assert set(item) == CONVERSATION_KEYS
+    assert item == listing(client).json()["data"][0]
+
+
+def test_get_is_scoped_like_the_list(app, client):
+    """Another user's, another app's, a console or a deleted conversation is not found; without `user` it is
+    the shared default user's, as in the list."""
+    others = [make_session(app, user="bob"), make_session(app, source=Session.Source.CONSOLE),
+              make_session(app, is_deleted=True), make_session(make_app(), user="alice"),
+              make_session(app, user="DEFAULT-USER")]
+    for session in others[:4]:
+        assert_error(client.get(f"/v1/conversations/{session.id}", {"user": "alice"}), 404, "not_found",
+                     "Conversation Not Exists.")
+    assert_error(client.get(f"/v1/conversations/{uuid.uuid4()}", {"user": "alice"}), 404, "not_found",
+                 "Conversation Not Exists.")
+    assert client.get(f"/v1/conversations/{others[-1].id}").json()["id"] == str(others[-1].id)
+    assert_error(client.get(f"/v1/conversations/{others[0].id}"), 404, "not_found")
+
+
+def test_get_needs_the_app_key(app):
+    session = make_session(app)
+    assert_error(DifyClient(None).get(f"/v1/conversations/{session.id}", {"user": "alice"}), 401, "unauthorized")
+    assert_error(DifyClient(make_key(make_app())).get(f"/v1/conversations/{session.id}", {"user": "alice"}), 404,
+                 "not_found", "Conversation Not Exists.")
+
+
+def test_other_methods_are_405_in_difys_envelope(app, client):
+    session = make_session(app)
+    for method in ("post", "put", "patch"):
+        response = getattr(client.client, method)(f"/v1/conversations/{session.id}", "{}",
+                                                  content_type="application/json", headers=client.headers)
+        assert_error(response, 405, "method_not_allowed")
+        assert response["Allow"] == "DELETE, GET, HEAD"
+    session.refresh_from_db()
+    assert not session.is_deleted
 
 
 def test_delete_is_204_with_empty_body_and_soft(app, client):
