@@ -16,7 +16,7 @@ from django.utils.crypto import constant_time_compare, salted_hmac
 
 from agentcore.models import AgentApp, Message, Session, Thought
 from difyapi.encoding import dify_json
-from difyapi.models import Feedback, MessageFile, UploadFile
+from difyapi.models import EndUser, Feedback, MessageFile, UploadFile
 from difyapi.selectors import FileUpload
 from llmconfigs.models import LLMConfig
 from llmconfigs.pricing import PRICE_UNIT, Cost
@@ -91,6 +91,25 @@ def conversation_to_dify(session: Session) -> dict[str, Any]:
         "introduction": session.app.opening_statement or "",
         "created_at": unix(session.created_at),
         "updated_at": unix(session.updated_at),
+    }
+
+
+# ----- end users -----
+
+def end_user_to_dify(end_user: EndUser, *, default_user: str) -> dict[str, Any]:
+    """GET /v1/end-users/{id}: Dify's EndUserDetail. OpsAgent has no tenants: `tenant_id` is the app's id, as in the
+    upload answer. An end user never changes after it is created, so `updated_at` is its creation time."""
+    return {
+        "id": str(end_user.id),
+        "tenant_id": str(end_user.app_id),
+        "app_id": str(end_user.app_id),
+        "type": end_user.type,
+        "external_user_id": end_user.session_id,
+        "name": None,
+        "is_anonymous": end_user.session_id == default_user,
+        "session_id": end_user.session_id,
+        "created_at": iso(end_user.created_at),
+        "updated_at": iso(end_user.created_at),
     }
 
 

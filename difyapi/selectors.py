@@ -11,14 +11,16 @@ from django.db.models import Prefetch, Q, QuerySet
 from agentcore.models import AgentApp, Message, Session
 from agentcore.selectors import app_route_allowed
 from agentcore.tools.policies import tool_policies_with_defaults
-from difyapi.errors import not_found
-from difyapi.models import Feedback, MessageFile, UploadFile
+from difyapi.errors import DifyError, not_found
+from difyapi.models import EndUser, Feedback, MessageFile, UploadFile
 from llmconfigs.models import LLMConfig
 
 CONVERSATION_NOT_FOUND = "Conversation Not Exists."
 MESSAGE_NOT_FOUND = "Message Not Exists."
 FIRST_MESSAGE_NOT_FOUND = "First Message Not Exists."
 LAST_CONVERSATION_NOT_FOUND = "Last Conversation Not Exists."
+CONVERSATION_VARIABLE_NOT_FOUND = "Conversation Variable Not Exists."
+END_USER_NOT_FOUND = DifyError("end_user_not_found", "End user not found.", 404)
 
 CONVERSATION_SORTS = ("created_at", "-created_at", "updated_at", "-updated_at")
 # Dify's defaults for an app that never configured uploads: off, three files.
@@ -68,6 +70,15 @@ def conversation_get(*, app: AgentApp, user: str, conversation_id: uuid.UUID) ->
     if session is None:
         raise not_found(CONVERSATION_NOT_FOUND)
     return session
+
+
+def end_user_get(*, app: AgentApp, end_user_id: uuid.UUID) -> EndUser:
+    """One of this app's end users by the id Dify clients see (an upload's `created_by`, a feedback's
+    `from_end_user_id`), else 404 `end_user_not_found`: another app's end users are not visible."""
+    end_user = EndUser.objects.filter(app=app, pk=end_user_id).first()
+    if end_user is None:
+        raise END_USER_NOT_FOUND
+    return end_user
 
 
 def conversation_list(

@@ -23,6 +23,12 @@ urlpatterns = [
         views.conversation_variables,
         name="dify-conversation-variables",
     ),
+    path(
+        "conversations/<uuid:conversation_id>/variables/<uuid:variable_id>",
+        views.conversation_variable_update,
+        name="dify-conversation-variable",
+    ),
+    path("end-users/<uuid:end_user_id>", views.end_user_detail, name="dify-end-user"),
     path("files/upload", views.file_upload, name="dify-file-upload"),
     path("files/<uuid:file_id>/preview", views.file_preview, name="dify-file-preview"),
     path("files/<uuid:file_id>/file-preview", views.file_signed_preview, name="dify-file-signed-preview"),

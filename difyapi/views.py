@@ -33,6 +33,7 @@ from difyapi.errors import (
 )
 from difyapi.presenters import dify_json_response
 from difyapi.validation import (
+    DEFAULT_USER,
     bool_from,
     choice_from,
     int_from,
@@ -282,6 +283,25 @@ def conversation_variables(request: HttpRequest, app: AgentApp, conversation_id)
         # Conversation variables exist only in Chatflow apps: no id can name one here (Dify: 400, empty message).
         raise invalid_param("")
     return dify_json_response({"limit": limit, "has_more": False, "data": []})
+
+
+@dify_endpoint("PUT")
+def conversation_variable_update(request: HttpRequest, app: AgentApp, conversation_id, variable_id) -> HttpResponse:
+    body = request_json(request)
+    user = optional_user_from(body.get("user"))
+    if "value" not in body:
+        raise invalid_param("value is required")
+    selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
+    # Conversation variables exist only in Chatflow apps, which OpsAgent does not serve: no id names one here.
+    raise not_found(selectors.CONVERSATION_VARIABLE_NOT_FOUND)
+
+
+# ----- end users -----
+
+@dify_endpoint("GET")
+def end_user_detail(request: HttpRequest, app: AgentApp, end_user_id) -> HttpResponse:
+    end_user = selectors.end_user_get(app=app, end_user_id=end_user_id)
+    return dify_json_response(presenters.end_user_to_dify(end_user, default_user=DEFAULT_USER))
 
 
 # ----- files -----

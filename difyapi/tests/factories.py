@@ -98,6 +98,9 @@ class DifyClient:
     def post_raw(self, path: str, body: bytes | str, content_type: str):
         return self.client.post(path, body, content_type=content_type, headers=self.headers)
 
+    def put(self, path: str, data: Any = None):
+        return self.client.put(path, json.dumps(data), content_type="application/json", headers=self.headers)
+
     def delete(self, path: str, data: Any = None):
         return self.client.delete(path, json.dumps(data), content_type="application/json", headers=self.headers)
 

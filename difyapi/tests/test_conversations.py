@@ -243,3 +243,19 @@ def test_variables_are_always_empty(app, client):
     assert_error(client.get(url, {"user": "alice", "last_id": "x"}), 400, "invalid_param")
     assert_error(client.get(url, {"user": "alice", "variable_name": "bad name!"}), 400, "invalid_param")
     assert_error(client.get(url, {"user": "bob"}), 404, "not_found", "Conversation Not Exists.")
+
+
+def test_updating_a_variable_is_404_as_no_conversation_has_variables(app, client):
+    """Dify's order: the body's `value`, the conversation (scoped by `user`), then the variable."""
+    session = make_session(app)
+    url = f"/v1/conversations/{session.id}/variables/{uuid.uuid4()}"
+    for value in ("new value", None, 3, {"a": 1}):
+        assert_error(client.put(url, {"value": value, "user": "alice"}), 404, "not_found",
+                     "Conversation Variable Not Exists.")
+    assert_error(client.put(url, {"user": "alice"}), 400, "invalid_param", "value is required")
+    assert_error(client.put(url, {"value": "x", "user": "bob"}), 404, "not_found", "Conversation Not Exists.")
+    assert_error(client.put(f"/v1/conversations/{uuid.uuid4()}/variables/{uuid.uuid4()}",
+                            {"value": "x", "user": "alice"}), 404, "not_found", "Conversation Not Exists.")
+    response = client.client.put(url, "x", content_type="text/plain", headers=client.headers)
+    assert_error(response, 415, "unsupported_media_type")
+    assert_error(client.post(url, {"value": "x", "user": "alice"}), 405, "method_not_allowed")
