@@ -36,6 +36,7 @@ class AgentApp(UsageLimits):
     class Mode(models.TextChoices):
         CHAT = "chat", "Chat (no tools)"
         AGENT_CHAT = "agent-chat", "Agent chat (tools)"
+        COMPLETION = "completion", "Completion (text generator: prompt, inputs and query; no conversation, no tools)"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=100, unique=True)
@@ -85,7 +86,8 @@ class AgentApp(UsageLimits):
         verbose_name = "agent app"
         ordering = ["name"]
         constraints = [
-            models.CheckConstraint(condition=Q(mode__in=["chat", "agent-chat"]), name="agentapp_mode_known"),
+            models.CheckConstraint(condition=Q(mode__in=["chat", "agent-chat", "completion"]),
+                                   name="agentapp_mode_known"),
             models.CheckConstraint(condition=Q(max_iterations__gte=1, max_iterations__lte=50),
                                    name="agentapp_max_iterations_range"),
         ]

@@ -183,7 +183,8 @@ def chat_page_data(*, user) -> dict[str, Any]:
         return {"low": rng.low, "high": rng.high, "low_open": rng.low_open, "high_open": rng.high_open,
                 "text": rng.describe()}
 
-    apps = AgentApp.objects.filter(is_active=True).order_by("name").values(
+    # Completion apps are left out: the page holds conversations, which they do not have.
+    apps = AgentApp.objects.filter(is_active=True).exclude(mode=AgentApp.Mode.COMPLETION).order_by("name").values(
         "id", "name", "mode", "opening_statement", "suggested_questions", "llm_config_id", "model_parameters",
         "allowed_routes")
     configs = list(llm_config_list(is_active=True, is_embedding=False).values(

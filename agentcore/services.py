@@ -102,6 +102,8 @@ def _chat_config_id(llm_config_id: Any, *, app: AgentApp) -> Any:
 def session_create(*, app: AgentApp, owner=None, end_user: str = "", source: str = Session.Source.CONSOLE,
                    name: str = "", inputs: dict | None = None, llm_config_id: Any = None,
                    model_parameters: dict | None = None) -> Session:
+    if app.mode == AgentApp.Mode.COMPLETION:
+        raise InvalidInput("A completion app has no conversations: send it single messages.", field="app_id")
     inputs = inputs_check(inputs or {})
     config_id = _chat_config_id(llm_config_id, app=app)
     parameters = _validated_parameters(model_parameters, config_id=config_id, app=app)

@@ -30,6 +30,7 @@ from agentcore.services import inputs_check
 from difyapi.errors import (
     APP_UNAVAILABLE,
     INTERNAL,
+    NOT_CHAT_APP,
     DifyError,
     forbidden,
     invalid_param,
@@ -86,25 +87,34 @@ class ChatCall:
 
 
 def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | None = None,
-                    meter: Meter | None = None) -> ChatCall:
-    """Validate a chat request body in Dify's order of checks (SPEC.md §2) and build the turn it asks for.
+                    meter: Meter | None = None, completion: bool = False) -> ChatCall:
+    """Validate a POST /v1/chat-messages body (or, with `completion`, a POST /v1/completion-messages one) in Dify's
+    order of checks (SPEC.md §2) and build the turn it asks for.
 
     Sync (reads upload files and the conversation's config when files are sent): call it off the event loop.
     `audit` (source, ip_address, user_agent) goes with an approval decision, for its audit row."""
     user = user_from(payload.get("user"))
+    app_mode_check(app, completion=completion)
     response_mode = choice_from(payload.get("response_mode"), field="response_mode", choices=(STREAMING, BLOCKING),
                                 default=BLOCKING)
     if app.mode == AgentApp.Mode.AGENT_CHAT and response_mode == BLOCKING:
         raise invalid_param("Agent Chat App does not support blocking mode")
-    approval = _approval(payload.get("approval"), audit=audit or {})
-    query = _query(payload.get("query"), required=approval is None)
+    approval = None if completion else _approval(payload.get("approval"), audit=audit or {})
+    if completion:
+        query = payload.get("query", "")  # Dify: optional, "" by default, but never null
+        if not isinstance(query, str):
+            raise invalid_param("query must be a string")
+    else:
+        query = _query(payload.get("query"), required=approval is None)
     inputs = payload.get("inputs")
     if not isinstance(inputs, dict):
         raise invalid_param("inputs is required" if inputs is None else "inputs must be an object")
     inputs_check(inputs)  # what the client sent, before the form keeps its variables
-    conversation_id = uuid_from(payload.get("conversation_id"), field="conversation_id")
+    # A completion has no conversation: Dify's completion body has no such field, so one sent is ignored.
+    conversation_id = None if completion else uuid_from(payload.get("conversation_id"), field="conversation_id")
     overrides = _overrides(payload, inputs)
-    auto_generate_name = bool_from(payload.get("auto_generate_name"), field="auto_generate_name", default=True)
+    auto_generate_name = not completion and bool_from(payload.get("auto_generate_name"), field="auto_generate_name",
+                                                      default=True)
     user_inputs = {k: v for k, v in inputs.items() if k not in MODEL_FIELDS}
     if conversation_id is None:
         user_inputs = inputs_validate(form=app.user_input_form or [], inputs=user_inputs)
@@ -124,6 +134,16 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
     )
     return ChatCall(request=request, streaming=response_mode == STREAMING, auto_generate_name=auto_generate_name,
                     files=files)
+
+
+def app_mode_check(app: AgentApp, *, completion: bool = False) -> None:
+    """The route fits the app, with Dify's errors: a chat route (chat-messages, conversations, history) on a
+    completion app is `not_chat_app`; completion-messages on a chat app is `app_unavailable`."""
+    if completion:
+        if app.mode != AgentApp.Mode.COMPLETION:
+            raise APP_UNAVAILABLE
+    elif app.mode == AgentApp.Mode.COMPLETION:
+        raise NOT_CHAT_APP
 
 
 def _query(value: Any, *, required: bool) -> str:

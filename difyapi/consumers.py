@@ -1,4 +1,5 @@
-"""Channels HTTP consumers of POST /v1/chat-messages (blocking, SSE streaming) and POST /v1/chat-messages/{id}/stop.
+"""Channels HTTP consumers of POST /v1/chat-messages and /v1/completion-messages (blocking, SSE streaming) and of
+their stop endpoints (`/{task_id}/stop`).
 
 The request handler validates, starts the reply as an asyncio task and returns, so the consumer keeps receiving:
 `http.disconnect` cancels the task (the engine saves the partial answer as stopped). A stop request reaches the run
@@ -36,6 +37,7 @@ from difyapi.auth import AppContext, authenticate
 from difyapi.chat import (
     CHAT_NUL_STRIPPED,
     ChatCall,
+    app_mode_check,
     chat_call_build,
     conversation_auto_name,
     dify_error_from,
@@ -178,7 +180,7 @@ class DifyHttpConsumer(AsyncConsumer):
 
 def _chat_turn(
     header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None,
-    user_agent: str = "",
+    user_agent: str = "", completion: bool = False,
 ) -> tuple[ChatCall, ReplyPlan | None, Turn]:
     """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
@@ -186,7 +188,7 @@ def _chat_turn(
     context = context or authenticate(header, client_ip=client_ip)
     payload = parse_json_body(body, content_type, strip_nul=CHAT_NUL_STRIPPED)
     try:
-        call = chat_call_build(app=context.app, payload=payload, meter=context.meter,
+        call = chat_call_build(app=context.app, payload=payload, meter=context.meter, completion=completion,
                                audit={"source": "api", "ip_address": client_ip, "user_agent": user_agent})
         # A new query may be one an annotation answers (an approval's decision never is).
         plan = annotation_reply_plan(app=context.app) if call.request.approval is None else None
@@ -209,6 +211,8 @@ TERMINAL_EVENTS = frozenset({"message_end", "error"})
 class ChatMessagesConsumer(DifyHttpConsumer):
     """POST /v1/chat-messages."""
 
+    completion = False  # the completion-messages route: a completion app's single message, no conversation
+
     async def respond(self, body: bytes) -> None:
         # The run's checkpointer connects while the turn is prepared; the run closes it, or this does when the
         # request fails before the run.
@@ -217,7 +221,7 @@ class ChatMessagesConsumer(DifyHttpConsumer):
             call, plan, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
                 _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
-                (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT],
+                (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT], self.completion,
             ))
             try:
                 reply = await annotation_reply_for(plan=plan, message=turn.message)
@@ -335,12 +339,22 @@ def _in_background(work: Coroutine[Any, Any, Any]) -> None:
     task.add_done_callback(_background.discard)
 
 
+class CompletionMessagesConsumer(ChatMessagesConsumer):
+    """POST /v1/completion-messages: the chat pipeline for a completion app's single message."""
+
+    completion = True
+
+
 class ChatStopConsumer(DifyHttpConsumer):
-    """POST /v1/chat-messages/{task_id}/stop: always `{"result": "success"}`, as Dify answers."""
+    """POST /v1/chat-messages/{task_id}/stop: always `{"result": "success"}`, as Dify answers, once the route fits
+    the app."""
+
+    completion = False
 
     async def respond(self, body: bytes) -> None:
         context = await self.authenticate()
         user = user_from(self.payload(body).get("user"))
+        app_mode_check(context.app, completion=self.completion)
         task_id = self.scope["url_route"]["kwargs"]["task_id"]
         try:
             task_uuid = uuid.UUID(task_id)
@@ -349,3 +363,9 @@ class ChatStopConsumer(DifyHttpConsumer):
         if task_uuid is not None:
             await run_stop(task_id=str(task_uuid), end_user=user, app_id=context.app.pk)
         await self.send_json(200, {"result": "success"})
+
+
+class CompletionStopConsumer(ChatStopConsumer):
+    """POST /v1/completion-messages/{task_id}/stop."""
+
+    completion = True

@@ -1,5 +1,6 @@
-"""POST /v1/chat-messages, the answer side: the neutral events of a run (agentcore.events) as Dify's stream events
-or its blocking answer, and a failed run as Dify's error (SPEC.md §2-§4). The request side is difyapi.chat."""
+"""POST /v1/chat-messages and /v1/completion-messages, the answer side: the neutral events of a run
+(agentcore.events) as Dify's stream events or its blocking answer, and a failed run as Dify's error (SPEC.md §2-§4).
+The request side is difyapi.chat."""
 from __future__ import annotations
 
 from typing import Any
@@ -114,6 +115,8 @@ class DifyTurn:
         self.created_at = int(event.created_at)
         self.head = {"conversation_id": self.conversation_id, "message_id": self.message_id,
                      "created_at": self.created_at}
+        if self.mode == AgentApp.Mode.COMPLETION:  # a completion shows no conversation (its row is internal)
+            del self.head["conversation_id"]
 
     @staticmethod
     def _thought(event: ThoughtUpdate) -> dict[str, Any]:
@@ -144,7 +147,7 @@ class DifyTurn:
 
     def blocking(self, end: RunEnd) -> dict[str, Any]:
         answer = end.answer if end.answer or not self.answer_parts else "".join(self.answer_parts)
-        return {
+        body = {
             "event": "message",
             "task_id": self.task_id,
             "id": self.message_id,
@@ -155,6 +158,9 @@ class DifyTurn:
             "metadata": self._metadata(),
             "created_at": self.created_at,
         }
+        if self.mode == AgentApp.Mode.COMPLETION:
+            del body["conversation_id"]
+        return body
 
 
 def annotation_reply_events(turn: Turn, answer: str) -> list[Event]:

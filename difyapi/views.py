@@ -21,6 +21,7 @@ from agentcore.models import AgentApp
 from difyapi import filetypes, presenters, selectors, services
 from difyapi.annotations import annotation_reply_plan
 from difyapi.auth import authenticate
+from difyapi.chat import app_mode_check
 from difyapi.errors import (
     INTERNAL,
     DifyError,
@@ -152,6 +153,7 @@ def app_models(request: HttpRequest, app: AgentApp) -> HttpResponse:
 def message_list(request: HttpRequest, app: AgentApp) -> HttpResponse:
     query = query_dict(request)
     user = optional_user_from(query.get("user"))
+    app_mode_check(app)
     if "conversation_id" not in query:
         raise invalid_param("conversation_id is required")
     limit = limit_from(query.get("limit"))
@@ -200,6 +202,7 @@ def app_feedbacks(request: HttpRequest, app: AgentApp) -> HttpResponse:
 @dify_endpoint("GET")
 def message_suggested(request: HttpRequest, app: AgentApp, message_id) -> HttpResponse:
     user = user_from(query_dict(request).get("user"))
+    app_mode_check(app)
     message = selectors.message_get(app=app, user=user, message_id=message_id)
     if not app.suggested_questions_after_answer:
         raise bad_request("Suggested Questions Is Disabled.")
@@ -218,6 +221,7 @@ def message_suggested(request: HttpRequest, app: AgentApp, message_id) -> HttpRe
 def conversation_list(request: HttpRequest, app: AgentApp) -> HttpResponse:
     query = query_dict(request)
     user = optional_user_from(query.get("user"))
+    app_mode_check(app)
     last_id = uuid_from(query.get("last_id"), field="last_id")
     limit = limit_from(query.get("limit"))
     sort_by = choice_from(query.get("sort_by"), field="sort_by", choices=selectors.CONVERSATION_SORTS,
@@ -233,12 +237,14 @@ def conversation_detail(request: HttpRequest, app: AgentApp, conversation_id) ->
     if request.method == "DELETE":
         return _conversation_delete(request, app, conversation_id)
     user = optional_user_from(query_dict(request).get("user"))
+    app_mode_check(app)
     session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
     return dify_json_response(presenters.conversation_to_dify(session))
 
 
 def _conversation_delete(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
     user = optional_user_from(request_json(request).get("user"))
+    app_mode_check(app)
     session = selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)
     services.conversation_delete(session=session)
     return HttpResponse(status=204)
@@ -248,6 +254,7 @@ def _conversation_delete(request: HttpRequest, app: AgentApp, conversation_id) -
 def conversation_rename(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
     body = request_json(request)
     user = optional_user_from(body.get("user"))
+    app_mode_check(app)
     auto_generate = bool_from(body.get("auto_generate"), field="auto_generate", default=False)
     name = str_from(body.get("name"), field="name", max_length=255).strip()
     if not auto_generate and not name:
@@ -271,6 +278,7 @@ VARIABLE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 def conversation_variables(request: HttpRequest, app: AgentApp, conversation_id) -> HttpResponse:
     query = query_dict(request)
     user = optional_user_from(query.get("user"))
+    app_mode_check(app)
     last_id = uuid_from(query.get("last_id"), field="last_id")
     limit = limit_from(query.get("limit"))
     variable_name = query.get("variable_name")
@@ -289,6 +297,7 @@ def conversation_variables(request: HttpRequest, app: AgentApp, conversation_id)
 def conversation_variable_update(request: HttpRequest, app: AgentApp, conversation_id, variable_id) -> HttpResponse:
     body = request_json(request)
     user = optional_user_from(body.get("user"))
+    app_mode_check(app)
     if "value" not in body:
         raise invalid_param("value is required")
     selectors.conversation_get(app=app, user=user, conversation_id=conversation_id)

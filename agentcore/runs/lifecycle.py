@@ -23,6 +23,7 @@ from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, has_perms
+from agentcore.prompts import prompt_fill
 from agentcore.remote_files import RemoteFileError, remote_file_fetch
 from agentcore.runs.chat_models import run_chat_model
 from agentcore.runs.output import RunOutput
@@ -96,6 +97,7 @@ class _Run:
         self.message = turn.message
         self.config = turn.config
         self.agent = self.session.app.mode == AgentApp.Mode.AGENT_CHAT
+        self.completion = self.session.app.mode == AgentApp.Mode.COMPLETION
         self.queue: asyncio.Queue = asyncio.Queue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
@@ -245,10 +247,19 @@ class _Run:
 
         return list(await asyncio.gather(*(fetched(a) for a in self.turn.attachments)))
 
-    def _graph_input(self, attachments: list[Attachment]) -> Any:
+    def _prompts(self) -> tuple[str, str]:
+        """(system prompt, the human message's text). A completion app's prompt is a template of its inputs; with no
+        query it is itself what the model answers."""
+        app, query = self.session.app, self.message.query
+        if not self.completion:
+            return app.system_prompt, query
+        prompt = prompt_fill(app.system_prompt, inputs=self.message.inputs or {}, query=query)
+        return (prompt, query) if query else ("", prompt)
+
+    def _graph_input(self, attachments: list[Attachment], text: str) -> Any:
         if self.turn.resume is not None:
             return Command(resume=self.turn.resume)
-        content: Any = self.message.query
+        content: Any = text
         documents = [a for a in attachments if a.kind == "text"]
         images = [a for a in attachments if a.kind == "image"]
         if documents:
@@ -275,12 +286,13 @@ class _Run:
         model = self.output.model = run_chat_model(self.turn.pool or [self.config], overrides)
         if self.turn.resume is not None:
             await self.output.load_thoughts()
-        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [])
+        system_prompt, text = self._prompts()
+        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [], text)
         async with self.saver.use() if self.saver is not None else checkpointer() as saver:
             if self.turn.session_created:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
-            context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=app.system_prompt,
+            context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,
                                    max_iterations=app.max_iterations,
                                    max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
                                    max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)

@@ -16,6 +16,7 @@ from agentcore.generation import session_fallback_name
 from agentcore.limits import Meter, usage_check
 from agentcore.models import AgentApp, Approval, Message, Session
 from agentcore.permissions import DECIDE_APPROVALS, has_perms
+from agentcore.prompts import prompt_fill
 from agentcore.runs.types import Turn, TurnRequest
 from agentcore.selectors import app_pool_resolve, message_running_live, session_get_for, session_visible_q
 from agentcore.services import (
@@ -80,8 +81,16 @@ async def turn_abandon(turn: Turn) -> None:
 def _validate(request: TurnRequest) -> None:
     if not request.app.is_active:
         raise AppUnavailable("This app is disabled.", field="app")
+    completion = request.app.mode == AgentApp.Mode.COMPLETION
+    if completion and (request.approval is not None or request.session_id):
+        raise InvalidInput("A completion app answers single messages: no conversation, no approvals.", field="app")
     if request.approval is None:
-        if not isinstance(request.query, str) or not request.query.strip():
+        if not isinstance(request.query, str):
+            raise InvalidInput("query is required.", field="query")
+        # A completion app's prompt may be the whole request (its inputs filled in); other apps need a question.
+        asked = request.query.strip() or (completion and prompt_fill(request.app.system_prompt,
+                                                                     inputs=request.inputs).strip())
+        if not asked:
             raise InvalidInput("query is required.", field="query")
         if len(request.query) > settings.QUERY_MAX_LENGTH:
             raise InvalidInput(f"query is longer than {settings.QUERY_MAX_LENGTH} characters.", field="query")

@@ -1,6 +1,7 @@
 """Bodies checked against Dify's own published OpenAPI document (openapi_service.json, kept beside the shared
 SPEC.md, outside the project): `assert_schema(body, "CompletionResponse")` fails the test with every place where the
-body breaks the named schema. OpenAPI 3.0's `nullable` is read as JSON Schema's null type."""
+body breaks the named schema. OpenAPI 3.0's `nullable` is read as JSON Schema's null type, and `oneOf` as `anyOf`:
+the document's alternatives (the input form's controls) name no required keys, so an item fits several of them."""
 from __future__ import annotations
 
 import functools
@@ -28,13 +29,14 @@ def _document_path() -> Path:
     )
 
 
-def _nullable(node: Any) -> Any:
-    """OpenAPI 3.0 `nullable: true` as JSON Schema (a null type, or a null branch beside a $ref/allOf)."""
+def _json_schema(node: Any) -> Any:
+    """OpenAPI 3.0 as JSON Schema: `nullable: true` as a null type (or a null branch beside a $ref/allOf), `oneOf`
+    as `anyOf`."""
     if isinstance(node, list):
-        return [_nullable(item) for item in node]
+        return [_json_schema(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: _nullable(value) for key, value in node.items()}
+    node = {("anyOf" if key == "oneOf" else key): _json_schema(value) for key, value in node.items()}
     if node.pop("nullable", False):
         if isinstance(node.get("type"), str):
             node["type"] = [node["type"], "null"]
@@ -48,7 +50,7 @@ def _nullable(node: Any) -> Any:
 @functools.cache
 def _components() -> dict[str, Any]:
     document = json.loads(_document_path().read_text())
-    return {"components": _nullable(document["components"])}
+    return {"components": _json_schema(document["components"])}
 
 
 def schema_errors(body: Any, name: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""`manage.py create_app --name NAME --mode chat|agent-chat [--key app-...]`: an app and an API key for it, printed."""
+"""`manage.py create_app --name NAME --mode chat|agent-chat|completion [--key app-...]`: an app and an API key for it,
+printed."""
 from django.core.management.base import BaseCommand, CommandError
 
 from agentcore.models import AgentApp
