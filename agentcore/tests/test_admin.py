@@ -156,6 +156,16 @@ def _app_form(**fields) -> dict:
 
 
 @pytest.mark.django_db
+def test_the_app_form_offers_the_completion_mode(admin_client, default_llm_config):
+    page = admin_client.get(reverse("admin:agentcore_agentapp_add")).content.decode()
+    assert '<option value="completion">' in page
+    response = admin_client.post(reverse("admin:agentcore_agentapp_add"),
+                                 _app_form(name="Runbooks", mode="completion", system_prompt="Runbook for {{host}}."))
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    assert AgentApp.objects.get(name="Runbooks").mode == "completion"
+
+
+@pytest.mark.django_db
 def test_app_form_has_tools_as_checkboxes_and_parameters_checked_against_the_provider(admin_client, make_llm_config):
     zhipu = make_llm_config(name="glm", provider="zhipu", model_name="glm-4-flash", top_p=0.9, temperature=0.5)
     page = admin_client.get(reverse("admin:agentcore_agentapp_add")).content.decode()

@@ -96,6 +96,7 @@ def test_the_starting_data_has_models_with_their_provider_ranges_and_no_key(plai
     make_llm_config(name="vectors", is_embedding=True, model_name="text-embedding-3-small")
     AgentApp.objects.create(name="ops", opening_statement="Hi <b>there</b>")
     AgentApp.objects.create(name="retired", is_active=False)
+    AgentApp.objects.create(name="runbooks", mode="completion")  # no conversations: not offered
     client = Client()
     client.force_login(plain_user)
     response = client.get("/chat/")
