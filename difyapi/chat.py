@@ -25,7 +25,8 @@ from agentcore.errors import (
 from agentcore.generation import session_generate_name
 from agentcore.limits import Meter, OverLimit
 from agentcore.models import AgentApp, Session
-from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest
+from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest, turn_admit
+from agentcore.selectors import app_pool_resolve
 from agentcore.services import inputs_check
 from difyapi.errors import (
     APP_UNAVAILABLE,
@@ -39,12 +40,12 @@ from difyapi.errors import (
     unexpected_error,
 )
 from difyapi.models import MessageFile, UploadFile
-from difyapi.selectors import app_file_upload
+from difyapi.selectors import app_file_upload, conversation_get
 from difyapi.services import end_user_get_or_create
 from difyapi.validation import bool_from, choice_from, user_from, uuid_from
-from llmconfigs.errors import LLMConfigError, NoUsableConfig
+from llmconfigs.errors import NoUsableConfig
+from llmconfigs.models import LLMConfig
 from llmconfigs.providers import provider_spec
-from llmconfigs.selectors import llm_config_resolve
 from opsagent.common.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -86,54 +87,96 @@ class ChatCall:
     files: tuple[FileRef, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class _Body:
+    """A body that passed the schema: each field of the right type (Dify's pydantic payload models)."""
+
+    inputs: dict[str, Any]
+    query: str
+    files: list[dict[str, Any]] | None
+    streaming: bool
+    conversation_id: uuid.UUID | None
+    auto_generate_name: bool
+    approval: ApprovalDecision | None
+    overrides: TurnOverrides
+
+
 def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | None = None,
                     meter: Meter | None = None, completion: bool = False) -> ChatCall:
-    """Validate a POST /v1/chat-messages body (or, with `completion`, a POST /v1/completion-messages one) in Dify's
-    order of checks (SPEC.md §2) and build the turn it asks for.
+    """Validate a POST /v1/chat-messages body (or, with `completion`, a POST /v1/completion-messages one) and build
+    the turn it asks for, checking in Dify's order (SPEC.md §2), so that a request wrong in two ways gets Dify's
+    error: `user`, the app's mode, the body's schema, the limits (rate limits and budgets, then the concurrency
+    limit: the request is counted here), blocking mode, an empty query, the conversation, the files, the inputs.
 
-    Sync (reads upload files and the conversation's config when files are sent): call it off the event loop.
+    Sync (reads the conversation, upload files and the conversation's config): call it off the event loop.
     `audit` (source, ip_address, user_agent) goes with an approval decision, for its audit row."""
     user = user_from(payload.get("user"))
     app_mode_check(app, completion=completion)
-    response_mode = choice_from(payload.get("response_mode"), field="response_mode", choices=(STREAMING, BLOCKING),
-                                default=BLOCKING)
-    if app.mode == AgentApp.Mode.AGENT_CHAT and response_mode == BLOCKING:
+    body = _body(payload, completion=completion, audit=audit or {})
+    turn_admit(app=app, meter=meter, resume=body.approval is not None)
+    if app.mode == AgentApp.Mode.AGENT_CHAT and not body.streaming:
         raise invalid_param("Agent Chat App does not support blocking mode")
-    approval = None if completion else _approval(payload.get("approval"), audit=audit or {})
+    if not completion and body.approval is None and not body.query.strip():
+        raise invalid_param("query is required")
+    session = None
+    if body.conversation_id is not None:
+        session = conversation_get(app=app, user=user, conversation_id=body.conversation_id)
+    files = _files(app=app, user=user, items=body.files)
+    # The model that will answer first: Dify finds a model without credentials after the files, before the inputs.
+    pool = app_pool_resolve(app=app, config_id=body.overrides.config_id, model=body.overrides.model,
+                            session_config_id=session.llm_config_id if session is not None else None)
+    attachments = _attachments(files=files, config=pool[0])
+    user_inputs = {k: v for k, v in body.inputs.items() if k not in MODEL_FIELDS}
+    if body.conversation_id is None:  # a conversation goes on with the inputs it started with
+        user_inputs = inputs_validate(form=app.user_input_form or [], inputs=user_inputs)
+    request = TurnRequest(
+        app=app,
+        query=body.query,
+        session_id=str(body.conversation_id) if body.conversation_id else None,
+        end_user=user,
+        source=Session.Source.API,
+        inputs=user_inputs,
+        overrides=body.overrides,
+        attachments=attachments,
+        approval=body.approval,
+        meter=meter,
+        admitted=True,
+    )
+    return ChatCall(request=request, streaming=body.streaming, auto_generate_name=body.auto_generate_name,
+                    files=files)
+
+
+def _body(payload: dict[str, Any], *, completion: bool, audit: dict) -> _Body:
+    """The body's schema, field by field in the order of Dify's payload models (ChatRequestPayload,
+    CompletionRequestPayload), whose validation error lists the first wrong field first; then OpsAgent's extension
+    fields. A completion body has no conversation: `conversation_id` and `auto_generate_name` are ignored there."""
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, dict):
+        raise invalid_param("inputs is required" if inputs is None else "inputs must be an object")
+    inputs_check(inputs)  # the size bounds of what the client sent, before the form keeps its variables
     if completion:
         query = payload.get("query", "")  # Dify: optional, "" by default, but never null
         if not isinstance(query, str):
             raise invalid_param("query must be a string")
     else:
-        query = _query(payload.get("query"), required=approval is None)
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, dict):
-        raise invalid_param("inputs is required" if inputs is None else "inputs must be an object")
-    inputs_check(inputs)  # what the client sent, before the form keeps its variables
-    # A completion has no conversation: Dify's completion body has no such field, so one sent is ignored.
-    conversation_id = None if completion else uuid_from(payload.get("conversation_id"), field="conversation_id")
-    overrides = _overrides(payload, inputs)
-    auto_generate_name = not completion and bool_from(payload.get("auto_generate_name"), field="auto_generate_name",
-                                                      default=True)
-    user_inputs = {k: v for k, v in inputs.items() if k not in MODEL_FIELDS}
-    if conversation_id is None:
-        user_inputs = inputs_validate(form=app.user_input_form or [], inputs=user_inputs)
-    files = _files(app=app, user=user, items=payload.get("files"))
-    attachments = _attachments(app=app, files=files, overrides=overrides, conversation_id=conversation_id)
-    request = TurnRequest(
-        app=app,
-        query=query,
-        session_id=str(conversation_id) if conversation_id else None,
-        end_user=user,
-        source=Session.Source.API,
-        inputs=user_inputs,
-        overrides=overrides,
-        attachments=attachments,
-        approval=approval,
-        meter=meter,
-    )
-    return ChatCall(request=request, streaming=response_mode == STREAMING, auto_generate_name=auto_generate_name,
-                    files=files)
+        query = _query(payload.get("query"), required=payload.get("approval") is None)
+    files = payload.get("files")
+    if files is not None:
+        if not isinstance(files, list):
+            raise invalid_param("files must be a list")
+        for index, item in enumerate(files):
+            if not isinstance(item, dict):
+                raise invalid_param(f"files[{index}] must be an object")
+    response_mode = choice_from(payload.get("response_mode"), field="response_mode", choices=(STREAMING, BLOCKING),
+                                default=BLOCKING)
+    conversation_id, auto_generate_name, approval = None, False, None
+    if not completion:
+        conversation_id = uuid_from(payload.get("conversation_id"), field="conversation_id")
+        auto_generate_name = bool_from(payload.get("auto_generate_name"), field="auto_generate_name", default=True)
+        approval = _approval(payload.get("approval"), audit=audit)
+    return _Body(inputs=inputs, query=query, files=files, streaming=response_mode == STREAMING,
+                 conversation_id=conversation_id, auto_generate_name=auto_generate_name, approval=approval,
+                 overrides=_overrides(payload, inputs))
 
 
 def app_mode_check(app: AgentApp, *, completion: bool = False) -> None:
@@ -147,14 +190,14 @@ def app_mode_check(app: AgentApp, *, completion: bool = False) -> None:
 
 
 def _query(value: Any, *, required: bool) -> str:
+    """The schema's part: present (unless an approval stands in for it) and a string. An empty one passes here, as in
+    Dify, and is refused after the limits."""
     if value is None:
         if required:
             raise invalid_param("query is required")
         return ""
     if not isinstance(value, str):
         raise invalid_param("query must be a string")
-    if required and not value.strip():
-        raise invalid_param("query is required")
     return value
 
 
@@ -267,11 +310,11 @@ def _input_value(kind: str, spec: dict[str, Any], variable: str, value: Any) -> 
 
 # ----- files -----
 
-def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
+def _files(*, app: AgentApp, user: str, items: list[dict[str, Any]] | None) -> tuple[FileRef, ...]:
+    """The files of a body that passed the schema (a list of objects), checked against the app's upload settings
+    and resolved (an upload must be this end user's)."""
     if items is None:
         return ()
-    if not isinstance(items, list):
-        raise invalid_param("files must be a list")
     upload = app_file_upload(app=app)
     if not upload.enabled or not items:
         return ()  # an app with uploads off ignores files silently, as Dify does
@@ -280,8 +323,6 @@ def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
     refs: list[FileRef] = []
     upload_ids: list[uuid.UUID] = []
     for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise invalid_param(f"files[{index}] must be an object")
         file_type = choice_from(item.get("type"), field=f"files[{index}].type", choices=FILE_TYPES, default="image")
         if upload.allowed_file_types is not None and file_type not in upload.allowed_file_types:
             raise invalid_param(f"files[{index}].type {file_type!r} is not allowed for this app")
@@ -315,13 +356,12 @@ def _files(*, app: AgentApp, user: str, items: Any) -> tuple[FileRef, ...]:
     return tuple(refs)
 
 
-def _attachments(*, app: AgentApp, files: tuple[FileRef, ...], overrides: TurnOverrides,
-                 conversation_id: uuid.UUID | None) -> tuple[Attachment, ...]:
+def _attachments(*, files: tuple[FileRef, ...], config: LLMConfig) -> tuple[Attachment, ...]:
     """What the model gets of the files: images as image content when the answering config supports vision, text
     documents as text. Everything else is only recorded on the message."""
     if not files:
         return ()
-    vision = _vision(app=app, overrides=overrides, conversation_id=conversation_id)
+    vision = _vision(config)
     attachments = []
     for ref in files:
         attachment = _attachment(ref, vision=vision)
@@ -330,15 +370,7 @@ def _attachments(*, app: AgentApp, files: tuple[FileRef, ...], overrides: TurnOv
     return tuple(attachments)
 
 
-def _vision(*, app: AgentApp, overrides: TurnOverrides, conversation_id: uuid.UUID | None) -> bool:
-    session_config_id = None
-    if conversation_id is not None:
-        session_config_id = Session.objects.filter(pk=conversation_id).values_list("llm_config_id", flat=True).first()
-    try:
-        config = llm_config_resolve(config_id=overrides.config_id, model=overrides.model,
-                                    session_config_id=session_config_id, app_config_id=app.llm_config_id)
-    except LLMConfigError:
-        return False  # the turn itself will fail with the right error
+def _vision(config: LLMConfig) -> bool:
     if (config.extra_config or {}).get("vision"):
         return True
     return provider_spec(config.provider).supports_vision(config.model_name)

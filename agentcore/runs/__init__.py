@@ -19,11 +19,12 @@ from agentcore.runs.chat_models import provider_client
 from agentcore.runs.direct import turn_remember_answer
 from agentcore.runs.lifecycle import run_stop, turn_prepare_and_run, turn_run
 from agentcore.runs.output import UNAVAILABLE
-from agentcore.runs.prepare import aturn_prepare, prepared_or_abandoned, turn_abandon, turn_prepare
+from agentcore.runs.prepare import aturn_prepare, prepared_or_abandoned, turn_abandon, turn_admit, turn_prepare
 from agentcore.runs.types import ApprovalDecision, Attachment, Turn, TurnOverrides, TurnRequest
 
 __all__ = [
     "UNAVAILABLE", "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest",
-    "aturn_prepare", "prepared_or_abandoned", "provider_client", "run_stop", "turn_abandon", "turn_prepare",
+    "aturn_prepare", "prepared_or_abandoned", "provider_client", "run_stop", "turn_abandon", "turn_admit",
+    "turn_prepare",
     "turn_prepare_and_run", "turn_remember_answer", "turn_run",
 ]

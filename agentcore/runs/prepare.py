@@ -39,13 +39,27 @@ def turn_prepare(request: TurnRequest) -> Turn:
     reads its tool setup here, so the run starts without another hop."""
     _validate(request)
     meter = request.meter or Meter.of_app(request.app)
-    # Before any row is written or provider called; a turn that then crosses a budget still finishes.
-    usage_check(meter=meter)
+    # Before any row is written or provider called; a turn that then crosses a budget still finishes. Counted once:
+    # not again for a request turn_admit let in.
+    if not request.admitted:
+        usage_check(meter=meter)
     turn = _prepare_resume(request) if request.approval is not None else _prepare_query(request)
     turn.meter = meter
     if turn.session.app.mode == AgentApp.Mode.AGENT_CHAT:
         turn.tool_setup = tool_setup_load()
     return turn
+
+
+def turn_admit(*, app: AgentApp, meter: Meter | None = None, resume: bool = False) -> None:
+    """Let a request in, or refuse it (OverLimit, TooManyActiveRuns) before anything else of it is looked at: the
+    app's and the key's rate limits and budgets (the request is counted), then the app's concurrency limit. For an
+    adapter whose protocol reports these first (Dify: 429 whatever else is wrong with the body); it then builds its
+    TurnRequest with `admitted=True`. The concurrency limit is checked again, under the app's row lock, when the
+    turn's rows are written: two requests racing for the last slot cannot both start. A `resume` (an approval's
+    decision) goes on with a run the app let in before: only the rate limits apply, as when it is prepared."""
+    usage_check(meter=meter or Meter.of_app(app))
+    if not resume:
+        _check_capacity(app, lock=False)
 
 
 async def aturn_prepare(request: TurnRequest) -> Turn:
@@ -157,11 +171,12 @@ def _prepare_query(request: TurnRequest) -> Turn:
                 history=tuple(request.history) if created else ())
 
 
-def _check_capacity(app: AgentApp) -> None:
+def _check_capacity(app: AgentApp, *, lock: bool = True) -> None:
     if not app.max_active_requests:
         return
-    # The app row lock serialises concurrent starts, so two of them cannot both see "one slot left".
-    AgentApp.objects.select_for_update().filter(pk=app.pk).first()
+    if lock:
+        # The app row lock serialises concurrent starts, so two of them cannot both see "one slot left".
+        AgentApp.objects.select_for_update().filter(pk=app.pk).first()
     # Only live runs count: one whose process died stops counting when its heartbeat goes stale, before the sweep
     # marks it failed.
     running = message_running_live(app=app).count()

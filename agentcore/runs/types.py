@@ -61,6 +61,7 @@ class TurnRequest:
     # A new session's earlier exchange, as (role, text) pairs with role "user" or "assistant": the model sees it
     # before the query (a client that keeps its own history, such as the OpenAI-compatible surface).
     history: tuple[tuple[str, str], ...] = ()
+    admitted: bool = False  # turn_admit already checked and counted it against the rate limits
 
 
 @dataclass
