@@ -143,3 +143,31 @@ def test_a_server_that_answered_exits_at_once_on_sigterm(daphne_server, app_key,
     assert response.json()["answer"] == "still here"
     daphne_server.process.terminate()
     assert daphne_server.process.wait(10) == 0
+
+
+def test_completion_messages_over_real_http(daphne_server, default_llm_config, fake_upstream):
+    """A completion app through daphne: streamed as Dify's completion events (no conversation_id), then blocking."""
+    from difyapi.tests.openapi import assert_schema
+
+    app = AgentApp.objects.create(name="e2e-completion", mode="completion", system_prompt="Runbook for {{host}}.",
+                                  user_input_form=[{"text-input": {"label": "Host", "variable": "host",
+                                                                   "required": True}}])
+    _, key = api_key_create(app=app)
+    body = {"inputs": {"host": "db1"}, "query": "restart postgres", "user": "alice", "response_mode": "streaming"}
+    fake_upstream.script(Reply(text="drain then restart", delay=0.05), Reply(text="in one piece"))
+    with httpx.Client(timeout=20) as client:
+        with client.stream("POST", f"{daphne_server.base_url}/v1/completion-messages", json=body,
+                           headers=headers(key)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            events = list(_events(response))
+        blocking = client.post(f"{daphne_server.base_url}/v1/completion-messages",
+                               json={**body, "response_mode": "blocking"}, headers=headers(key))
+    assert [e["event"] for e in events] == ["message"] * 3 + ["message_end"]
+    assert all("conversation_id" not in e for e in events)
+    assert_schema(events[-1], "StreamEventMessageEnd")
+    assert "".join(e["answer"] for e in events[:-1]) == "drain then restart"
+    assert fake_upstream.chat_requests[0].messages[0] == {"role": "system", "content": "Runbook for db1."}
+    data = assert_schema(blocking.json(), "CompletionResponse")
+    assert (blocking.status_code, data["mode"], data["answer"]) == (200, "completion", "in one piece")
+    assert "conversation_id" not in data
