@@ -79,7 +79,7 @@ class FileRef:
 
 @dataclass(frozen=True)
 class ChatCall:
-    """A validated POST /v1/chat-messages."""
+    """A validated POST /v1/chat-messages or /v1/completion-messages."""
 
     request: TurnRequest
     streaming: bool
@@ -106,7 +106,8 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
     """Validate a POST /v1/chat-messages body (or, with `completion`, a POST /v1/completion-messages one) and build
     the turn it asks for, checking in Dify's order (SPEC.md §2), so that a request wrong in two ways gets Dify's
     error: `user`, the app's mode, the body's schema, the limits (rate limits and budgets, then the concurrency
-    limit: the request is counted here), blocking mode, an empty query, the conversation, the files, the inputs.
+    limit: the request is counted here), blocking mode, an empty query, the conversation, the files, the model, the
+    inputs.
 
     Sync (reads the conversation, upload files and the conversation's config): call it off the event loop.
     `audit` (source, ip_address, user_agent) goes with an approval decision, for its audit row."""
@@ -122,10 +123,13 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
     if body.conversation_id is not None:
         session = conversation_get(app=app, user=user, conversation_id=body.conversation_id)
     files = _files(app=app, user=user, items=body.files)
-    # The model that will answer first: Dify finds a model without credentials after the files, before the inputs.
-    pool = app_pool_resolve(app=app, config_id=body.overrides.config_id, model=body.overrides.model,
-                            session_config_id=session.llm_config_id if session is not None else None)
-    attachments = _attachments(files=files, config=pool[0])
+    attachments: tuple[Attachment, ...] = ()  # a resumed run goes on with what it was given
+    if body.approval is None:
+        # The model that will answer first: Dify finds a model without credentials after the files, before the
+        # inputs. (The turn's rows are written with the pool resolved again, in their transaction.)
+        pool = app_pool_resolve(app=app, config_id=body.overrides.config_id, model=body.overrides.model,
+                                session_config_id=session.llm_config_id if session is not None else None)
+        attachments = _attachments(files=files, config=pool[0])
     user_inputs = {k: v for k, v in body.inputs.items() if k not in MODEL_FIELDS}
     if body.conversation_id is None:  # a conversation goes on with the inputs it started with
         user_inputs = inputs_validate(form=app.user_input_form or [], inputs=user_inputs)
