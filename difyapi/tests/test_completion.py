@@ -136,12 +136,18 @@ async def test_streaming_events_are_difys_completion_events(completion_app, fake
 
 async def test_a_failure_after_the_stream_started_is_one_error_event(completion_app, default_llm_config,
                                                                      fake_upstream):
+    """The provider's error, scrubbed of the key even when the provider echoes it; blocking: Dify's JSON error."""
     _, key = completion_app
-    fake_upstream.script(Reply(status=500, error_message="upstream exploded"))
+    fake_upstream.script(Reply(status=500, error_message="upstream exploded for {api_key}"),
+                         Reply(status=500, error_message="upstream exploded for {api_key}"))
     _, raw = await stream(key, body(response_mode="streaming"))
     [error] = data_events(raw)
     assert_schema(error, "CompletionStreamEventError")
     assert set(error) == ERROR_KEYS and (error["status"], error["code"]) == (400, "completion_request_error")
+    status, data = await post(key, body(response_mode="blocking"))
+    assert (status, data["code"]) == (400, "completion_request_error")
+    assert "upstream exploded" in error["message"] and "upstream exploded" in data["message"]
+    assert default_llm_config.api_key not in raw.decode() and default_llm_config.api_key not in json.dumps(data)
 
 
 async def test_stop_ends_the_stream_and_keeps_the_partial_answer(completion_app, fake_upstream):
