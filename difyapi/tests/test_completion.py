@@ -187,6 +187,18 @@ async def test_inputs_limits_and_files_follow_the_chat_rules(completion_app, fak
     assert (await post(key, body()))[0] == 200
 
 
+async def test_model_choice_picks_the_config_that_answers(completion_app, make_llm_config, fake_upstream):
+    _, key = completion_app
+    await sync_to_async(make_llm_config)(name="writer", model_name="fake-writer")
+    fake_upstream.script(Reply(text="ok"))
+    status, data = await post(key, body(model="writer", temperature=0.3))
+    assert status == 200, data
+    sent = fake_upstream.chat_requests[-1].body
+    assert (sent["model"], sent["temperature"]) == ("fake-writer", 0.3)
+    status, data = await post(key, body(model="no-such-model"))
+    assert (status, data["code"]) == (400, "invalid_param")
+
+
 async def test_routes_answer_difys_mode_errors(completion_app, chat_app, fake_upstream):
     _, completion_key = completion_app
     chat, chat_key = chat_app
