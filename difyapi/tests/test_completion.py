@@ -72,6 +72,19 @@ async def test_blocking_answer_is_difys_completion_body(completion_app, fake_ups
     assert message.session.end_user == "alice" and message.session.source == "api"
 
 
+async def test_a_completion_message_takes_feedback(completion_app, fake_upstream):
+    _, key = completion_app
+    fake_upstream.script(Reply(text="ok"))
+    _, data = await post(key, body())
+    client = DifyClient(key)
+    response = await sync_to_async(client.post)(f"/v1/messages/{data['message_id']}/feedbacks",
+                                                {"rating": "like", "user": "alice"})
+    assert (response.status_code, response.json()) == (200, {"result": "success"})
+    other = await sync_to_async(client.post)(f"/v1/messages/{data['message_id']}/feedbacks",
+                                             {"rating": "like", "user": "bob"})
+    assert (other.status_code, other.json()["code"]) == (404, "not_found")
+
+
 async def test_the_model_gets_the_prompt_with_the_inputs_and_the_query_and_no_tools(completion_app, fake_upstream):
     _, key = completion_app
     fake_upstream.script(Reply(text="ok"))
