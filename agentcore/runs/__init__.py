@@ -25,6 +25,5 @@ from agentcore.runs.types import ApprovalDecision, Attachment, Turn, TurnOverrid
 __all__ = [
     "UNAVAILABLE", "ApprovalDecision", "Attachment", "SaverOpening", "Turn", "TurnOverrides", "TurnRequest",
     "aturn_prepare", "prepared_or_abandoned", "provider_client", "run_stop", "turn_abandon", "turn_admit",
-    "turn_prepare",
-    "turn_prepare_and_run", "turn_remember_answer", "turn_run",
+    "turn_prepare", "turn_prepare_and_run", "turn_remember_answer", "turn_run",
 ]

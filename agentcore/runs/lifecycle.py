@@ -256,10 +256,10 @@ class _Run:
         prompt = prompt_fill(app.system_prompt, inputs=self.message.inputs or {}, query=query)
         return (prompt, query) if query else ("", prompt)
 
-    def _graph_input(self, attachments: list[Attachment], text: str) -> Any:
+    def _graph_input(self, attachments: list[Attachment], asked: str) -> Any:
         if self.turn.resume is not None:
             return Command(resume=self.turn.resume)
-        content: Any = text
+        content: Any = asked
         documents = [a for a in attachments if a.kind == "text"]
         images = [a for a in attachments if a.kind == "image"]
         if documents:
@@ -286,8 +286,8 @@ class _Run:
         model = self.output.model = run_chat_model(self.turn.pool or [self.config], overrides)
         if self.turn.resume is not None:
             await self.output.load_thoughts()
-        system_prompt, text = self._prompts()
-        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [], text)
+        system_prompt, asked = self._prompts()
+        graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [], asked)
         async with self.saver.use() if self.saver is not None else checkpointer() as saver:
             if self.turn.session_created:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
