@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 
@@ -365,3 +366,72 @@ def test_usage_lost_to_a_redis_outage_is_logged_not_raised(monkeypatch, caplog):
     monkeypatch.setattr("agentcore.limits._redis", Down())
     usage_record(meter=Meter(app_id="app-1"), tokens=5, cost=Decimal(0))
     assert "usage of app-1 not counted" in caplog.text
+
+
+# ----- the periods: UTC minutes, days and months -----
+
+def _clock(monkeypatch, moment: str) -> SimpleNamespace:
+    """Stop the limits' clock at `moment` (ISO, UTC); move it by setting the returned clock's `now`."""
+    clock = SimpleNamespace(now=datetime.fromisoformat(moment).replace(tzinfo=UTC).timestamp())
+    monkeypatch.setattr("agentcore.limits.time", SimpleNamespace(time=lambda: clock.now))
+    return clock
+
+
+def _refusal(meter: Meter) -> OverLimit:
+    with pytest.raises(OverLimit) as refused:
+        usage_check(meter=meter)
+    return refused.value
+
+
+@pytest.mark.parametrize(("limit", "budget"), [("requests_per_minute", False), ("tokens_per_minute", False),
+                                               ("tokens_per_day", True), ("tokens_per_month", True),
+                                               ("cost_per_day", True), ("cost_per_month", True)])
+def test_every_period_ends_at_new_year_and_retry_after_counts_the_seconds_left(monkeypatch, limit, budget):
+    clock = _clock(monkeypatch, "2026-12-31T23:59:30")
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(**{limit: 1}))
+    usage_check(meter=meter)
+    usage_record(meter=meter, tokens=1, cost=Decimal(1))
+    refused = _refusal(meter)
+    assert (refused.retry_after, refused.budget) == (30, budget)
+    assert "try again in 30 seconds" in str(refused)
+    clock.now += 29.9  # the period's last instant: still counted
+    assert _refusal(meter).retry_after == 1
+    clock.now += 0.1  # 2027-01-01T00:00:00Z: a new minute, day and month
+    usage_check(meter=meter)
+    # Only the request just let through is counted in the new periods.
+    assert usage_current(scope=f"app:{meter.app_id}")[limit] == (1 if limit == "requests_per_minute" else 0)
+
+
+@pytest.mark.parametrize(("moment", "day_left", "month_left"), [
+    ("2026-06-15T12:00:00", 12 * 3600, 15 * 86400 + 12 * 3600),  # a 30-day month
+    ("2027-02-28T23:00:00", 3600, 3600),  # February's last hour
+    ("2026-01-01T00:00:00", 86400, 31 * 86400),  # the first instant of a year: January is 31 days
+])
+def test_day_and_month_budgets_last_until_the_utc_midnight_and_month_end(monkeypatch, moment, day_left, month_left):
+    clock = _clock(monkeypatch, moment)
+    day = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=10))
+    month = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_month=10))
+    for meter in (day, month):
+        usage_record(meter=meter, tokens=10, cost=Decimal(0))
+    assert _refusal(day).retry_after == day_left
+    assert _refusal(month).retry_after == month_left
+    clock.now += day_left - 1
+    _refusal(day)
+    clock.now += 1
+    usage_check(meter=day)
+    assert usage_current(scope=f"app:{day.app_id}")["tokens_per_day"] == 0
+    clock.now += month_left - day_left - 1
+    _refusal(month)
+    clock.now += 1
+    usage_check(meter=month)
+    assert usage_current(scope=f"app:{month.app_id}")["tokens_per_month"] == 0
+
+
+def test_a_minute_is_a_utc_minute_not_sixty_seconds_from_the_first_request(monkeypatch):
+    clock = _clock(monkeypatch, "2026-12-02T10:00:59")
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=1))
+    usage_check(meter=meter)
+    assert _refusal(meter).retry_after == 1
+    clock.now += 1
+    usage_check(meter=meter)
+    assert _refusal(meter).retry_after == 60
