@@ -169,6 +169,9 @@ def test_a_new_query_supersedes_only_its_own_sessions_pending_approvals(pending,
     other_session = session_create(app=agent_app, owner=plain_user)
     other_message = Message.objects.create(session=other_session, query="q", status="paused")
     other = Approval.objects.create(session=other_session, message=other_message, tool="http_check")
+    # The session's earlier turns are not the paused one: their answers and errors stay as they were.
+    earlier = {status: Message.objects.create(session=first.session, query="q", status=status)
+               for status in ("normal", "error", "running")}
 
     assert approval_supersede(session=first.session) == 2
     for approval in (first, second):
@@ -179,6 +182,8 @@ def test_a_new_query_supersedes_only_its_own_sessions_pending_approvals(pending,
     assert Message.objects.get(pk=first.message_id).status == "stopped"
     assert Approval.objects.get(pk=other.pk).status == "pending"
     assert Message.objects.get(pk=other_message.pk).status == "paused"
+    assert {status: Message.objects.get(pk=message.pk).status for status, message in earlier.items()} == {
+        "normal": "normal", "error": "error", "running": "running"}
 
 
 def test_message_close_stale(agent_app, plain_user, settings):
