@@ -435,3 +435,24 @@ def test_a_minute_is_a_utc_minute_not_sixty_seconds_from_the_first_request(monke
     clock.now += 1
     usage_check(meter=meter)
     assert _refusal(meter).retry_after == 60
+
+
+def test_a_negative_usage_report_never_lowers_a_counter(monkeypatch):
+    _clock(monkeypatch, "2026-12-02T10:00:20")
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=10, cost_per_day=Decimal(1)))
+    usage_record(meter=meter, tokens=10, cost=Decimal("0.5"))
+    usage_record(meter=meter, tokens=-10, cost=Decimal("-0.5"))
+    used = usage_current(scope=f"app:{meter.app_id}")
+    assert (used["tokens_per_day"], used["cost_per_day"]) == (10, Decimal("0.5000"))
+    assert _refusal(meter).budget is True
+
+
+def test_memory_counters_drop_only_expired_entries_when_they_grow_past_their_bound(monkeypatch):
+    clock = _clock(monkeypatch, "2026-12-02T10:00:20")
+    counters = MemoryCounters()
+    counters.add([("live", 5, 3600)])
+    counters.add([(f"old-{i}", 1, 10) for i in range(100_000)])
+    clock.now += 11  # the 100,000 entries have expired; the live one has not
+    counters.add([("new", 1, 60)])
+    assert len(counters._values) == 2
+    assert counters.read(["live", "new", "old-1"]) == [5, 1, 0]
