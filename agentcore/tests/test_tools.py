@@ -15,6 +15,7 @@ from agentcore.tests import factories
 from agentcore.tests.factories import run_all
 from agentcore.tools import builtin
 from agentcore.tools.policies import tool_policy_update
+from llmconfigs.models import AuditLog
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -203,6 +204,19 @@ def test_tool_list_is_a_pure_read(db):
     listed = {t["name"]: t for t in tool_list()}
     assert (listed["dns_lookup"]["enabled"], listed["dns_lookup"]["description"]) == (False, "edited")
     assert ToolPolicy.objects.count() == 1
+
+
+def test_tool_policy_update_refuses_unknown_fields_and_edits_the_description(db):
+    with pytest.raises(InvalidInput, match=r"^Unknown field\(s\): name_, pk\.$") as caught:
+        tool_policy_update(name="dns_lookup", pk=999, name_="shell", enabled=False)
+    assert caught.value.field == "name_"
+    assert not ToolPolicy.objects.filter(enabled=False, name="dns_lookup").exists()  # nothing of it is saved
+    policy = tool_policy_update(name="dns_lookup", description="Resolve a host name.")
+    assert ToolPolicy.objects.get(pk=policy.pk).description == "Resolve a host name."
+    # Called without a request (a shell, a command), the audit row says so: no made-up source or user agent.
+    row = AuditLog.objects.filter(target_type="agentcore.ToolPolicy").get()
+    assert (row.source, row.ip_address, row.user_agent) == ("", None, "")
+    assert row.changes["description"]["new"] == "Resolve a host name."
 
 
 def test_tool_policy_update(db):
