@@ -456,3 +456,15 @@ def test_memory_counters_drop_only_expired_entries_when_they_grow_past_their_bou
     counters.add([("new", 1, 60)])
     assert len(counters._values) == 2
     assert counters.read(["live", "new", "old-1"]) == [5, 1, 0]
+
+
+def test_the_refusal_names_the_limit_whose_it_is_and_the_wait(monkeypatch):
+    _clock(monkeypatch, "2026-12-02T10:00:20")
+    keyed = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=5), key_id=str(uuid.uuid4()),
+                  key_limits=Limits(requests_per_minute=1))
+    usage_check(meter=keyed)
+    assert str(_refusal(keyed)) == (
+        "The limit of requests per minute of this API key is reached; try again in 40 seconds.")
+    app_only = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=1))
+    usage_record(meter=app_only, tokens=1, cost=Decimal(0))
+    assert str(_refusal(app_only)) == "The limit of tokens per day of this app is reached; try again in 50380 seconds."
