@@ -3,6 +3,7 @@ its rate limits and budgets (agentcore.limits), on /v1 (Dify's envelope) and /ap
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -468,3 +469,26 @@ def test_the_refusal_names_the_limit_whose_it_is_and_the_wait(monkeypatch):
     app_only = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=1))
     usage_record(meter=app_only, tokens=1, cost=Decimal(0))
     assert str(_refusal(app_only)) == "The limit of tokens per day of this app is reached; try again in 50380 seconds."
+
+
+@pytest.fixture
+def local_time_tokyo():
+    """The process's local time 9 hours ahead of UTC (as TIME_ZONE=Asia/Tokyo makes it): periods stay UTC."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_tokyo")
+def test_days_and_months_are_utc_whatever_the_servers_local_time(monkeypatch):
+    _clock(monkeypatch, "2026-12-31T23:59:30")  # already 08:59:30 on 1 January in Tokyo
+    for limit in ("tokens_per_day", "tokens_per_month"):
+        meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(**{limit: 1}))
+        usage_record(meter=meter, tokens=1, cost=Decimal(0))
+        assert _refusal(meter).retry_after == 30
