@@ -16,6 +16,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from agentcore.limits import (
+    COST_UNIT,
     LIMIT_FIELDS,
     Limits,
     MemoryCounters,
@@ -492,3 +493,15 @@ def test_days_and_months_are_utc_whatever_the_servers_local_time(monkeypatch):
         meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(**{limit: 1}))
         usage_record(meter=meter, tokens=1, cost=Decimal(0))
         assert _refusal(meter).retry_after == 30
+
+
+def test_a_free_call_adds_no_cost_and_a_cost_without_tokens_is_still_counted(monkeypatch):
+    _clock(monkeypatch, "2026-12-02T10:00:20")
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(cost_per_day=COST_UNIT))  # the smallest budget
+    for cost in (Decimal(0), None):
+        usage_record(meter=meter, tokens=5, cost=cost)
+    usage_check(meter=meter)  # an unpriced model's calls cost nothing
+    assert usage_current(scope=f"app:{meter.app_id}")["tokens_per_day"] == 10
+    usage_record(meter=meter, tokens=0, cost=Decimal("0.5"))
+    assert usage_current(scope=f"app:{meter.app_id}")["cost_per_day"] == Decimal("0.5000")
+    assert _refusal(meter).budget is True
