@@ -19,15 +19,19 @@ from django.conf import settings
 
 from llmconfigs.errors import InvalidParameter, LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error
-from llmconfigs.models import LLMConfig
+from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.providers import parameter_errors, provider_spec
 from llmconfigs.routing import FAILOVER_CATEGORIES, PROVIDER_EXCEPTIONS, health_restore, provider_failure_record
+from llmconfigs.usage import CallRecord
+from opsagent.common.metrics import provider_call_observe
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS_NAMES = ("max_tokens", "max_completion_tokens")
 # What a delta carries once the model has said something (the first token, in routing's sense).
 TOKEN_FIELDS = ("content", "tool_calls", "function_call", "reasoning_content", "refusal")
+# The category of a call still running when the client left (no provider error: the request was given up).
+CANCELLED = "cancelled"
 
 
 def member_body(config: LLMConfig, body: dict[str, Any], *, streaming: bool) -> dict[str, Any]:
@@ -71,6 +75,16 @@ def member_body(config: LLMConfig, body: dict[str, Any], *, streaming: bool) -> 
     return sent
 
 
+def usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """The prompt and completion tokens a provider's `usage` reports (0 for a missing or nonsensical count)."""
+    usage = usage or {}
+    return _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens"))
+
+
+def _tokens(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def chunk_has_token(chunk: dict[str, Any]) -> bool:
     """Whether the chunk carries something of the answer (not only the role, an empty text or the usage)."""
     for choice in chunk.get("choices") or ():
@@ -83,7 +97,9 @@ def chunk_has_token(chunk: dict[str, Any]) -> bool:
 class PoolCompletion:
     """One client request through the members of a pool, in their try order. A provider error before the first token
     (or, blocking, any provider error) sends the same request to the next member; once a token has gone out, errors
-    go out as they are. `attempts` records every call, `served` the member that answered and `usage` what it reported.
+    go out as they are. `attempts` records every call, `served` the member that answered and `usage` what it reported;
+    `calls` holds every provider call as a usage record (latency, first token, tokens, error category), written once
+    when the request ends (llmconfigs.usage).
 
     `client(config, last)` returns the member's AsyncOpenAI client; members before the last get no SDK retries (the
     next member is the retry) and LLM_FIRST_TOKEN_TIMEOUT seconds to start answering."""
@@ -94,6 +110,8 @@ class PoolCompletion:
         self.attempts: list[dict[str, Any]] = []
         self.served: LLMConfig | None = None
         self.usage: dict[str, Any] | None = None
+        self.calls: list[CallRecord] = []
+        self._served_started = 0.0  # time.monotonic() when the served member's call started
         self._recording: list[asyncio.Future] = []
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +123,7 @@ class PoolCompletion:
             return answer
 
         answer = await self._first_answer(body, call, streaming=False)
-        self.usage = answer.get("usage") or None
+        self._note_usage(answer)
         return answer
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -129,6 +147,8 @@ class PoolCompletion:
 
         try:
             head = await self._first_answer(body, call, streaming=True)
+            served = self.calls[-1]
+            served.ttft_ms = served.latency_ms  # the head ends with the first token
             stream = opened[-1]
             for chunk in head:
                 self._note_usage(chunk)
@@ -141,14 +161,20 @@ class PoolCompletion:
                 failure = provider_error(exc, api_key=self.served.api_key)
             else:
                 return
+            served.error_category = failure.category
             raise failure  # outside the except clause: the unscrubbed original is not kept as its context
         finally:
+            if self.served is not None:  # the served call lasted until its stream ended (or the client left)
+                self.calls[-1].latency_ms = round((time.monotonic() - self._served_started) * 1000, 1)
             # Closing the response closes the connection: a client that left stops the provider's generation.
             await asyncio.shield(_close(opened))
 
     def _note_usage(self, chunk: dict[str, Any]) -> None:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+            if self.served is not None:
+                served = self.calls[-1]
+                served.prompt_tokens, served.completion_tokens = usage_tokens(self.usage)
 
     async def _first_answer(self, body: dict[str, Any], call: Callable[[openai.AsyncOpenAI, dict[str, Any]], Any],
                             *, streaming: bool) -> Any:
@@ -159,6 +185,7 @@ class PoolCompletion:
         for index, config in enumerate(self.members):
             last = index == len(self.members) - 1
             started = time.monotonic()
+            record = CallRecord(config=config, kind=CallKind.COMPLETION)
             try:
                 client = self.client(config, last)
                 sent = member_body(config, body, streaming=streaming)
@@ -176,13 +203,16 @@ class PoolCompletion:
                                 else asyncio.wait_for(call(client, sent), settings.LLM_FIRST_TOKEN_TIMEOUT))
             except PROVIDER_EXCEPTIONS as exc:
                 error = provider_error(exc, api_key=config.api_key)
+            except asyncio.CancelledError:
+                self._attempt(config, CANCELLED, started, call=record)  # the client left while it ran
+                raise
             else:
-                self._attempt(config, "", started)
-                self.served = config
+                self._attempt(config, "", started, call=record)
+                self.served, self._served_started = config, started
                 if config.auth_failed_at is not None:  # the last resort took the key again
                     self._record(health_restore, config=config)
                 return result
-            self._attempt(config, error.category, started)
+            self._attempt(config, error.category, started, call=record)
             # Recorded beside the request: the next member is called without waiting for the database.
             self._record(provider_failure_record, config=config, error=error)
             failure = error
@@ -200,9 +230,16 @@ class PoolCompletion:
             if isinstance(result, Exception):
                 logger.error("a provider failure could not be recorded: %r", result)
 
-    def _attempt(self, config: LLMConfig, category: str, started: float) -> None:
+    def _attempt(self, config: LLMConfig, category: str, started: float, *, call: CallRecord | None = None) -> None:
+        """Note a call of `config` that failed with `category` or ("") answered. A member refused before any request
+        (no `call`) made no provider call: it is counted as an attempt (as routing counts it), not as usage."""
+        provider_call_observe(config_name=config.name, route=config.route_name, category=category)
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
         self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
-                              "latency_ms": round((time.monotonic() - started) * 1000, 1)})
+                              "latency_ms": latency_ms})
+        if call is not None:
+            call.error_category, call.latency_ms = category, latency_ms
+            self.calls.append(call)
 
 
 async def _close(opened: list[openai.AsyncStream]) -> None:

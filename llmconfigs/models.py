@@ -307,6 +307,7 @@ class CallKind(models.TextChoices):
     TITLE = "title", "conversation title"
     SUGGESTION = "suggestion", "suggested questions"
     CONNECTION_TEST = "connection_test", "connection test"
+    COMPLETION = "completion", "chat completion (OpenAI-compatible surface)"
 
 
 class ProviderCall(models.Model):

@@ -41,6 +41,7 @@ from difyapi.openai.validation import CompletionRequest, completion_request_pars
 from llmconfigs.completions import PoolCompletion
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
+from llmconfigs.usage import CallOrigin
 from opsagent.common.clients import scope_client_ip
 
 logger = logging.getLogger(__name__)
@@ -202,12 +203,14 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
 
     async def _account(self, call: CompletionCall, completion: PoolCompletion) -> None:
         await completion.settle()
-        if completion.served is None:
-            return
+        if not completion.calls and completion.served is None:
+            return  # refused before any provider call
+        context = call.context
+        origin = CallOrigin(app_id=str(context.app.pk), app_name=context.app.name, key_id=context.api_key_id)
         try:
             await database_sync_to_async(completion_usage_record)(
-                meter=call.context.meter, config=completion.served, usage=completion.usage,
-                attempts=completion.attempts)
+                meter=context.meter, origin=origin, calls=completion.calls, served=completion.served,
+                usage=completion.usage)
         except Exception:
             logger.exception("the usage of a chat completion could not be recorded")
 
