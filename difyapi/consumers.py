@@ -79,6 +79,7 @@ class DifyHttpConsumer(AsyncConsumer):
     # The run listens on its own stop group; the consumer itself needs no channel (and no channel-layer round trip).
     channel_layer_alias = None
     methods: tuple[str, ...] = ("POST",)
+    surface = "dify"  # the request log's and the metrics' name of where the request came in
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -99,7 +100,7 @@ class DifyHttpConsumer(AsyncConsumer):
     async def http_request(self, message: dict[str, Any]) -> None:
         if self.record is None:
             # Begun before the answer's task starts, which inherits it: the run fills in its config and timings.
-            self.record = RequestRecord(surface="dify", method=self.scope.get("method", ""),
+            self.record = RequestRecord(surface=self.surface, method=self.scope.get("method", ""),
                                         path=self.log_path()).begin()
         self.body.append(message.get("body", b""))
         if not message.get("more_body"):

@@ -38,6 +38,7 @@ from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.validation import bool_from, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.dependencies import dependency_down
+from opsagent.common.metrics import stream_active
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ class WorkflowEventsConsumer(DifyHttpConsumer):
             # form's answer away: a ping now tells the client the stream is open.
             await self.send({"type": "http.response.body", "body": PING, "more_body": True})
             try:
-                await self._follow(layer, channel, message)
+                with stream_active(self.surface):  # a follower is a stream too (until its run ends or it leaves)
+                    await self._follow(layer, channel, message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # after the headers: one error event ends the stream

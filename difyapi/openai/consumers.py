@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -36,13 +37,14 @@ from difyapi.consumers import DifyHttpConsumer, _header
 from difyapi.encoding import dify_json
 from difyapi.openai.chunks import HEADERS, ChunkStream, completion_body
 from difyapi.openai.errors import INTERNAL, OpenAIError, model_not_found, openai_error_from
-from difyapi.openai.services import completion_usage_record
+from difyapi.openai.services import CompletionTiming, completion_observe, completion_usage_record
 from difyapi.openai.validation import CompletionRequest, completion_request_parse, message_text
 from llmconfigs.completions import PoolCompletion
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
 from llmconfigs.usage import CallOrigin
 from opsagent.common.clients import scope_client_ip
+from opsagent.common.metrics import stream_active
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ async def _prepared(prepare: Coroutine[Any, Any, CompletionCall]) -> CompletionC
 class ChatCompletionsConsumer(DifyHttpConsumer):
     """POST /v1/chat/completions."""
 
+    surface = "openai"
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.model = ""
@@ -184,20 +188,33 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
         request = call.request
         completion = PoolCompletion(members=call.pool,
                                     client=lambda config, last: provider_client(config, retries=last))
+        chunks = ChunkStream(model=request.model, include_usage=request.include_usage)
+        timing = CompletionTiming(task_id=chunks.id)
+        observe = functools.partial(completion_observe, completion=completion, timing=timing,
+                                    app=call.context.app.name)
         try:
             if request.stream:
-                chunks = ChunkStream(model=request.model, include_usage=request.include_usage)
-                async with contextlib.aclosing(completion.stream(request.body)) as upstream:
-                    async for chunk in upstream:
-                        data = chunks.relay(chunk)
-                        await self.start_stream()
-                        await self.write(data)
+                with stream_active(self.surface):
+                    async with contextlib.aclosing(completion.stream(request.body)) as upstream:
+                        async for chunk in upstream:
+                            timing.chunk(chunk)
+                            data = chunks.relay(chunk)
+                            await self.start_stream()
+                            await self.write(data)
+                observe(status="normal")
                 await self.start_stream()
                 await self.send({"type": "http.response.body", "body": chunks.end()})
             else:
                 answer = await completion.create(request.body)
-                answer.update(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", model=request.model)
+                answer.update(id=chunks.id, object="chat.completion", model=request.model)
+                observe(status="normal")
                 await self.send_json(200, answer)
+        except asyncio.CancelledError:
+            observe(status="stopped")
+            raise
+        except Exception:
+            observe(status="error")  # before the error's answer
+            raise
         finally:
             await asyncio.shield(self._account(call, completion))
 
@@ -217,6 +234,10 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
     # ----- the app's agent -----
 
     async def agent(self, call: CompletionCall, saver: SaverOpening) -> None:
+        with stream_active(self.surface) if call.request.stream else contextlib.nullcontext():
+            await self._agent_answer(call, saver)
+
+    async def _agent_answer(self, call: CompletionCall, saver: SaverOpening) -> None:
         request = call.request
         chunks = ChunkStream(model=request.model, include_usage=request.include_usage)
         text: list[str] = []
