@@ -432,3 +432,18 @@ async def test_an_event_the_channel_dropped_is_taken_from_the_replay(agent_app, 
         events = data_events(await call.read(10))
     assert [e["event"] for e in events] == ["agent_message", "message_end"]
     assert events[0]["answer"] == "lost "
+
+
+async def test_a_waiting_follower_is_an_active_stream_until_it_leaves(agent_app, fake_upstream):
+    from tests.test_metrics import scrape, value
+
+    _, key = agent_app
+    required = form_of(await paused(key, fake_upstream))
+    before = value(await sync_to_async(scrape)(), "opsagent_active_streams", surface="dify")
+    async with dify_call(key, f"/v1/workflow/{required['workflow_run_id']}/events?user=alice") as call:
+        assert await call.start() == 200
+        await asyncio.sleep(0.2)  # subscribed and waiting
+        during = value(await sync_to_async(scrape)(), "opsagent_active_streams", surface="dify")
+        await call.disconnect()
+    after = value(await sync_to_async(scrape)(), "opsagent_active_streams", surface="dify")
+    assert (during - before, after - before) == (1, 0)
