@@ -176,3 +176,18 @@ async def test_the_agent_model_counts_its_turn_under_openai(default_llm_config, 
     assert deltas(before, after, "opsagent_chat_requests_total", surface="openai", status="normal", **labels) == 1
     assert deltas(before, after, "opsagent_chat_requests_total", surface="dify", status="normal", **labels) == 0
     assert (line.surface, line.app, line.outcome) == ("openai", app.name, "normal")
+
+
+async def test_an_agent_models_stream_is_active_until_the_client_leaves(default_llm_config, fake_upstream):
+    _, key = await sync_to_async(make_app_with_key)(name=unique("oai-agent-stream"), mode="agent-chat")
+    fake_upstream.script(Reply(text=" ".join(["word"] * 50), delay=0.1))
+    before = await sync_to_async(scrape)()
+    body = json.dumps(ask("opsagent", stream=True)).encode()
+    async with AsgiCall(get_default_application(), path=PATH, headers=dify_headers(key), body=body) as call:
+        assert await call.start() == 200
+        await call.chunk()
+        during = await sync_to_async(scrape)()
+        await call.disconnect()
+    after = await sync_to_async(scrape)()
+    assert deltas(before, during, "opsagent_active_streams", surface="openai") == 1
+    assert deltas(before, after, "opsagent_active_streams", surface="openai") == 0
