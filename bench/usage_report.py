@@ -1,6 +1,7 @@
 """Benchmark: GET /api/usage/ over a generated year of usage rollups for 50 configs (an hourly row per config and
 hour, a daily row per config and day, as `manage.py usage_rollup` leaves them): a year in day buckets and 31 days in
-hour buckets (the longest periods a report covers), grouped by config and not grouped, and one config's stats.
+hour buckets (the longest periods a report covers), grouped by config (with the series, and only the totals per
+config: `series=false`) and not grouped, and one config's stats.
 
 Standalone: a temporary SQLite file (or a temporary database on the PostgreSQL server of --database-url), migrated
 and filled in this process; the requests go through Django's test client (the view, the queries and the JSON).
@@ -143,6 +144,8 @@ def main() -> int:
             ("year, day buckets, all", "/api/usage/", year),
             ("31 days, hour buckets, by config", "/api/usage/", {**month, "group_by": "config"}),
             ("31 days, hour buckets, all", "/api/usage/", month),
+            ("year, day buckets, by config, totals", "/api/usage/", {**year, "group_by": "config", "series": "false"}),
+            ("31 days, hours, by config, totals", "/api/usage/", {**month, "group_by": "config", "series": "false"}),
             ("one config's stats, year by day", f"/api/llm-configs/{ids[0]}/stats/", year),
         ]
         wall, cpu = calibration()
@@ -151,7 +154,7 @@ def main() -> int:
         for name, url, params in cases:
             p50, p95, cpu_p50, rows = timed(client, url, params, args.runs)
             worst, worst_cpu = max(worst, p50), max(worst_cpu, cpu_p50)
-            print(f"{name:<34}: p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  CPU p50 {cpu_p50:7.1f} ms  "
+            print(f"{name:<36}: p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  CPU p50 {cpu_p50:7.1f} ms  "
                   f"({rows:,} series rows)", flush=True)
         wall, cpu = calibration()
         print(f"calibration loop: {wall * 1000:.0f} ms wall, {cpu * 1000:.0f} ms CPU", flush=True)

@@ -263,13 +263,16 @@ FILTERS = ("config_id", "app_id", "key_id", "kind")
 
 @dataclass(frozen=True)
 class UsageQuery:
-    """A report's period [start, end) (both on bucket edges, UTC), bucket size, grouping and filters."""
+    """A report's period [start, end) (both on bucket edges, UTC), bucket size, grouping and filters; without
+    `series`, only the totals per group (the database adds up the buckets, which is what a long grouped report
+    spends its time on)."""
 
     start: datetime
     end: datetime
     bucket: str = UsageRollup.Size.HOUR
     group_by: str = ""
     filters: tuple[tuple[str, str], ...] = ()
+    series: bool = True
 
 
 def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
@@ -316,7 +319,7 @@ def usage_report(*, query: UsageQuery) -> dict[str, Any]:
         per_group.setdefault(group, []).extend(group_rows)
     grouped = bool(query.group_by)
     entries = []
-    for (bucket, group), group_rows in series.items():
+    for (bucket, group), group_rows in series.items() if query.series else ():
         label = max(row[2] for row in group_rows) if grouped else ""
         entries.append((bucket, label, group, _summary(group_rows)))
     entries.sort(key=lambda entry: entry[:3])
@@ -401,9 +404,13 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
     where = ["size = %s", "bucket >= %s", "bucket < %s", *(f"{quote(name)} = %s" for name, _ in query.filters)]
     params = [query.bucket, connection.ops.adapt_datetimefield_value(query.start),
               connection.ops.adapt_datetimefield_value(query.end), *(value for _, value in query.filters)]
-    sql = (f"SELECT bucket, {group}, {label}, error_category, currency, {sums} "
+    # Without the series the rows are per group over the whole period (one bucket: the earliest).
+    bucket = "bucket" if query.series else "MIN(bucket)"
+    dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
+                  "currency"]
+    sql = (f"SELECT {bucket}, {group}, {label}, error_category, currency, {sums} "
            f"FROM {quote(UsageRollup._meta.db_table)} WHERE {' AND '.join(where)} "
-           f"GROUP BY bucket, {group + ', ' if id_column else ''}error_category, currency")
+           f"GROUP BY {', '.join(dimensions)}")
     buckets: dict[Any, datetime] = {}
     rows = []
     with connection.cursor() as cursor:
@@ -444,7 +451,8 @@ def _raw_rows(query: UsageQuery) -> list[_Row]:
     sums: dict[tuple, Totals] = {}
     for call in calls.values_list(*fields).iterator():
         created_at, category, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost, currency, *group = call
-        key = (bucket_start(created_at, query.bucket), str(group[0] or "") if group else "", category, currency)
+        bucket = bucket_start(created_at, query.bucket) if query.series else query.start
+        key = (bucket, str(group[0] or "") if group else "", category, currency)
         totals = sums.setdefault(key, Totals())
         if group:
             totals.label = max(totals.label, group[1] or "")

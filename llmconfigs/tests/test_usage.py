@@ -85,6 +85,27 @@ def test_numbers_are_complete_while_part_of_the_period_is_rolled_up(priced_confi
     assert (row["calls"], row["errors"], row["error_categories"]) == (7, 4, {"rate_limit": 3, "timeout": 1})
 
 
+def test_without_the_series_the_totals_per_group_are_the_same(priced_config, make_llm_config, reader):
+    other = make_llm_config(name="other", currency="EUR", input_price_per_million=Decimal("3"))
+    three_successes_and_a_timeout(priced_config)
+    record(other, T0 + timedelta(hours=2), category="rate_limit", latency=9000.0)
+    record(priced_config, T0 + timedelta(days=1), latency=3000.0, prompt=7)
+    usage_rollup()
+    # Calls not rolled up yet, in a bucket with rolled-up ones and in a new one.
+    record(priced_config, T0 + timedelta(minutes=50), category="timeout", latency=20.0)
+    record(other, T0 + timedelta(days=2), prompt=100)
+    period = {"from": "2026-03-01", "to": "2026-03-04", "bucket": "day"}
+    for group_by in ("config", "app"):
+        full = report(reader, **period, group_by=group_by)
+        totals_only = report(reader, **period, group_by=group_by, series="false")
+        assert len(full["series"]) >= 3 and totals_only["series"] == []
+        assert totals_only["totals"] == full["totals"]
+    by_config = report(reader, **period, group_by="config", series="false")["totals"]
+    priced = next(t for t in by_config if t["group"]["id"] == str(priced_config.pk))
+    assert (priced["calls"], priced["errors"], priced["error_categories"]) == (6, 2, {"timeout": 2})
+    assert priced["latency_ms"]["p95"] > 2000 and priced["prompt_tokens"] == 3017
+
+
 def test_hour_buckets_have_utc_edges(priced_config, reader):
     record(priced_config, datetime(2026, 3, 1, 10, 59, 59, 999000, tzinfo=UTC))
     record(priced_config, datetime(2026, 3, 1, 11, 0, tzinfo=UTC))
@@ -244,6 +265,7 @@ def test_view_usage_is_enough_and_superusers_have_it(reader, django_user_model):
     ({"config": "not-a-uuid"}, "config"),
     ({"kind": "dream"}, "kind"),
     ({"key": "k" * 37}, "key"),
+    ({"series": "no"}, "series"),
 ])
 def test_bad_parameters_are_field_errors(reader, params, field):
     for extra in ({}, {"format": "csv"}):
