@@ -4,11 +4,13 @@ that their numbers are always complete."""
 from __future__ import annotations
 
 import decimal
+import gc
 import math
 import time
 import uuid
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -306,11 +308,30 @@ def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
     # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
     repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
-    with transaction.atomic():
-        if repeatable:
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        rows = [*_rollup_rows(query), *_raw_rows(query)]
+    with _collector_paused():
+        with transaction.atomic():
+            if repeatable:
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = [*_rollup_rows(query), *_raw_rows(query)]
+        return _report(query, rows)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a report reads and builds tens of thousands of small objects (tuples,
+    dicts: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a fifth
+    of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _report(query: UsageQuery, rows: list[_Row]) -> dict[str, Any]:
     series: dict[tuple[datetime, str], list[_Row]] = {}
     for row in rows:
         series.setdefault((row[0], row[1]), []).append(row)

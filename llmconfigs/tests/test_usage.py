@@ -3,6 +3,7 @@ the rollup; UTC bucket edges; rollup exactly once; retention; CSV; permissions; 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -104,6 +105,19 @@ def test_without_the_series_the_totals_per_group_are_the_same(priced_config, mak
     priced = next(t for t in by_config if t["group"]["id"] == str(priced_config.pk))
     assert (priced["calls"], priced["errors"], priced["error_categories"]) == (6, 2, {"timeout": 2})
     assert priced["latency_ms"]["p95"] > 2000 and priced["prompt_tokens"] == 3017
+
+
+def test_a_report_leaves_the_cycle_collector_as_it_found_it(priced_config, reader):
+    record(priced_config, T0)
+    assert gc.isenabled()
+    report(reader, **{"from": "2026-03-01", "to": "2026-03-02", "bucket": "day"})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        report(reader, **{"from": "2026-03-01", "to": "2026-03-02", "bucket": "day"})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_hour_buckets_have_utc_edges(priced_config, reader):
