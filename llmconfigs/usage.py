@@ -422,15 +422,18 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
                                      ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))])
     if any(name not in FILTERS for name, _ in query.filters):
         raise ValueError(f"Unknown usage filter in {query.filters!r}.")
-    where = ["size = %s", "bucket >= %s", "bucket < %s", *(f"{quote(name)} = %s" for name, _ in query.filters)]
-    params = [query.bucket, connection.ops.adapt_datetimefield_value(query.start),
-              connection.ops.adapt_datetimefield_value(query.end), *(value for _, value in query.filters)]
+    pieces = _rollup_pieces(query)
+    adapt = connection.ops.adapt_datetimefield_value
+    where = "(" + " OR ".join(["(size = %s AND bucket >= %s AND bucket < %s)"] * len(pieces)) + ")"
+    where += "".join(f" AND {quote(name)} = %s" for name, _ in query.filters)
+    params = [value for size, start, end in pieces for value in (size, adapt(start), adapt(end))]
+    params += [value for _, value in query.filters]
     # Without the series the rows are per group over the whole period (one bucket: the earliest).
-    bucket = "bucket" if query.series else "MIN(bucket)"
+    bucket_sql = "bucket" if query.series else "MIN(bucket)"
     dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
                   "currency"]
-    sql = (f"SELECT {bucket}, {group}, {label}, error_category, currency, {sums} "
-           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {' AND '.join(where)} "
+    sql = (f"SELECT {bucket_sql}, {group}, {label}, error_category, currency, {sums} "
+           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where} "
            f"GROUP BY {', '.join(dimensions)}")
     buckets: dict[Any, datetime] = {}
     rows = []
@@ -442,6 +445,27 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
                 bucket = buckets[row[0]] = _as_utc(row[0])
             rows.append((bucket, str(row[1] or ""), row[2] or "", row[3], row[4], _as_decimal(row[5]), *row[6:]))
     return rows
+
+
+def _rollup_pieces(query: UsageQuery) -> list[tuple[str, datetime, datetime]]:
+    """Which rollups cover the period: (size, start, end) pieces. The rows of the report's bucket size; but totals
+    over hours read each whole day from its daily row (the rollup adds every call to its hour and its day in the same
+    transaction, so the sums are the same) and only the hours before the first and after the last midnight from the
+    hourly rows: 31 days for 50 configs are 1,550 daily rows and at most 2,300 hourly ones instead of 37,200."""
+    if query.series or query.bucket != UsageRollup.Size.HOUR:
+        return [(query.bucket, query.start, query.end)]
+    first_midnight = bucket_start(query.start, UsageRollup.Size.DAY)
+    if first_midnight < query.start:
+        first_midnight += timedelta(days=1)
+    last_midnight = bucket_start(query.end, UsageRollup.Size.DAY)
+    if first_midnight >= last_midnight:
+        return [(query.bucket, query.start, query.end)]
+    pieces = [(UsageRollup.Size.DAY, first_midnight, last_midnight)]
+    if query.start < first_midnight:
+        pieces.append((UsageRollup.Size.HOUR, query.start, first_midnight))
+    if last_midnight < query.end:
+        pieces.append((UsageRollup.Size.HOUR, last_midnight, query.end))
+    return pieces
 
 
 def _as_utc(value: datetime | str) -> datetime:

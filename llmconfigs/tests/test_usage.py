@@ -107,6 +107,22 @@ def test_without_the_series_the_totals_per_group_are_the_same(priced_config, mak
     assert priced["latency_ms"]["p95"] > 2000 and priced["prompt_tokens"] == 3017
 
 
+def test_totals_over_hours_spanning_days_count_exactly_the_hours_of_the_period(priced_config, reader):
+    for at, latency in ((datetime(2026, 3, 1, 19, 59, tzinfo=UTC), 10.0),  # before the period
+                        (datetime(2026, 3, 1, 20, 0, tzinfo=UTC), 100.0),
+                        (datetime(2026, 3, 2, 12, 0, tzinfo=UTC), 200.0),
+                        (datetime(2026, 3, 3, 0, 0, tzinfo=UTC), 400.0),
+                        (datetime(2026, 3, 4, 2, 59, tzinfo=UTC), 800.0),
+                        (datetime(2026, 3, 4, 3, 0, tzinfo=UTC), 9000.0)):  # after it
+        record(priced_config, at, latency=latency)
+    usage_rollup()
+    period = {"from": "2026-03-01T20:00Z", "to": "2026-03-04T03:00Z", "bucket": "hour", "group_by": "config"}
+    full = report(reader, **period)
+    [totals] = report(reader, **period, series="false")["totals"]
+    assert totals == full["totals"][0]
+    assert totals["calls"] == 4 and totals["latency_ms"]["p95"] < 1000
+
+
 def test_a_report_leaves_the_cycle_collector_as_it_found_it(priced_config, reader):
     record(priced_config, T0)
     assert gc.isenabled()
