@@ -509,13 +509,14 @@ def _raw_rows(query: UsageQuery) -> list[_Row]:
 
 
 def usage_csv_rows(report: dict[str, Any]) -> Iterable[list[Any]]:
-    """The report's series as CSV rows (a header first): one line per bucket and group."""
+    """The report's series as CSV rows (a header first): one line per bucket and group; for a report without its
+    series (`series=false`), one line per group over the period, with an empty bucket."""
     yield ["bucket", "group_id", "group_name", "calls", "errors", "success_rate", "error_categories",
            "latency_p50_ms", "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms", "prompt_tokens", "completion_tokens",
            "total_tokens", "cost", "currency"]
-    for row in report["series"]:
+    for row in report["series"] or report["totals"]:
         group = row["group"] or {"id": "", "name": ""}
-        yield [row["bucket"], group["id"], group["name"], row["calls"], row["errors"], row["success_rate"],
+        yield [row.get("bucket", ""), group["id"], group["name"], row["calls"], row["errors"], row["success_rate"],
                " ".join(f"{category}={count}" for category, count in row["error_categories"].items()),
                row["latency_ms"]["p50"], row["latency_ms"]["p95"], row["ttft_ms"]["p50"], row["ttft_ms"]["p95"],
                row["prompt_tokens"], row["completion_tokens"], row["total_tokens"],

@@ -266,6 +266,17 @@ def test_csv_export_has_one_line_per_bucket_and_group(priced_config, reader):
         assert priced_config.api_key not in response.content.decode()
 
 
+def test_csv_without_the_series_has_one_line_per_group(priced_config, make_llm_config, reader):
+    three_successes_and_a_timeout(priced_config)
+    record(make_llm_config(name="other"), T0 + timedelta(hours=1))
+    response = client_for(reader).get("/api/usage.csv", {"from": "2026-03-01T10:00Z", "to": "2026-03-01T12:00Z",
+                                                         "group_by": "config", "series": "false"})
+    assert response.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert [(r["bucket"], r["group_name"], r["calls"], r["error_categories"]) for r in rows] == [
+        ("", "priced", "4", "timeout=1"), ("", "other", "1", "")]
+
+
 @pytest.mark.parametrize("user_fixture", ["plain_user", "bare_staff_user"])
 def test_usage_needs_the_view_usage_permission(request, priced_config, user_fixture):
     user = request.getfixturevalue(user_fixture)
