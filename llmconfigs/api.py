@@ -5,7 +5,6 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, serializers, viewsets
 from rest_framework.decorators import action
-from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from llmconfigs.models import AuditLog, LLMConfig
@@ -27,6 +26,7 @@ from llmconfigs.usage_api import (
     USAGE_PARAMETERS,
     USAGE_PERMISSION,
     UsageCSVRenderer,
+    UsageJSONRenderer,
     UsageReportResponses,
     usage_query,
 )
@@ -309,7 +309,7 @@ class LLMConfigViewSet(UsageReportResponses, viewsets.ModelViewSet):
         return Response(self.get_serializer(llm_config_list().get(pk=config.pk)).data)
 
     @extend_schema(parameters=USAGE_PARAMETERS, responses={200: OpenApiTypes.OBJECT})
-    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, UsageCSVRenderer])
+    @action(detail=True, methods=["get"], renderer_classes=[UsageJSONRenderer, UsageCSVRenderer])
     def stats(self, request, pk=None):
         """The usage report of this config alone (as GET /api/usage/?config=<id>, without grouping)."""
         config = self.get_object()

@@ -3,21 +3,22 @@ rollups of those rows, retention, and the usage reports, read from the rollups p
 that their numbers are always complete."""
 from __future__ import annotations
 
+import decimal
+import gc
 import math
 import time
 import uuid
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate, pairwise
-from operator import add
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Max, Sum
 
 from llmconfigs.models import (
     HISTOGRAM_BOUNDS_MS,
@@ -144,46 +145,6 @@ class Totals:
         if ttft_ms is not None:
             self.ttft[histogram_index(ttft_ms)] += 1
 
-    def add_sums(self, *, error_category: str, calls: int, prompt_tokens: int, completion_tokens: int,
-                 cost: Decimal, currency: str, latency: Sequence[int], ttft: Sequence[int]) -> None:
-        self.calls += calls
-        if error_category:
-            self.errors[error_category] = self.errors.get(error_category, 0) + calls
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.cost[currency] = self.cost.get(currency, Decimal(0)) + Decimal(cost)
-        self.latency = list(map(add, self.latency, latency))
-        self.ttft = list(map(add, self.ttft, ttft))
-
-    def merge(self, other: Totals) -> None:
-        self.calls += other.calls
-        for category, count in other.errors.items():
-            self.errors[category] = self.errors.get(category, 0) + count
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        for currency, amount in other.cost.items():
-            self.cost[currency] = self.cost.get(currency, Decimal(0)) + amount
-        self.latency = list(map(add, self.latency, other.latency))
-        self.ttft = list(map(add, self.ttft, other.ttft))
-
-    def as_dict(self) -> dict[str, Any]:
-        errors = sum(self.errors.values())
-        latency = histogram_percentiles(self.latency, (0.5, 0.95))
-        ttft = histogram_percentiles(self.ttft, (0.5, 0.95))
-        return {
-            "calls": self.calls,
-            "errors": errors,
-            "success_rate": round((self.calls - errors) / self.calls, 4) if self.calls else None,
-            "error_categories": dict(sorted(self.errors.items())),
-            "latency_ms": {"p50": latency[0], "p95": latency[1]},
-            "ttft_ms": {"p50": ttft[0], "p95": ttft[1]},
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "cost": {currency: str(amount.quantize(Decimal("0.0000001")))
-                     for currency, amount in sorted(self.cost.items())},
-        }
-
 
 def bucket_start(moment: datetime, size: str) -> datetime:
     """The start (UTC) of the hour or day that holds `moment`."""
@@ -304,13 +265,16 @@ FILTERS = ("config_id", "app_id", "key_id", "kind")
 
 @dataclass(frozen=True)
 class UsageQuery:
-    """A report's period [start, end) (both on bucket edges, UTC), bucket size, grouping and filters."""
+    """A report's period [start, end) (both on bucket edges, UTC), bucket size, grouping and filters; without
+    `series`, only the totals per group (the database adds up the buckets, which is what a long grouped report
+    spends its time on)."""
 
     start: datetime
     end: datetime
     bucket: str = UsageRollup.Size.HOUR
     group_by: str = ""
     filters: tuple[tuple[str, str], ...] = ()
+    series: bool = True
 
 
 def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
@@ -336,80 +300,223 @@ def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
 def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     """Per bucket and group: calls, errors by category, success rate, latency and TTFT p50/p95, tokens, cost per
     currency; and the same per group over the whole period. Reads the rollups and the calls not rolled up yet, in
-    one snapshot (a rollup committing in between cannot count a call twice or not at all)."""
-    series: dict[tuple[datetime, str], Totals] = {}
+    one snapshot (a rollup committing in between cannot count a call twice or not at all).
+
+    Speed (docs/benchmarks.md#usage-reports): the database sums the rollups per bucket, group, error category and
+    currency; the rows come back as plain tuples (no ORM conversion of their ninety columns), and each bucket and
+    group is summed column by column and its percentiles read with a bisection of the cumulative histogram."""
     # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
     # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
     repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
-    with transaction.atomic():
-        if repeatable:
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        _add_rollups(series, query)
-        _add_raw(series, query)
-    totals: dict[str, Totals] = {}
-    for (_bucket, group), sums in series.items():
-        totals.setdefault(group, Totals(label=sums.label)).merge(sums)
-    ordered = sorted(series.items(), key=lambda item: (item[0][0], item[1].label, item[0][1]))
+    with _collector_paused():
+        with transaction.atomic():
+            if repeatable:
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = [*_rollup_rows(query), *_raw_rows(query)]
+        return _report(query, rows)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a report reads and builds tens of thousands of small objects (tuples,
+    dicts: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a fifth
+    of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _report(query: UsageQuery, rows: list[_Row]) -> dict[str, Any]:
+    series: dict[tuple[datetime, str], list[_Row]] = {}
+    for row in rows:
+        series.setdefault((row[0], row[1]), []).append(row)
+    per_group: dict[str, list[_Row]] = {}
+    for (_bucket, group), group_rows in series.items():
+        per_group.setdefault(group, []).extend(group_rows)
+    grouped = bool(query.group_by)
+    entries = []
+    for (bucket, group), group_rows in series.items() if query.series else ():
+        label = max(row[2] for row in group_rows) if grouped else ""
+        entries.append((bucket, label, group, _summary(group_rows)))
+    entries.sort(key=lambda entry: entry[:3])
+    totals = []
+    for group, group_rows in per_group.items():
+        label = max(row[2] for row in group_rows) if grouped else ""
+        totals.append((label, group, _summary(group_rows)))
+    totals.sort(key=lambda total: (-total[2]["calls"], total[0]))
     return {
         "from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
         "group_by": query.group_by or None,
-        "series": [{"bucket": bucket.isoformat(), "group": _group(query, group, sums), **sums.as_dict()}
-                   for (bucket, group), sums in ordered],
-        "totals": [{"group": _group(query, group, sums), **sums.as_dict()}
-                   for group, sums in sorted(totals.items(), key=lambda item: (-item[1].calls, item[1].label))],
+        "series": [{"bucket": bucket.isoformat(), "group": {"id": group, "name": label} if grouped else None,
+                    **summary} for bucket, label, group, summary in entries],
+        "totals": [{"group": {"id": group, "name": label} if grouped else None, **summary}
+                   for label, group, summary in totals],
     }
 
 
-def _group(query: UsageQuery, group: str, sums: Totals) -> dict[str, str] | None:
-    return {"id": group, "name": sums.label} if query.group_by else None
+# A report's row: bucket, group id, group name, error category, currency, cost (Decimal), then the numbers that add
+# up column by column: calls, prompt tokens, completion tokens, the latency histogram, the TTFT histogram.
+_Row = tuple
+_NUMBERS = 6  # where the numbers start
+_LATENCY = slice(_NUMBERS + 3, _NUMBERS + 3 + HISTOGRAM_BUCKETS)
+_TTFT = slice(_NUMBERS + 3 + HISTOGRAM_BUCKETS, _NUMBERS + 3 + 2 * HISTOGRAM_BUCKETS)
+_COST_PLACES = Decimal("0.0000001")
+_FLOAT_DECIMAL = decimal.Context(prec=15).create_decimal_from_float
 
 
-def _add_rollups(series: dict[tuple[datetime, str], Totals], query: UsageQuery) -> None:
+def _summary(rows: list[_Row]) -> dict[str, Any]:
+    """The numbers of a report entry: the sums of `rows` (one bucket and group, or one group over the period)."""
+    if len(rows) == 1:
+        numbers = rows[0]
+    else:
+        numbers = (*rows[0][:_NUMBERS], *map(sum, zip(*(row[_NUMBERS:] for row in rows), strict=True)))
+    calls, prompt_tokens, completion_tokens = numbers[_NUMBERS:_NUMBERS + 3]
+    error_categories: dict[str, int] = {}
+    cost: dict[str, Decimal] = {}
+    for row in rows:
+        if row[3]:
+            error_categories[row[3]] = error_categories.get(row[3], 0) + row[_NUMBERS]
+        cost[row[4]] = cost.get(row[4], 0) + row[5]
+    errors = sum(error_categories.values())
+    latency_p50, latency_p95 = _percentiles(numbers[_LATENCY])
+    ttft_p50, ttft_p95 = _percentiles(numbers[_TTFT])
+    return {
+        "calls": calls,
+        "errors": errors,
+        "success_rate": round((calls - errors) / calls, 4) if calls else None,
+        "error_categories": dict(sorted(error_categories.items())),
+        "latency_ms": {"p50": latency_p50, "p95": latency_p95},
+        "ttft_ms": {"p50": ttft_p50, "p95": ttft_p95},
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "cost": {currency: str(Decimal(amount).quantize(_COST_PLACES)) for currency, amount in sorted(cost.items())},
+    }
+
+
+def _percentiles(counts: Sequence[int]) -> tuple[float | None, float | None]:
+    """p50 and p95 of a histogram (as histogram_percentiles), by bisecting its cumulative counts."""
+    cumulative = list(accumulate(counts))
+    total = cumulative[-1]
+    if not total:
+        return None, None
+    return (_MIDDLES[bisect_left(cumulative, max(math.ceil(0.5 * total), 1))],
+            _MIDDLES[bisect_left(cumulative, max(math.ceil(0.95 * total), 1))])
+
+
+def _rollup_rows(query: UsageQuery) -> list[_Row]:
+    """The rollups of the period summed per bucket, group, error category and currency, in one query whose rows are
+    read as they come (the ORM's per-value conversions of ninety columns cost more than the query)."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
-    rows = UsageRollup.objects.filter(size=query.bucket, bucket__gte=query.start, bucket__lt=query.end,
-                                      **dict(query.filters))
-    dimensions = ["bucket", "error_category", "currency", *([id_column] if id_column else [])]
-    sums = {column: Sum(column) for column in _SUM_COLUMNS}
-    if label_column:
-        sums["label"] = Max(label_column)
-    names = [*dimensions, *sums]
-    for values in rows.values(*dimensions).annotate(**sums).order_by().values_list(*names):
-        row = dict(zip(names, values, strict=True))
-        group = row[id_column] if id_column else ""
-        totals = series.setdefault((row["bucket"].astimezone(UTC), group), Totals())
-        totals.label = max(totals.label, row.get("label") or "")
-        totals.add_sums(error_category=row["error_category"], calls=row["calls"], prompt_tokens=row["prompt_tokens"],
-                        completion_tokens=row["completion_tokens"], cost=row["cost"] or Decimal(0),
-                        currency=row["currency"], latency=[row[c] for c in LATENCY_COLUMNS],
-                        ttft=[row[c] for c in TTFT_COLUMNS])
+    quote = connection.ops.quote_name
+    group = quote(id_column) if id_column else "''"
+    label = f"MAX({quote(label_column)})" if label_column else "''"
+    # PostgreSQL sums integers as numeric: cast back so that counts are ints, as on SQLite.
+    integer_sum = "CAST(SUM({}) AS BIGINT)" if connection.vendor == "postgresql" else "SUM({})"
+    sums = ", ".join(["SUM(cost)", *(integer_sum.format(quote(column)) for column in
+                                     ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))])
+    if any(name not in FILTERS for name, _ in query.filters):
+        raise ValueError(f"Unknown usage filter in {query.filters!r}.")
+    pieces = _rollup_pieces(query)
+    adapt = connection.ops.adapt_datetimefield_value
+    where = "(" + " OR ".join(["(size = %s AND bucket >= %s AND bucket < %s)"] * len(pieces)) + ")"
+    where += "".join(f" AND {quote(name)} = %s" for name, _ in query.filters)
+    params = [value for size, start, end in pieces for value in (size, adapt(start), adapt(end))]
+    params += [value for _, value in query.filters]
+    # Without the series the rows are per group over the whole period (one bucket: the earliest).
+    bucket_sql = "bucket" if query.series else "MIN(bucket)"
+    dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
+                  "currency"]
+    sql = (f"SELECT {bucket_sql}, {group}, {label}, error_category, currency, {sums} "
+           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where} "
+           f"GROUP BY {', '.join(dimensions)}")
+    buckets: dict[Any, datetime] = {}
+    rows = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for row in cursor.fetchall():
+            bucket = buckets.get(row[0])
+            if bucket is None:
+                bucket = buckets[row[0]] = _as_utc(row[0])
+            rows.append((bucket, str(row[1] or ""), row[2] or "", row[3], row[4], _as_decimal(row[5]), *row[6:]))
+    return rows
 
 
-def _add_raw(series: dict[tuple[datetime, str], Totals], query: UsageQuery) -> None:
+def _rollup_pieces(query: UsageQuery) -> list[tuple[str, datetime, datetime]]:
+    """Which rollups cover the period: (size, start, end) pieces. The rows of the report's bucket size; but totals
+    over hours read each whole day from its daily row (the rollup adds every call to its hour and its day in the same
+    transaction, so the sums are the same) and only the hours before the first and after the last midnight from the
+    hourly rows: 31 days for 50 configs are 1,550 daily rows and at most 2,300 hourly ones instead of 37,200."""
+    if query.series or query.bucket != UsageRollup.Size.HOUR:
+        return [(query.bucket, query.start, query.end)]
+    first_midnight = bucket_start(query.start, UsageRollup.Size.DAY)
+    if first_midnight < query.start:
+        first_midnight += timedelta(days=1)
+    last_midnight = bucket_start(query.end, UsageRollup.Size.DAY)
+    if first_midnight >= last_midnight:
+        return [(query.bucket, query.start, query.end)]
+    pieces = [(UsageRollup.Size.DAY, first_midnight, last_midnight)]
+    if query.start < first_midnight:
+        pieces.append((UsageRollup.Size.HOUR, query.start, first_midnight))
+    if last_midnight < query.end:
+        pieces.append((UsageRollup.Size.HOUR, last_midnight, query.end))
+    return pieces
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    """A bucket as the database returns it (SQLite: text without an offset, in UTC) as an aware UTC datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _as_decimal(value: Decimal | float | int | None) -> Decimal:
+    """A cost sum as a Decimal (SQLite sums a decimal column as a float: read to 15 digits, as Django does)."""
+    if value is None:
+        return Decimal(0)
+    if isinstance(value, float):
+        return _FLOAT_DECIMAL(value).quantize(_COST_PLACES)
+    return Decimal(value)
+
+
+def _raw_rows(query: UsageQuery) -> list[_Row]:
+    """The calls of the period not rolled up yet, summed (as the rollup would) per bucket, group, error category and
+    currency."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     raw_label = {"user_name": "user__username"}.get(label_column, label_column)
-    rows = ProviderCall.objects.filter(rollup_batch__isnull=True, created_at__gte=query.start,
-                                       created_at__lt=query.end, **dict(query.filters))
+    calls = ProviderCall.objects.filter(rollup_batch__isnull=True, created_at__gte=query.start,
+                                        created_at__lt=query.end, **dict(query.filters))
     fields = ["created_at", "error_category", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "cost",
               "currency", *([id_column, raw_label] if id_column else [])]
-    for row in rows.values_list(*fields).iterator():
-        created_at, category, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost, currency, *group = row
-        key = (bucket_start(created_at, query.bucket), str(group[0] or "") if group else "")
-        totals = series.setdefault(key, Totals())
+    sums: dict[tuple, Totals] = {}
+    for call in calls.values_list(*fields).iterator():
+        created_at, category, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost, currency, *group = call
+        bucket = bucket_start(created_at, query.bucket) if query.series else query.start
+        key = (bucket, str(group[0] or "") if group else "", category, currency)
+        totals = sums.setdefault(key, Totals())
         if group:
             totals.label = max(totals.label, group[1] or "")
         totals.add_call(error_category=category, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens, cost=cost, currency=currency)
+    return [(bucket, group, totals.label, category, currency, totals.cost[currency], totals.calls,
+             totals.prompt_tokens, totals.completion_tokens, *totals.latency, *totals.ttft)
+            for (bucket, group, category, currency), totals in sums.items()]
 
 
 def usage_csv_rows(report: dict[str, Any]) -> Iterable[list[Any]]:
-    """The report's series as CSV rows (a header first): one line per bucket and group."""
+    """The report's series as CSV rows (a header first): one line per bucket and group; for a report without its
+    series (`series=false`), one line per group over the period, with an empty bucket."""
     yield ["bucket", "group_id", "group_name", "calls", "errors", "success_rate", "error_categories",
            "latency_p50_ms", "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms", "prompt_tokens", "completion_tokens",
            "total_tokens", "cost", "currency"]
-    for row in report["series"]:
+    for row in report["series"] or report["totals"]:
         group = row["group"] or {"id": "", "name": ""}
-        yield [row["bucket"], group["id"], group["name"], row["calls"], row["errors"], row["success_rate"],
+        yield [row.get("bucket", ""), group["id"], group["name"], row["calls"], row["errors"], row["success_rate"],
                " ".join(f"{category}={count}" for category, count in row["error_categories"].items()),
                row["latency_ms"]["p50"], row["latency_ms"]["p95"], row["ttft_ms"]["p50"], row["ttft_ms"]["p95"],
                row["prompt_tokens"], row["completion_tokens"], row["total_tokens"],

@@ -80,9 +80,10 @@ class UsageAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/llmconfigs/usage.html", context)
 
 
-def _query(start: datetime, end: datetime, bucket: str, group_by: str, filters: dict[str, Any]) -> UsageQuery:
+def _query(start: datetime, end: datetime, bucket: str, group_by: str, filters: dict[str, Any], *,
+           series: bool = True) -> UsageQuery:
     return UsageQuery(start=start, end=end, bucket=bucket, group_by=group_by,
-                      filters=tuple((name, str(value)) for name, value in filters.items() if value))
+                      filters=tuple((name, str(value)) for name, value in filters.items() if value), series=series)
 
 
 def _buckets(start: datetime, end: datetime, bucket: str) -> list[datetime]:
@@ -117,11 +118,11 @@ def usage_page(*, period: str, group_by: str, filters: dict[str, Any]) -> dict[s
     now = datetime.now(UTC)
     start, end = usage_period(start=now - length, end=now, bucket=bucket)
     over_time = usage_report(query=_query(start, end, bucket, "", filters))
-    by_model = usage_report(query=_query(start, end, bucket, "model", filters))
-    by_config = usage_report(query=_query(start, end, bucket, "config", filters))
+    by_model = usage_report(query=_query(start, end, bucket, "model", filters, series=False))
+    by_config = usage_report(query=_query(start, end, bucket, "config", filters, series=False))
     day_start, day_end = usage_period(start=now - length, end=now, bucket=UsageRollup.Size.DAY)
     days = _buckets(day_start, day_end, UsageRollup.Size.DAY)
-    by_group = usage_report(query=_query(start, end, bucket, group_by, filters))
+    by_group = usage_report(query=_query(start, end, bucket, group_by, filters, series=False))
     by_group_daily = usage_report(query=_query(day_start, day_end, UsageRollup.Size.DAY, group_by, filters))
 
     buckets = _buckets(start, end, bucket)

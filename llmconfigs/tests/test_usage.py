@@ -3,6 +3,7 @@ the rollup; UTC bucket edges; rollup exactly once; retention; CSV; permissions; 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -83,6 +84,56 @@ def test_numbers_are_complete_while_part_of_the_period_is_rolled_up(priced_confi
     [row] = data["series"]
     assert row["group"] is None
     assert (row["calls"], row["errors"], row["error_categories"]) == (7, 4, {"rate_limit": 3, "timeout": 1})
+
+
+def test_without_the_series_the_totals_per_group_are_the_same(priced_config, make_llm_config, reader):
+    other = make_llm_config(name="other", currency="EUR", input_price_per_million=Decimal("3"))
+    three_successes_and_a_timeout(priced_config)
+    record(other, T0 + timedelta(hours=2), category="rate_limit", latency=9000.0)
+    record(priced_config, T0 + timedelta(days=1), latency=3000.0, prompt=7)
+    usage_rollup()
+    # Calls not rolled up yet, in a bucket with rolled-up ones and in a new one.
+    record(priced_config, T0 + timedelta(minutes=50), category="timeout", latency=20.0)
+    record(other, T0 + timedelta(days=2), prompt=100)
+    period = {"from": "2026-03-01", "to": "2026-03-04", "bucket": "day"}
+    for group_by in ("config", "app"):
+        full = report(reader, **period, group_by=group_by)
+        totals_only = report(reader, **period, group_by=group_by, series="false")
+        assert len(full["series"]) >= 3 and totals_only["series"] == []
+        assert totals_only["totals"] == full["totals"]
+    by_config = report(reader, **period, group_by="config", series="false")["totals"]
+    priced = next(t for t in by_config if t["group"]["id"] == str(priced_config.pk))
+    assert (priced["calls"], priced["errors"], priced["error_categories"]) == (6, 2, {"timeout": 2})
+    assert priced["latency_ms"]["p95"] > 2000 and priced["prompt_tokens"] == 3017
+
+
+def test_totals_over_hours_spanning_days_count_exactly_the_hours_of_the_period(priced_config, reader):
+    for at, latency in ((datetime(2026, 3, 1, 19, 59, tzinfo=UTC), 10.0),  # before the period
+                        (datetime(2026, 3, 1, 20, 0, tzinfo=UTC), 100.0),
+                        (datetime(2026, 3, 2, 12, 0, tzinfo=UTC), 200.0),
+                        (datetime(2026, 3, 3, 0, 0, tzinfo=UTC), 400.0),
+                        (datetime(2026, 3, 4, 2, 59, tzinfo=UTC), 800.0),
+                        (datetime(2026, 3, 4, 3, 0, tzinfo=UTC), 9000.0)):  # after it
+        record(priced_config, at, latency=latency)
+    usage_rollup()
+    period = {"from": "2026-03-01T20:00Z", "to": "2026-03-04T03:00Z", "bucket": "hour", "group_by": "config"}
+    full = report(reader, **period)
+    [totals] = report(reader, **period, series="false")["totals"]
+    assert totals == full["totals"][0]
+    assert totals["calls"] == 4 and totals["latency_ms"]["p95"] < 1000
+
+
+def test_a_report_leaves_the_cycle_collector_as_it_found_it(priced_config, reader):
+    record(priced_config, T0)
+    assert gc.isenabled()
+    report(reader, **{"from": "2026-03-01", "to": "2026-03-02", "bucket": "day"})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        report(reader, **{"from": "2026-03-01", "to": "2026-03-02", "bucket": "day"})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_hour_buckets_have_utc_edges(priced_config, reader):
@@ -215,6 +266,17 @@ def test_csv_export_has_one_line_per_bucket_and_group(priced_config, reader):
         assert priced_config.api_key not in response.content.decode()
 
 
+def test_csv_without_the_series_has_one_line_per_group(priced_config, make_llm_config, reader):
+    three_successes_and_a_timeout(priced_config)
+    record(make_llm_config(name="other"), T0 + timedelta(hours=1))
+    response = client_for(reader).get("/api/usage.csv", {"from": "2026-03-01T10:00Z", "to": "2026-03-01T12:00Z",
+                                                         "group_by": "config", "series": "false"})
+    assert response.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert [(r["bucket"], r["group_name"], r["calls"], r["error_categories"]) for r in rows] == [
+        ("", "priced", "4", "timeout=1"), ("", "other", "1", "")]
+
+
 @pytest.mark.parametrize("user_fixture", ["plain_user", "bare_staff_user"])
 def test_usage_needs_the_view_usage_permission(request, priced_config, user_fixture):
     user = request.getfixturevalue(user_fixture)
@@ -244,6 +306,7 @@ def test_view_usage_is_enough_and_superusers_have_it(reader, django_user_model):
     ({"config": "not-a-uuid"}, "config"),
     ({"kind": "dream"}, "kind"),
     ({"key": "k" * 37}, "key"),
+    ({"series": "no"}, "series"),
 ])
 def test_bad_parameters_are_field_errors(reader, params, field):
     for extra in ({}, {"format": "csv"}):
