@@ -21,9 +21,15 @@ from llmconfigs.errors import InvalidParameter, LLMConfigError, ProviderCallErro
 from llmconfigs.factory import provider_error
 from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.providers import parameter_errors, provider_spec
-from llmconfigs.routing import FAILOVER_CATEGORIES, PROVIDER_EXCEPTIONS, health_restore, provider_failure_record
+from llmconfigs.routing import (
+    FAILOVER_CATEGORIES,
+    PROVIDER_EXCEPTIONS,
+    attempt_note,
+    failure_records_settle,
+    health_restore,
+    provider_failure_record,
+)
 from llmconfigs.usage import CallRecord
-from opsagent.common.metrics import provider_call_observe
 
 logger = logging.getLogger(__name__)
 
@@ -226,20 +232,13 @@ class PoolCompletion:
     async def settle(self) -> None:
         """Wait until every failure of this request is recorded (counted, and its member's health updated)."""
         pending, self._recording = self._recording, []
-        for result in await asyncio.gather(*pending, return_exceptions=True):
-            if isinstance(result, Exception):
-                logger.error("a provider failure could not be recorded: %r", result)
+        await failure_records_settle(pending)
 
     def _attempt(self, config: LLMConfig, category: str, started: float, *, call: CallRecord | None = None) -> None:
         """Note a call of `config` that failed with `category` or ("") answered. A member refused before any request
         (no `call`) made no provider call: it is counted as an attempt (as routing counts it), not as usage."""
-        provider_call_observe(config_name=config.name, route=config.route_name, category=category)
-        latency_ms = round((time.monotonic() - started) * 1000, 1)
-        self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
-                              "latency_ms": latency_ms})
-        if call is not None:
-            call.error_category, call.latency_ms = category, latency_ms
-            self.calls.append(call)
+        attempt_note(attempts=self.attempts, calls=self.calls, config=config, category=category, started=started,
+                     call=call)
 
 
 async def _close(opened: list[openai.AsyncStream]) -> None:

@@ -279,20 +279,34 @@ class PoolChatModel(BaseChatModel):
     async def settle(self) -> None:
         """Wait until every failure of this turn is recorded (counted, and its member's health updated)."""
         pending, self._recording = self._recording, []
-        for result in await asyncio.gather(*pending, return_exceptions=True):
-            if isinstance(result, Exception):
-                logger.error("a provider failure could not be recorded: %r", result)
+        await failure_records_settle(pending)
 
     def _attempt(self, config: LLMConfig, category: str, started: float, *, call: CallRecord | None = None) -> None:
         """Note a call of `config` that failed with `category` or ("") produced its first token. A member refused
         before any request (no `call`) made no provider call: it is no usage."""
-        provider_call_observe(config_name=config.name, route=config.route_name, category=category)
-        latency_ms = round((time.monotonic() - started) * 1000, 1)
-        self.attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
-                              "latency_ms": latency_ms})
-        if call is not None:
-            call.error_category, call.latency_ms = category, latency_ms
-            self.calls.append(call)
+        attempt_note(attempts=self.attempts, calls=self.calls, config=config, category=category, started=started,
+                     call=call)
+
+
+async def failure_records_settle(pending: list[asyncio.Future]) -> None:
+    """Wait for the records of a request's failed pool calls (counts, health); one that could not be written is
+    logged, not raised: the request's own outcome stands."""
+    for result in await asyncio.gather(*pending, return_exceptions=True):
+        if isinstance(result, Exception):
+            logger.error("a provider failure could not be recorded: %r", result)
+
+
+def attempt_note(*, attempts: list[dict[str, Any]], calls: list[CallRecord], config: LLMConfig, category: str,
+                 started: float, call: CallRecord | None) -> None:
+    """One pool member tried (for a turn or a passed-through request): counted in the metrics, added to `attempts`
+    (config, error category or "", latency) and, when a request was made (`call`), to the usage `calls`."""
+    provider_call_observe(config_name=config.name, route=config.route_name, category=category)
+    latency_ms = round((time.monotonic() - started) * 1000, 1)
+    attempts.append({"config_id": str(config.pk), "config_name": config.name, "category": category,
+                     "latency_ms": latency_ms})
+    if call is not None:
+        call.error_category, call.latency_ms = category, latency_ms
+        calls.append(call)
 
 
 def _count_tokens(call: CallRecord, chunk: ChatGenerationChunk) -> None:
