@@ -7,19 +7,9 @@ import time
 import uuid
 from typing import Any
 
-from difyapi.encoding import dify_json
+from difyapi.sse import encode_event as sse
 
 DONE = b"data: [DONE]\n\n"
-HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-    (b"x-content-type-options", b"nosniff"),  # served by a Channels consumer, outside Django's SecurityMiddleware
-]
-
-
-def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + dify_json(data) + b"\n\n"
 
 
 class ChunkStream:

@@ -35,10 +35,11 @@ from agentcore.selectors import app_pool_resolve
 from difyapi.auth import AppContext, authenticate
 from difyapi.consumers import DifyHttpConsumer, _header
 from difyapi.encoding import dify_json
-from difyapi.openai.chunks import HEADERS, ChunkStream, completion_body
+from difyapi.openai.chunks import ChunkStream, completion_body
 from difyapi.openai.errors import INTERNAL, OpenAIError, model_not_found, openai_error_from
 from difyapi.openai.services import CompletionTiming, completion_observe, completion_usage_record
 from difyapi.openai.validation import CompletionRequest, completion_request_parse, message_text
+from difyapi.sse import HEADERS
 from llmconfigs.completions import PoolCompletion
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
