@@ -15,6 +15,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.core.cache import cache
 from django.db import close_old_connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -25,7 +26,9 @@ from difyapi.models import Annotation, AnnotationHit, AnnotationJob, AnnotationS
 from difyapi.vectors import VectorIndex, vector_from_bytes, vector_to_bytes
 from llmconfigs import factory
 from llmconfigs.models import LLMConfig
+from llmconfigs.selectors import llm_config_get
 from llmconfigs.services import llm_config_record_usage
+from opsagent.common.cache import cache_forget
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ def _index_changed(*, app: AgentApp) -> None:
     """Every worker's index of the app is stale from now on (they compare versions at each query)."""
     AnnotationSetting.objects.get_or_create(app=app)
     AnnotationSetting.objects.filter(app=app).update(index_version=F("index_version") + 1)
+    annotation_plan_forget(app_id=app.pk)
 
 
 def _embedding_for(*, app: AgentApp, question: str) -> tuple[bytes | None, LLMConfig | None]:
@@ -225,6 +229,7 @@ def annotation_reply_job_run(*, job_id: uuid.UUID | str) -> AnnotationJob:
                 AnnotationSetting.objects.get_or_create(app=job.app)
                 AnnotationSetting.objects.filter(app=job.app).update(enabled=False,
                                                                      index_version=F("index_version") + 1)
+                annotation_plan_forget(app_id=job.app_id)
     except JobFailed as exc:
         job.status, job.error_msg = AnnotationJob.Status.ERROR, str(exc)
     except Exception as exc:  # noqa: BLE001 - reported in the job's status, as Dify does
@@ -273,6 +278,7 @@ def _enable(job: AnnotationJob) -> None:
             enabled=True, score_threshold=job.score_threshold, embedding_config=config,
             index_version=F("index_version") + 1, updated_at=timezone.now(),
         )
+        annotation_plan_forget(app_id=job.app_id)
 
 
 # ----- at chat time -----
@@ -298,16 +304,47 @@ class AnnotationReply:
     metadata: dict[str, Any]
 
 
+# What a turn needs of the app's reply setting, cached per app: every turn asks, nearly every app has replies off, and
+# the setting's query was the largest single cost of a chat turn's preparation. Each write of the setting drops the
+# entry (`annotation_plan_forget`: its queryset updates send no signal; the model's signals cover the rest); the TTL
+# bounds what another process without a shared cache (Redis) may still hold, as for the app's own cached row.
+PLAN_CACHE_TTL = 60
+_REPLIES_OFF = "off"
+
+
+def _plan_cache_key(app_id: uuid.UUID | str) -> str:
+    return f"annotation-plan:{app_id}"
+
+
+def annotation_plan_forget(*, app_id: uuid.UUID | str) -> None:
+    """Drop the app's cached reply setting, now and when the transaction commits."""
+    cache_forget(_plan_cache_key(app_id))
+
+
+def annotation_setting_cache_forget(sender, instance: AnnotationSetting, **kwargs) -> None:
+    """Receiver of post_save and post_delete of AnnotationSetting (connected in DifyApiConfig.ready)."""
+    annotation_plan_forget(app_id=instance.app_id)
+
+
 def annotation_reply_plan(*, app: AgentApp) -> ReplyPlan | None:
     """The app's reply setting when its replies are on with a usable embedding config (sync)."""
-    setting = annotation_setting_get(app=app)
-    if setting is None or not setting.enabled:
+    key = _plan_cache_key(app.pk)
+    entry = cache.get(key)
+    if entry is None:
+        row = AnnotationSetting.objects.filter(app_id=app.pk).values_list(
+            "enabled", "score_threshold", "embedding_config_id", "index_version").first()
+        on = row is not None and row[0] and row[2] is not None
+        entry = (row[1], str(row[2]), row[3]) if on else _REPLIES_OFF
+        cache.set(key, entry, PLAN_CACHE_TTL)
+    if entry == _REPLIES_OFF:
         return None
-    config = setting.embedding_config
+    threshold, config_id, version = entry
+    # The config from its own cache, whose entries follow every change of a config (an embedding config turned off
+    # ends the replies at once).
+    config = llm_config_get(config_id=config_id)
     if config is None or not config.is_active:
         return None
-    return ReplyPlan(app_id=app.pk, threshold=setting.score_threshold, config=config,
-                     version=setting.index_version)
+    return ReplyPlan(app_id=app.pk, threshold=threshold, config=config, version=version)
 
 
 # Each worker's index per app: (index version, embedding config id, the index). Replaced whole, never mutated.

@@ -175,3 +175,55 @@ async def test_a_hanging_embedding_provider_times_out_and_the_model_answers(repl
     status, raw = await post(key, body(CLOSE, response_mode="blocking"))
     assert status == 200 and json.loads(raw)["answer"] == "From the model."
     assert time.monotonic() - started < 4
+
+
+# The app's reply setting is cached for the turns (difyapi.annotations.annotation_reply_plan): every change of it
+# reaches the next turn.
+
+async def test_replies_turned_on_after_a_turn_answer_the_next_one(default_llm_config, make_llm_config, fake_upstream):
+    make_config = sync_to_async(make_llm_config)
+    await make_config(name="vectors", is_embedding=True, provider="openai", model_name="embed-small")
+    fake_upstream.embedding_vectors.update(VECTORS)
+    app, key = await sync_to_async(make_app_with_key)(name="later", mode="chat")
+    await sync_to_async(annotation_create)(app=app, question=QUESTION, answer=ANSWER)
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))  # replies off: the model answers
+    assert json.loads(raw)["answer"] == "Hello from the fake upstream."
+
+    job, _ = await sync_to_async(annotation_reply_job_start)(
+        app=app, action="enable", score_threshold=0.9, embedding_provider_name="openai",
+        embedding_model_name="embed-small", background=False)
+    assert (await sync_to_async(annotation_reply_job_run)(job_id=job.pk)).status == "completed"
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))
+    assert json.loads(raw)["answer"] == ANSWER
+    assert len(fake_upstream.chat_requests) == 1
+
+
+async def test_replies_turned_off_stop_answering_at_once(replying, fake_upstream):
+    app, key, _ = await replying()
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))
+    assert json.loads(raw)["answer"] == ANSWER
+    job, _ = await sync_to_async(annotation_reply_job_start)(
+        app=app, action="disable", score_threshold=0.9, embedding_provider_name="", embedding_model_name="",
+        background=False)
+    assert (await sync_to_async(annotation_reply_job_run)(job_id=job.pk)).status == "completed"
+    status, raw = await post(key, body(CLOSE, response_mode="blocking"))
+    assert json.loads(raw)["answer"] == "Hello from the fake upstream."
+    assert len(fake_upstream.chat_requests) == 1
+
+
+async def test_an_embedding_config_turned_off_or_a_setting_deleted_ends_the_replies(replying, fake_upstream):
+    from difyapi.models import AnnotationSetting
+    from llmconfigs.models import LLMConfig
+    from llmconfigs.services import llm_config_activate, llm_config_deactivate
+
+    app, key, _ = await replying()
+    assert json.loads((await post(key, body(CLOSE, response_mode="blocking")))[1])["answer"] == ANSWER
+    config = await LLMConfig.objects.aget(name="vectors")
+    await sync_to_async(llm_config_deactivate)(config=config)
+    assert json.loads((await post(key, body(CLOSE, response_mode="blocking")))[1])["answer"] != ANSWER
+
+    await sync_to_async(llm_config_activate)(config=config)
+    assert json.loads((await post(key, body(CLOSE, response_mode="blocking")))[1])["answer"] == ANSWER
+    setting = await AnnotationSetting.objects.aget(app=app)
+    await sync_to_async(setting.delete)()  # as the admin deletes it
+    assert json.loads((await post(key, body(CLOSE, response_mode="blocking")))[1])["answer"] != ANSWER
