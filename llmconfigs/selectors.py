@@ -1,11 +1,13 @@
 """Reads of LLM configurations: cached hot-path lookups and the per-turn model selection."""
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 from django.core.cache import cache
 from django.db.models import Q, QuerySet
+from django.db.models.base import ModelState
 
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
 from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
@@ -36,9 +38,15 @@ def llm_config_list(*, is_active: bool | None = None, is_embedding: bool | None 
 def _generation() -> int:
     generation = cache.get(_GENERATION_KEY)
     if generation is None:
-        cache.add(_GENERATION_KEY, 1, None)
-        generation = cache.get(_GENERATION_KEY) or 1
+        cache.add(_GENERATION_KEY, _generation_start(), None)
+        generation = cache.get(_GENERATION_KEY) or _generation_start()
     return generation
+
+
+def _generation_start() -> int:
+    """The first generation of a cache that has none (new, flushed, evicted): never one an earlier life of the cache
+    used, so that no process takes what it built then (see _built) for the current entries."""
+    return time.time_ns() // 1000
 
 
 def llm_config_cache_invalidate() -> None:
@@ -46,7 +54,7 @@ def llm_config_cache_invalidate() -> None:
     try:
         cache.incr(_GENERATION_KEY)
     except ValueError:
-        cache.set(_GENERATION_KEY, 2, None)
+        cache.set(_GENERATION_KEY, _generation_start(), None)
 
 
 def _to_cache(config: LLMConfig) -> dict[str, Any]:
@@ -71,28 +79,69 @@ def _from_cache(data: dict[str, Any]) -> LLMConfig:
 # under this one in a single round trip (Redis): while no config changes, which is nearly always, that is the answer.
 _last_generation: int | None = None
 
+# The configs this process built from the entries of that generation, by entry key. An entry never changes within a
+# generation (every change of a config bumps it), so a lookup that finds its key here asks the cache for the
+# generation alone, and neither unpickles a row, builds a model from it nor decrypts its key again (together about
+# half a millisecond of CPU per config on every turn). Emptied whenever the generation moves or is lost (a flushed
+# cache starts again at 1), and bounded: names a client asks for are cached too, found or not.
+_built: dict[str, Any] = {}
+BUILT_LIMIT = 1024
+
+
+def _fresh(config: LLMConfig) -> LLMConfig:
+    """A copy of a built config for one caller (callers may set attributes on what they get): its fields without
+    running the model's __init__ again, as unpickling a model does."""
+    copy = LLMConfig.__new__(LLMConfig)
+    copy.__dict__.update(config.__dict__)
+    copy._state = ModelState()
+    copy._state.adding = False
+    copy._state.db = config._state.db
+    return copy
+
+
+def _handed_out(built: Any) -> Any:
+    if built is None:
+        return None
+    return [_fresh(config) for config in built] if isinstance(built, list) else _fresh(built)
+
 
 def _cached(key: str, load) -> Any:
     """The config (or list of configs) `load` returns, kept in the shared cache under the current generation."""
     global _last_generation
     guess = _last_generation
-    entries = cache.get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
-    generation = entries.get(_GENERATION_KEY) or _generation()
+    if guess is not None and (memo_key := f"llmconfig:{guess}:{key}") in _built:
+        if cache.get(_GENERATION_KEY) == guess:
+            return _handed_out(_built[memo_key])
+        _built.clear()
+        entries = {}
+    else:
+        entries = cache.get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
+    generation = entries.get(_GENERATION_KEY)
+    if generation is None:  # lost (an evicted or flushed cache): what this process built may be of another life
+        _built.clear()
+        generation = _generation()
+    elif generation != guess:
+        _built.clear()
     _last_generation = generation
     full_key = f"llmconfig:{generation}:{key}"
     hit = entries.get(full_key) if generation == guess else cache.get(full_key)
     if hit == _MISSING:
-        return None
-    if isinstance(hit, list):
-        return [_from_cache(item) for item in hit]
-    if hit is not None:
-        return _from_cache(hit)
-    loaded = load()
-    if isinstance(loaded, list):
-        cache.set(full_key, [_to_cache(config) for config in loaded], CACHE_TTL)
+        built = None
+    elif isinstance(hit, list):
+        built = [_from_cache(item) for item in hit]
+    elif hit is not None:
+        built = _from_cache(hit)
     else:
-        cache.set(full_key, _to_cache(loaded) if loaded else _MISSING, CACHE_TTL)
-    return loaded
+        loaded = load()
+        if isinstance(loaded, list):
+            cache.set(full_key, [_to_cache(config) for config in loaded], CACHE_TTL)
+        else:
+            cache.set(full_key, _to_cache(loaded) if loaded else _MISSING, CACHE_TTL)
+        built = loaded
+    if len(_built) >= BUILT_LIMIT:
+        _built.clear()
+    _built[full_key] = built
+    return _handed_out(built)
 
 
 def llm_config_get(*, config_id: uuid.UUID | str) -> LLMConfig | None:

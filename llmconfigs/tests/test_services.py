@@ -299,3 +299,49 @@ def test_a_change_made_by_another_process_is_seen_by_the_next_lookup(make_llm_co
     LLMConfig.objects.filter(pk=config.pk).update(model_name="model-c")
     cache.clear()
     assert llm_config_get(config_id=config.pk).model_name == "model-c"
+
+
+def test_a_flushed_cache_is_read_again_even_at_the_first_generation(make_llm_config):
+    """The process keeps the configs it built per generation: a flush that restarts the generation at the number this
+    process holds must not bring back what it built before."""
+    from django.core.cache import cache
+
+    from llmconfigs.selectors import llm_config_get
+
+    cache.clear()
+    config = make_llm_config(model_name="model-a")
+    assert llm_config_get(config_id=config.pk).model_name == "model-a"
+    LLMConfig.objects.filter(pk=config.pk).update(model_name="model-b")
+    cache.clear()
+    assert llm_config_get(config_id=config.pk).model_name == "model-b"
+
+
+def test_each_lookup_gets_its_own_instance(make_llm_config):
+    from llmconfigs.selectors import llm_config_get, llm_pool_resolve
+
+    config = make_llm_config(model_name="model-a", is_default=True)
+    first = llm_config_get(config_id=config.pk)
+    first.model_name = "changed by a caller"
+    first.temperature = 1.9
+    again = llm_config_get(config_id=config.pk)
+    assert (again.model_name, again.temperature) == ("model-a", config.temperature)
+    assert again.api_key == config.api_key and not again._state.adding
+    pool = llm_pool_resolve()
+    pool[0].model_name = "changed too"
+    assert llm_pool_resolve()[0].model_name == "model-a"
+
+
+def test_a_change_right_after_a_flush_is_seen(make_llm_config):
+    """A flushed cache's next generation is never one this process built configs under before."""
+    from django.core.cache import cache
+
+    from llmconfigs.selectors import llm_config_cache_invalidate, llm_config_get
+
+    config = make_llm_config(model_name="model-a")
+    cache.clear()
+    llm_config_cache_invalidate()  # a change made on an empty cache
+    assert llm_config_get(config_id=config.pk).model_name == "model-a"
+    LLMConfig.objects.filter(pk=config.pk).update(model_name="model-b")
+    cache.clear()
+    llm_config_cache_invalidate()  # the same again, after a flush
+    assert llm_config_get(config_id=config.pk).model_name == "model-b"
