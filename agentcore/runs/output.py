@@ -13,7 +13,6 @@ import httpx
 import openai
 from channels.db import database_sync_to_async
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
 
@@ -29,6 +28,7 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from llmconfigs.usage import CallOrigin, provider_calls_record
+from opsagent.common.db.statements import row_update
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.metrics import chat_request_observe
 
@@ -200,23 +200,24 @@ class RunOutput:
         latency = ended - self.started
         ttft = self.first_token - self.started if self.first_token is not None else None
         generate = ended - self.first_token if self.first_token is not None else None
-        fields = dict(
+        values = dict(
             answer=self.answer(), status=status, error=error, error_category=category, heartbeat_at=None,
-            prompt_tokens=F("prompt_tokens") + self.prompt_tokens,
-            completion_tokens=F("completion_tokens") + self.completion_tokens,
-            total_tokens=F("total_tokens") + self.prompt_tokens + self.completion_tokens,
-            prompt_price=F("prompt_price") + cost.prompt_price,
-            completion_price=F("completion_price") + cost.completion_price,
-            total_price=F("total_price") + cost.total_price, currency=cost.currency,
-            latency=latency, time_to_first_token=ttft, time_to_generate=generate, updated_at=timezone.now(),
+            currency=cost.currency, latency=latency, time_to_first_token=ttft, time_to_generate=generate,
+            updated_at=timezone.now(),
+        )
+        # Added to what the row holds: a turn resumed after an approval adds its calls to the paused part's.
+        increments = dict(
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens, prompt_price=cost.prompt_price,
+            completion_price=cost.completion_price, total_price=cost.total_price,
         )
         if self.model is not None and self.model.attempts:
-            fields.update(attempts=[*self.message.attempts, *self.model.attempts])
+            values.update(attempts=[*self.message.attempts, *self.model.attempts])
             if served is not None:
-                fields.update(llm_config_id=served.pk, model_name=served.model_name)
+                values.update(llm_config_id=served.pk, model_name=served.model_name)
         called = bool(self.prompt_tokens or self.completion_tokens or self.first_token is not None)
         # database_sync_to_async also closes the worker thread's connection (CONN_MAX_AGE=0) once the run is over.
-        await database_sync_to_async(self._save_rows)(fields, cost.total_price if called else None)
+        await database_sync_to_async(self._save_rows)(values, increments, cost.total_price if called else None)
         chat_request_observe(config_name=self.config.name, route=self.config.route_name, app=self.session.app.name,
                              task_id=str(self.message.task_id), status=status, latency=latency, ttft=ttft,
                              prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -228,9 +229,9 @@ class RunOutput:
             time_to_generate=round(generate, 4) if generate is not None else None,
         )
 
-    def _save_rows(self, fields: dict[str, Any], cost: Any) -> None:
+    def _save_rows(self, values: dict[str, Any], increments: dict[str, Any], cost: Any) -> None:
         with transaction.atomic():
-            Message.objects.filter(pk=self.message.pk).update(**fields)
+            row_update(Message, self.message.pk, values=values, increments=increments)
             if self.model is not None:
                 provider_calls_record(calls=self.model.calls, origin=self._origin())
             if cost is not None:
