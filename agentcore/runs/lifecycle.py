@@ -14,12 +14,14 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, RemoveMessage, SystemMessage
+from langchain_core.messages.utils import message_chunk_to_message
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.events import Event, RunStarted
-from agentcore.graph import AgentContext, agent_graph, truncate
+from agentcore.graph import AgentContext, agent_graph, close_dangling_tool_calls, history_window, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, has_perms
@@ -30,7 +32,7 @@ from agentcore.runs.output import RunOutput
 from agentcore.runs.prepare import aturn_prepare
 from agentcore.runs.types import Attachment, Turn, TurnRequest
 from agentcore.tools.registry import tools_for_run
-from llmconfigs.factory import OVERRIDABLE
+from llmconfigs.factory import OVERRIDABLE, chat_model_key, provider_exception_scrubbed
 from opsagent.common.dependencies import dependency_down
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
 
 
 _DONE = object()
+# The metadata LangGraph gives the model node's chunks, for the output (a turn run without the graph).
+_MODEL_NODE = {"langgraph_node": "model"}
 
 
 class _Stopped(Exception):
@@ -292,6 +296,9 @@ class _Run:
             if self.turn.session_created:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
+            if not self.agent and self.turn.resume is None:
+                await self._answer_once(graph, saver, model, system_prompt, graph_input["messages"])
+                return
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,
                                    max_iterations=app.max_iterations,
                                    max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
@@ -311,3 +318,46 @@ class _Run:
                     await self.output.on_chunk(*chunk)
                 else:
                     await self.output.on_update(chunk)
+
+    async def _answer_once(self, graph: Any, saver: Any, model: Any, system_prompt: str, asked: list[Any]) -> None:
+        """A chat or completion turn: one model call and no tools, so it runs without the graph's step machinery
+        (per step and per streamed chunk, most of the graph's cost): the conversation is read from its checkpoint,
+        the model's stream goes straight to the output, and the exchange is written back as one update of the
+        graph's state, as the graph would leave it. Like the graph in this mode (durability "exit"), the checkpoint
+        is written once, when the run ends however it ends: the question always, the answer when there is one (a
+        stopped or failed run's partial answer is added by the output, as after the graph)."""
+        thread = {"configurable": {"thread_id": str(self.session.pk)}}
+        saved = await saver.aget_tuple(thread) if not self.turn.session_created else None
+        history = add_messages(saved.checkpoint["channel_values"].get("messages", []) if saved else [], asked)
+        window = history_window(history, max_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
+                                max_chars=settings.AGENT_HISTORY_MAX_CHARS)
+        prompt = [SystemMessage(system_prompt)] if system_prompt else []
+        update: dict[str, Any] = {"messages": asked, "iterations": 0}
+        try:
+            chunks: list[AIMessageChunk] = []
+            try:
+                async for chunk in model.astream(prompt + close_dangling_tool_calls(window)):
+                    chunks.append(chunk)
+                    await self.output.on_chunk(chunk, _MODEL_NODE)
+            except Exception as exc:
+                error = provider_exception_scrubbed(exc, api_key=chat_model_key(model))
+            else:
+                # Merged once at the end (adding chunk by chunk would copy the text so far at every chunk).
+                answer = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0] if chunks else AIMessageChunk("")
+                response = message_chunk_to_message(answer)
+                # What the graph's model node writes: the answer, and the history cut to the window when it was cut.
+                trimmed = len(window) < len(history)
+                update = {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed
+                          else [*asked, response], "iterations": 1}
+                await self.output.on_update({"model": {"messages": [response]}})
+                return
+            raise error  # outside the except clause, so the unscrubbed original is not kept as its context
+        finally:
+            # As the terminal "limit" node: the turn is over, nothing is scheduled after this write. Shielded: a
+            # stopped run still remembers its question before the output adds the partial answer.
+            write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node="limit"))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await write
+                raise

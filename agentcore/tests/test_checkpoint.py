@@ -240,3 +240,40 @@ def test_workers_starting_together_on_a_new_database_set_the_tables_up_once(sett
         total, distinct = cursor.fetchone()
     assert total == distinct > 0
     checkpoint._ready.clear()
+
+
+# A chat turn runs without the graph (agentcore.runs.lifecycle._Run._answer_once) but leaves the checkpoint as the
+# graph would: an app switched between chat and agent-chat keeps its conversations, in both directions.
+
+async def test_a_conversation_goes_on_when_its_app_switches_between_chat_and_agent_chat(chat_app, plain_user,
+                                                                                        fake_upstream):
+    from agentcore.models import AgentApp
+
+    fake_upstream.script(Reply(text="One."), Reply(text="Two."), Reply(text="Three."), Reply(text="Four."))
+    first = await run_all(TurnRequest(app=chat_app, query="q1", owner=plain_user))
+    session_id = first[0].session_id
+    await run_all(TurnRequest(app=chat_app, query="q2", owner=plain_user, session_id=session_id))
+    await AgentApp.objects.filter(pk=chat_app.pk).aupdate(mode=AgentApp.Mode.AGENT_CHAT)
+    agent = await AgentApp.objects.aget(pk=chat_app.pk)
+    third = await run_all(TurnRequest(app=agent, query="q3", owner=plain_user, session_id=session_id))
+    assert third[-1].status == "normal" and third[-1].answer == "Three."
+    history = [("user", "q1"), ("assistant", "One."), ("user", "q2"), ("assistant", "Two."), ("user", "q3")]
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
+    assert sent == history
+    await AgentApp.objects.filter(pk=chat_app.pk).aupdate(mode=AgentApp.Mode.CHAT)
+    chat = await AgentApp.objects.aget(pk=chat_app.pk)
+    await run_all(TurnRequest(app=chat, query="q4", owner=plain_user, session_id=session_id))
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
+    assert sent == [*history, ("assistant", "Three."), ("user", "q4")]
+    assert await checkpoint_rows(session_id) == (1, 0)
+
+
+async def test_a_failed_chat_turn_leaves_its_question_in_the_conversation(chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(status=500, error_message="backend down"), Reply(text="Recovered."))
+    first = await run_all(TurnRequest(app=chat_app, query="first try", owner=plain_user))
+    assert type(first[-1]).__name__ == "RunError", first[-1]
+    second = await run_all(TurnRequest(app=chat_app, query="again", owner=plain_user,
+                                       session_id=first[0].session_id))
+    assert second[-1].answer == "Recovered."
+    sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
+    assert sent == [("user", "first try"), ("user", "again")]
