@@ -460,6 +460,42 @@ def test_memory_counters_drop_only_expired_entries_when_they_grow_past_their_bou
     assert counters.read(["live", "new", "old-1"]) == [5, 1, 0]
 
 
+def test_a_counter_is_gone_at_its_expiry_and_the_next_amount_starts_it_over(monkeypatch):
+    clock = _clock(monkeypatch, "2026-12-02T10:00:20")
+    counters = MemoryCounters()
+    counters.add([("k", 5, 10)])
+    clock.now += 9
+    assert counters.read(["k"]) == [5]
+    clock.now += 1  # its ten seconds are over
+    assert counters.read(["k"]) == [0]
+    counters.add([("k", 1, 10)])
+    assert counters.read(["k"]) == [1]
+    assert counters.check([("k", 2, True, 10)]) == 0 and counters.read(["k"]) == [2]
+    assert counters.check([("k", 2, True, 10)]) == 1 and counters.read(["k"]) == [2]
+    clock.now += 10
+    assert counters.check([("k", 1, True, 10)]) == 0  # expired: counted from zero again, not refused
+    assert counters.read(["k"]) == [1]
+
+
+def test_limits_are_read_from_the_row_and_a_key_adds_its_own_scope():
+    app = SimpleNamespace(pk=uuid.uuid4(), requests_per_minute=3, tokens_per_minute=None, tokens_per_day=0,
+                          tokens_per_month=7, cost_per_day=None, cost_per_month=Decimal("1.5"))
+    limits = Limits.of(app)
+    assert limits == Limits(requests_per_minute=3, tokens_per_month=7, cost_per_month=Decimal("1.5"))
+    assert not Limits() and Limits(cost_per_day=Decimal("0.01")) and Limits(tokens_per_month=1)
+    keyed = Meter.of_app(app, key_id="k1", key_limits=Limits(requests_per_minute=1))
+    assert keyed.scopes() == [(f"app:{app.pk}", limits), ("key:k1", Limits(requests_per_minute=1))]
+    assert Meter.of_app(app, key_id="k2").scopes() == [(f"app:{app.pk}", limits), ("key:k2", Limits())]
+    assert Meter.of_app(app).scopes() == [(f"app:{app.pk}", limits)]
+
+
+def test_the_usage_of_a_scope_never_used_is_zero(monkeypatch):
+    _clock(monkeypatch, "2026-12-02T10:00:20")
+    assert usage_current(scope=f"app:{uuid.uuid4()}") == {
+        "requests_per_minute": 0, "tokens_per_minute": 0, "tokens_per_day": 0, "tokens_per_month": 0,
+        "cost_per_day": Decimal("0.0000"), "cost_per_month": Decimal("0.0000")}
+
+
 def test_the_refusal_names_the_limit_whose_it_is_and_the_wait(monkeypatch):
     _clock(monkeypatch, "2026-12-02T10:00:20")
     keyed = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=5), key_id=str(uuid.uuid4()),

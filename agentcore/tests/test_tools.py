@@ -223,7 +223,7 @@ def test_tool_policy_update(db):
     policy = tool_policy_update(name="dns_lookup", enabled=False, requires_approval=True, approver="staff")
     assert (policy.enabled, policy.requires_approval, policy.approver) == (False, True, "staff")
     assert ToolPolicy.objects.get(name="dns_lookup").enabled is False
-    with pytest.raises(InvalidInput) as caught:
+    with pytest.raises(InvalidInput, match=r"^Unknown tool 'nope'\.$") as caught:
         tool_policy_update(name="nope", enabled=True)
     assert caught.value.field == "name"
     with pytest.raises(InvalidInput, match=r"^approver must be one of requester, staff\.$") as caught:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import os
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -170,6 +172,88 @@ def test_rollup_counts_each_call_once(priced_config):
     # Same dimensions, same hour: one row for the successes (three runs added to it), one for the timeout.
     assert sorted((r.error_category, r.calls) for r in hour) == [("", 4), ("timeout", 1)]
     assert not ProviderCall.objects.filter(rollup_batch__isnull=True).exists()
+
+
+@pytest.fixture(params=["UTC", "Asia/Tokyo"])
+def local_time(request):
+    """The process's local time in UTC or 9 hours ahead of it (as TIME_ZONE=Asia/Tokyo makes it): usage stays UTC."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = request.param
+    time.tzset()
+    yield request.param
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time")
+def test_a_call_is_stored_as_measured_in_utc_and_within_its_columns(priced_config, make_llm_config, plain_user):
+    unpriced = make_llm_config(name="unpriced", model_name="m-free", route="pool-a")
+    provider_calls_record(calls=[
+        CallRecord(config=priced_config, kind="chat", started=T0.timestamp() + 0.25, latency_ms=812.5, ttft_ms=40.0,
+                   prompt_tokens=1000, completion_tokens=300),
+        # Clock skew and odd provider reports: nothing negative is stored; names are cut to their columns.
+        CallRecord(config=unpriced, kind="title", started=T0.timestamp(), latency_ms=-3.0, ttft_ms=None,
+                   prompt_tokens=-5, completion_tokens=-1, error_category="c" * 40),
+    ], origin=CallOrigin(app_id="a1", app_name="n" * 150, key_id="k1", user_id=plain_user.pk))
+    ok, failed = ProviderCall.objects.order_by("-latency_ms")
+    assert ok.created_at == T0 + timedelta(milliseconds=250) and failed.created_at == T0
+    assert (ok.config_id, ok.config_name, ok.model_name, ok.route) == (
+        priced_config.pk, "priced", "priced-model", "priced-model")
+    assert (failed.config_id, failed.config_name, failed.model_name, failed.route) == (
+        unpriced.pk, "unpriced", "m-free", "pool-a")
+    for row in (ok, failed):
+        assert (row.app_id, row.app_name, row.key_id, row.user_id) == ("a1", "n" * 100, "k1", plain_user.pk)
+    assert (ok.kind, ok.status, ok.error_category, ok.latency_ms, ok.ttft_ms) == ("chat", "ok", "", 812.5, 40.0)
+    assert (ok.prompt_tokens, ok.completion_tokens, ok.cost, ok.currency) == (1000, 300, Decimal("0.0021"), "USD")
+    assert (failed.kind, failed.status, failed.error_category) == ("title", "error", "c" * 32)
+    assert (failed.latency_ms, failed.ttft_ms, failed.prompt_tokens, failed.completion_tokens) == (0.0, None, 0, 0)
+
+
+@pytest.mark.usefixtures("local_time")
+def test_day_buckets_start_at_midnight_utc_whatever_the_servers_local_time(priced_config, reader):
+    record(priced_config, datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC))
+    record(priced_config, datetime(2026, 3, 2, 0, 0, tzinfo=UTC))
+    for rolled in (False, True):
+        data = report(reader, **{"from": "2026-03-01", "to": "2026-03-03", "bucket": "day"})
+        assert [(r["bucket"], r["calls"]) for r in data["series"]] == [
+            ("2026-03-01T00:00:00+00:00", 1), ("2026-03-02T00:00:00+00:00", 1)], rolled
+        usage_rollup()
+    assert sorted(UsageRollup.objects.filter(size="day").values_list("bucket", "calls")) == [
+        (datetime(2026, 3, 1, tzinfo=UTC), 1), (datetime(2026, 3, 2, tzinfo=UTC), 1)]
+
+
+def test_a_rollup_of_one_call_per_batch_ends(priced_config):
+    record(priced_config, T0)
+    record(priced_config, T0 + timedelta(minutes=1))
+    assert usage_rollup(batch_size=1) == 2
+    assert usage_rollup(batch_size=1) == 0
+
+
+def test_a_rollup_of_more_groups_than_one_statement_takes_adds_each_once(priced_config):
+    midnight = datetime(2026, 3, 1, tzinfo=UTC)
+    for hour in range(101):  # 101 hourly and 5 daily groups: two upsert statements
+        record(priced_config, midnight + timedelta(hours=hour, minutes=30), latency=100.0 * (hour + 1))
+    assert usage_rollup() == 101
+    hours = list(UsageRollup.objects.filter(size="hour").order_by("bucket"))
+    assert [(r.bucket, r.calls) for r in hours] == [(midnight + timedelta(hours=h), 1) for h in range(101)]
+    days = UsageRollup.objects.filter(size="day").order_by("bucket").values_list("calls", "prompt_tokens")
+    assert list(days) == [(24, 240), (24, 240), (24, 240), (24, 240), (5, 50)]
+
+
+def test_retention_prunes_in_batches_and_keeps_a_call_at_the_cutoff(priced_config, settings):
+    settings.USAGE_RETENTION_DAYS = 10
+    now = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
+    cutoff = now - timedelta(days=10)
+    for at in (cutoff - timedelta(days=2), cutoff - timedelta(days=1), cutoff - timedelta(seconds=1), cutoff, now):
+        record(priced_config, at)
+    usage_rollup()
+    record(priced_config, cutoff - timedelta(days=3))  # not rolled up: kept
+    assert usage_prune(now=now, batch_size=2) == 3
+    assert sorted(ProviderCall.objects.values_list("created_at", flat=True)) == [
+        cutoff - timedelta(days=3), cutoff, now]
 
 
 def test_rollup_runs_in_batches_until_every_call_is_rolled_up(priced_config, reader):
