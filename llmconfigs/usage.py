@@ -67,17 +67,19 @@ def provider_calls_record(*, calls: Sequence[CallRecord], origin: CallOrigin) ->
     rows = []
     for call in calls:
         config = call.config
+        # A provider's nonsense (a negative count) is stored, and priced, as nothing.
+        prompt_tokens, completion_tokens = max(call.prompt_tokens, 0), max(call.completion_tokens, 0)
         cost = usage_cost(input_price_per_million=config.input_price_per_million,
                           output_price_per_million=config.output_price_per_million, currency=config.currency,
-                          prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens)
+                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         rows.append(dict(
             created_at=datetime.fromtimestamp(call.started, UTC), config_id=config.pk, config_name=config.name[:100],
             model_name=config.model_name[:200], route=config.route_name[:200], app_id=origin.app_id,
             app_name=origin.app_name[:100], key_id=origin.key_id, user_id=origin.user_id, kind=call.kind,
             status=ProviderCall.Status.ERROR if call.error_category else ProviderCall.Status.OK,
             error_category=call.error_category[:32], latency_ms=max(call.latency_ms, 0.0), ttft_ms=call.ttft_ms,
-            prompt_tokens=max(call.prompt_tokens, 0), completion_tokens=max(call.completion_tokens, 0),
-            cost=cost.total_price, currency=cost.currency, rollup_batch=None,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost.total_price,
+            currency=cost.currency, rollup_batch=None,
         ))
     # One INSERT written once per number of rows (bulk_create compiles it anew on every turn's end).
     rows_insert(ProviderCall, rows)

@@ -14,6 +14,7 @@ import pytest
 from django.core.management import call_command
 
 from llmconfigs.models import ProviderCall, UsageRollup
+from llmconfigs.pricing import usage_cost
 from llmconfigs.usage import (
     CallOrigin,
     CallRecord,
@@ -447,3 +448,20 @@ def test_overlapping_rollups_count_each_call_once(priced_config, monkeypatch):
     second.join(10)
     assert results == {"first": 5, "second": 0}
     assert sum(UsageRollup.objects.filter(size="hour").values_list("calls", flat=True)) == 5
+
+
+def test_negative_counts_of_a_priced_config_are_stored_and_priced_as_nothing(priced_config):
+    """Priced before the clamp, a negative count made a negative cost, which the cost constraint refused: the turn's
+    calls were all lost."""
+    provider_calls_record(calls=[
+        CallRecord(config=priced_config, kind="chat", latency_ms=5.0, prompt_tokens=-100, completion_tokens=20),
+        CallRecord(config=priced_config, kind="chat", latency_ms=6.0, prompt_tokens=10, completion_tokens=0),
+    ], origin=CallOrigin())
+    rows = list(ProviderCall.objects.order_by("latency_ms").values_list("prompt_tokens", "completion_tokens",
+                                                                        "cost"))
+    expected = [usage_cost(input_price_per_million=priced_config.input_price_per_million,
+                           output_price_per_million=priced_config.output_price_per_million,
+                           currency=priced_config.currency, prompt_tokens=p, completion_tokens=c).total_price
+                for p, c in ((0, 20), (10, 0))]
+    assert rows == [(0, 20, expected[0]), (10, 0, expected[1])]
+    assert all(cost > 0 for cost in expected)
