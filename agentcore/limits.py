@@ -137,9 +137,19 @@ return 0
 """
 
 
+# KEYS: request counters to give one request back to; a counter that expired meanwhile is left alone (not -1).
+_UNCOUNT = """
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+"""
+
+
 class RedisCounters:
     def __init__(self) -> None:
         self._script = None
+        self._uncount = None
 
     def _client(self):
         return cache._cache.get_client(write=True)
@@ -161,6 +171,11 @@ class RedisCounters:
         for _, limit, counts, ttl in checks:
             args += [limit, "1" if counts else "0", ttl]
         return int(self._call(lambda: self._script(keys=[c[0] for c in checks], args=args)))
+
+    def uncount(self, keys: list[str]) -> None:
+        if self._uncount is None:
+            self._uncount = self._client().register_script(_UNCOUNT)
+        self._call(lambda: self._uncount(keys=keys))
 
     def add(self, amounts: list[tuple[str, int, int]]) -> None:
         def write():
@@ -196,6 +211,14 @@ class MemoryCounters:
                     self._values[key] = (self._get(key, now) + 1, now + ttl)
         return 0
 
+    def uncount(self, keys: list[str]) -> None:
+        now = time.time()
+        with self._lock:
+            for key in keys:
+                value, expires = self._values.get(key, (0, 0.0))
+                if value > 0 and expires > now:
+                    self._values[key] = (value - 1, expires)
+
     def add(self, amounts: list[tuple[str, int, int]]) -> None:
         now = time.time()
         with self._lock:
@@ -221,9 +244,17 @@ def _counters():
 
 # ----- the service -----
 
-def usage_check(*, meter: Meter) -> None:
+@dataclass(frozen=True)
+class Counted:
+    """The requests-per-minute counters a usage_check added the request to (none when no such limit applies)."""
+
+    keys: tuple[str, ...] = ()
+
+
+def usage_check(*, meter: Meter) -> Counted:
     """Refuse (OverLimit) a request whose app or key is at one of its limits; else count it against the
-    requests-per-minute limits. Nothing to do, and no round trip, when neither has a limit."""
+    requests-per-minute limits and return what was counted, for `usage_uncount` should the request be refused after
+    all. A refusal counts nothing. Nothing to do, and no round trip, when neither has a limit."""
     checks: list[tuple[str, int, bool, int]] = []
     described: list[tuple[str, str, int, bool]] = []
     now = time.time()
@@ -237,7 +268,7 @@ def usage_check(*, meter: Meter) -> None:
                 checks.append((key, _amount(name, limit), counter == "req", left + 1))
                 described.append((scope.split(":")[0], name, label, left, period != "minute"))
     if not checks:
-        return
+        return Counted()
     refused = _counters().check(checks)
     if refused:
         whose, name, label, left, budget = described[refused - 1]
@@ -245,6 +276,19 @@ def usage_check(*, meter: Meter) -> None:
         who = "this app" if whose == "app" else "this API key"
         raise OverLimit(f"The limit of {label} of {who} is reached; try again in {left} seconds.",
                         retry_after=left, budget=budget)
+    return Counted(keys=tuple(key for key, _, counts, _ in checks if counts))
+
+
+def usage_uncount(counted: Counted | None) -> None:
+    """Take back a request that usage_check counted and that was then refused (bad input, an unknown conversation,
+    the app's concurrency limit): only requests let through use the requests-per-minute quota. Best effort: with
+    Redis down the request stays counted (and logged), the refusal goes out as it is."""
+    if counted is None or not counted.keys:
+        return
+    try:
+        _counters().uncount(list(counted.keys))
+    except DependencyUnavailable as exc:
+        logger.warning("a refused request stays counted: %s", exc.message)
 
 
 def usage_record(*, meter: Meter, tokens: int, cost: Decimal) -> None:

@@ -9,14 +9,15 @@ from django.utils.http import urlencode
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET
 
-from agentcore.selectors import chat_page_data
+from agentcore.selectors import chat_page_data, chat_page_may_admin
 
 
 @require_GET
 @login_required
 @ensure_csrf_cookie
 def chat_page(request):
-    return render(request, "chat/index.html", {"chat_data": chat_page_data(user=request.user)})
+    return render(request, "chat/index.html", {"chat_data": chat_page_data(user=request.user),
+                                               "may_admin": chat_page_may_admin(user=request.user)})
 
 
 @require_GET

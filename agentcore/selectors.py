@@ -171,6 +171,19 @@ def app_pool_resolve(*, app: AgentApp, config_id: Any = None, model: str | None 
     raise NoUsableConfig("None of the models this app may use has an active config.")
 
 
+def agent_app_default() -> AgentApp | None:
+    """The app a console request that names none talks to: the first active app with conversations (the oldest),
+    one the chat page offers. A disabled or completion app never is."""
+    return (AgentApp.objects.filter(is_active=True).exclude(mode=AgentApp.Mode.COMPLETION).order_by("created_at")
+            .first())
+
+
+def chat_page_may_admin(*, user) -> bool:
+    """The page links to the admin for a staff member who may do something there: the staff flag alone grants
+    nothing (a superuser holds every permission)."""
+    return bool(user.is_active and user.is_staff and user.get_all_permissions())
+
+
 def chat_page_data(*, user) -> dict[str, Any]:
     """What the chat page (/chat/) starts from: the active apps, the chat configs a turn may pick (keys never read),
     each provider's parameter ranges, and which approvals the user may decide. Conversations and messages come from

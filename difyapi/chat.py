@@ -23,7 +23,7 @@ from agentcore.errors import (
     TooManyActiveRuns,
 )
 from agentcore.generation import session_generate_name
-from agentcore.limits import Meter, OverLimit
+from agentcore.limits import Counted, Meter, OverLimit, usage_uncount
 from agentcore.models import AgentApp, Session
 from agentcore.runs import ApprovalDecision, Attachment, TurnOverrides, TurnRequest, turn_admit
 from agentcore.selectors import app_pool_resolve
@@ -114,7 +114,17 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
     user = user_from(payload.get("user"))
     app_mode_check(app, completion=completion)
     body = _body(payload, completion=completion, audit=audit or {})
-    turn_admit(app=app, meter=meter, resume=body.approval is not None)
+    counted = turn_admit(app=app, meter=meter, resume=body.approval is not None)
+    try:
+        return _chat_call(app=app, user=user, body=body, meter=meter, completion=completion, counted=counted)
+    except Exception:
+        usage_uncount(counted)  # refused after all: a refused request does not use the quota
+        raise
+
+
+def _chat_call(*, app: AgentApp, user: str, body: _Body, meter: Meter | None, completion: bool,
+               counted: Counted) -> ChatCall:
+    """The rest of chat_call_build, once the request is admitted."""
     if app.mode == AgentApp.Mode.AGENT_CHAT and not body.streaming:
         raise invalid_param("Agent Chat App does not support blocking mode")
     if not completion and body.approval is None and not body.query.strip():
@@ -145,6 +155,7 @@ def chat_call_build(*, app: AgentApp, payload: dict[str, Any], audit: dict | Non
         approval=body.approval,
         meter=meter,
         admitted=True,
+        counted=counted,
     )
     return ChatCall(request=request, streaming=body.streaming, auto_generate_name=body.auto_generate_name,
                     files=files)

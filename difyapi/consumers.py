@@ -46,8 +46,8 @@ from difyapi.chat import (
 from difyapi.encoding import dify_json
 from difyapi.errors import INTERNAL, METHOD_NOT_ALLOWED, DifyError, unexpected_error
 from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, annotation_reply_events, run_error_to_dify
-from difyapi.human_input import human_input_pause_events
 from difyapi.sse import HEADERS, PING, encode_event
+from difyapi.streaming import TERMINAL_EVENTS, header, in_background, turn_dify_events
 from difyapi.validation import parse_json_body, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.metrics import stream_active
@@ -59,15 +59,6 @@ logger = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
 # The status logged for a request whose client left before any response went out (nginx's convention).
 CLIENT_CLOSED = 499
-# Background work that outlives its request (conversation names); referenced so it is not garbage-collected.
-_background: set[asyncio.Task] = set()
-
-
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 class DifyHttpConsumer(AsyncConsumer):
@@ -167,11 +158,11 @@ class DifyHttpConsumer(AsyncConsumer):
         if self.context is not None:
             return self.context
         return await database_sync_to_async(authenticate)(
-            _header(self.scope, b"authorization"), client_ip=scope_client_ip(self.scope)
+            header(self.scope, b"authorization"), client_ip=scope_client_ip(self.scope)
         )
 
     def payload(self, body: bytes) -> dict[str, Any]:
-        return parse_json_body(body, _header(self.scope, b"content-type"))
+        return parse_json_body(body, header(self.scope, b"content-type"))
 
     async def send_json(self, status: int, data: Any, *, headers: dict[str, str] | None = None) -> None:
         extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -205,10 +196,6 @@ def _chat_turn(
     return call, plan, turn
 
 
-# After these, a stream has said its last word: no ping may follow.
-TERMINAL_EVENTS = frozenset({"message_end", "error"})
-
-
 class ChatMessagesConsumer(DifyHttpConsumer):
     """POST /v1/chat-messages."""
 
@@ -220,9 +207,9 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         saver = SaverOpening()
         try:
             call, plan, turn = await prepared_or_abandoned(database_sync_to_async(_chat_turn)(
-                _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
+                header(self.scope, b"authorization"), body, header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
-                (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT], self.completion,
+                (header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT], self.completion,
             ))
             try:
                 reply = await annotation_reply_for(plan=plan, message=turn.message)
@@ -254,18 +241,8 @@ class ChatMessagesConsumer(DifyHttpConsumer):
         ended = False
         pinger = asyncio.create_task(self._ping(lock, lambda: ended))
         try:
-            async with contextlib.aclosing(turn_run(turn, saver=saver)) as events:
-                async for event in events:
-                    data = dify.stream(event)
-                    if data is None:
-                        continue
-                    if isinstance(event, RunEnd) and event.pending_approvals:
-                        # The same pause as Dify's Human Input forms, before the message_end that lists it.
-                        for extra in await human_input_pause_events(dify=dify, end=event, app=turn.session.app,
-                                                                    end_user=turn.session.end_user):
-                            async with lock:
-                                await self.send({"type": "http.response.body", "body": encode_event(extra),
-                                                 "more_body": True})
+            async with contextlib.aclosing(turn_dify_events(turn, dify, saver=saver)) as events:
+                async for data in events:
                     async with lock:
                         ended = data["event"] in TERMINAL_EVENTS
                         await self.send(
@@ -330,14 +307,8 @@ class ChatMessagesConsumer(DifyHttpConsumer):
 def _name_later(turn: Turn) -> None:
     """Dify names a new conversation from its first exchange in the background, after the answer."""
     # Off the shared ORM thread: the generation waits on the model for up to its timeout.
-    _in_background(sync_to_async(conversation_auto_name, thread_sensitive=False)(session_id=turn.session.pk,
-                                                                               meter=turn.meter))
-
-
-def _in_background(work: Coroutine[Any, Any, Any]) -> None:
-    task = asyncio.create_task(work)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    in_background(sync_to_async(conversation_auto_name, thread_sensitive=False)(session_id=turn.session.pk,
+                                                                              meter=turn.meter))
 
 
 class CompletionMessagesConsumer(ChatMessagesConsumer):

@@ -8,7 +8,7 @@ from django.http import HttpResponse
 
 from difyapi.encoding import dify_json
 from opsagent.common.dependencies import DependencyUnavailable, dependency_down, retry_after
-from opsagent.common.errors import ServiceError
+from opsagent.common.errors import DUPLICATE_MESSAGE, ServiceError, unique_violation
 from opsagent.common.surfaces import Refusal, Surface
 
 
@@ -100,9 +100,14 @@ def dependency_error(failure: DependencyUnavailable) -> DifyError:
 
 
 def unexpected_error(exc: BaseException) -> DifyError:
-    """The envelope for an exception nothing else mapped: 503 when a dependency of ours is down, else 500."""
+    """The envelope for an exception nothing else mapped: 503 when a dependency of ours is down, 409 `conflict`
+    (Werkzeug's Conflict) when a unique constraint refused a duplicate a concurrent request wrote first, else 500."""
     failure = dependency_down(exc)
-    return dependency_error(failure) if failure is not None else INTERNAL
+    if failure is not None:
+        return dependency_error(failure)
+    if unique_violation(exc):
+        return DifyError("conflict", DUPLICATE_MESSAGE, 409)
+    return INTERNAL
 
 
 MB = 1024 * 1024

@@ -19,11 +19,10 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
 
-from agentcore.events import RunEnd, RunError
+from agentcore.events import RunError
 from agentcore.models import AgentApp, Message, Session
-from agentcore.runs import turn_run
 from agentcore.services import message_close_stale
-from difyapi.consumers import TERMINAL_EVENTS, DifyHttpConsumer, _header, _in_background
+from difyapi.consumers import DifyHttpConsumer
 from difyapi.errors import INTERNAL, DifyError, not_found, unexpected_error
 from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, run_error_to_dify
 from difyapi.human_input import (
@@ -31,10 +30,10 @@ from difyapi.human_input import (
     form_answer_from,
     human_input_form_get,
     human_input_form_submit,
-    human_input_pause_events,
 )
 from difyapi.presenters import message_metadata, usage_to_dify
 from difyapi.sse import HEADERS, PING, encode_event
+from difyapi.streaming import TERMINAL_EVENTS, header, in_background, turn_dify_events
 from difyapi.validation import bool_from, user_from
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.dependencies import dependency_down
@@ -126,15 +125,8 @@ async def resumed_run_publish(submission: FormSubmission) -> None:
     await publish({"event": "human_input_form_filled", **head, "task_id": task_id, "workflow_run_id": task_id,
                    "data": submission.filled})
     try:
-        async with contextlib.aclosing(turn_run(turn)) as events:
-            async for event in events:
-                data = dify.stream(event)
-                if data is None:
-                    continue
-                if isinstance(event, RunEnd) and event.pending_approvals:
-                    for extra in await human_input_pause_events(dify=dify, end=event, app=turn.session.app,
-                                                                end_user=turn.session.end_user):
-                        await publish(extra)
+        async with contextlib.aclosing(turn_dify_events(turn, dify)) as events:
+            async for data in events:
                 await publish(data)
     except asyncio.CancelledError:
         raise
@@ -171,11 +163,11 @@ class HumanInputFormConsumer(DifyHttpConsumer):
             return
         answer = form_answer_from(self.payload(body))
         audit = {"source": "api", "ip_address": scope_client_ip(self.scope),
-                 "user_agent": (_header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT]}
+                 "user_agent": (header(self.scope, b"user-agent") or "")[:USER_AGENT_LIMIT]}
         submission = await database_sync_to_async(human_input_form_submit)(
             app=context.app, token=token, answer=answer, audit=audit)
         # The run goes on without this request: whoever follows GET /v1/workflow/{id}/events sees it.
-        _in_background(resumed_run_publish(submission))
+        in_background(resumed_run_publish(submission))
         await self.send_json(200, {})
 
 

@@ -22,6 +22,7 @@ from llmconfigs.factory import provider_error
 from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.providers import parameter_errors, provider_spec
 from llmconfigs.routing import (
+    CANCELLED,
     FAILOVER_CATEGORIES,
     PROVIDER_EXCEPTIONS,
     attempt_note,
@@ -36,8 +37,6 @@ logger = logging.getLogger(__name__)
 MAX_TOKENS_NAMES = ("max_tokens", "max_completion_tokens")
 # What a delta carries once the model has said something (the first token, in routing's sense).
 TOKEN_FIELDS = ("content", "tool_calls", "function_call", "reasoning_content", "refusal")
-# The category of a call still running when the client left (no provider error: the request was given up).
-CANCELLED = "cancelled"
 
 
 def member_body(config: LLMConfig, body: dict[str, Any], *, streaming: bool) -> dict[str, Any]:

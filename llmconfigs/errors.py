@@ -54,9 +54,11 @@ class ProviderCallError(Exception):
 
 
 class ConfigConflict(LLMConfigError):
-    """The database refused the write (a name taken or a second default committed concurrently)."""
+    """The database refused the write (a name taken or a second default committed concurrently): a conflict with
+    another write, not bad input."""
 
     code = "config_conflict"
+    status = 409
 
 
 class KeyRotationRefused(LLMConfigError):

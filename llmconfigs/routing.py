@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 FAILOVER_CATEGORIES = frozenset({"auth", "rate_limit", "timeout", "unreachable", "upstream_error"})
 # Exceptions that are the provider's doing (anything else is a fault of ours and is not retried elsewhere).
 PROVIDER_EXCEPTIONS = (openai.OpenAIError, httpx.HTTPError, TimeoutError, ConnectionError, ProviderCallError)
+# The error category of a call cut off before it answered: its client left, or the run was stopped.
+CANCELLED = "cancelled"
 
 _COOL_KEY = "llmhealth:cool:{}"
 _FAILURES_KEY = "llmhealth:failures:{}"
@@ -242,6 +244,9 @@ class PoolChatModel(BaseChatModel):
             try:
                 head = await _first_token(stream, timeout=None if last else settings.LLM_FIRST_TOKEN_TIMEOUT)
             except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    # The client left or the run was stopped while this member was called: a call all the same.
+                    self._attempt(config, CANCELLED, started, call=call)
                 await stream.aclose()
                 if not isinstance(exc, PROVIDER_EXCEPTIONS):
                     raise

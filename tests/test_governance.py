@@ -25,6 +25,7 @@ from agentcore.limits import (
     usage_check,
     usage_current,
     usage_record,
+    usage_uncount,
 )
 from agentcore.models import AgentApp, Message, Session
 from difyapi.auth import api_key_create
@@ -79,6 +80,22 @@ async def test_requests_per_minute_lets_exactly_the_limit_through_then_429_with_
     assert "requests per minute" in data["message"] and "this app" in data["message"]
     assert 1 <= int(_header(headers, "Retry-After")) <= 61
     assert len(fake_upstream.chat_requests) == 2  # refused before any provider call
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_requests_refused_for_bad_input_or_by_the_limit_do_not_use_the_quota(default_llm_config, fake_upstream):
+    app, key = await sync_to_async(make_app)(requests_per_minute=1)
+    # Checked after the limit (Dify's order) and refused: an unknown conversation, a model outside the app's reach.
+    status, _, data = await chat(key, conversation_id=str(uuid.uuid4()))
+    assert (status, data["code"]) == (404, "not_found")
+    status, _, data = await chat(key, model="no-such-model")
+    assert (status, data["code"]) == (400, "invalid_param")
+    status, _, data = await chat(key)
+    assert status == 200, data
+    for _ in range(2):  # refused by the limit itself: not counted either
+        assert (await chat(key))[0] == 429
+    assert (await sync_to_async(usage_current)(scope=f"app:{app.pk}"))["requests_per_minute"] == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -160,6 +177,21 @@ def test_rest_chat_over_the_apps_limit_is_a_drf_429_with_retry_after(user_client
 
 
 @pytest.mark.django_db(transaction=True)
+def test_rest_chat_refused_for_bad_input_does_not_use_the_quota(user_client, default_llm_config, fake_upstream):
+    app, _ = make_app(requests_per_minute=1)
+    response = user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk),
+                                                     "model_config_id": str(uuid.uuid4())}, format="json")
+    assert response.status_code == 400 and "model_config_id" in response.json()
+    response = user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk),
+                                                     "session_id": str(uuid.uuid4())}, format="json")
+    assert response.status_code == 404
+    assert user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk)},
+                            format="json").status_code == 200
+    assert user_client.post("/api/agent/chat/", {"message": "hi", "app_id": str(app.pk)},
+                            format="json").status_code == 429
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("close_worker_connections")
 async def test_websocket_chat_over_the_apps_limit_is_an_error_event_and_reaches_no_provider(plain_user,
                                                                                            default_llm_config,
@@ -208,6 +240,17 @@ def test_memory_counters_let_exactly_the_limit_through_under_threads():
     for thread in threads:
         thread.join()
     assert len(passed) == 7
+
+
+def test_a_request_given_back_frees_its_place_and_never_goes_below_zero():
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(requests_per_minute=1, tokens_per_day=100))
+    counted = usage_check(meter=meter)
+    usage_uncount(counted)
+    usage_uncount(counted)  # twice: a counter never goes below zero
+    assert usage_current(scope=f"app:{meter.app_id}")["requests_per_minute"] == 0
+    usage_check(meter=meter)
+    with pytest.raises(OverLimit):
+        usage_check(meter=meter)
 
 
 def test_no_limit_means_no_counter_is_touched(monkeypatch):

@@ -3,6 +3,7 @@
 usage report over them adds up."""
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -117,6 +118,25 @@ def test_a_title_and_a_connection_test_are_recorded_as_such(chat_app, plain_user
         ("title", "ok", "", 20), ("connection_test", "ok", "", 1), ("connection_test", "error", "auth", 0)]
     assert rows[0].app_name == "Usage chat" and rows[0].user_id == plain_user.pk
     assert rows[1].user_id == staff_user.pk and rows[1].ttft_ms is not None
+
+
+async def test_a_client_that_leaves_before_the_first_token_leaves_a_cancelled_call(chat_app, plain_user, priced,
+                                                                                  fake_upstream):
+    # REST and WebSocket turns: the client going away cancels the task that reads the run's events.
+    fake_upstream.script(Reply(text="late", first_delay=5))
+    reader = asyncio.create_task(run_all(TurnRequest(app=chat_app, query="How is the disk?", owner=plain_user)))
+    for _ in range(100):  # the provider is called: its stream is open, nothing came yet
+        if fake_upstream.active_streams:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    [row] = await sync_to_async(calls)()
+    assert (row.kind, row.status, row.error_category, row.ttft_ms) == ("chat", "error", "cancelled", None)
+    assert row.config_id == priced.pk and row.user_id == plain_user.pk and row.latency_ms >= 150
+    assert row.cost == 0
 
 
 async def test_recording_off_writes_nothing(chat_app, plain_user, fake_upstream, settings):

@@ -28,9 +28,13 @@ def _validated(serializer_class, data) -> dict:
 
 
 def _app(app_id) -> AgentApp:
+    """The app a request names, or without one the default the chat page offers first; never a disabled app."""
     if app_id is None:
-        return services.agent_app_seed_demo()
-    app = AgentApp.objects.filter(pk=app_id, is_active=True).first()
+        app = selectors.agent_app_default()
+        if app is None and not AgentApp.objects.exists():
+            app = services.agent_app_seed_demo()  # a first run: the demo app
+    else:
+        app = AgentApp.objects.filter(pk=app_id, is_active=True).first()
     if app is None:
         raise NotFound("Agent app not found.", code="app_not_found")
     return app

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from agentcore.errors import ApprovalAlreadyDecided, ApprovalNotFound, AppUnavailable, InvalidInput, TooManyActiveRuns
 from agentcore.generation import session_fallback_name
-from agentcore.limits import Meter, usage_check
+from agentcore.limits import Counted, Meter, usage_check, usage_uncount
 from agentcore.models import AgentApp, Approval, Message, Session
 from agentcore.permissions import DECIDE_APPROVALS, has_perms
 from agentcore.prompts import prompt_fill
@@ -37,29 +37,43 @@ def turn_prepare(request: TurnRequest) -> Turn:
     nothing when it raises. For a caller off the event loop, so that its own database work shares the turn's one
     thread hop and connection (each hop costs a connection and a turn of the shared ORM thread). An agent turn also
     reads its tool setup here, so the run starts without another hop."""
-    _validate(request)
     meter = request.meter or Meter.of_app(request.app)
-    # Before any row is written or provider called; a turn that then crosses a budget still finishes. Counted once:
-    # not again for a request turn_admit let in.
-    if not request.admitted:
-        usage_check(meter=meter)
-    turn = _prepare_resume(request) if request.approval is not None else _prepare_query(request)
+    counted = request.counted if request.admitted else None
+    try:
+        _validate(request)
+        # Before any row is written or provider called; a turn that then crosses a budget still finishes. Counted
+        # once: not again for a request turn_admit let in.
+        if not request.admitted:
+            counted = usage_check(meter=meter)
+        turn = _prepare_resume(request) if request.approval is not None else _prepare_query(request)
+    except Exception:
+        # Refused (bad input, an unknown session, a model or parameter it may not have, no capacity): a refused
+        # request does not use the quota.
+        usage_uncount(counted)
+        raise
     turn.meter = meter
     if turn.session.app.mode == AgentApp.Mode.AGENT_CHAT:
         turn.tool_setup = tool_setup_load()
     return turn
 
 
-def turn_admit(*, app: AgentApp, meter: Meter | None = None, resume: bool = False) -> None:
+def turn_admit(*, app: AgentApp, meter: Meter | None = None, resume: bool = False) -> Counted:
     """Let a request in, or refuse it (OverLimit, TooManyActiveRuns) before anything else of it is looked at: the
     app's and the key's rate limits and budgets (the request is counted), then the app's concurrency limit. For an
     adapter whose protocol reports these first (Dify: 429 whatever else is wrong with the body); it then builds its
-    TurnRequest with `admitted=True`. The concurrency limit is checked again, under the app's row lock, when the
-    turn's rows are written: two requests racing for the last slot cannot both start. A `resume` (an approval's
-    decision) goes on with a run the app let in before: only the rate limits apply, as when it is prepared."""
-    usage_check(meter=meter or Meter.of_app(app))
+    TurnRequest with `admitted=True` and `counted` (what this returns, given back with `usage_uncount` when the
+    request is refused afterwards: a refused request does not use the quota). The concurrency limit is checked
+    again, under the app's row lock, when the turn's rows are written: two requests racing for the last slot cannot
+    both start. A `resume` (an approval's decision) goes on with a run the app let in before: only the rate limits
+    apply, as when it is prepared."""
+    counted = usage_check(meter=meter or Meter.of_app(app))
     if not resume:
-        _check_capacity(app, lock=False)
+        try:
+            _check_capacity(app, lock=False)
+        except TooManyActiveRuns:
+            usage_uncount(counted)
+            raise
+    return counted
 
 
 async def aturn_prepare(request: TurnRequest) -> Turn:

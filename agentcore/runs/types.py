@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agentcore.limits import Meter
+from agentcore.limits import Counted, Meter
 from agentcore.models import AgentApp, Message, Session
 from agentcore.tools.policies import ToolSetup
 from llmconfigs.models import LLMConfig
@@ -62,6 +62,7 @@ class TurnRequest:
     # before the query (a client that keeps its own history, such as the OpenAI-compatible surface).
     history: tuple[tuple[str, str], ...] = ()
     admitted: bool = False  # turn_admit already checked and counted it against the rate limits
+    counted: Counted | None = None  # what turn_admit counted: given back if the turn is refused after all
 
 
 @dataclass

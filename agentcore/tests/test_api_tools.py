@@ -93,6 +93,19 @@ def test_mcp_server_bad_input_is_a_field_error(staff_client, body, field):
     assert field in response.json()
 
 
+def test_an_mcp_server_name_taken_concurrently_is_a_409_conflict(staff_client, monkeypatch):
+    from rest_framework.validators import UniqueValidator
+
+    MCPServer.objects.create(name="ops", transport="streamable_http", url="http://127.0.0.1:9/mcp")
+    # The other request's row commits between this request's validation and its insert: the unique index refuses it.
+    monkeypatch.setattr(UniqueValidator, "__call__", lambda self, value, serializer_field: None)
+    response = staff_client.post("/api/mcp-servers/", {
+        "name": "ops", "transport": "streamable_http", "url": "http://127.0.0.1:9/other"}, format="json")
+    assert response.status_code == 409, response.content
+    assert response.json()["code"] == "conflict"
+    assert MCPServer.objects.filter(name="ops").count() == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_mcp_server_test_connects_and_lists_tools(staff_client, user_client, tmp_path):
     script = tmp_path / "tiny_mcp.py"

@@ -140,3 +140,34 @@ def test_the_starting_data_lists_pools_with_their_members_in_order(plain_user, m
     client.force_login(plain_user)
     data = _data(client.get("/chat/"))
     assert data["routes"] == [{"name": "fast", "members": [str(high.pk), str(second.pk), str(low.pk)]}]
+
+
+def test_the_admin_link_follows_permissions_not_the_staff_flag(plain_user, bare_staff_user, staff_user):
+    for user, linked in ((plain_user, False), (bare_staff_user, False), (staff_user, True)):
+        client = Client()
+        client.force_login(user)
+        html = client.get("/chat/").content.decode()
+        assert ('href="/admin/"' in html) is linked, user.username
+
+
+def test_a_request_without_an_app_gets_the_pages_first_app_never_a_disabled_one(plain_user, user_client,
+                                                                                 default_llm_config):
+    """The page offers active apps with conversations; the REST endpoints it calls (a session without app_id, a
+    chat without one) reach no other app than those."""
+    from agentcore.models import Session
+
+    AgentApp.objects.create(name="retired", is_active=False)
+    AgentApp.objects.create(name="runbooks", mode="completion")
+    client = Client()
+    client.force_login(plain_user)
+    assert _data(client.get("/chat/"))["apps"] == []
+    response = user_client.post("/api/sessions/", {}, format="json")
+    assert response.status_code == 404 and response.json()["detail"] == "Agent app not found."
+    response = user_client.post("/api/agent/chat/", {"message": "hi"}, format="json")
+    assert response.status_code == 404 and response.json()["detail"] == "Agent app not found."
+    assert not Session.objects.exists() and AgentApp.objects.count() == 2  # no demo app slipped in either
+
+    ops = AgentApp.objects.create(name="ops")
+    assert [app["id"] for app in _data(client.get("/chat/"))["apps"]] == [str(ops.pk)]
+    response = user_client.post("/api/sessions/", {}, format="json")
+    assert response.status_code == 201 and response.json()["app_id"] == str(ops.pk)

@@ -33,13 +33,14 @@ from agentcore.runs import (
 )
 from agentcore.selectors import app_pool_resolve
 from difyapi.auth import AppContext, authenticate
-from difyapi.consumers import DifyHttpConsumer, _header
+from difyapi.consumers import DifyHttpConsumer
 from difyapi.encoding import dify_json
 from difyapi.openai.chunks import ChunkStream, completion_body
 from difyapi.openai.errors import INTERNAL, OpenAIError, model_not_found, openai_error_from
 from difyapi.openai.services import CompletionTiming, completion_observe, completion_usage_record
 from difyapi.openai.validation import CompletionRequest, completion_request_parse, message_text
 from difyapi.sse import HEADERS
+from difyapi.streaming import header
 from llmconfigs.completions import PoolCompletion
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
@@ -155,7 +156,7 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
         saver = SaverOpening()
         try:
             call = await _prepared(database_sync_to_async(_completion_call)(
-                _header(self.scope, b"authorization"), body, _header(self.scope, b"content-type"),
+                header(self.scope, b"authorization"), body, header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
             ))
         except BaseException:

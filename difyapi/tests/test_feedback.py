@@ -45,6 +45,23 @@ def feedback(client, message, **body):
     return client.post(f"/v1/messages/{message.id}/feedbacks", {"user": "alice", **body})
 
 
+def test_feedback_written_concurrently_every_time_is_a_409_conflict(app, client, message, monkeypatch):
+    # Another request inserts the user's feedback between this request's read and its insert, on every attempt: the
+    # unique constraint refuses the duplicate. Dify's envelope with Werkzeug's Conflict, never a 500.
+    save = Feedback.save
+
+    def raced_save(self, *args, **kwargs):
+        if self._state.adding:
+            Feedback.objects.bulk_create([Feedback(app_id=self.app_id, session_id=self.session_id,
+                                                   message_id=self.message_id, rating="dislike",
+                                                   end_user_id=self.end_user_id)])
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Feedback, "save", raced_save)
+    assert_error(feedback(client, message, rating="like"), 409, "conflict")
+    assert not Feedback.objects.filter(message=message).exists()
+
+
 def test_like_then_dislike_then_remove(app, client, message):
     response = feedback(client, message, rating="like", content="spot on")
     assert response.status_code == 200 and response.json() == {"result": "success"}

@@ -11,6 +11,7 @@ import pytest
 from channels.routing import get_default_application
 
 from agentcore.models import Message
+from llmconfigs.models import ProviderCall
 from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, dify_post
 from tests.fakes.upstream import Reply
 
@@ -51,6 +52,30 @@ async def test_stop_ends_the_stream_with_message_end_and_saves_the_partial_answe
     assert message.status == "stopped"
     streamed = first["answer"] + "".join(e["answer"] for e in events if e["event"] == "message")
     assert message.answer == streamed and 0 < len(message.answer) < len(SLOW.text)
+
+
+async def test_a_stop_before_the_first_token_records_the_cut_off_call(chat_app, fake_upstream):
+    application = get_default_application()
+
+    _, key = chat_app
+    fake_upstream.script(Reply(text="late", first_delay=5))
+    async with AsgiCall(application, path="/v1/chat-messages", headers=dify_headers(key),
+                        body=json.dumps(body()).encode()) as call:
+        for _ in range(100):  # the provider is called: its stream is open, nothing came yet
+            if fake_upstream.active_streams:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        message = await Message.objects.aget()
+        status, _, raw = await dify_post(key, f"/v1/chat-messages/{message.task_id}/stop", {"user": "alice"})
+        assert (status, json.loads(raw)) == (200, {"result": "success"})
+        rest = await call.read(5)
+    assert data_events(rest)[-1]["event"] == "message_end"
+    assert (await Message.objects.aget()).status == "stopped"
+    # The call was made and cut off: one usage row, as the OpenAI surface writes for a client that left.
+    [row] = [row async for row in ProviderCall.objects.all()]
+    assert (row.kind, row.status, row.error_category, row.ttft_ms) == ("chat", "error", "cancelled", None)
+    assert row.latency_ms >= 150
 
 
 async def test_stop_by_another_user_or_app_does_nothing_but_still_succeeds(chat_app, fake_upstream):

@@ -3,7 +3,6 @@ import json
 import socket
 
 import pytest
-from django.db import IntegrityError
 
 from llmconfigs.models import AuditLog, LLMConfig
 from tests.fakes.upstream import Reply
@@ -134,15 +133,17 @@ def test_duplicate_name_is_a_field_error(staff_client, make_llm_config, fake_ups
     assert "name" in response.json()
 
 
-def test_a_database_refusal_is_a_400_not_a_500(staff_client, make_llm_config, fake_upstream, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise IntegrityError("duplicate key value violates unique constraint")
+def test_a_name_taken_concurrently_is_a_409_conflict(staff_client, make_llm_config, fake_upstream, monkeypatch):
+    from rest_framework.validators import UniqueValidator
 
-    monkeypatch.setattr(LLMConfig, "save", refuse)
-    response = staff_client.post(URL, _body(fake_upstream), format="json")
-    assert response.status_code == 400
+    # The other request's row commits between this request's checks and its insert: the unique index refuses it.
+    make_llm_config(name="taken")
+    monkeypatch.setattr(UniqueValidator, "__call__", lambda self, value, serializer_field: None)
+    monkeypatch.setattr(LLMConfig, "validate_unique", lambda self, exclude=None: None)
+    response = staff_client.post(URL, _body(fake_upstream, name="taken"), format="json")
+    assert response.status_code == 409, response.content
     assert response.json()["code"] == "config_conflict"
-    assert not LLMConfig.objects.exists()
+    assert LLMConfig.objects.filter(name="taken").count() == 1
 
 
 def test_deactivating_the_default_is_refused(staff_client, make_llm_config):

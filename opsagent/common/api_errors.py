@@ -7,7 +7,7 @@ from django.db import IntegrityError
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from opsagent.common.errors import ServiceError
+from opsagent.common.errors import DUPLICATE_MESSAGE, ServiceError, unique_violation
 
 # Engine field names -> the names a REST client sends them under (the engine speaks Dify's vocabulary: `query`).
 _REST_FIELD_NAMES = {"config_id": "model_config_id", "llm_config": "llm_config_id", "query": "message",
@@ -31,7 +31,9 @@ def api_exception(exc: Exception) -> Exception:
     """The DRF exception a client sees for `exc`:
     - a 400 about one field: {field: [message]} (as DRF's own serializer errors);
     - any other refusal: its status with {"detail": message, "code": code} (as DRF's NotFound, plus the code);
-    - Django's ValidationError: DRF's field errors; an IntegrityError nothing caught: 400, never a 500.
+    - Django's ValidationError: DRF's field errors;
+    - an IntegrityError nothing caught, never a 500: a unique constraint refusing a duplicate (a concurrent write
+      took the name first) is a 409 conflict, any other constraint a 400.
     Anything else is returned unchanged, for DRF's own handling."""
     if isinstance(exc, ServiceError):
         field = client_field(exc)
@@ -44,7 +46,9 @@ def api_exception(exc: Exception) -> Exception:
         detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         return exceptions.ValidationError(detail)
     if isinstance(exc, IntegrityError):
-        return _Refusal({"detail": "The database refused the change.", "code": "conflict"},
+        if unique_violation(exc):
+            return _Refusal({"detail": DUPLICATE_MESSAGE, "code": "conflict"}, status.HTTP_409_CONFLICT)
+        return _Refusal({"detail": "The database refused the change; nothing was saved.", "code": "invalid"},
                         status.HTTP_400_BAD_REQUEST)
     return exc
 
