@@ -50,3 +50,21 @@ def test_rows_insert_writes_every_row_as_the_orm_reads_it():
         {"created_at": moment, "status": "error", "error_category": "timeout", "ttft_ms": 3.5,
          "cost": Decimal("0.0000031"), "latency_ms": 12.5, "prompt_tokens": 3},
     ]
+
+
+def test_instance_insert_saves_a_new_instance_as_save_would(plain_user):
+    from agentcore.models import Session
+    from opsagent.common.db.statements import instance_insert
+
+    app = AgentApp.objects.create(name="app")
+    session = Session(app=app, owner=plain_user, name="s", inputs={"a": 1})
+    instance_insert(session)
+    assert not session._state.adding and session.created_at is not None  # auto_now_add applied
+    stored = Session.objects.get(pk=session.pk)
+    assert (stored.app_id, stored.owner_id, stored.name, stored.inputs, stored.created_at) == (
+        app.pk, plain_user.pk, "s", {"a": 1}, session.created_at)
+    message = Message(session=session, query="q")
+    instance_insert(message)
+    assert Message.objects.get(pk=message.pk).task_id == message.task_id
+    with pytest.raises(ValueError):
+        instance_insert(Session(id=None, app=app, name="x"))

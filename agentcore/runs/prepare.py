@@ -28,6 +28,7 @@ from agentcore.services import (
 from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.selectors import llm_config_get, llm_pool_resolve
+from opsagent.common.db.statements import instance_insert
 
 MAX_ATTACHMENTS = 10
 
@@ -167,18 +168,20 @@ def _prepare_query(request: TurnRequest) -> Turn:
         parameters = effective_parameters(config, **requested)
         created = session is None
         if created:
-            session = Session.objects.create(
+            session = Session(
                 app=app, owner=request.owner, end_user=request.end_user, source=request.source,
                 name=(request.session_name or session_fallback_name(request.query))[:255], inputs=request.inputs,
             )
+            instance_insert(session)  # the INSERT Django would compile on every turn, written once
         else:
             approval_supersede(session=session)
             Session.objects.filter(pk=session.pk).update(updated_at=timezone.now())
-        message = Message.objects.create(
+        message = Message(
             session=session, query=request.query, inputs=request.inputs, llm_config=config,
             model_name=config.model_name, model_parameters=parameters, heartbeat_at=timezone.now(),
             tools=list(overrides.tools) if overrides.tools is not None else None,
         )
+        instance_insert(message)
     return Turn(session=session, message=message, config=config, parameters=parameters, session_created=created,
                 tools=message.tools, attachments=tuple(request.attachments), pool=pool,
                 requested_parameters={k: parameters[k] for k, v in requested.items() if v is not None},
