@@ -53,11 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.dify_overhead import drop_postgres, percentile, temporary_postgres, ttft_dify  # noqa: E402
+from bench.dify_overhead import drop_postgres, percentile, ttft_dify  # noqa: E402
 from bench.openai_overhead import LITELLM_DEFAULT, LITELLM_KEY, litellm_proxy, ttft_completions  # noqa: E402
 from tests.e2e.dify_servers import PYTHON, free_port, server_env  # noqa: E402
 
@@ -198,7 +199,11 @@ def stack(label: str, root: Path, *, database_url: str, redis_url: str, upstream
     workdir = Path(tempfile.mkdtemp(prefix="tput-db-"))
     temp_db = ""
     if database_url:
-        server_database_url, temp_db = temporary_postgres(database_url)
+        base, _, name = database_url.rpartition("/")
+        temp_db = f"{name}_tput_{os.getpid()}_{secrets.token_hex(3)}"  # one per stack, beside the one named
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{temp_db}"')
+        server_database_url = f"{base}/{temp_db}"
     else:
         server_database_url = f"sqlite:///{workdir / 'bench.sqlite3'}"
     env = server_env(database_url=server_database_url, redis_url=redis_url, LOG_LEVEL="WARNING",
@@ -269,9 +274,9 @@ class Server:
             listener.bind(("127.0.0.1", 0))
             listener.listen(self.backlog)
             self.port = listener.getsockname()[1]
-            endpoint = f"fd:fileno={listener.fileno()}:domain=INET"
             for _ in range(self.workers):
-                self.processes.append(subprocess.Popen([python, "-m", "daphne", "-v", "0", "-e", endpoint, APP],
+                self.processes.append(subprocess.Popen([python, "-m", "daphne", "-v", "0", "--fd",
+                                                        str(listener.fileno()), APP],
                                                        pass_fds=[listener.fileno()], **popen))
             listener.close()  # the workers hold it
         else:
@@ -281,11 +286,30 @@ class Server:
                  str(self.workers), "--backlog", str(self.backlog), "--no-access-log", "--log-level", "warning"],
                 **popen))
         try:
-            wait_port(self.port, self.processes[0], timeout, self.log)
+            self._wait_ready(timeout)
         except Exception:
             self.stop()
             raise
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until `GET /health/` answers (any status) and then every process of the server is idle (a shared socket
+        accepts connections before each worker has started)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+                raise RuntimeError(f"{self.kind} did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                httpx.get(f"{self.url}/health/", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        while time.monotonic() < deadline:
+            before = [cpu_seconds(pid) for pid in tree(self.processes[0].pid) + self.pids[1:]]
+            time.sleep(1)
+            after = [cpu_seconds(pid) for pid in tree(self.processes[0].pid) + self.pids[1:]]
+            if max(b - a for a, b in zip(before, after, strict=False)) < 0.1:
+                return
 
     def stop(self) -> None:
         for process in self.processes:
@@ -671,10 +695,11 @@ def main() -> int:
     if args.floor_proxy:
         asyncio.run(floor_proxy(args.floor_proxy, json.loads(args.floor_upstreams)))
         return 0
-    backends = ["sqlite"] + (["postgresql+redis"] if args.database_url else [])
+    one_worker_rows = {"1", "2", "3", "4"} & set(args.rows.split(","))
+    backends = (["sqlite"] if one_worker_rows else []) + (["postgresql+redis"] if args.database_url else [])
     if "5" in args.rows.split(",") and not args.database_url:
         print("row 5 needs --database-url (PostgreSQL + Redis): skipped", flush=True)
-    executable = litellm_executable(args)
+    executable = litellm_executable(args) if {"1", "2"} & set(args.rows.split(",")) else ""
     with fake_upstreams(args) as upstreams:
         with litellm_proxy(executable, upstreams["short"]) as litellm_url:
             for backend in backends:
