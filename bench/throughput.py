@@ -612,18 +612,35 @@ def row_workers(args, stack_: Stack) -> None:
             asyncio.run(burst(side, 20))
         rates: dict[tuple[str, int], list[float]] = {key: [] for key in servers}
         errors: dict[tuple[str, int], list[str]] = {key: [] for key in servers}
+        server_cpu: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)
+        bench_cpu: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)  # this client and the fake upstream
+        upstream = [pid for pid in tree(os.getpid())[1:]
+                    if b"tests.fakes.upstream" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+        def bench_seconds() -> float:
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            return own.ru_utime + own.ru_stime + sum(cpu_seconds(pid) for pid in upstream)
+
         for _ in range(args.reps):
             for key, side in sides.items():
+                before, bench_before = side.cpu(), bench_seconds()
                 result = asyncio.run(burst(side, args.burst))
+                server_cpu[key] += side.cpu() - before
+                bench_cpu[key] += bench_seconds() - bench_before
                 rates[key].append(len(result.ok) / result.wall)
                 errors[key] += result.errors
         print(f"row 5 [postgresql+redis] streams per second, a burst of {args.burst} concurrent short streams "
               f"({args.reps} each, alternating; median):", flush=True)
+        streams = args.burst * args.reps
         for kind in kinds:
             one, two = statistics.median(rates[(kind, 1)]), statistics.median(rates[(kind, 2)])
             print(f"    {kind:<8} 1 worker {one:7.1f}/s  2 workers {two:7.1f}/s  ratio {ratio(two, one)} "
                   f"({'met' if two >= 1.8 * one else 'MISSED'}: goal 1.8x) | errors "
                   f"{len(errors[(kind, 1)])} / {len(errors[(kind, 2)])}", flush=True)
+            print(f"    {'':<8} server CPU per stream {server_cpu[(kind, 1)] / streams * MS:.1f} / "
+                  f"{server_cpu[(kind, 2)] / streams * MS:.1f} ms; this client + the fake upstream "
+                  f"{bench_cpu[(kind, 1)] / streams * MS:.1f} / {bench_cpu[(kind, 2)] / streams * MS:.1f} ms per "
+                  "stream (on the same cores)", flush=True)
             print_errors(errors[(kind, 1)] + errors[(kind, 2)])
         if "uvicorn" in kinds:
             server = servers[("uvicorn", 2)]
