@@ -15,8 +15,10 @@ from agentcore.routing import websocket_application  # noqa: E402
 from difyapi.routing import http_urlpatterns as dify_http_urlpatterns  # noqa: E402
 from opsagent import daphne_limits  # noqa: E402
 from opsagent.common.limits import HttpBodyLimit, WebSocketMessageLimit  # noqa: E402
+from opsagent.common.rlimits import open_files_limit_raise  # noqa: E402
 
 daphne_limits.install()
+open_files_limit_raise()  # each stream holds two sockets: a soft limit of 1,024 fails near 500 streams
 
 application = ProtocolTypeRouter(
     {
