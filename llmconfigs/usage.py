@@ -6,6 +6,8 @@ from __future__ import annotations
 import decimal
 import gc
 import math
+import struct
+import sys
 import time
 import uuid
 from bisect import bisect_left
@@ -17,6 +19,7 @@ from decimal import Decimal
 from itertools import accumulate, pairwise
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
@@ -120,6 +123,46 @@ _MIDDLES = (round(HISTOGRAM_BOUNDS_MS[0] / 2, 1),
             *(round(math.sqrt(low * high), 1) for low, high in pairwise(HISTOGRAM_BOUNDS_MS)),
             round(HISTOGRAM_BOUNDS_MS[-1], 1))
 
+# UsageRollup.packed: calls, prompt tokens, completion tokens, cost (in units of 10^-7), then both histograms
+# cumulated; unsigned 64-bit little-endian fields.
+_PACKED = struct.Struct(f"<{4 + 2 * HISTOGRAM_BUCKETS}Q")
+_PACKED_BYTES = _PACKED.size
+_LATENCY_AT, _TTFT_AT = 4, 4 + HISTOGRAM_BUCKETS
+_FIELD_MASK = (1 << 64) - 1
+_COST_SHIFT = 3 * 64
+_COST_PLACES = Decimal("0.0000001")
+_FLOAT_DECIMAL = decimal.Context(prec=15).create_decimal_from_float
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def rollup_packed(*, calls: int, prompt_tokens: int, completion_tokens: int, cost: Decimal | float,
+                  latency: Sequence[int], ttft: Sequence[int]) -> bytes:
+    """The UsageRollup.packed value of these sums. Packed rows add up field by field as integers (int.from_bytes:
+    one addition per row instead of one per column), and no field of a sum carries into the next one (every sum
+    stays below 2**64: 1.8e19 calls or tokens, 1.8e12 in a currency); a report's percentiles are bisected in the
+    cumulated histogram fields of its sums."""
+    return _PACKED.pack(calls, prompt_tokens, completion_tokens, _cost_units(cost), *accumulate(latency),
+                        *accumulate(ttft))
+
+
+def _cost_units(cost: Decimal | float | int | None) -> int:
+    """A cost in units of 10^-7 (its seven decimal places; SQLite's float read to 15 digits, as Django does)."""
+    return int(_as_decimal(cost).quantize(_COST_PLACES).scaleb(7))
+
+
+def _cost_text(units: int) -> str:
+    """A cost as the reports write it: str() of the Decimal with seven decimal places (which is scientific below
+    1e-6: "0E-7", "5E-7")."""
+    if units < 10:
+        return str(Decimal(units).scaleb(-7))
+    whole, fraction = divmod(units, 10_000_000)
+    return f"{whole}.{fraction:07d}"
+
+
+def _fields(packed: bytes | memoryview) -> Sequence[int]:
+    """The fields of a packed value (a view over its bytes on little-endian machines, no copy)."""
+    return memoryview(packed).cast("Q") if _LITTLE_ENDIAN else _PACKED.unpack(packed)
+
 
 # ----- aggregation (shared by the rollup and the reports) -----
 
@@ -212,13 +255,16 @@ def _rollup_batch(batch_size: int) -> tuple[int, int]:
 
 def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str]]) -> None:
     """INSERT ... ON CONFLICT DO UPDATE SET sum = sum + excluded.sum: additions in the database, in key order (two
-    runs lock rows in the same order, so they cannot deadlock)."""
+    runs lock rows in the same order, so they cannot deadlock). Then each row's `packed` from the sums the upsert
+    returns: the row stays locked (PostgreSQL) or the database (SQLite) until the transaction ends, so no other run
+    adds to it in between."""
     table = connection.ops.quote_name(UsageRollup._meta.db_table)
-    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS)
+    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS, "packed")
     quoted = [connection.ops.quote_name(c) for c in columns]
-    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):]]
+    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]]
     updates += [f"{q} = excluded.{q}" for q in quoted[len(_KEY_COLUMNS):len(_KEY_COLUMNS) + len(_LABEL_COLUMNS)]]
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    returning = ", ".join(["id", *quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]])
     keys = sorted(groups, key=lambda k: tuple(str(part) for part in k))
     with connection.cursor() as cursor:
         for start in range(0, len(keys), _UPSERT_ROWS):
@@ -229,12 +275,18 @@ def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str
                 size, bucket, *dimensions = key
                 params += [size, connection.ops.adapt_datetimefield_value(bucket), *dimensions, *labels[key],
                            totals.calls, totals.prompt_tokens, totals.completion_tokens,
-                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft]
+                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft, b""]
             cursor.execute(
                 f"INSERT INTO {table} ({', '.join(quoted)}) VALUES {', '.join([row_sql] * len(chunk))} "
-                f"ON CONFLICT ({', '.join(quoted[:len(_KEY_COLUMNS)])}) DO UPDATE SET {', '.join(updates)}",
+                f"ON CONFLICT ({', '.join(quoted[:len(_KEY_COLUMNS)])}) DO UPDATE SET {', '.join(updates)} "
+                f"RETURNING {returning}",
                 params,
             )
+            cursor.executemany(f"UPDATE {table} SET packed = %s WHERE id = %s", [
+                (rollup_packed(calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost=cost,
+                               latency=histograms[:HISTOGRAM_BUCKETS], ttft=histograms[HISTOGRAM_BUCKETS:]), row_id)
+                for row_id, calls, prompt, completion, cost, *histograms in cursor.fetchall()
+            ])
 
 
 def usage_prune(*, now: datetime | None = None, batch_size: int = ROLLUP_BATCH) -> int:
@@ -304,21 +356,85 @@ def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
 def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     """Per bucket and group: calls, errors by category, success rate, latency and TTFT p50/p95, tokens, cost per
     currency; and the same per group over the whole period. Reads the rollups and the calls not rolled up yet, in
-    one snapshot (a rollup committing in between cannot count a call twice or not at all).
+    one snapshot (a rollup committing in between cannot count a call twice or not at all). usage_report_json writes
+    the same report as JSON directly.
 
-    Speed (docs/benchmarks.md#usage-reports): the database sums the rollups per bucket, group, error category and
-    currency; the rows come back as plain tuples (no ORM conversion of their ninety columns), and each bucket and
-    group is summed column by column and its percentiles read with a bisection of the cumulative histogram."""
-    # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
-    # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
-    repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
+    Speed (docs/benchmarks.md#usage-reports): the rows come back as plain tuples of six values (the numbers packed in
+    one: UsageRollup.packed, see rollup_packed), the rows of an entry are added as one integer each, and the
+    percentiles bisected in the cumulated histograms."""
+    grouped = bool(query.group_by)
     with _collector_paused():
-        with transaction.atomic():
-            if repeatable:
-                with connection.cursor() as cursor:
-                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            rows = [*_rollup_rows(query), *_raw_rows(query)]
-        return _report(query, rows)
+        series, totals = _report_entries(query)
+        iso = {bucket: moment.isoformat() for bucket, moment in series[0].items()} if series else {}
+
+        def entry(numbers: tuple) -> dict[str, Any]:
+            (label, group, calls, errors, rate, categories, latency_p50, latency_p95, ttft_p50, ttft_p95, prompt,
+             completion, cost) = numbers
+            return {
+                "group": {"id": group, "name": label} if grouped else None,
+                "calls": calls, "errors": errors, "success_rate": rate, "error_categories": categories,
+                "latency_ms": {"p50": _middle(latency_p50), "p95": _middle(latency_p95)},
+                "ttft_ms": {"p50": _middle(ttft_p50), "p95": _middle(ttft_p95)},
+                "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "cost": {currency: _cost_text(units) for currency, units in cost},
+            }
+
+        return {
+            "from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
+            "group_by": query.group_by or None,
+            "series": [{"bucket": iso[bucket], **entry(numbers)} for bucket, numbers in series[1]] if series else [],
+            "totals": [entry(numbers) for numbers in totals],
+        }
+
+
+def usage_report_json(*, query: UsageQuery) -> bytes:
+    """usage_report's report as JSON, byte for byte what orjson.dumps writes for it, written directly from the
+    numbers (without the tens of thousands of dicts a long grouped report has)."""
+    grouped = bool(query.group_by)
+    dumps = orjson.dumps
+    names: dict[tuple[str, str], str] = {}
+    rates: dict[float | None, str] = {}
+    currencies: dict[str, str] = {}
+
+    def entry(numbers: tuple) -> str:
+        (label, group, calls, errors, rate, categories, latency_p50, latency_p95, ttft_p50, ttft_p95, prompt,
+         completion, cost) = numbers
+        if grouped:
+            name = names.get((group, label))
+            if name is None:
+                name = names[group, label] = dumps({"id": group, "name": label}).decode()
+        else:
+            name = "null"
+        rate_text = rates.get(rate)
+        if rate_text is None:
+            rate_text = rates[rate] = dumps(rate).decode()
+        cost_text = ",".join(f"{currencies.get(currency) or currencies.setdefault(currency, dumps(currency).decode())}"
+                             f':"{_cost_text(units)}"' for currency, units in cost)
+        return (f'"group":{name},"calls":{calls},"errors":{errors},"success_rate":{rate_text},'
+                f'"error_categories":{dumps(categories).decode() if categories else "{}"},'
+                f'"latency_ms":{{"p50":{_MIDDLE_JSON[latency_p50]},"p95":{_MIDDLE_JSON[latency_p95]}}},'
+                f'"ttft_ms":{{"p50":{_MIDDLE_JSON[ttft_p50]},"p95":{_MIDDLE_JSON[ttft_p95]}}},'
+                f'"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{prompt + completion},'
+                f'"cost":{{{cost_text}}}}}')
+
+    with _collector_paused():
+        series, totals = _report_entries(query)
+        parts = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
+                        "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
+        if series:
+            heads = {bucket: f'{{"bucket":{dumps(moment.isoformat()).decode()},'
+                     for bucket, moment in series[0].items()}
+            parts.append(",".join([heads[bucket] + entry(numbers) for bucket, numbers in series[1]]))
+        parts += ['],"totals":[', ",".join(["{" + entry(numbers) for numbers in totals]), "]}"]
+        return "".join(parts).encode()
+
+
+# A percentile as the index of its histogram bucket's middle (None without values), as a number and as JSON.
+_MIDDLE_JSON: dict[int | None, str] = {None: "null", **{i: orjson.dumps(m).decode() for i, m in enumerate(_MIDDLES)}}
+
+
+def _middle(index: int | None) -> float | None:
+    return None if index is None else _MIDDLES[index]
 
 
 @contextmanager
@@ -335,95 +451,123 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _report(query: UsageQuery, rows: list[_Row]) -> dict[str, Any]:
-    series: dict[tuple[datetime, str], list[_Row]] = {}
+def _report_entries(query: UsageQuery) -> tuple[tuple[dict[Any, datetime], list[tuple]] | None, list[tuple]]:
+    """A report's numbers: the series ({bucket as stored: its datetime}, [(bucket as stored, numbers)] in the order
+    of bucket, group name, group id), None without the series; and the totals per group ([numbers], most calls
+    first, then by name and id). Numbers: (group name, group id, calls, errors, success rate, {error category:
+    calls}, latency p50 and p95, TTFT p50 and p95 (bucket indexes, see _middle), prompt tokens, completion tokens,
+    [(currency, cost units)])."""
+    # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
+    # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
+    repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
+    with transaction.atomic():
+        if repeatable:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = _rollup_rows(query)
+        rows += _raw_rows(query)
+    # One pass over the rows: each entry's rows, and each group's sums (per currency, one integer: rollup_packed).
+    entries: dict[tuple[Any, str], list[_Row]] = {}
+    groups: dict[str, list] = {}  # group id -> [name, {currency: packed sum}, {error category: calls}]
+    from_bytes = int.from_bytes
+    series = query.series
     for row in rows:
-        series.setdefault((row[0], row[1]), []).append(row)
-    per_group: dict[str, list[_Row]] = {}
-    for (_bucket, group), group_rows in series.items():
-        per_group.setdefault(group, []).extend(group_rows)
-    grouped = bool(query.group_by)
-    entries = []
-    for (bucket, group), group_rows in series.items() if query.series else ():
-        label = max(row[2] for row in group_rows) if grouped else ""
-        entries.append((bucket, label, group, _summary(group_rows)))
-    entries.sort(key=lambda entry: entry[:3])
-    totals = []
-    for group, group_rows in per_group.items():
-        label = max(row[2] for row in group_rows) if grouped else ""
-        totals.append((label, group, _summary(group_rows)))
-    totals.sort(key=lambda total: (-total[2]["calls"], total[0]))
-    return {
-        "from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
-        "group_by": query.group_by or None,
-        "series": [{"bucket": bucket.isoformat(), "group": {"id": group, "name": label} if grouped else None,
-                    **summary} for bucket, label, group, summary in entries],
-        "totals": [{"group": {"id": group, "name": label} if grouped else None, **summary}
-                   for label, group, summary in totals],
-    }
+        bucket, group, label, category, currency, packed = row
+        key = (bucket if series else None, group)
+        found = entries.get(key)
+        if found is None:
+            entries[key] = [row]
+        else:
+            found.append(row)
+        sums = groups.get(group)
+        if sums is None:
+            sums = groups[group] = [label, {}, {}]
+        elif label > sums[0]:
+            sums[0] = label
+        number = from_bytes(packed, "little")
+        sums[1][currency] = sums[1].get(currency, 0) + number
+        if category:
+            sums[2][category] = sums[2].get(category, 0) + (number & _FIELD_MASK)
+    totals = [_numbers(label, group, _sum_fields(by_currency), errors, by_currency)
+              for group, (label, by_currency, errors) in groups.items()]
+    totals.sort(key=lambda numbers: (-numbers[2], numbers[0], numbers[1]))
+    if not series:
+        return None, totals
+    numbers = {key: _entry_numbers(key[1], entry_rows) for key, entry_rows in entries.items()}
+    # Sorted by bucket, then group name and id: buckets and names ranked once, the entries by one integer each.
+    buckets = {bucket: _as_utc(bucket) for bucket in {bucket for bucket, _group in numbers}}
+    bucket_rank = {bucket: rank for rank, bucket in enumerate(sorted(buckets, key=buckets.__getitem__))}
+    names = sorted({entry[:2] for entry in numbers.values()})
+    name_rank = {name: rank for rank, name in enumerate(names)}
+    width = len(names)
+    order = sorted(numbers, key=lambda key: bucket_rank[key[0]] * width + name_rank[numbers[key][:2]])
+    return (buckets, [(key[0], numbers[key]) for key in order]), totals
 
 
-# A report's row: bucket, group id, group name, error category, currency, cost (Decimal), then the numbers that add
-# up column by column: calls, prompt tokens, completion tokens, the latency histogram, the TTFT histogram.
-_Row = tuple
-_NUMBERS = 6  # where the numbers start
-_LATENCY = slice(_NUMBERS + 3, _NUMBERS + 3 + HISTOGRAM_BUCKETS)
-_TTFT = slice(_NUMBERS + 3 + HISTOGRAM_BUCKETS, _NUMBERS + 3 + 2 * HISTOGRAM_BUCKETS)
-_COST_PLACES = Decimal("0.0000001")
-_FLOAT_DECIMAL = decimal.Context(prec=15).create_decimal_from_float
+def _sum_fields(by_currency: dict[str, int]) -> Sequence[int]:
+    total = sum(by_currency.values()) if len(by_currency) > 1 else next(iter(by_currency.values()))
+    return _fields(total.to_bytes(_PACKED_BYTES, "little"))
 
 
-def _summary(rows: list[_Row]) -> dict[str, Any]:
-    """The numbers of a report entry: the sums of `rows` (one bucket and group, or one group over the period)."""
+def _entry_numbers(group: str, rows: list[_Row]) -> tuple:
+    """The numbers (see _report_entries) of the rows of one bucket and group."""
     if len(rows) == 1:
-        numbers = rows[0]
+        _bucket, _group, label, category, currency, packed = rows[0]
+        fields = _fields(packed)
+        return _numbers(label, group, fields, {category: fields[0]} if category else {}, None, currency)
+    label = ""
+    by_currency: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    from_bytes = int.from_bytes
+    for _bucket, _group, row_label, category, currency, packed in rows:
+        if row_label > label:
+            label = row_label
+        number = from_bytes(packed, "little")
+        by_currency[currency] = by_currency.get(currency, 0) + number
+        if category:
+            errors[category] = errors.get(category, 0) + (number & _FIELD_MASK)
+    return _numbers(label, group, _sum_fields(by_currency), errors, by_currency)
+
+
+def _numbers(label: str, group: str, fields: Sequence[int], errors: dict[str, int], by_currency: dict[str, int] | None,
+             currency: str = "") -> tuple:
+    """An entry's numbers from its summed fields; its cost from `fields` in `currency`, or per currency from
+    `by_currency` (the packed sums of its rows in each currency)."""
+    calls = fields[0]
+    error_count = sum(errors.values()) if errors else 0
+    if by_currency is None:
+        cost = [(currency, fields[3])]
     else:
-        numbers = (*rows[0][:_NUMBERS], *map(sum, zip(*(row[_NUMBERS:] for row in rows), strict=True)))
-    calls, prompt_tokens, completion_tokens = numbers[_NUMBERS:_NUMBERS + 3]
-    error_categories: dict[str, int] = {}
-    cost: dict[str, Decimal] = {}
-    for row in rows:
-        if row[3]:
-            error_categories[row[3]] = error_categories.get(row[3], 0) + row[_NUMBERS]
-        cost[row[4]] = cost.get(row[4], 0) + row[5]
-    errors = sum(error_categories.values())
-    latency_p50, latency_p95 = _percentiles(numbers[_LATENCY])
-    ttft_p50, ttft_p95 = _percentiles(numbers[_TTFT])
-    return {
-        "calls": calls,
-        "errors": errors,
-        "success_rate": round((calls - errors) / calls, 4) if calls else None,
-        "error_categories": dict(sorted(error_categories.items())),
-        "latency_ms": {"p50": latency_p50, "p95": latency_p95},
-        "ttft_ms": {"p50": ttft_p50, "p95": ttft_p95},
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "cost": {currency: str(Decimal(amount).quantize(_COST_PLACES)) for currency, amount in sorted(cost.items())},
-    }
+        cost = sorted((currency, (number >> _COST_SHIFT) & _FIELD_MASK) for currency, number in by_currency.items())
+    end = _TTFT_AT
+    total = fields[end - 1]
+    if total:
+        latency_p50 = bisect_left(fields, math.ceil(0.5 * total), _LATENCY_AT, end) - _LATENCY_AT
+        latency_p95 = bisect_left(fields, math.ceil(0.95 * total), _LATENCY_AT, end) - _LATENCY_AT
+    else:
+        latency_p50 = latency_p95 = None
+    end = _TTFT_AT + HISTOGRAM_BUCKETS
+    total = fields[end - 1]
+    if total:
+        ttft_p50 = bisect_left(fields, math.ceil(0.5 * total), _TTFT_AT, end) - _TTFT_AT
+        ttft_p95 = bisect_left(fields, math.ceil(0.95 * total), _TTFT_AT, end) - _TTFT_AT
+    else:
+        ttft_p50 = ttft_p95 = None
+    return (label, group, calls, error_count, round((calls - error_count) / calls, 4) if calls else None,
+            dict(sorted(errors.items())) if len(errors) > 1 else errors, latency_p50, latency_p95, ttft_p50,
+            ttft_p95, fields[1], fields[2], cost)
 
 
-def _percentiles(counts: Sequence[int]) -> tuple[float | None, float | None]:
-    """p50 and p95 of a histogram (as histogram_percentiles), by bisecting its cumulative counts."""
-    cumulative = list(accumulate(counts))
-    total = cumulative[-1]
-    if not total:
-        return None, None
-    return (_MIDDLES[bisect_left(cumulative, max(math.ceil(0.5 * total), 1))],
-            _MIDDLES[bisect_left(cumulative, max(math.ceil(0.95 * total), 1))])
+# A report's row, as the database returns it: bucket (as stored: entries are keyed by it, and it becomes a datetime
+# once per bucket), group id, group name, error category, currency, the packed numbers (UsageRollup.packed).
+_Row = tuple
 
 
 def _rollup_rows(query: UsageQuery) -> list[_Row]:
-    """The rollups of the period summed per bucket, group, error category and currency, in one query whose rows are
-    read as they come (the ORM's per-value conversions of ninety columns cost more than the query)."""
+    """The rollup rows of the period as report rows, read as plain tuples: no GROUP BY (the rows are added up in
+    Python, one integer each), no per-value conversion."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     quote = connection.ops.quote_name
-    group = quote(id_column) if id_column else "''"
-    label = f"MAX({quote(label_column)})" if label_column else "''"
-    # PostgreSQL sums integers as numeric: cast back so that counts are ints, as on SQLite.
-    integer_sum = "CAST(SUM({}) AS BIGINT)" if connection.vendor == "postgresql" else "SUM({})"
-    sums = ", ".join(["SUM(cost)", *(integer_sum.format(quote(column)) for column in
-                                     ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))])
     if any(name not in FILTERS for name, _ in query.filters):
         raise ValueError(f"Unknown usage filter in {query.filters!r}.")
     pieces = _rollup_pieces(query)
@@ -432,23 +576,15 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
     where += "".join(f" AND {quote(name)} = %s" for name, _ in query.filters)
     params = [value for size, start, end in pieces for value in (size, adapt(start), adapt(end))]
     params += [value for _, value in query.filters]
-    # Without the series the rows are per group over the whole period (one bucket: the earliest).
-    bucket_sql = "bucket" if query.series else "MIN(bucket)"
-    dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
-                  "currency"]
-    sql = (f"SELECT {bucket_sql}, {group}, {label}, error_category, currency, {sums} "
-           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where} "
-           f"GROUP BY {', '.join(dimensions)}")
-    buckets: dict[Any, datetime] = {}
-    rows = []
+    group = quote(id_column) if id_column else "''"
+    label = quote(label_column) if label_column else "''"
+    # SQLite: the bucket as stored, not through sqlite3's converter for its declared type (a parse per row).
+    bucket = "CAST(bucket AS TEXT)" if connection.vendor == "sqlite" else "bucket"
+    sql = (f"SELECT {bucket}, {group}, {label}, error_category, currency, packed "
+           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where}")
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        for row in cursor.fetchall():
-            bucket = buckets.get(row[0])
-            if bucket is None:
-                bucket = buckets[row[0]] = _as_utc(row[0])
-            rows.append((bucket, str(row[1] or ""), row[2] or "", row[3], row[4], _as_decimal(row[5]), *row[6:]))
-    return rows
+        return cursor.fetchall()
 
 
 def _rollup_pieces(query: UsageQuery) -> list[tuple[str, datetime, datetime]]:
@@ -490,25 +626,28 @@ def _as_decimal(value: Decimal | float | int | None) -> Decimal:
 
 def _raw_rows(query: UsageQuery) -> list[_Row]:
     """The calls of the period not rolled up yet, summed (as the rollup would) per bucket, group, error category and
-    currency."""
+    currency, as report rows (the bucket as the database stores it)."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     raw_label = {"user_name": "user__username"}.get(label_column, label_column)
     calls = ProviderCall.objects.filter(rollup_batch__isnull=True, created_at__gte=query.start,
                                         created_at__lt=query.end, **dict(query.filters))
     fields = ["created_at", "error_category", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "cost",
               "currency", *([id_column, raw_label] if id_column else [])]
+    adapt = connection.ops.adapt_datetimefield_value
     sums: dict[tuple, Totals] = {}
     for call in calls.values_list(*fields).iterator():
         created_at, category, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost, currency, *group = call
-        bucket = bucket_start(created_at, query.bucket) if query.series else query.start
+        bucket = adapt(bucket_start(created_at, query.bucket)) if query.series else None
         key = (bucket, str(group[0] or "") if group else "", category, currency)
         totals = sums.setdefault(key, Totals())
         if group:
             totals.label = max(totals.label, group[1] or "")
         totals.add_call(error_category=category, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens, cost=cost, currency=currency)
-    return [(bucket, group, totals.label, category, currency, totals.cost[currency], totals.calls,
-             totals.prompt_tokens, totals.completion_tokens, *totals.latency, *totals.ttft)
+    return [(bucket, group, totals.label, category, currency,
+             rollup_packed(calls=totals.calls, prompt_tokens=totals.prompt_tokens,
+                           completion_tokens=totals.completion_tokens, cost=totals.cost[currency],
+                           latency=totals.latency, ttft=totals.ttft))
             for (bucket, group, category, currency), totals in sums.items()]
 
 
