@@ -356,92 +356,27 @@ def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
 def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     """Per bucket and group: calls, errors by category, success rate, latency and TTFT p50/p95, tokens, cost per
     currency; and the same per group over the whole period. Reads the rollups and the calls not rolled up yet, in
-    one snapshot (a rollup committing in between cannot count a call twice or not at all). usage_report_json writes
-    the same report as JSON directly.
-
-    Speed (docs/benchmarks.md#usage-reports): the rows come back as plain tuples of six values (the numbers packed in
-    one: UsageRollup.packed, see rollup_packed), the rows of an entry are added as one integer each, and the
-    percentiles bisected in the cumulated histograms."""
-    grouped = bool(query.group_by)
-    with _collector_paused():
-        series, totals = _report_entries(query)
-        iso = {bucket: moment.isoformat() for bucket, moment in series[0].items()} if series else {}
-
-        def entry(numbers: tuple) -> dict[str, Any]:
-            (label, group, calls, errors, rate, categories, latency_p50, latency_p95, ttft_p50, ttft_p95, prompt,
-             completion, cost) = numbers
-            return {
-                "group": {"id": group, "name": label} if grouped else None,
-                "calls": calls, "errors": errors, "success_rate": rate, "error_categories": categories,
-                "latency_ms": {"p50": _middle(latency_p50), "p95": _middle(latency_p95)},
-                "ttft_ms": {"p50": _middle(ttft_p50), "p95": _middle(ttft_p95)},
-                "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "cost": {currency: _cost_text(units) for currency, units in cost},
-            }
-
-        return {
-            "from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
-            "group_by": query.group_by or None,
-            "series": [{"bucket": iso[bucket], **entry(numbers)} for bucket, numbers in series[1]] if series else [],
-            "totals": [entry(numbers) for numbers in totals],
-        }
+    one snapshot (a rollup committing in between cannot count a call twice or not at all). The dicts of
+    usage_report_json's JSON, which the API answers as it is."""
+    return orjson.loads(usage_report_json(query=query))
 
 
 def usage_report_json(*, query: UsageQuery) -> bytes:
-    """usage_report's report as JSON, byte for byte what orjson.dumps writes for it, written directly from the
-    numbers (without the tens of thousands of dicts a long grouped report has)."""
-    grouped = bool(query.group_by)
-    dumps = orjson.dumps
-    names: dict[tuple[str, str], str] = {}
-    rates: dict[float | None, str] = {}
-    currencies: dict[str, str] = {}
+    """usage_report's report as compact JSON (as orjson writes it), written directly from the rows.
 
-    def entry(numbers: tuple) -> str:
-        (label, group, calls, errors, rate, categories, latency_p50, latency_p95, ttft_p50, ttft_p95, prompt,
-         completion, cost) = numbers
-        if grouped:
-            name = names.get((group, label))
-            if name is None:
-                name = names[group, label] = dumps({"id": group, "name": label}).decode()
-        else:
-            name = "null"
-        rate_text = rates.get(rate)
-        if rate_text is None:
-            rate_text = rates[rate] = dumps(rate).decode()
-        cost_text = ",".join(f"{currencies.get(currency) or currencies.setdefault(currency, dumps(currency).decode())}"
-                             f':"{_cost_text(units)}"' for currency, units in cost)
-        return (f'"group":{name},"calls":{calls},"errors":{errors},"success_rate":{rate_text},'
-                f'"error_categories":{dumps(categories).decode() if categories else "{}"},'
-                f'"latency_ms":{{"p50":{_MIDDLE_JSON[latency_p50]},"p95":{_MIDDLE_JSON[latency_p95]}}},'
-                f'"ttft_ms":{{"p50":{_MIDDLE_JSON[ttft_p50]},"p95":{_MIDDLE_JSON[ttft_p95]}}},'
-                f'"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{prompt + completion},'
-                f'"cost":{{{cost_text}}}}}')
-
+    Speed (docs/benchmarks.md#usage-reports): the rows come back as plain tuples of six values (the numbers packed in
+    one: UsageRollup.packed, see rollup_packed); the rows of an entry are added as one integer each, its percentiles
+    bisected in the cumulated histogram fields, and its JSON written by one format string (no dicts for the tens of
+    thousands of entries of a long grouped report)."""
     with _collector_paused():
-        series, totals = _report_entries(query)
-        parts = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
-                        "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
-        if series:
-            heads = {bucket: f'{{"bucket":{dumps(moment.isoformat()).decode()},'
-                     for bucket, moment in series[0].items()}
-            parts.append(",".join([heads[bucket] + entry(numbers) for bucket, numbers in series[1]]))
-        parts += ['],"totals":[', ",".join(["{" + entry(numbers) for numbers in totals]), "]}"]
-        return "".join(parts).encode()
-
-
-# A percentile as the index of its histogram bucket's middle (None without values), as a number and as JSON.
-_MIDDLE_JSON: dict[int | None, str] = {None: "null", **{i: orjson.dumps(m).decode() for i, m in enumerate(_MIDDLES)}}
-
-
-def _middle(index: int | None) -> float | None:
-    return None if index is None else _MIDDLES[index]
+        return _report_json(query, _report_rows(query))
 
 
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """Python's cycle collector off while a report reads and builds tens of thousands of small objects (tuples,
-    dicts: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a fifth
-    of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
+    strings: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a
+    fifth of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -451,12 +386,8 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _report_entries(query: UsageQuery) -> tuple[tuple[dict[Any, datetime], list[tuple]] | None, list[tuple]]:
-    """A report's numbers: the series ({bucket as stored: its datetime}, [(bucket as stored, numbers)] in the order
-    of bucket, group name, group id), None without the series; and the totals per group ([numbers], most calls
-    first, then by name and id). Numbers: (group name, group id, calls, errors, success rate, {error category:
-    calls}, latency p50 and p95, TTFT p50 and p95 (bucket indexes, see _middle), prompt tokens, completion tokens,
-    [(currency, cost units)])."""
+def _report_rows(query: UsageQuery) -> list[_Row]:
+    """The rollup rows and the calls not rolled up yet of the report, in one snapshot."""
     # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
     # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
     repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
@@ -466,11 +397,17 @@ def _report_entries(query: UsageQuery) -> tuple[tuple[dict[Any, datetime], list[
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         rows = _rollup_rows(query)
         rows += _raw_rows(query)
-    # One pass over the rows: each entry's rows, and each group's sums (per currency, one integer: rollup_packed).
+    return rows
+
+
+def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
+    grouped, series = bool(query.group_by), query.series
+    dumps = orjson.dumps
+    # One pass over the rows: each entry's rows, and each group's sums (one integer per currency: rollup_packed).
     entries: dict[tuple[Any, str], list[_Row]] = {}
     groups: dict[str, list] = {}  # group id -> [name, {currency: packed sum}, {error category: calls}]
+    names: set[tuple[str, str]] = set()  # (name, id) of every row: ranks the entries' names
     from_bytes = int.from_bytes
-    series = query.series
     for row in rows:
         bucket, group, label, category, currency, packed = row
         key = (bucket if series else None, group)
@@ -479,6 +416,7 @@ def _report_entries(query: UsageQuery) -> tuple[tuple[dict[Any, datetime], list[
             entries[key] = [row]
         else:
             found.append(row)
+        names.add((label, group))
         sums = groups.get(group)
         if sums is None:
             sums = groups[group] = [label, {}, {}]
@@ -488,74 +426,103 @@ def _report_entries(query: UsageQuery) -> tuple[tuple[dict[Any, datetime], list[
         sums[1][currency] = sums[1].get(currency, 0) + number
         if category:
             sums[2][category] = sums[2].get(category, 0) + (number & _FIELD_MASK)
-    totals = [_numbers(label, group, _sum_fields(by_currency), errors, by_currency)
-              for group, (label, by_currency, errors) in groups.items()]
-    totals.sort(key=lambda numbers: (-numbers[2], numbers[0], numbers[1]))
-    if not series:
-        return None, totals
-    numbers = {key: _entry_numbers(key[1], entry_rows) for key, entry_rows in entries.items()}
-    # Sorted by bucket, then group name and id: buckets and names ranked once, the entries by one integer each.
-    buckets = {bucket: _as_utc(bucket) for bucket in {bucket for bucket, _group in numbers}}
-    bucket_rank = {bucket: rank for rank, bucket in enumerate(sorted(buckets, key=buckets.__getitem__))}
-    names = sorted({entry[:2] for entry in numbers.values()})
-    name_rank = {name: rank for rank, name in enumerate(names)}
-    width = len(names)
-    order = sorted(numbers, key=lambda key: bucket_rank[key[0]] * width + name_rank[numbers[key][:2]])
-    return (buckets, [(key[0], numbers[key]) for key in order]), totals
+    currencies: dict[str, str] = {}
+    for _label, by_currency, _errors in groups.values():
+        for currency in by_currency:
+            if currency not in currencies:
+                currencies[currency] = dumps(currency).decode() + ':"'
+
+    def group_json(group: str, label: str) -> str:
+        return dumps({"id": group, "name": label}).decode() if grouped else "null"
+
+    totals = []
+    for group, (label, by_currency, errors) in groups.items():
+        fields = _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little"))
+        totals.append((-fields[0], label, group,
+                       _entry_json('{"group":' + group_json(group, label) + ",", fields, errors,
+                                   _costs_json(by_currency, currencies))))
+    totals.sort(key=lambda total: total[:3])
+    parts = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
+                    "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
+    if series and entries:
+        # Each entry's head ({"bucket": ..., "group": ..., ) once per bucket and group name; sorted by bucket, then
+        # group name and id: buckets and names ranked once, the entries by one integer each.
+        buckets = {bucket: _as_utc(bucket) for bucket in {bucket for bucket, _group in entries}}
+        bucket_rank = {bucket: rank for rank, bucket in enumerate(sorted(buckets, key=buckets.__getitem__))}
+        bucket_json = {bucket: '{"bucket":' + dumps(moment.isoformat()).decode() + ',"group":'
+                       for bucket, moment in buckets.items()}
+        name_rank = {name: (rank, group_json(name[1], name[0]) + ",") for rank, name in enumerate(sorted(names))}
+        width = len(name_rank)
+        ranked = []
+        for (bucket, group), entry_rows in entries.items():
+            rank, name_json = name_rank[entry_rows[0][2] if len(entry_rows) == 1 else max(row[2] for row in entry_rows),
+                                        group]
+            ranked.append((bucket_rank[bucket] * width + rank, bucket_json[bucket] + name_json, entry_rows))
+        ranked.sort(key=lambda entry: entry[0])
+        texts = []
+        for _rank, head, entry_rows in ranked:
+            if len(entry_rows) == 1:
+                _bucket, _group, _label, category, currency, packed = entry_rows[0]
+                fields = _fields(packed)
+                units = fields[3]
+                texts.append(_entry_json(
+                    head, fields, {category: fields[0]} if category else None,
+                    f'{currencies[currency]}{units // 10_000_000}.{units % 10_000_000:07d}"' if units >= 10
+                    else currencies[currency] + _cost_text(units) + '"'))
+                continue
+            by_currency: dict[str, int] = {}
+            errors: dict[str, int] = {}
+            for _bucket, _group, _label, category, currency, packed in entry_rows:
+                number = from_bytes(packed, "little")
+                by_currency[currency] = by_currency.get(currency, 0) + number
+                if category:
+                    errors[category] = errors.get(category, 0) + (number & _FIELD_MASK)
+            texts.append(_entry_json(head, _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little")),
+                                     errors, _costs_json(by_currency, currencies)))
+        parts.append(",".join(texts))
+    parts += ['],"totals":[', ",".join([total[3] for total in totals]), "]}"]
+    return "".join(parts).encode()
 
 
-def _sum_fields(by_currency: dict[str, int]) -> Sequence[int]:
-    total = sum(by_currency.values()) if len(by_currency) > 1 else next(iter(by_currency.values()))
-    return _fields(total.to_bytes(_PACKED_BYTES, "little"))
+def _costs_json(by_currency: dict[str, int], currencies: dict[str, str]) -> str:
+    """The inside of a cost object: "currency":"amount" per currency, in currency order, from packed sums."""
+    return ",".join([currencies[currency] + _cost_text((number >> _COST_SHIFT) & _FIELD_MASK) + '"'
+                     for currency, number in sorted(by_currency.items())])
 
 
-def _entry_numbers(group: str, rows: list[_Row]) -> tuple:
-    """The numbers (see _report_entries) of the rows of one bucket and group."""
-    if len(rows) == 1:
-        _bucket, _group, label, category, currency, packed = rows[0]
-        fields = _fields(packed)
-        return _numbers(label, group, fields, {category: fields[0]} if category else {}, None, currency)
-    label = ""
-    by_currency: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    from_bytes = int.from_bytes
-    for _bucket, _group, row_label, category, currency, packed in rows:
-        if row_label > label:
-            label = row_label
-        number = from_bytes(packed, "little")
-        by_currency[currency] = by_currency.get(currency, 0) + number
-        if category:
-            errors[category] = errors.get(category, 0) + (number & _FIELD_MASK)
-    return _numbers(label, group, _sum_fields(by_currency), errors, by_currency)
-
-
-def _numbers(label: str, group: str, fields: Sequence[int], errors: dict[str, int], by_currency: dict[str, int] | None,
-             currency: str = "") -> tuple:
-    """An entry's numbers from its summed fields; its cost from `fields` in `currency`, or per currency from
-    `by_currency` (the packed sums of its rows in each currency)."""
+def _entry_json(head: str, fields: Sequence[int], errors: dict[str, int] | None, cost: str) -> str:
+    """An entry's JSON from its summed packed fields: `head` (its bucket and group) and its numbers. The ranks of
+    p50 and p95 are those of histogram_percentiles: ceil(q * total); (total + 1) >> 1 for p50 (the same number, below
+    2**53 calls). The latency fields start at 4 (_LATENCY_AT)."""
     calls = fields[0]
-    error_count = sum(errors.values()) if errors else 0
-    if by_currency is None:
-        cost = [(currency, fields[3])]
+    if errors:
+        error_count = sum(errors.values())
+        categories = orjson.dumps(dict(sorted(errors.items()))).decode()
+        rate = orjson.dumps(round((calls - error_count) / calls, 4)).decode() if calls else "null"
     else:
-        cost = sorted((currency, (number >> _COST_SHIFT) & _FIELD_MASK) for currency, number in by_currency.items())
-    end = _TTFT_AT
-    total = fields[end - 1]
+        error_count, categories, rate = 0, "{}", "1.0" if calls else "null"
+    total = fields[_TTFT_AT - 1]
     if total:
-        latency_p50 = bisect_left(fields, math.ceil(0.5 * total), _LATENCY_AT, end) - _LATENCY_AT
-        latency_p95 = bisect_left(fields, math.ceil(0.95 * total), _LATENCY_AT, end) - _LATENCY_AT
+        latency = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _LATENCY_AT, _TTFT_AT) - 4]},'
+                   f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _LATENCY_AT, _TTFT_AT) - 4]}}}')
     else:
-        latency_p50 = latency_p95 = None
-    end = _TTFT_AT + HISTOGRAM_BUCKETS
-    total = fields[end - 1]
+        latency = _NO_PERCENTILES
+    total = fields[_END - 1]
     if total:
-        ttft_p50 = bisect_left(fields, math.ceil(0.5 * total), _TTFT_AT, end) - _TTFT_AT
-        ttft_p95 = bisect_left(fields, math.ceil(0.95 * total), _TTFT_AT, end) - _TTFT_AT
+        ttft = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _TTFT_AT, _END) - _TTFT_AT]},'
+                f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _TTFT_AT, _END) - _TTFT_AT]}}}')
     else:
-        ttft_p50 = ttft_p95 = None
-    return (label, group, calls, error_count, round((calls - error_count) / calls, 4) if calls else None,
-            dict(sorted(errors.items())) if len(errors) > 1 else errors, latency_p50, latency_p95, ttft_p50,
-            ttft_p95, fields[1], fields[2], cost)
+        ttft = _NO_PERCENTILES
+    prompt, completion = fields[1], fields[2]
+    return (f'{head}"calls":{calls},"errors":{error_count},"success_rate":{rate},"error_categories":{categories},'
+            f'"latency_ms":{latency},"ttft_ms":{ttft},"prompt_tokens":{prompt},"completion_tokens":{completion},'
+            f'"total_tokens":{prompt + completion},"cost":{{{cost}}}}}')
+
+
+# A percentile as its histogram bucket's middle (see histogram_percentiles), in JSON, by bucket index.
+_MIDDLE_JSON = [orjson.dumps(middle).decode() for middle in _MIDDLES]
+_NO_PERCENTILES = '{"p50":null,"p95":null}'
+_END = _TTFT_AT + HISTOGRAM_BUCKETS
 
 
 # A report's row, as the database returns it: bucket (as stored: entries are keyed by it, and it becomes a datetime

@@ -100,7 +100,7 @@ class UsageJSONRenderer(JSONRenderer):
         if isinstance(data, ReportJSON):
             if not indent:
                 return bytes(data)
-            data = orjson.loads(data)
+            data = orjson.loads(bytes(data))
         if not isinstance(data, dict) or indent:
             return super().render(data, accepted_media_type, renderer_context)
         return orjson.dumps(data)
