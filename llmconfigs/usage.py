@@ -531,8 +531,9 @@ _Row = tuple
 
 
 def _rollup_rows(query: UsageQuery) -> list[_Row]:
-    """The rollup rows of the period as report rows, read as plain tuples: no GROUP BY (the rows are added up in
-    Python, one integer each), no per-value conversion."""
+    """The rollup rows of the period as report rows, read as plain tuples. A grouped series reads each row's packed
+    value (no GROUP BY: the rows are added up in Python, one integer each, and its entries are mostly one row or a
+    few); other reports let the database add up the rows."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     quote = connection.ops.quote_name
     if any(name not in FILTERS for name, _ in query.filters):
@@ -544,14 +545,33 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
     params = [value for size, start, end in pieces for value in (size, adapt(start), adapt(end))]
     params += [value for _, value in query.filters]
     group = quote(id_column) if id_column else "''"
-    label = quote(label_column) if label_column else "''"
     # SQLite: the bucket as stored, not through sqlite3's converter for its declared type (a parse per row).
     bucket = "CAST(bucket AS TEXT)" if connection.vendor == "sqlite" else "bucket"
-    sql = (f"SELECT {bucket}, {group}, {label}, error_category, currency, packed "
-           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where}")
+    table = quote(UsageRollup._meta.db_table)
+    if query.group_by and query.series:
+        label = quote(label_column)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {bucket}, {group}, {label}, error_category, currency, packed FROM {table} "
+                           f"WHERE {where}", params)
+            return cursor.fetchall()
+    # Few entries of many rows each (not grouped, or the totals alone): the database adds up the sum columns per
+    # bucket, group, error category and currency (PostgreSQL does that faster than sending the rows), packed here.
+    # PostgreSQL sums integers as numeric: cast back so that counts are ints, as on SQLite.
+    integer_sum = "CAST(SUM({}) AS BIGINT)" if connection.vendor == "postgresql" else "SUM({})"
+    sums = ", ".join(integer_sum.format(quote(column)) for column in
+                     ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))
+    dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
+                  "currency"]
+    sql = (f"SELECT {bucket if query.series else 'NULL'}, {group}, "
+           f"{f'MAX({quote(label_column)})' if label_column else chr(39) * 2}, error_category, currency, SUM(cost), "
+           f"{sums} FROM {table} WHERE {where} GROUP BY {', '.join(dimensions)}")
+    latency_end = 9 + HISTOGRAM_BUCKETS
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.fetchall()
+        return [(row[0], str(row[1] or ""), row[2] or "", row[3], row[4],
+                 rollup_packed(calls=row[6], prompt_tokens=row[7], completion_tokens=row[8], cost=row[5],
+                               latency=row[9:latency_end], ttft=row[latency_end:]))
+                for row in cursor.fetchall()]
 
 
 def _rollup_pieces(query: UsageQuery) -> list[tuple[str, datetime, datetime]]:
