@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +35,14 @@ def fill(configs: int, *, now: datetime) -> list[str]:
     from django.db import connection, transaction
 
     from llmconfigs.models import HISTOGRAM_BUCKETS, LATENCY_COLUMNS, TTFT_COLUMNS, LLMConfig, UsageRollup
-    from llmconfigs.usage import bucket_start
+    from llmconfigs.usage import bucket_start, rollup_packed
 
     rng = random.Random(7)
     ids = [str(LLMConfig.objects.create(name=f"config-{n}", provider="openai", model_name=f"model-{n % 10}",
                                         is_active=False).pk) for n in range(configs)]
     columns = ["size", "bucket", "config_id", "config_name", "model_name", "route", "app_id", "app_name", "key_id",
                "user_id", "user_name", "kind", "error_category", "currency", "calls", "prompt_tokens",
-               "completion_tokens", "cost", *LATENCY_COLUMNS, *TTFT_COLUMNS]
+               "completion_tokens", "cost", *LATENCY_COLUMNS, *TTFT_COLUMNS, "packed"]
     sql = (f"INSERT INTO {UsageRollup._meta.db_table} ({', '.join(columns)}) "
            f"VALUES ({', '.join(['%s'] * len(columns))})")
     # A few histogram shapes, reused: building 80 values per row is what makes filling slow.
@@ -51,7 +52,10 @@ def fill(configs: int, *, now: datetime) -> list[str]:
         for _ in range(3):
             latency[rng.randrange(12, HISTOGRAM_BUCKETS - 6)] += 5
             ttft[rng.randrange(6, 20)] += 5
-        shapes.append((sum(latency), latency + ttft))
+        calls = sum(latency)
+        packed = rollup_packed(calls=calls, prompt_tokens=calls * 900, completion_tokens=calls * 150,
+                               cost=Decimal(f"{calls * 0.0021:.7f}"), latency=latency, ttft=ttft)
+        shapes.append((calls, [*latency, *ttft, packed]))
     end = bucket_start(now, "hour")
     with transaction.atomic(), connection.cursor() as cursor:
         for size, step, count in (("hour", timedelta(hours=1), 365 * 24), ("day", timedelta(days=1), 366)):

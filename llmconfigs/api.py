@@ -21,7 +21,6 @@ from llmconfigs.services import (
     llm_config_test_connection,
     llm_config_update,
 )
-from llmconfigs.usage import usage_report
 from llmconfigs.usage_api import (
     USAGE_PARAMETERS,
     USAGE_PERMISSION,
@@ -29,6 +28,7 @@ from llmconfigs.usage_api import (
     UsageJSONRenderer,
     UsageReportResponses,
     usage_query,
+    usage_response,
 )
 from opsagent.common.clients import audit_context
 from opsagent.common.permissions import ActionPermissions
@@ -313,7 +313,7 @@ class LLMConfigViewSet(UsageReportResponses, viewsets.ModelViewSet):
     def stats(self, request, pk=None):
         """The usage report of this config alone (as GET /api/usage/?config=<id>, without grouping)."""
         config = self.get_object()
-        return Response(usage_report(query=usage_query(request, config_id=str(config.pk))))
+        return usage_response(request, usage_query(request, config_id=str(config.pk)))
 
     @extend_schema(responses={200: ProviderSerializer(many=True)})
     @action(detail=False, methods=["get"], pagination_class=None)

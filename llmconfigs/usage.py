@@ -6,6 +6,8 @@ from __future__ import annotations
 import decimal
 import gc
 import math
+import struct
+import sys
 import time
 import uuid
 from bisect import bisect_left
@@ -17,6 +19,7 @@ from decimal import Decimal
 from itertools import accumulate, pairwise
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
@@ -120,6 +123,46 @@ _MIDDLES = (round(HISTOGRAM_BOUNDS_MS[0] / 2, 1),
             *(round(math.sqrt(low * high), 1) for low, high in pairwise(HISTOGRAM_BOUNDS_MS)),
             round(HISTOGRAM_BOUNDS_MS[-1], 1))
 
+# UsageRollup.packed: calls, prompt tokens, completion tokens, cost (in units of 10^-7), then both histograms
+# cumulated; unsigned 64-bit little-endian fields.
+_PACKED = struct.Struct(f"<{4 + 2 * HISTOGRAM_BUCKETS}Q")
+_PACKED_BYTES = _PACKED.size
+_LATENCY_AT, _TTFT_AT = 4, 4 + HISTOGRAM_BUCKETS
+_FIELD_MASK = (1 << 64) - 1
+_COST_SHIFT = 3 * 64
+_COST_PLACES = Decimal("0.0000001")
+_FLOAT_DECIMAL = decimal.Context(prec=15).create_decimal_from_float
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def rollup_packed(*, calls: int, prompt_tokens: int, completion_tokens: int, cost: Decimal | float,
+                  latency: Sequence[int], ttft: Sequence[int]) -> bytes:
+    """The UsageRollup.packed value of these sums. Packed rows add up field by field as integers (int.from_bytes:
+    one addition per row instead of one per column), and no field of a sum carries into the next one (every sum
+    stays below 2**64: 1.8e19 calls or tokens, 1.8e12 in a currency); a report's percentiles are bisected in the
+    cumulated histogram fields of its sums."""
+    return _PACKED.pack(calls, prompt_tokens, completion_tokens, _cost_units(cost), *accumulate(latency),
+                        *accumulate(ttft))
+
+
+def _cost_units(cost: Decimal | float | int | None) -> int:
+    """A cost in units of 10^-7 (its seven decimal places; SQLite's float read to 15 digits, as Django does)."""
+    return int(_as_decimal(cost).quantize(_COST_PLACES).scaleb(7))
+
+
+def _cost_text(units: int) -> str:
+    """A cost as the reports write it: str() of the Decimal with seven decimal places (which is scientific below
+    1e-6: "0E-7", "5E-7")."""
+    if units < 10:
+        return str(Decimal(units).scaleb(-7))
+    whole, fraction = divmod(units, 10_000_000)
+    return f"{whole}.{fraction:07d}"
+
+
+def _fields(packed: bytes | memoryview) -> Sequence[int]:
+    """The fields of a packed value (a view over its bytes on little-endian machines, no copy)."""
+    return memoryview(packed).cast("Q") if _LITTLE_ENDIAN else _PACKED.unpack(packed)
+
 
 # ----- aggregation (shared by the rollup and the reports) -----
 
@@ -212,13 +255,16 @@ def _rollup_batch(batch_size: int) -> tuple[int, int]:
 
 def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str]]) -> None:
     """INSERT ... ON CONFLICT DO UPDATE SET sum = sum + excluded.sum: additions in the database, in key order (two
-    runs lock rows in the same order, so they cannot deadlock)."""
+    runs lock rows in the same order, so they cannot deadlock). Then each row's `packed` from the sums the upsert
+    returns: the row stays locked (PostgreSQL) or the database (SQLite) until the transaction ends, so no other run
+    adds to it in between."""
     table = connection.ops.quote_name(UsageRollup._meta.db_table)
-    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS)
+    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS, "packed")
     quoted = [connection.ops.quote_name(c) for c in columns]
-    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):]]
+    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]]
     updates += [f"{q} = excluded.{q}" for q in quoted[len(_KEY_COLUMNS):len(_KEY_COLUMNS) + len(_LABEL_COLUMNS)]]
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    returning = ", ".join(["id", *quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]])
     keys = sorted(groups, key=lambda k: tuple(str(part) for part in k))
     with connection.cursor() as cursor:
         for start in range(0, len(keys), _UPSERT_ROWS):
@@ -229,12 +275,18 @@ def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str
                 size, bucket, *dimensions = key
                 params += [size, connection.ops.adapt_datetimefield_value(bucket), *dimensions, *labels[key],
                            totals.calls, totals.prompt_tokens, totals.completion_tokens,
-                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft]
+                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft, b""]
             cursor.execute(
                 f"INSERT INTO {table} ({', '.join(quoted)}) VALUES {', '.join([row_sql] * len(chunk))} "
-                f"ON CONFLICT ({', '.join(quoted[:len(_KEY_COLUMNS)])}) DO UPDATE SET {', '.join(updates)}",
+                f"ON CONFLICT ({', '.join(quoted[:len(_KEY_COLUMNS)])}) DO UPDATE SET {', '.join(updates)} "
+                f"RETURNING {returning}",
                 params,
             )
+            cursor.executemany(f"UPDATE {table} SET packed = %s WHERE id = %s", [
+                (rollup_packed(calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost=cost,
+                               latency=histograms[:HISTOGRAM_BUCKETS], ttft=histograms[HISTOGRAM_BUCKETS:]), row_id)
+                for row_id, calls, prompt, completion, cost, *histograms in cursor.fetchall()
+            ])
 
 
 def usage_prune(*, now: datetime | None = None, batch_size: int = ROLLUP_BATCH) -> int:
@@ -304,28 +356,27 @@ def usage_period(*, start: datetime | None, end: datetime | None, bucket: str,
 def usage_report(*, query: UsageQuery) -> dict[str, Any]:
     """Per bucket and group: calls, errors by category, success rate, latency and TTFT p50/p95, tokens, cost per
     currency; and the same per group over the whole period. Reads the rollups and the calls not rolled up yet, in
-    one snapshot (a rollup committing in between cannot count a call twice or not at all).
+    one snapshot (a rollup committing in between cannot count a call twice or not at all). The dicts of
+    usage_report_json's JSON, which the API answers as it is."""
+    return orjson.loads(usage_report_json(query=query))
 
-    Speed (docs/benchmarks.md#usage-reports): the database sums the rollups per bucket, group, error category and
-    currency; the rows come back as plain tuples (no ORM conversion of their ninety columns), and each bucket and
-    group is summed column by column and its percentiles read with a bisection of the cumulative histogram."""
-    # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
-    # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
-    repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
+
+def usage_report_json(*, query: UsageQuery) -> bytes:
+    """usage_report's report as compact JSON (as orjson writes it), written directly from the rows.
+
+    Speed (docs/benchmarks.md#usage-reports): the rows come back as plain tuples of six values (the numbers packed in
+    one: UsageRollup.packed, see rollup_packed); the rows of an entry are added as one integer each, its percentiles
+    bisected in the cumulated histogram fields, and its JSON written by one format string (no dicts for the tens of
+    thousands of entries of a long grouped report)."""
     with _collector_paused():
-        with transaction.atomic():
-            if repeatable:
-                with connection.cursor() as cursor:
-                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            rows = [*_rollup_rows(query), *_raw_rows(query)]
-        return _report(query, rows)
+        return _report_json(query, _report_rows(query))
 
 
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """Python's cycle collector off while a report reads and builds tens of thousands of small objects (tuples,
-    dicts: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a fifth
-    of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
+    strings: none in a cycle, freed by reference counting): otherwise it walks the growing heap again and again, a
+    fifth of a grouped report's time. Process-wide, but only for the call; switched back on if it was on."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -335,95 +386,156 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _report(query: UsageQuery, rows: list[_Row]) -> dict[str, Any]:
-    series: dict[tuple[datetime, str], list[_Row]] = {}
+def _report_rows(query: UsageQuery) -> list[_Row]:
+    """The rollup rows and the calls not rolled up yet of the report, in one snapshot."""
+    # PostgreSQL's default (read committed) gives each query its own snapshot; the report needs one for both. (Inside
+    # a caller's transaction the caller's isolation level holds: it can no longer be changed.)
+    repeatable = connection.vendor == "postgresql" and not connection.in_atomic_block
+    with transaction.atomic():
+        if repeatable:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = _rollup_rows(query)
+        rows += _raw_rows(query)
+    return rows
+
+
+def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
+    grouped, series = bool(query.group_by), query.series
+    dumps = orjson.dumps
+    # One pass over the rows: each entry's rows, and each group's sums (one integer per currency: rollup_packed).
+    entries: dict[tuple[Any, str], list[_Row]] = {}
+    groups: dict[str, list] = {}  # group id -> [name, {currency: packed sum}, {error category: calls}]
+    names: set[tuple[str, str]] = set()  # (name, id) of every row: ranks the entries' names
+    from_bytes = int.from_bytes
     for row in rows:
-        series.setdefault((row[0], row[1]), []).append(row)
-    per_group: dict[str, list[_Row]] = {}
-    for (_bucket, group), group_rows in series.items():
-        per_group.setdefault(group, []).extend(group_rows)
-    grouped = bool(query.group_by)
-    entries = []
-    for (bucket, group), group_rows in series.items() if query.series else ():
-        label = max(row[2] for row in group_rows) if grouped else ""
-        entries.append((bucket, label, group, _summary(group_rows)))
-    entries.sort(key=lambda entry: entry[:3])
+        bucket, group, label, category, currency, packed = row
+        key = (bucket if series else None, group)
+        found = entries.get(key)
+        if found is None:
+            entries[key] = [row]
+        else:
+            found.append(row)
+        names.add((label, group))
+        sums = groups.get(group)
+        if sums is None:
+            sums = groups[group] = [label, {}, {}]
+        elif label > sums[0]:
+            sums[0] = label
+        number = from_bytes(packed, "little")
+        sums[1][currency] = sums[1].get(currency, 0) + number
+        if category:
+            sums[2][category] = sums[2].get(category, 0) + (number & _FIELD_MASK)
+    currencies: dict[str, str] = {}
+    for _label, by_currency, _errors in groups.values():
+        for currency in by_currency:
+            if currency not in currencies:
+                currencies[currency] = dumps(currency).decode() + ':"'
+
+    def group_json(group: str, label: str) -> str:
+        return dumps({"id": group, "name": label}).decode() if grouped else "null"
+
     totals = []
-    for group, group_rows in per_group.items():
-        label = max(row[2] for row in group_rows) if grouped else ""
-        totals.append((label, group, _summary(group_rows)))
-    totals.sort(key=lambda total: (-total[2]["calls"], total[0]))
-    return {
-        "from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
-        "group_by": query.group_by or None,
-        "series": [{"bucket": bucket.isoformat(), "group": {"id": group, "name": label} if grouped else None,
-                    **summary} for bucket, label, group, summary in entries],
-        "totals": [{"group": {"id": group, "name": label} if grouped else None, **summary}
-                   for label, group, summary in totals],
-    }
+    for group, (label, by_currency, errors) in groups.items():
+        fields = _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little"))
+        totals.append((-fields[0], label, group,
+                       _entry_json('{"group":' + group_json(group, label) + ",", fields, errors,
+                                   _costs_json(by_currency, currencies))))
+    totals.sort(key=lambda total: total[:3])
+    parts = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
+                    "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
+    if series and entries:
+        # Each entry's head ({"bucket": ..., "group": ..., ) once per bucket and group name; sorted by bucket, then
+        # group name and id: buckets and names ranked once, the entries by one integer each.
+        buckets = {bucket: _as_utc(bucket) for bucket in {bucket for bucket, _group in entries}}
+        bucket_rank = {bucket: rank for rank, bucket in enumerate(sorted(buckets, key=buckets.__getitem__))}
+        bucket_json = {bucket: '{"bucket":' + dumps(moment.isoformat()).decode() + ',"group":'
+                       for bucket, moment in buckets.items()}
+        name_rank = {name: (rank, group_json(name[1], name[0]) + ",") for rank, name in enumerate(sorted(names))}
+        width = len(name_rank)
+        ranked = []
+        for (bucket, group), entry_rows in entries.items():
+            rank, name_json = name_rank[entry_rows[0][2] if len(entry_rows) == 1 else max(row[2] for row in entry_rows),
+                                        group]
+            ranked.append((bucket_rank[bucket] * width + rank, bucket_json[bucket] + name_json, entry_rows))
+        ranked.sort(key=lambda entry: entry[0])
+        texts = []
+        for _rank, head, entry_rows in ranked:
+            if len(entry_rows) == 1:
+                _bucket, _group, _label, category, currency, packed = entry_rows[0]
+                fields = _fields(packed)
+                units = fields[3]
+                texts.append(_entry_json(
+                    head, fields, {category: fields[0]} if category else None,
+                    f'{currencies[currency]}{units // 10_000_000}.{units % 10_000_000:07d}"' if units >= 10
+                    else currencies[currency] + _cost_text(units) + '"'))
+                continue
+            by_currency: dict[str, int] = {}
+            errors: dict[str, int] = {}
+            for _bucket, _group, _label, category, currency, packed in entry_rows:
+                number = from_bytes(packed, "little")
+                by_currency[currency] = by_currency.get(currency, 0) + number
+                if category:
+                    errors[category] = errors.get(category, 0) + (number & _FIELD_MASK)
+            texts.append(_entry_json(head, _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little")),
+                                     errors, _costs_json(by_currency, currencies)))
+        parts.append(",".join(texts))
+    parts += ['],"totals":[', ",".join([total[3] for total in totals]), "]}"]
+    return "".join(parts).encode()
 
 
-# A report's row: bucket, group id, group name, error category, currency, cost (Decimal), then the numbers that add
-# up column by column: calls, prompt tokens, completion tokens, the latency histogram, the TTFT histogram.
-_Row = tuple
-_NUMBERS = 6  # where the numbers start
-_LATENCY = slice(_NUMBERS + 3, _NUMBERS + 3 + HISTOGRAM_BUCKETS)
-_TTFT = slice(_NUMBERS + 3 + HISTOGRAM_BUCKETS, _NUMBERS + 3 + 2 * HISTOGRAM_BUCKETS)
-_COST_PLACES = Decimal("0.0000001")
-_FLOAT_DECIMAL = decimal.Context(prec=15).create_decimal_from_float
+def _costs_json(by_currency: dict[str, int], currencies: dict[str, str]) -> str:
+    """The inside of a cost object: "currency":"amount" per currency, in currency order, from packed sums."""
+    return ",".join([currencies[currency] + _cost_text((number >> _COST_SHIFT) & _FIELD_MASK) + '"'
+                     for currency, number in sorted(by_currency.items())])
 
 
-def _summary(rows: list[_Row]) -> dict[str, Any]:
-    """The numbers of a report entry: the sums of `rows` (one bucket and group, or one group over the period)."""
-    if len(rows) == 1:
-        numbers = rows[0]
+def _entry_json(head: str, fields: Sequence[int], errors: dict[str, int] | None, cost: str) -> str:
+    """An entry's JSON from its summed packed fields: `head` (its bucket and group) and its numbers. The ranks of
+    p50 and p95 are those of histogram_percentiles: ceil(q * total); (total + 1) >> 1 for p50 (the same number, below
+    2**53 calls). The latency fields start at 4 (_LATENCY_AT)."""
+    calls = fields[0]
+    if errors:
+        error_count = sum(errors.values())
+        categories = orjson.dumps(dict(sorted(errors.items()))).decode()
+        rate = orjson.dumps(round((calls - error_count) / calls, 4)).decode() if calls else "null"
     else:
-        numbers = (*rows[0][:_NUMBERS], *map(sum, zip(*(row[_NUMBERS:] for row in rows), strict=True)))
-    calls, prompt_tokens, completion_tokens = numbers[_NUMBERS:_NUMBERS + 3]
-    error_categories: dict[str, int] = {}
-    cost: dict[str, Decimal] = {}
-    for row in rows:
-        if row[3]:
-            error_categories[row[3]] = error_categories.get(row[3], 0) + row[_NUMBERS]
-        cost[row[4]] = cost.get(row[4], 0) + row[5]
-    errors = sum(error_categories.values())
-    latency_p50, latency_p95 = _percentiles(numbers[_LATENCY])
-    ttft_p50, ttft_p95 = _percentiles(numbers[_TTFT])
-    return {
-        "calls": calls,
-        "errors": errors,
-        "success_rate": round((calls - errors) / calls, 4) if calls else None,
-        "error_categories": dict(sorted(error_categories.items())),
-        "latency_ms": {"p50": latency_p50, "p95": latency_p95},
-        "ttft_ms": {"p50": ttft_p50, "p95": ttft_p95},
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "cost": {currency: str(Decimal(amount).quantize(_COST_PLACES)) for currency, amount in sorted(cost.items())},
-    }
+        error_count, categories, rate = 0, "{}", "1.0" if calls else "null"
+    total = fields[_TTFT_AT - 1]
+    if total:
+        latency = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _LATENCY_AT, _TTFT_AT) - 4]},'
+                   f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _LATENCY_AT, _TTFT_AT) - 4]}}}')
+    else:
+        latency = _NO_PERCENTILES
+    total = fields[_END - 1]
+    if total:
+        ttft = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _TTFT_AT, _END) - _TTFT_AT]},'
+                f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _TTFT_AT, _END) - _TTFT_AT]}}}')
+    else:
+        ttft = _NO_PERCENTILES
+    prompt, completion = fields[1], fields[2]
+    return (f'{head}"calls":{calls},"errors":{error_count},"success_rate":{rate},"error_categories":{categories},'
+            f'"latency_ms":{latency},"ttft_ms":{ttft},"prompt_tokens":{prompt},"completion_tokens":{completion},'
+            f'"total_tokens":{prompt + completion},"cost":{{{cost}}}}}')
 
 
-def _percentiles(counts: Sequence[int]) -> tuple[float | None, float | None]:
-    """p50 and p95 of a histogram (as histogram_percentiles), by bisecting its cumulative counts."""
-    cumulative = list(accumulate(counts))
-    total = cumulative[-1]
-    if not total:
-        return None, None
-    return (_MIDDLES[bisect_left(cumulative, max(math.ceil(0.5 * total), 1))],
-            _MIDDLES[bisect_left(cumulative, max(math.ceil(0.95 * total), 1))])
+# A percentile as its histogram bucket's middle (see histogram_percentiles), in JSON, by bucket index.
+_MIDDLE_JSON = [orjson.dumps(middle).decode() for middle in _MIDDLES]
+_NO_PERCENTILES = '{"p50":null,"p95":null}'
+_END = _TTFT_AT + HISTOGRAM_BUCKETS
+
+
+# A report's row, as the database returns it: bucket (as stored: entries are keyed by it, and it becomes a datetime
+# once per bucket), group id, group name, error category, currency, the packed numbers (UsageRollup.packed).
+_Row = tuple
 
 
 def _rollup_rows(query: UsageQuery) -> list[_Row]:
-    """The rollups of the period summed per bucket, group, error category and currency, in one query whose rows are
-    read as they come (the ORM's per-value conversions of ninety columns cost more than the query)."""
+    """The rollup rows of the period as report rows, read as plain tuples. A grouped series reads each row's packed
+    value (no GROUP BY: the rows are added up in Python, one integer each, and its entries are mostly one row or a
+    few); other reports let the database add up the rows."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     quote = connection.ops.quote_name
-    group = quote(id_column) if id_column else "''"
-    label = f"MAX({quote(label_column)})" if label_column else "''"
-    # PostgreSQL sums integers as numeric: cast back so that counts are ints, as on SQLite.
-    integer_sum = "CAST(SUM({}) AS BIGINT)" if connection.vendor == "postgresql" else "SUM({})"
-    sums = ", ".join(["SUM(cost)", *(integer_sum.format(quote(column)) for column in
-                                     ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))])
     if any(name not in FILTERS for name, _ in query.filters):
         raise ValueError(f"Unknown usage filter in {query.filters!r}.")
     pieces = _rollup_pieces(query)
@@ -432,23 +544,34 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
     where += "".join(f" AND {quote(name)} = %s" for name, _ in query.filters)
     params = [value for size, start, end in pieces for value in (size, adapt(start), adapt(end))]
     params += [value for _, value in query.filters]
-    # Without the series the rows are per group over the whole period (one bucket: the earliest).
-    bucket_sql = "bucket" if query.series else "MIN(bucket)"
+    group = quote(id_column) if id_column else "''"
+    # SQLite: the bucket as stored, not through sqlite3's converter for its declared type (a parse per row).
+    bucket = "CAST(bucket AS TEXT)" if connection.vendor == "sqlite" else "bucket"
+    table = quote(UsageRollup._meta.db_table)
+    if query.group_by and query.series:
+        label = quote(label_column)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {bucket}, {group}, {label}, error_category, currency, packed FROM {table} "
+                           f"WHERE {where}", params)
+            return cursor.fetchall()
+    # Few entries of many rows each (not grouped, or the totals alone): the database adds up the sum columns per
+    # bucket, group, error category and currency (PostgreSQL does that faster than sending the rows), packed here.
+    # PostgreSQL sums integers as numeric: cast back so that counts are ints, as on SQLite.
+    integer_sum = "CAST(SUM({}) AS BIGINT)" if connection.vendor == "postgresql" else "SUM({})"
+    sums = ", ".join(integer_sum.format(quote(column)) for column in
+                     ("calls", "prompt_tokens", "completion_tokens", *LATENCY_COLUMNS, *TTFT_COLUMNS))
     dimensions = [*(["bucket"] if query.series else []), *([group] if id_column else []), "error_category",
                   "currency"]
-    sql = (f"SELECT {bucket_sql}, {group}, {label}, error_category, currency, {sums} "
-           f"FROM {quote(UsageRollup._meta.db_table)} WHERE {where} "
-           f"GROUP BY {', '.join(dimensions)}")
-    buckets: dict[Any, datetime] = {}
-    rows = []
+    sql = (f"SELECT {bucket if query.series else 'NULL'}, {group}, "
+           f"{f'MAX({quote(label_column)})' if label_column else chr(39) * 2}, error_category, currency, SUM(cost), "
+           f"{sums} FROM {table} WHERE {where} GROUP BY {', '.join(dimensions)}")
+    latency_end = 9 + HISTOGRAM_BUCKETS
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        for row in cursor.fetchall():
-            bucket = buckets.get(row[0])
-            if bucket is None:
-                bucket = buckets[row[0]] = _as_utc(row[0])
-            rows.append((bucket, str(row[1] or ""), row[2] or "", row[3], row[4], _as_decimal(row[5]), *row[6:]))
-    return rows
+        return [(row[0], str(row[1] or ""), row[2] or "", row[3], row[4],
+                 rollup_packed(calls=row[6], prompt_tokens=row[7], completion_tokens=row[8], cost=row[5],
+                               latency=row[9:latency_end], ttft=row[latency_end:]))
+                for row in cursor.fetchall()]
 
 
 def _rollup_pieces(query: UsageQuery) -> list[tuple[str, datetime, datetime]]:
@@ -490,25 +613,28 @@ def _as_decimal(value: Decimal | float | int | None) -> Decimal:
 
 def _raw_rows(query: UsageQuery) -> list[_Row]:
     """The calls of the period not rolled up yet, summed (as the rollup would) per bucket, group, error category and
-    currency."""
+    currency, as report rows (the bucket as the database stores it)."""
     id_column, label_column = GROUPS.get(query.group_by, ("", ""))
     raw_label = {"user_name": "user__username"}.get(label_column, label_column)
     calls = ProviderCall.objects.filter(rollup_batch__isnull=True, created_at__gte=query.start,
                                         created_at__lt=query.end, **dict(query.filters))
     fields = ["created_at", "error_category", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "cost",
               "currency", *([id_column, raw_label] if id_column else [])]
+    adapt = connection.ops.adapt_datetimefield_value
     sums: dict[tuple, Totals] = {}
     for call in calls.values_list(*fields).iterator():
         created_at, category, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost, currency, *group = call
-        bucket = bucket_start(created_at, query.bucket) if query.series else query.start
+        bucket = adapt(bucket_start(created_at, query.bucket)) if query.series else None
         key = (bucket, str(group[0] or "") if group else "", category, currency)
         totals = sums.setdefault(key, Totals())
         if group:
             totals.label = max(totals.label, group[1] or "")
         totals.add_call(error_category=category, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens, cost=cost, currency=currency)
-    return [(bucket, group, totals.label, category, currency, totals.cost[currency], totals.calls,
-             totals.prompt_tokens, totals.completion_tokens, *totals.latency, *totals.ttft)
+    return [(bucket, group, totals.label, category, currency,
+             rollup_packed(calls=totals.calls, prompt_tokens=totals.prompt_tokens,
+                           completion_tokens=totals.completion_tokens, cost=totals.cost[currency],
+                           latency=totals.latency, ttft=totals.ttft))
             for (bucket, group, category, currency), totals in sums.items()]
 
 

@@ -16,7 +16,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from llmconfigs.models import CallKind, UsageRollup
-from llmconfigs.usage import GROUPS, UsageQuery, usage_csv_rows, usage_period, usage_report
+from llmconfigs.usage import (
+    GROUPS,
+    UsageQuery,
+    usage_csv_rows,
+    usage_period,
+    usage_report,
+    usage_report_json,
+)
 from opsagent.common.permissions import ActionPermissions
 
 USAGE_PERMISSION = "llmconfigs.view_usage"
@@ -71,12 +78,30 @@ def usage_query(request, *, config_id: str = "") -> UsageQuery:
     return dataclasses.replace(query, group_by="", filters=filters)
 
 
+class ReportJSON(bytes):
+    """A report already written as compact JSON (usage_report_json)."""
+
+
+def usage_response(request, query: UsageQuery) -> Response:
+    """The report of `query` for the renderer the request accepted: JSON written directly from the numbers, or the
+    report's dicts for the CSV."""
+    if getattr(request, "accepted_renderer", None) is not None and request.accepted_renderer.format == "csv":
+        return Response(usage_report(query=query))
+    return Response(ReportJSON(usage_report_json(query=query)))
+
+
 class UsageJSONRenderer(JSONRenderer):
-    """A report as compact JSON, encoded by orjson: a grouped report over a long period has tens of thousands of
-    entries, which the standard library's encoder takes several times longer to write (docs/benchmarks.md)."""
+    """A report as compact JSON, encoded by orjson, or as usage_report_json wrote it: a grouped report over a long
+    period has tens of thousands of entries, which the standard library's encoder takes several times longer to
+    write (docs/benchmarks.md)."""
 
     def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
-        if not isinstance(data, dict) or self.get_indent(accepted_media_type or "", renderer_context or {}):
+        indent = self.get_indent(accepted_media_type or "", renderer_context or {})
+        if isinstance(data, ReportJSON):
+            if not indent:
+                return bytes(data)
+            data = orjson.loads(bytes(data))
+        if not isinstance(data, dict) or indent:
             return super().render(data, accepted_media_type, renderer_context)
         return orjson.dumps(data)
 
@@ -138,4 +163,4 @@ class UsageView(UsageReportResponses, APIView):
     @extend_schema(parameters=[*USAGE_PARAMETERS, OpenApiParameter("group_by", OpenApiTypes.STR, enum=list(GROUPS))],
                    responses={200: OpenApiTypes.OBJECT})
     def get(self, request, format=None):
-        return Response(usage_report(query=usage_query(request)))
+        return usage_response(request, usage_query(request))

@@ -465,3 +465,59 @@ def test_negative_counts_of_a_priced_config_are_stored_and_priced_as_nothing(pri
                 for p, c in ((0, 20), (10, 0))]
     assert rows == [(0, 20, expected[0]), (10, 0, expected[1])]
     assert all(cost > 0 for cost in expected)
+
+
+def two_currencies_one_model(make_llm_config):
+    """A USD and a EUR config serving the same model, with a timeout on each and calls over two hours."""
+    usd = make_llm_config(name="usd", model_name="shared-model", input_price_per_million=Decimal("1.5"),
+                          output_price_per_million=Decimal("2"), currency="USD")
+    eur = make_llm_config(name="eur", model_name="shared-model", input_price_per_million=Decimal("3"),
+                          output_price_per_million=Decimal("0.25"), currency="EUR")
+    for config in (usd, eur):
+        for minute in (1, 2, 61):
+            record(config, T0 + timedelta(minutes=minute), prompt=1000, completion=300, latency=40.0 * minute)
+        record(config, T0 + timedelta(minutes=62), category="timeout", prompt=0, completion=0, ttft=None)
+    return usd, eur
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["raw", "rolled-up"])
+def test_an_entry_of_two_currencies_sums_each_and_the_csv_agrees(make_llm_config, reader, rolled):
+    two_currencies_one_model(make_llm_config)
+    if rolled:
+        assert usage_rollup(batch_size=3) == 8  # several runs add to the same rollup rows
+    params = {"from": "2026-03-01T10:00:00Z", "to": "2026-03-01T12:00:00Z", "group_by": "model"}
+    data = report(reader, **params)
+    assert [(row["bucket"], row["calls"], row["errors"], row["error_categories"], row["cost"])
+            for row in data["series"]] == [
+        # USD: 2 x (1000 x 1.5 + 300 x 2) / 1e6; EUR: 2 x (1000 x 3 + 300 x 0.25) / 1e6
+        ("2026-03-01T10:00:00+00:00", 4, 0, {}, {"EUR": "0.0061500", "USD": "0.0042000"}),
+        ("2026-03-01T11:00:00+00:00", 4, 2, {"timeout": 2}, {"EUR": "0.0030750", "USD": "0.0021000"}),
+    ]
+    [total] = data["totals"]
+    assert total["group"] == {"id": "shared-model", "name": "shared-model"}
+    assert (total["calls"], total["errors"], total["success_rate"]) == (8, 2, 0.75)
+    assert total["cost"] == {"EUR": "0.0092250", "USD": "0.0063000"}
+    assert (total["prompt_tokens"], total["completion_tokens"], total["total_tokens"]) == (6000, 1800, 7800)
+    response = client_for(reader).get("/api/usage.csv", params)
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert [(row["calls"], row["errors"], row["error_categories"], row["cost"], row["currency"]) for row in rows] == [
+        ("4", "0", "", "0.0061500 0.0042000", "EUR USD"), ("4", "2", "timeout=2", "0.0030750 0.0021000", "EUR USD")]
+    indented = client_for(reader).get("/api/usage/", params, HTTP_ACCEPT="application/json; indent=2")
+    assert indented.content.startswith(b'{\n  "from"') and indented.json() == data
+
+
+def test_the_migration_fills_packed_from_the_rollup_columns(make_llm_config, reader):
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+
+    fill_packed = importlib.import_module("llmconfigs.migrations.0007_rollup_packed").fill_packed
+    two_currencies_one_model(make_llm_config)
+    usage_rollup()
+    params = {"from": "2026-03-01T10:00:00Z", "to": "2026-03-01T12:00:00Z", "group_by": "config"}
+    before = report(reader, **params)
+    UsageRollup.objects.update(packed=b"")
+    fill_packed(apps, SimpleNamespace(connection=connection))  # all it uses of the schema editor
+    assert report(reader, **params) == before
