@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 AGENT_MODEL = "opsagent"
 AGENT_PREFIX = "app:"
+_AGENT_MARKS = (f'"{AGENT_MODEL}'.encode(), f'"{AGENT_PREFIX}'.encode())
 # The end user of an agent turn asked for without `user`.
 DEFAULT_END_USER = "openai-client"
 # How much of a tool's result an agent answer shows in its reasoning (the whole result is in the app's history).
@@ -108,6 +109,12 @@ def _turn_request(context: AppContext, request: CompletionRequest) -> TurnReques
                        source=Session.Source.API, meter=context.meter, overrides=overrides, history=history)
 
 
+def _may_name_agent(body: bytes) -> bool:
+    """Whether the body may ask for an agent (a cheap look before it is parsed: a false yes costs a checkpointer
+    opening, a false no, such as an escaped name, opens it when the run starts)."""
+    return any(mark in body for mark in _AGENT_MARKS)
+
+
 async def _prepared(prepare: Coroutine[Any, Any, CompletionCall]) -> CompletionCall:
     """Await `prepare`; a client that leaves meanwhile leaves no running agent message behind (as
     agentcore.runs.prepared_or_abandoned does for a turn)."""
@@ -153,20 +160,24 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
         return False
 
     async def respond(self, body: bytes) -> None:
-        saver = SaverOpening()
+        # An agent's checkpointer is opened while the request is checked; a pool's request (most) needs none.
+        saver = SaverOpening() if _may_name_agent(body) else None
         try:
             call = await _prepared(database_sync_to_async(_completion_call)(
                 header(self.scope, b"authorization"), body, header(self.scope, b"content-type"),
                 scope_client_ip(self.scope), self.context,
             ))
         except BaseException:
-            await asyncio.shield(saver.aclose())
+            if saver is not None:
+                await asyncio.shield(saver.aclose())
             raise
         self.model = call.request.model
         if call.turn is None:
-            await asyncio.shield(saver.aclose())
+            if saver is not None:
+                await asyncio.shield(saver.aclose())
             await self.pool(call)
             return
+        saver = saver or SaverOpening()
         try:
             await self.agent(call, saver)
         except asyncio.CancelledError:
