@@ -345,3 +345,16 @@ def test_a_change_right_after_a_flush_is_seen(make_llm_config):
     cache.clear()
     llm_config_cache_invalidate()  # the same again, after a flush
     assert llm_config_get(config_id=config.pk).model_name == "model-b"
+
+
+def test_a_rotated_key_is_read_from_the_cache_as_the_new_key(make_llm_config):
+    from llmconfigs.selectors import llm_config_get
+    from llmconfigs.services import llm_config_update
+
+    config = make_llm_config(api_key="sk-first-key-000000000000")
+    assert llm_config_get(config_id=config.pk).api_key == "sk-first-key-000000000000"
+    assert llm_config_get(config_id=config.pk).api_key == "sk-first-key-000000000000"  # from the cache entry
+
+    llm_config_update(config=LLMConfig.objects.get(pk=config.pk), api_key="sk-second-key-11111111111")
+    assert llm_config_get(config_id=config.pk).api_key == "sk-second-key-11111111111"
+    assert llm_config_get(config_id=config.pk).api_key == "sk-second-key-11111111111"
