@@ -13,9 +13,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx2
 import openai
+import orjson
 from channels.db import database_sync_to_async
 from django.conf import settings
+from openai._httpx2 import request_exceptions, timeout_exceptions
+from openai._streaming_cleanup import drain_response_async
 
 from llmconfigs.errors import InvalidParameter, LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error
@@ -133,11 +137,12 @@ class PoolCompletion:
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The provider's chunks (JSON objects) of a streaming request, from the member that answered."""
-        opened: list[openai.AsyncStream] = []
+        opened: list[ChunkReader] = []
 
         async def call(client: openai.AsyncOpenAI, sent: dict[str, Any]) -> list[dict[str, Any]]:
-            stream = await client.post("/chat/completions", body=sent, cast_to=object, stream=True,
-                                       stream_cls=openai.AsyncStream[object])
+            # The SDK sends the request (its retries, its errors for a refusing status); the chunks are read here.
+            response = await client.post("/chat/completions", body=sent, cast_to=httpx2.Response, stream=True)
+            stream = ChunkReader(response)
             opened.append(stream)
             head = []
             try:
@@ -240,7 +245,94 @@ class PoolCompletion:
                      call=call)
 
 
-async def _close(opened: list[openai.AsyncStream]) -> None:
+class ChunkReader:
+    """The chunks of a provider's streamed answer, each parsed once (orjson) into the dict passed on, read as the
+    SDK's AsyncStream reads them without its per-event layers: the server-sent events' `data` (CR, LF or CRLF line
+    ends, comments, multi-line data), up to `[DONE]` (the rest of the body drained, so the connection is reused); a
+    chunk holding an `error` raises openai.APIError with it as the body, and a transport failure APITimeoutError or
+    APIConnectionError, as the SDK does."""
+
+    def __init__(self, response: httpx2.Response):
+        self.response = response
+        self._chunks = self._read()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._chunks  # one iterator: a loop that stops early leaves the rest to the next
+
+    async def close(self) -> None:
+        await self._chunks.aclose()
+        await self.response.aclose()
+
+    async def _read(self) -> AsyncIterator[Any]:
+        response = self.response
+        try:
+            async for data in self._data():
+                if data.startswith(b"[DONE]"):
+                    if response.http_version == "HTTP/1.1":
+                        await drain_response_async(response)
+                    break
+                chunk = orjson.loads(data)
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else None
+                    if not message or not isinstance(message, str):
+                        message = "An error occurred during streaming"
+                    raise openai.APIError(message, request=response.request, body=error)
+                yield chunk
+        finally:
+            await response.aclose()
+
+    async def _data(self) -> AsyncIterator[bytes]:
+        """The `data` of each event (its data lines joined by LF)."""
+        data: list[bytes] = []
+        event = last_id = False  # an `event` field in the event being read; an `id` field seen in any event
+        retry = False
+        pending = b""
+        try:
+            async for received in self.response.aiter_bytes():
+                pending += received
+                if b"\r" in pending:
+                    # A CR at the end may be the first half of a CRLF: it waits for the next bytes.
+                    cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+                    text, rest = pending[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n"), pending[cut:]
+                else:
+                    text, rest = pending, b""
+                *lines, tail = text.split(b"\n")
+                pending = tail + rest
+                for line in lines:
+                    if not line:
+                        if data or event or last_id or retry:
+                            yield b"\n".join(data)
+                        data, event, retry = [], False, False
+                    elif line[0] == 58:  # b":", a comment
+                        continue
+                    else:
+                        name, _, value = line.partition(b":")
+                        if value[:1] == b" ":
+                            value = value[1:]
+                        if name == b"data":
+                            data.append(value)
+                        elif name == b"event":
+                            event = bool(value)
+                        elif name == b"id":
+                            last_id = last_id if b"\0" in value else bool(value)
+                        elif name == b"retry":
+                            retry = retry or _is_int(value)
+        except timeout_exceptions() as exc:
+            raise openai.APITimeoutError(request=self.response.request) from exc
+        except request_exceptions() as exc:
+            raise openai.APIConnectionError(request=self.response.request) from exc
+
+
+def _is_int(value: bytes) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def _close(opened: list[ChunkReader]) -> None:
     for stream in opened:
         try:
             await stream.close()
