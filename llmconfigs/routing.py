@@ -102,6 +102,8 @@ def pool_order(members: list[LLMConfig], *, first: LLMConfig | None = None) -> l
     did: it is called, and its error is the turn's."""
     if first is not None and all(m.pk != first.pk for m in members):
         members = [first, *members]
+    if len(members) == 1:
+        return list(members)  # available or its own last resort: no health to read
     cooling = cooling_until([m.pk for m in members])
     refused = [m for m in members if m.auth_failed_at is not None]
     cooled = [m for m in members if m.auth_failed_at is None and str(m.pk) in cooling]

@@ -9,7 +9,7 @@ from django.test import override_settings
 
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, ProviderCallError
 from llmconfigs.models import AuditLog, LLMConfig
-from llmconfigs.routing import cooling_until, health_of, provider_failure_record
+from llmconfigs.routing import cooling_until, health_of, pool_order, provider_failure_record
 from llmconfigs.selectors import llm_config_get, llm_pool_resolve
 from llmconfigs.services import llm_config_test_connection, llm_config_update
 from tests.fakes.upstream import Reply
@@ -135,6 +135,16 @@ def test_with_no_member_available_the_unavailable_ones_are_the_last_resort(make_
     provider_failure_record(config=refused, error=ProviderCallError("auth", "bad key", status_code=401))
     provider_failure_record(config=cooled, error=ProviderCallError("rate_limit", "slow down", status_code=429))
     assert _names(llm_pool_resolve(model="m")) == ["cooled", "refused"]
+
+
+def test_a_pool_of_one_is_its_member_whatever_its_health(make_llm_config):
+    alone = make_llm_config(name="alone", model_name="solo")
+    assert _names(llm_pool_resolve(model="solo")) == ["alone"]
+    provider_failure_record(config=alone, error=ProviderCallError("rate_limit", "slow down", status_code=429))
+    assert _names(llm_pool_resolve(model="solo")) == ["alone"]
+    provider_failure_record(config=alone, error=ProviderCallError("auth", "bad key", status_code=401))
+    assert _names(llm_pool_resolve(model="solo")) == ["alone"]
+    assert _names(pool_order([], first=LLMConfig.objects.get(pk=alone.pk))) == ["alone"]
 
 
 def test_weight_below_one_is_refused_by_the_service_and_the_database(make_llm_config):
