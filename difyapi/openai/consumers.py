@@ -16,10 +16,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 
 from agentcore.events import ApprovalRequired, RunEnd, RunError, TextDelta, ThoughtUpdate, Usage
-from agentcore.limits import usage_check
+from agentcore.limits import Counted, usage_check, usage_uncount
 from agentcore.models import Session
 from agentcore.runs import (
     SaverOpening,
@@ -65,6 +66,7 @@ class CompletionCall:
     request: CompletionRequest
     pool: list[LLMConfig] | None = None  # a pool's request; None: the app's agent
     turn: Turn | None = None
+    counted: Counted | None = None  # what the request counts against the requests-per-minute limits
 
 
 def _completion_call(header: str | None, body: bytes, content_type: str | None, client_ip: str | None,
@@ -86,8 +88,8 @@ def _completion_call(header: str | None, body: bytes, content_type: str | None, 
         pool = app_pool_resolve(app=context.app, config_id=config_id, model=None if config_id else model)
     except Exception as exc:
         raise openai_error_from(exc, model=model) or exc from None
-    usage_check(meter=context.meter)
-    return CompletionCall(context=context, request=request, pool=pool)
+    counted = usage_check(meter=context.meter)
+    return CompletionCall(context=context, request=request, pool=pool, counted=counted)
 
 
 def _turn_request(context: AppContext, request: CompletionRequest) -> TurnRequest:
@@ -234,7 +236,11 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
     async def _account(self, call: CompletionCall, completion: PoolCompletion) -> None:
         await completion.settle()
         if not completion.calls and completion.served is None:
-            return  # refused before any provider call
+            # Refused before any provider call (a parameter outside every member's range): only requests let
+            # through use the requests-per-minute quota, as on the Dify surface.
+            if call.counted is not None and call.counted.keys:
+                await sync_to_async(usage_uncount, thread_sensitive=False)(call.counted)
+            return
         context = call.context
         origin = CallOrigin(app_id=str(context.app.pk), app_name=context.app.name, key_id=context.api_key_id)
         try:

@@ -318,3 +318,15 @@ async def test_agent_model_blocking_and_other_apps_are_not_reachable(agent, fake
     assert answer["choices"][0]["message"]["content"] == "Hello agent." and answer["model"] == f"app:{app.name}"
     call, raw = await post(key, ask("app:someone-else"))
     assert call.status == 404 and json.loads(raw)["error"]["code"] == "model_not_found"
+
+
+async def test_a_request_refused_before_any_provider_call_does_not_use_the_rate_limit(pool, fake_upstream):
+    _, key = pool
+    from agentcore.models import AgentApp
+
+    await AgentApp.objects.filter(name="openai-app").aupdate(requests_per_minute=1)
+    call, raw = await post(key, ask(temperature=2.5))  # outside the provider's range: no member is called
+    assert call.status == 400 and json.loads(raw)["error"]["param"] == "temperature", raw
+    assert not fake_upstream.chat_requests
+    assert (await post(key, ask()))[0].status == 200
+    assert (await post(key, ask()))[0].status == 429  # the one request let through counted
