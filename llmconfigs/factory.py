@@ -5,11 +5,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 from django.conf import settings
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from openai._base_client import make_request_options
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llmconfigs.errors import InvalidParameter, ProviderCallError
 from llmconfigs.models import LLMConfig
@@ -151,36 +151,48 @@ class ProviderCompletions:
                                                       extra_body=extra_body, timeout=timeout, **body)
             options = make_request_options(extra_headers=extra_headers, extra_query=extra_query,
                                            extra_body=extra_body, timeout=timeout, security={"bearer_auth": True})
-            stream = await self._completions._post("/chat/completions", body=body, options=options,
-                                                   cast_to=ChatCompletion, stream=True,
-                                                   stream_cls=openai.AsyncStream[ChatCompletionChunk])
-            return ScrubbedStream(stream, api_key=self._api_key)
+            # The SDK sends the request (its retries, its errors for a refusing status) and hands back the raw
+            # response; its chunks are read as plain dicts, which is what LangChain makes of the SDK's chunk models
+            # anyway (model_dump): building those models was half of the server's CPU per streamed chunk.
+            from llmconfigs.completions import ChunkReader
+
+            response = await self._completions._post("/chat/completions", body=body, options=options,
+                                                     cast_to=httpx2.Response, stream=True)
+            return ScrubbedStream(ChunkReader(response), api_key=self._api_key)
         except openai.OpenAIError as exc:
             error = provider_exception_scrubbed(exc, api_key=self._api_key)
         raise error  # outside the except clause, so the original is not kept as its context
 
 
 class ScrubbedStream:
-    """A streamed completion whose errors mid-stream (an `error` event) leave scrubbed, like the call's own."""
+    """A streamed completion read as plain chunk dicts (llmconfigs.completions.ChunkReader) whose errors mid-stream (an
+    `error` event, a dropped connection) leave scrubbed, like the call's own."""
 
-    def __init__(self, stream: openai.AsyncStream, *, api_key: str):
-        self._stream = stream
+    def __init__(self, reader: Any, *, api_key: str):
+        self._reader = reader
         self._api_key = api_key
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
+        return getattr(self._reader, name)
 
     async def __aenter__(self) -> ScrubbedStream:
-        await self._stream.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._stream.__aexit__(*exc_info)
+        await self._reader.close()
 
-    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+    async def close(self) -> None:
+        await self._reader.close()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         error = None
         try:
-            async for chunk in self._stream:
+            async for chunk in self._reader:
+                for choice in (chunk.get("choices") if isinstance(chunk, dict) else None) or ():
+                    # The SDK's model always has a delta (LangChain indexes it); some providers leave it out of the
+                    # last choice, which carries only the finish reason.
+                    if isinstance(choice, dict):
+                        choice.setdefault("delta", {})
                 yield chunk
         except openai.OpenAIError as exc:
             error = provider_exception_scrubbed(exc, api_key=self._api_key)
