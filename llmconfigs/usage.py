@@ -501,18 +501,8 @@ def _entry_json(head: str, fields: Sequence[int], errors: dict[str, int] | None,
         rate = orjson.dumps(round((calls - error_count) / calls, 4)).decode() if calls else "null"
     else:
         error_count, categories, rate = 0, "{}", "1.0" if calls else "null"
-    total = fields[_TTFT_AT - 1]
-    if total:
-        latency = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _LATENCY_AT, _TTFT_AT) - 4]},'
-                   f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _LATENCY_AT, _TTFT_AT) - 4]}}}')
-    else:
-        latency = _NO_PERCENTILES
-    total = fields[_END - 1]
-    if total:
-        ttft = (f'{{"p50":{_MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, _TTFT_AT, _END) - _TTFT_AT]},'
-                f'"p95":{_MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), _TTFT_AT, _END) - _TTFT_AT]}}}')
-    else:
-        ttft = _NO_PERCENTILES
+    latency = _percentiles_json(fields, _LATENCY_AT, _TTFT_AT)
+    ttft = _percentiles_json(fields, _TTFT_AT, _END)
     prompt, completion = fields[1], fields[2]
     return (f'{head}"calls":{calls},"errors":{error_count},"success_rate":{rate},"error_categories":{categories},'
             f'"latency_ms":{latency},"ttft_ms":{ttft},"prompt_tokens":{prompt},"completion_tokens":{completion},'
@@ -523,6 +513,16 @@ def _entry_json(head: str, fields: Sequence[int], errors: dict[str, int] | None,
 _MIDDLE_JSON = [orjson.dumps(middle).decode() for middle in _MIDDLES]
 _NO_PERCENTILES = '{"p50":null,"p95":null}'
 _END = _TTFT_AT + HISTOGRAM_BUCKETS
+
+
+def _percentiles_json(fields: Sequence[int], start: int, end: int) -> str:
+    """p50 and p95 (as JSON) of the cumulated histogram in fields[start:end], whose last field is its total."""
+    total = fields[end - 1]
+    if not total:
+        return _NO_PERCENTILES
+    p50 = _MIDDLE_JSON[bisect_left(fields, (total + 1) >> 1, start, end) - start]
+    p95 = _MIDDLE_JSON[bisect_left(fields, math.ceil(0.95 * total), start, end) - start]
+    return f'{{"p50":{p50},"p95":{p95}}}'
 
 
 # A report's row, as the database returns it: bucket (as stored: entries are keyed by it, and it becomes a datetime

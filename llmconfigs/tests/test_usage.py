@@ -152,16 +152,6 @@ def test_hour_buckets_have_utc_edges(priced_config, reader):
         usage_rollup()
 
 
-def test_day_buckets_start_at_midnight_utc(priced_config, reader):
-    record(priced_config, datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC))
-    record(priced_config, datetime(2026, 3, 2, 0, 0, tzinfo=UTC))
-    for rolled in (False, True):
-        data = report(reader, **{"from": "2026-03-01", "to": "2026-03-03", "bucket": "day"})
-        assert [(r["bucket"], r["calls"]) for r in data["series"]] == [
-            ("2026-03-01T00:00:00+00:00", 1), ("2026-03-02T00:00:00+00:00", 1)], rolled
-        usage_rollup()
-
-
 def test_rollup_counts_each_call_once(priced_config):
     three_successes_and_a_timeout(priced_config)
     assert usage_rollup() == 4
