@@ -54,7 +54,7 @@ def in_process(n: int) -> dict[str, float]:
     from langchain_core.outputs import ChatGenerationChunk
 
     from llmconfigs.models import LLMConfig
-    from llmconfigs.routing import _count_tokens
+    from llmconfigs.routing import _generation_count
     from llmconfigs.usage import CallRecord
 
     config = LLMConfig(name="bench", provider="openai", model_name="bench")
@@ -62,7 +62,7 @@ def in_process(n: int) -> dict[str, float]:
     record = CallRecord(config=config, kind="chat")
     rows = {}
     for name, work in (("record per call", lambda: CallRecord(config=config, kind="chat")),
-                       ("token check per chunk", lambda: _count_tokens(record, chunk))):
+                       ("token check per chunk", lambda: _generation_count(record, chunk))):
         times = []
         for _ in range(n):
             started = time.perf_counter()

@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
-from llmconfigs.factory import provider_error, provider_exception_scrubbed
+from llmconfigs.factory import Delta, chat_deltas, provider_error, provider_exception_scrubbed
 from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.secrets import scrub
 from llmconfigs.usage import CallRecord
@@ -221,6 +221,22 @@ class PoolChatModel(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        async for chunk in self._failover(lambda model: model._astream(messages, stop=stop, **kwargs),
+                                          opens=_generation_opens, count=_generation_count):
+            yield chunk
+
+    async def astream_deltas(self, messages: list[BaseMessage]) -> AsyncIterator[Delta]:
+        """The answer to `messages` of a step without tools (a chat turn), with the same failover and records as
+        `astream`, streamed as `Delta`s read from the provider's chunks without LangChain's per-chunk objects and
+        callbacks (llmconfigs.factory.chat_deltas)."""
+        async for delta in self._failover(lambda model: chat_deltas(model, messages), opens=_delta_opens,
+                                          count=_delta_count):
+            yield delta
+
+    async def _failover(self, open_stream: Callable[[Any], AsyncIterator[Any]], *, opens: Callable[[Any], bool],
+                        count: Callable[[CallRecord, Any], None]) -> AsyncIterator[Any]:
+        """The chunks of the first member whose stream opens (see the class), from `open_stream(member's model)`:
+        `opens(chunk)` tells a first token, `count(call, chunk)` adds a chunk's token counts to its call."""
         if not self.members:
             raise ProviderCallError("unavailable", "The model pool has no member.", status_code=503)
         failure: BaseException | None = None  # the last call's error, scrubbed
@@ -242,9 +258,10 @@ class PoolChatModel(BaseChatModel):
                         raise ProviderCallError("bad_request", exc.message, status_code=400) from None
                     break  # the turn's error is the last call's, not this refusal
                 continue
-            stream = model._astream(messages, stop=stop, **kwargs)
+            stream = open_stream(model)
             try:
-                head = await _first_token(stream, timeout=None if last else settings.LLM_FIRST_TOKEN_TIMEOUT)
+                head = await _first_token(stream, timeout=None if last else settings.LLM_FIRST_TOKEN_TIMEOUT,
+                                          opens=opens)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     # The client left or the run was stopped while this member was called: a call all the same.
@@ -270,10 +287,10 @@ class PoolChatModel(BaseChatModel):
                 self._recording.append(asyncio.ensure_future(database_sync_to_async(health_restore)(config=config)))
             try:
                 for chunk in head:
-                    _count_tokens(call, chunk)
+                    count(call, chunk)
                     yield chunk
                 async for chunk in stream:
-                    _count_tokens(call, chunk)
+                    count(call, chunk)
                     yield chunk
             except PROVIDER_EXCEPTIONS as exc:
                 call.error_category = provider_error(exc, api_key=config.api_key).category
@@ -316,19 +333,34 @@ def attempt_note(*, attempts: list[dict[str, Any]], calls: list[CallRecord], con
         calls.append(call)
 
 
-def _count_tokens(call: CallRecord, chunk: ChatGenerationChunk) -> None:
+def _generation_count(call: CallRecord, chunk: ChatGenerationChunk) -> None:
     usage = getattr(chunk.message, "usage_metadata", None)
     if usage:
         call.prompt_tokens += usage.get("input_tokens", 0)
         call.completion_tokens += usage.get("output_tokens", 0)
 
 
-async def _first_token(stream: AsyncIterator[ChatGenerationChunk], *, timeout: float | None,
-                       ) -> list[ChatGenerationChunk]:
-    """The chunks of `stream` up to and including its first token (or all of them, if it ends without one). Raises
-    TimeoutError when no token came within `timeout` seconds."""
+def _generation_opens(chunk: ChatGenerationChunk) -> bool:
+    message = chunk.message
+    return bool(message.content or message.additional_kwargs or (
+        isinstance(message, AIMessageChunk) and message.tool_call_chunks))
+
+
+def _delta_count(call: CallRecord, delta: Delta) -> None:
+    call.prompt_tokens += delta.prompt_tokens
+    call.completion_tokens += delta.completion_tokens
+
+
+def _delta_opens(delta: Delta) -> bool:
+    return delta.opens
+
+
+async def _first_token(stream: AsyncIterator[Any], *, timeout: float | None, opens: Callable[[Any], bool],
+                       ) -> list[Any]:
+    """The chunks of `stream` up to and including its first token, `opens(chunk)` (or all of them, if it ends
+    without one). Raises TimeoutError when no token came within `timeout` seconds."""
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-    head: list[ChatGenerationChunk] = []
+    head: list[Any] = []
     while True:
         step = anext(stream, None)
         if deadline is None:
@@ -339,7 +371,5 @@ async def _first_token(stream: AsyncIterator[ChatGenerationChunk], *, timeout: f
         if chunk is None:
             return head
         head.append(chunk)
-        message = chunk.message
-        if message.content or message.additional_kwargs or (
-                isinstance(message, AIMessageChunk) and message.tool_call_chunks):
+        if opens(chunk):
             return head

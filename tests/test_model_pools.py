@@ -164,6 +164,20 @@ async def test_a_member_slow_to_its_first_token_hands_the_request_on(chat_app, p
     assert message.attempts[0]["latency_ms"] < 2000
 
 
+@override_settings(LLM_FIRST_TOKEN_TIMEOUT=0.5)
+async def test_a_member_reasoning_before_its_answer_has_answered_and_keeps_the_request(chat_app, plain_user,
+                                                                                       upstreams, member):
+    # Reasoning models stream their reasoning first, for longer than the first-token timeout: it is their first token.
+    await database_sync_to_async(member)("thinker", upstreams.second, priority=1)
+    await database_sync_to_async(member)("alive", upstreams.healthy)
+    upstreams.second.script(Reply(text="Thought it through.", reasoning=["Let me ", "think."], reasoning_delay=1.0))
+    events = await _turn(chat_app, plain_user)
+    assert events[-1].status == "normal" and events[-1].answer == "Thought it through."
+    assert upstreams.healthy.chat_requests == []
+    message = await Message.objects.aget(pk=events[0].message_id)
+    assert [(a["config_name"], a["category"]) for a in message.attempts] == [("thinker", "")]
+
+
 async def test_the_last_member_gets_the_full_timeout(chat_app, plain_user, upstreams, member):
     await database_sync_to_async(member)("slow", upstreams.slow)
     with override_settings(LLM_FIRST_TOKEN_TIMEOUT=0.5):

@@ -14,8 +14,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, RemoveMessage, SystemMessage
-from langchain_core.messages.utils import message_chunk_to_message
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, SystemMessage
 from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command
 
@@ -82,8 +81,6 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
 
 
 _DONE = object()
-# The metadata LangGraph gives the model node's chunks, for the output (a turn run without the graph).
-_MODEL_NODE = {"langgraph_node": "model"}
 
 
 class _Stopped(Exception):
@@ -334,17 +331,28 @@ class _Run:
         prompt = [SystemMessage(system_prompt)] if system_prompt else []
         update: dict[str, Any] = {"messages": asked, "iterations": 0}
         try:
-            chunks: list[AIMessageChunk] = []
+            texts: list[str] = []
+            usage = {"input_tokens": 0, "output_tokens": 0}
+            metadata: dict[str, Any] = {}
+            reported = False
             try:
-                async for chunk in model.astream(prompt + close_dangling_tool_calls(window)):
-                    chunks.append(chunk)
-                    await self.output.on_chunk(chunk, _MODEL_NODE)
+                async for delta in model.astream_deltas(prompt + close_dangling_tool_calls(window)):
+                    if delta.text:
+                        texts.append(delta.text)
+                    if delta.prompt_tokens or delta.completion_tokens:
+                        reported = True
+                        usage["input_tokens"] += delta.prompt_tokens
+                        usage["output_tokens"] += delta.completion_tokens
+                    if delta.finish_reason:
+                        metadata.update(finish_reason=delta.finish_reason, model_name=delta.model_name)
+                    await self.output.on_delta(delta)
             except Exception as exc:
                 error = provider_exception_scrubbed(exc, api_key=chat_model_key(model))
             else:
-                # Merged once at the end (adding chunk by chunk would copy the text so far at every chunk).
-                answer = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0] if chunks else AIMessageChunk("")
-                response = message_chunk_to_message(answer)
+                # The message LangChain would have merged from the chunks: the text, the finish reason and the usage.
+                usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+                response = AIMessage(content="".join(texts), response_metadata=metadata,
+                                     usage_metadata=usage if reported else None)
                 # What the graph's model node writes: the answer, and the history cut to the window when it was cut.
                 trimmed = len(window) < len(history)
                 update = {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed

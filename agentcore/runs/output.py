@@ -23,7 +23,7 @@ from agentcore.limits import usage_record
 from agentcore.models import AgentApp, Approval, Message, Thought
 from agentcore.runs.types import Turn
 from llmconfigs.errors import ProviderCallError
-from llmconfigs.factory import provider_error
+from llmconfigs.factory import Delta, provider_error
 from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
@@ -76,7 +76,15 @@ class RunOutput:
         if chunk.usage_metadata:
             self.prompt_tokens += chunk.usage_metadata.get("input_tokens", 0)
             self.completion_tokens += chunk.usage_metadata.get("output_tokens", 0)
-        text = chunk.text if isinstance(chunk.text, str) else chunk.text()
+        await self.on_text(chunk.text if isinstance(chunk.text, str) else chunk.text())
+
+    async def on_delta(self, delta: Delta) -> None:
+        """A chunk of a chat turn's answer, read without LangChain (agentcore.runs.lifecycle)."""
+        self.prompt_tokens += delta.prompt_tokens
+        self.completion_tokens += delta.completion_tokens
+        await self.on_text(delta.text)
+
+    async def on_text(self, text: str) -> None:
         if not text:
             return
         if self.first_token is None:

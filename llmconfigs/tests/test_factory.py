@@ -175,3 +175,44 @@ def test_provider_exception_scrubbed_leaves_keyless_errors_alone_and_wraps_forei
                                           api_key="sk-abcdefghijklmnop")
     assert isinstance(foreign, ProviderCallError) and foreign.category == "upstream_error"
     assert "sk-abcdefghijklmnop" not in str(foreign) and "proxy said sk-…mnop is wrong" == str(foreign)
+
+
+# Chat turns stream through `chat_deltas`: LangChain's request, the provider's chunks read as plain dicts.
+
+@pytest.mark.django_db(transaction=True)
+async def test_chat_deltas_send_what_langchain_sends_and_read_text_usage_and_finish(make_llm_config, fake_upstream):
+    from asgiref.sync import sync_to_async
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    from llmconfigs.factory import chat_deltas
+
+    config = await sync_to_async(make_llm_config)(provider="deepseek", model_name="deep-fake", temperature=0.4,
+                                                  max_tokens=64)
+    model = chat_model(config, streaming=True)
+    messages = [SystemMessage("Be brief."), HumanMessage("hi"), AIMessage("hello"), HumanMessage("and now?")]
+    fake_upstream.script(Reply(text="one two three", prompt_tokens=11, completion_tokens=3),
+                         Reply(text="one two three", prompt_tokens=11, completion_tokens=3))
+
+    [_ async for _ in model.astream(messages)]
+    deltas = [d async for d in chat_deltas(model, messages)]
+
+    through_langchain, direct = (r.body for r in fake_upstream.chat_requests[-2:])
+    assert direct == through_langchain and direct["stream_options"] == {"include_usage": True}
+    assert "".join(d.text for d in deltas) == "one two three"
+    assert (sum(d.prompt_tokens for d in deltas), sum(d.completion_tokens for d in deltas)) == (11, 3)
+    assert [(d.finish_reason, d.model_name) for d in deltas if d.finish_reason] == [("stop", "deep-fake")]
+    assert [d.opens for d in deltas][:2] == [False, True]  # the role chunk holds no token; the first word does
+
+
+def test_a_delta_opens_on_text_tool_calls_or_reasoning_and_reads_what_providers_leave_out():
+    from llmconfigs.factory import Delta
+
+    assert not Delta.of_chunk({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}).opens
+    assert not Delta.of_chunk({"choices": [{"index": 0, "delta": {"content": None}}]}).opens
+    assert Delta.of_chunk({"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}).opens
+    tool = Delta.of_chunk({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1"}]}}]})
+    assert tool.opens and tool.text == ""
+    last = Delta.of_chunk({"model": "m", "choices": [{"index": 0, "finish_reason": "length"}]})  # no delta at all
+    assert (last.text, last.opens, last.finish_reason, last.model_name) == ("", False, "length", "m")
+    usage = Delta.of_chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": None}})
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.opens) == (5, 0, False)

@@ -50,6 +50,8 @@ class Reply:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     role_chunk: bool = True  # streaming: open with a chunk holding only the role (some providers send none)
+    reasoning: list[str] = field(default_factory=list)  # streaming: `reasoning_content` deltas before the content
+    reasoning_delay: float = 0.0  # seconds after the reasoning, before the first content chunk
 
     def stream_chunks(self) -> list[str]:
         if self.chunks is not None:
@@ -263,6 +265,10 @@ class FakeUpstream:
 
             if reply.role_chunk:
                 await send({"role": "assistant", "content": ""})
+            for piece in reply.reasoning:
+                await send({"reasoning_content": piece})
+            if reply.reasoning_delay:
+                await asyncio.sleep(reply.reasoning_delay)
             for i, piece in enumerate(chunks):
                 if reply.cut_after is not None and i >= reply.cut_after:
                     request.transport.close()
