@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 from daphne import http_protocol, ws_protocol
 from django.conf import settings
+from twisted.web.http import Request
 
 from opsagent.common.limits import body_limit, too_large
 
@@ -19,6 +20,9 @@ from opsagent.common.limits import body_limit, too_large
 # on unread data resets the connection, and the client could lose the answer before reading it.
 LINGER_SECONDS = 2.0
 REASONS = {413: b"Payload Too Large"}
+# Daphne writes every part of a response body with `http.Request.write`, reading `Request` from `twisted.web.http` each
+# time: a module behind Twisted's deprecation proxy, whose attribute reads run Python-level hooks. Read once here.
+_request_write = Request.write
 
 
 def _request_path(channel) -> str:
@@ -55,6 +59,15 @@ class BoundedWebRequest(http_protocol.WebRequest):
             self._refuse(_request_path(self.channel))
             return
         super().handleContentChunk(data)
+
+    def handle_reply(self, message):
+        # A part of a streamed body with more to come (every event of a stream): what daphne does with it, without the
+        # lookup through the proxy module (about a tenth of the server's CPU for a long streamed answer).
+        if (message.get("more_body") and message.get("type") == "http.response.body" and self._response_started
+                and not self.finished and self.channel is not None):
+            _request_write(self, message.get("body", b""))
+            return
+        super().handle_reply(message)
 
     def requestReceived(self, command, path, version):
         if self.refused:  # the body ended while it was being dropped: nothing to hand to the app

@@ -85,8 +85,11 @@ async def test_a_streaming_call_sends_exactly_what_the_sdks_own_create_would(mak
     from asgiref.sync import sync_to_async
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
     from langchain_core.tools import tool
+    from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
 
     from llmconfigs.factory import ProviderCompletions
+
+    _cached_async_httpx_client.cache_clear()  # pooled connections belong to an earlier test's event loop
 
     @tool
     def disk_usage(path: str) -> str:
@@ -183,9 +186,11 @@ def test_provider_exception_scrubbed_leaves_keyless_errors_alone_and_wraps_forei
 async def test_chat_deltas_send_what_langchain_sends_and_read_text_usage_and_finish(make_llm_config, fake_upstream):
     from asgiref.sync import sync_to_async
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
 
     from llmconfigs.factory import chat_deltas
 
+    _cached_async_httpx_client.cache_clear()  # pooled connections belong to an earlier test's event loop
     config = await sync_to_async(make_llm_config)(provider="deepseek", model_name="deep-fake", temperature=0.4,
                                                   max_tokens=64)
     model = chat_model(config, streaming=True)
