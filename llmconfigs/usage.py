@@ -346,9 +346,10 @@ def usage_report_json(*, query: UsageQuery) -> bytes:
     """usage_report's report as compact JSON (as orjson writes it), written directly from the rows.
 
     Speed (docs/benchmarks.md#usage-reports): the rows come back as plain tuples of six values (the numbers packed in
-    one: UsageRollup.packed, see rollup_packed); the rows of an entry are added as one integer each, its percentiles
-    bisected in the cumulated histogram fields, and its JSON written by one format string (no dicts for the tens of
-    thousands of entries of a long grouped report)."""
+    one: UsageRollup.packed, see rollup_packed); an entry of one row is written from that row's packed value, the
+    rows of others added as one integer each (by sum() over int.from_bytes), its percentiles bisected in the
+    cumulated histogram fields, and its JSON written by one format string (no dicts for the tens of thousands of
+    entries of a long grouped report)."""
     with _collector_paused():
         return _report_json(query, _report_rows(query))
 
