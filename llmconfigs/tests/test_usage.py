@@ -18,7 +18,6 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.usage import (
     CallOrigin,
     CallRecord,
-    histogram_percentile,
     provider_calls_record,
     usage_prune,
     usage_rollup,
@@ -108,6 +107,20 @@ def test_without_the_series_the_totals_per_group_are_the_same(priced_config, mak
     priced = next(t for t in by_config if t["group"]["id"] == str(priced_config.pk))
     assert (priced["calls"], priced["errors"], priced["error_categories"]) == (6, 2, {"timeout": 2})
     assert priced["latency_ms"]["p95"] > 2000 and priced["prompt_tokens"] == 3017
+
+
+@pytest.mark.parametrize("params", [{}, {"series": "false"}, {"bucket": "day"}, {"group_by": "model"}],
+                         ids=["series", "totals", "days", "by-model"])
+def test_costs_of_several_rollup_rows_add_up_exactly_beyond_fifteen_digits(make_llm_config, reader, params):
+    # SQLite holds a cost as a float: adding the rows up there rounds a sum to 15 significant digits.
+    for name, price in (("big-a", "123456.781234"), ("big-b", "987654.321234")):
+        config = make_llm_config(name=name, model_name="big", input_price_per_million=Decimal(price),
+                                 output_price_per_million=Decimal("0.567"), currency="USD")
+        record(config, T0, prompt=100_000_000, completion=100)
+    usage_rollup()
+    data = report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z", **params})
+    assert [total["cost"] for total in data["totals"]] == [{"USD": "111111110.2469134"}]
+    assert [row["cost"] for row in data["series"]] == ([] if params.get("series") else [{"USD": "111111110.2469134"}])
 
 
 def test_totals_over_hours_spanning_days_count_exactly_the_hours_of_the_period(priced_config, reader):
@@ -283,8 +296,14 @@ def test_latency_percentiles_stay_within_the_documented_bound(priced_config, rea
             assert true / 2 ** 0.25 <= reported <= true * 2 ** 0.25, (reported, true)
 
 
-def test_percentile_of_nothing_is_none():
-    assert histogram_percentile([0] * 5, 0.5) is None
+@pytest.mark.parametrize("rolled", [False, True], ids=["raw", "rolled-up"])
+def test_percentiles_of_no_values_are_null(priced_config, reader, rolled):
+    record(priced_config, T0, category="timeout", ttft=None)
+    if rolled:
+        usage_rollup()
+    [row] = report(reader, **{"from": "2026-03-01T10:00Z", "to": "2026-03-01T11:00Z"})["series"]
+    assert row["ttft_ms"] == {"p50": None, "p95": None}
+    assert row["latency_ms"] == {"p50": 107.6, "p95": 107.6}
 
 
 def test_group_by_app_key_and_user_name_each_group(priced_config, reader, plain_user):
