@@ -102,6 +102,7 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
+        self.answered_once = False  # a chat turn run without the graph (_answer_once)
 
     # -- the consumer side --
     async def events(self) -> AsyncIterator[Event]:
@@ -161,7 +162,14 @@ class _Run:
             await release()
             # After the last event went out (or the client left): off the stream's path, in the run's own task, so
             # that a run never ends with its prune still to come.
-            await checkpoint_prune(thread_id=str(self.session.pk))
+            if self._superseded_checkpoints():
+                await checkpoint_prune(thread_id=str(self.session.pk))
+
+    def _superseded_checkpoints(self) -> bool:
+        """Whether this run may have left checkpoints older than its conversation's latest. Not when a chat turn
+        opened its conversation: it wrote the conversation's one checkpoint (and nothing after it, unless a stopped
+        or failed answer was added to it)."""
+        return not (self.answered_once and self.turn.session_created and not self.output.partial_kept)
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])
@@ -294,6 +302,7 @@ class _Run:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
             if not self.agent and self.turn.resume is None:
+                self.answered_once = True
                 await self._answer_once(graph, saver, model, system_prompt, graph_input["messages"])
                 return
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,

@@ -68,6 +68,7 @@ class RunOutput:
         self.first_token: float | None = None
         self.finished = False
         self.model: PoolChatModel | None = None  # the run's model, once it has one: its calls and who answered
+        self.partial_kept = False  # a stopped or failed answer was added to the conversation's checkpoint
 
     # -- the graph's output --
     async def on_chunk(self, chunk: Any, metadata: dict[str, Any]) -> None:
@@ -261,6 +262,7 @@ class RunOutput:
         history holds what the user saw. Best effort: the turn's outcome is already decided."""
         if self.iteration is None or not self.iteration.text:
             return
+        self.partial_kept = True
         try:
             async with checkpointer() as saver:
                 await agent_graph(checkpointer=saver).aupdate_state(

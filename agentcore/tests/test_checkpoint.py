@@ -159,6 +159,19 @@ async def test_a_conversation_keeps_only_its_latest_checkpoint(chat_app, plain_u
                                                              "load?", "Load 0.1."]
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["answered", "cut-mid-answer"])
+async def test_the_first_chat_turn_of_a_conversation_leaves_one_checkpoint(chat_app, plain_user, fake_upstream, cut):
+    # A first chat turn writes its conversation's one checkpoint; cut mid-answer, its partial answer is added after it.
+    fake_upstream.script(Reply(text="alpha beta gamma delta", cut_after=2 if cut else None))
+    events = await run_all(TurnRequest(app=chat_app, query="hi", owner=plain_user))
+    session_id = events[0].session_id
+    assert await checkpoint_rows(session_id) == (1, 0)
+    async with checkpointer() as saver:
+        state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": session_id}})
+    answer = "alpha beta " if cut else "alpha beta gamma delta"
+    assert [m.content for m in state.values["messages"]] == ["hi", answer]
+
+
 async def test_an_agent_turn_leaves_one_checkpoint_and_no_writes_of_older_ones(agent_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Noon."),
                          Reply(tool_calls=[ToolCall("current_time", {})]), Reply(text="Still noon."))
