@@ -4,6 +4,7 @@ leaves cancels the upstream call at once."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
-from agentcore.events import Event, RunStarted
+from agentcore.events import Event, RunStarted, TextDelta
 from agentcore.graph import AgentContext, agent_graph, close_dangling_tool_calls, history_window, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
@@ -83,6 +84,25 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
 _DONE = object()
 
 
+class _EventQueue(asyncio.Queue):
+    """A run's events on their way to its consumer. Text deltas of one iteration waiting one after another (the
+    provider's chunks that arrived in one network read, parsed before the consumer's turn) are handed out as one
+    delta, so that they go out in one write. Nothing waits for a batch: it is only what had already arrived."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: collections.deque = collections.deque()
+
+    def _get(self) -> Any:
+        queue = self._queue
+        item = queue.popleft()
+        if type(item) is TextDelta and queue and type(queue[0]) is TextDelta and queue[0].position == item.position:
+            texts = [item.text]
+            while queue and type(queue[0]) is TextDelta and queue[0].position == item.position:
+                texts.append(queue.popleft().text)
+            item = TextDelta(text="".join(texts), position=item.position)
+        return item
+
+
 class _Stopped(Exception):
     """The producer was cancelled by a stop request."""
 
@@ -99,7 +119,7 @@ class _Run:
         self.config = turn.config
         self.agent = self.session.app.mode == AgentApp.Mode.AGENT_CHAT
         self.completion = self.session.app.mode == AgentApp.Mode.COMPLETION
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = _EventQueue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
         self.answered_once = False  # a chat turn run without the graph (_answer_once)

@@ -184,7 +184,9 @@ async def test_cut_stream_saves_the_partial_answer_as_error(chat_app, fake_upstr
     fake_upstream.script(Reply(text="alpha beta gamma delta epsilon", cut_after=2))
     call, raw = await stream(key, body())
     events = data_events(raw)
-    assert [e["event"] for e in events] == ["message", "message", "error"]
+    # The two chunks sent before the cut go out as one or two message events, by the network's timing.
+    assert {e["event"] for e in events[:-1]} == {"message"} and events[-1]["event"] == "error"
+    assert "".join(e["answer"] for e in events[:-1]) == "alpha beta "
     assert_common(events)
     assert events[-1]["code"] == "completion_request_error"
     message = await Message.objects.aget(pk=events[0]["message_id"])
