@@ -107,6 +107,12 @@ def chunk_has_token(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def chunk_ends_head(chunk: dict[str, Any]) -> bool:
+    """Whether a stream's chunks up to this one are all PoolCompletion waits for before passing the answer on (it
+    fails over until then): the first chunk with a token, or one that finishes a choice."""
+    return chunk_has_token(chunk) or any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
+
+
 class PoolCompletion:
     """One client request through the members of a pool, in their try order. A provider error before the first token
     (or, blocking, any provider error) sends the same request to the next member; once a token has gone out, errors
@@ -151,7 +157,7 @@ class PoolCompletion:
             try:
                 async for chunk in stream:
                     head.append(chunk)
-                    if chunk_has_token(chunk) or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                    if chunk_ends_head(chunk):
                         break
             except BaseException:
                 await asyncio.shield(_close([stream]))  # a member given up on stops generating at once
