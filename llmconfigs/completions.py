@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,8 +19,11 @@ import openai
 import orjson
 from channels.db import database_sync_to_async
 from django.conf import settings
-from openai._httpx2 import request_exceptions, timeout_exceptions
+from openai._base_client import get_platform
+from openai._httpx2 import request_exceptions, status_exceptions, timeout_exceptions
+from openai._models import FinalRequestOptions
 from openai._streaming_cleanup import drain_response_async
+from openai._utils import asyncify
 
 from llmconfigs.errors import InvalidParameter, LLMConfigError, ProviderCallError
 from llmconfigs.factory import provider_error
@@ -103,6 +107,12 @@ def chunk_has_token(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def chunk_ends_head(chunk: dict[str, Any]) -> bool:
+    """Whether a stream's chunks up to this one are all PoolCompletion waits for before passing the answer on (it
+    fails over until then): the first chunk with a token, or one that finishes a choice."""
+    return chunk_has_token(chunk) or any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
+
+
 class PoolCompletion:
     """One client request through the members of a pool, in their try order. A provider error before the first token
     (or, blocking, any provider error) sends the same request to the next member; once a token has gone out, errors
@@ -140,15 +150,14 @@ class PoolCompletion:
         opened: list[ChunkReader] = []
 
         async def call(client: openai.AsyncOpenAI, sent: dict[str, Any]) -> list[dict[str, Any]]:
-            # The SDK sends the request (its retries, its errors for a refusing status); the chunks are read here.
-            response = await client.post("/chat/completions", body=sent, cast_to=httpx2.Response, stream=True)
+            response = await stream_request_send(client, sent)
             stream = ChunkReader(response)
             opened.append(stream)
             head = []
             try:
                 async for chunk in stream:
                     head.append(chunk)
-                    if chunk_has_token(chunk) or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                    if chunk_ends_head(chunk):
                         break
             except BaseException:
                 await asyncio.shield(_close([stream]))  # a member given up on stops generating at once
@@ -243,6 +252,74 @@ class PoolCompletion:
         (no `call`) made no provider call: it is counted as an attempt (as routing counts it), not as usage."""
         attempt_note(attempts=self.attempts, calls=self.calls, config=config, category=category, started=started,
                      call=call)
+
+
+class _RequestTemplate:
+    """What the SDK sends to a client's POST /chat/completions, built by the SDK once per client: its options (for
+    its retry delays) and the URL, headers and timeout every such request of that client shares."""
+
+    def __init__(self, client: openai.AsyncOpenAI):
+        self.options = FinalRequestOptions.construct(method="post", url="/chat/completions", json_data={})
+        request = client._build_request(self.options)
+        self.url = request.url
+        self.headers = [(name, value) for name, value in request.headers.multi_items()
+                        if name.lower() not in ("content-length", "transfer-encoding")]
+        self.extensions = request.extensions
+
+    def request(self, content: bytes, *, retries_taken: int) -> httpx2.Request:
+        headers = httpx2.Headers(self.headers)
+        headers["x-stainless-retry-count"] = str(retries_taken)
+        return httpx2.Request("POST", self.url, headers=headers, content=content, extensions=dict(self.extensions))
+
+
+_templates: weakref.WeakKeyDictionary[openai.AsyncOpenAI, _RequestTemplate] = weakref.WeakKeyDictionary()
+
+
+async def stream_request_send(client: openai.AsyncOpenAI, body: dict[str, Any]) -> httpx2.Response:
+    """POST `body` to the client's /chat/completions and return the response, its body unread, as
+    `client.post("/chat/completions", body=body, cast_to=httpx2.Response, stream=True)` does: the same URL, headers
+    and timeout, the SDK's retries (its own decision whether to retry and how long to wait first) and its errors
+    (APIStatusError for a refusing status, APITimeoutError, APIConnectionError). Without its per-request copies of
+    the options and its request building, which cost more than half a millisecond before the first byte goes out."""
+    template = _templates.get(client)
+    if template is None:
+        if client._platform is None:  # its headers name the platform, which may take blocking reads to learn
+            client._platform = await asyncify(get_platform)()
+        template = _templates[client] = _RequestTemplate(client)
+    content = orjson.dumps(body)
+    max_retries = client.max_retries
+    for retries_taken in range(max_retries + 1):
+        retry = retries_taken < max_retries
+        request = template.request(content, retries_taken=retries_taken)
+        try:
+            response = await client._client.send(request, stream=True)
+        except timeout_exceptions() as exc:
+            if retry:
+                await client._sleep_for_retry(retries_taken=retries_taken, max_retries=max_retries,
+                                              options=template.options, response=None)
+                continue
+            raise openai.APITimeoutError(request=request) from exc
+        except openai.OpenAIError:
+            raise
+        except request_exceptions() as exc:
+            if retry:
+                await client._sleep_for_retry(retries_taken=retries_taken, max_retries=max_retries,
+                                              options=template.options, response=None)
+                continue
+            raise openai.APIConnectionError(request=request) from exc
+        try:
+            response.raise_for_status()
+        except status_exceptions():
+            if retry and client._should_retry(response):
+                await response.aclose()
+                await client._sleep_for_retry(retries_taken=retries_taken, max_retries=max_retries,
+                                              options=template.options, response=response)
+                continue
+            if not response.is_closed:
+                await response.aread()
+            raise client._make_status_error_from_response(response) from None
+        return response
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class ChunkReader:

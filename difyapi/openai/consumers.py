@@ -42,7 +42,7 @@ from difyapi.openai.services import CompletionTiming, completion_observe, comple
 from difyapi.openai.validation import CompletionRequest, completion_request_parse, message_text
 from difyapi.sse import HEADERS
 from difyapi.streaming import header
-from llmconfigs.completions import PoolCompletion
+from llmconfigs.completions import PoolCompletion, chunk_ends_head
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
 from llmconfigs.usage import CallOrigin
@@ -210,15 +210,21 @@ class ChatCompletionsConsumer(DifyHttpConsumer):
         try:
             if request.stream:
                 with stream_active(self.surface):
+                    # The chunks before the first token (the role) reach us together with it: they go out with it,
+                    # in one write.
+                    held = b""
                     async with contextlib.aclosing(completion.stream(request.body)) as upstream:
                         async for chunk in upstream:
                             timing.chunk(chunk)
-                            data = chunks.relay(chunk)
+                            held += chunks.relay(chunk)
+                            if not self.started and not chunk_ends_head(chunk):
+                                continue
                             await self.start_stream()
-                            await self.write(data)
+                            await self.write(held)
+                            held = b""
                 observe(status="normal")
                 await self.start_stream()
-                await self.send({"type": "http.response.body", "body": chunks.end()})
+                await self.send({"type": "http.response.body", "body": held + chunks.end()})
             else:
                 answer = await completion.create(request.body)
                 answer.update(id=chunks.id, object="chat.completion", model=request.model)

@@ -110,6 +110,25 @@ async def test_stream_chunks_are_exact(pool, fake_upstream):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in choice_chunks) == "one two three"
 
 
+async def test_the_role_goes_out_in_one_write_with_the_first_token(pool, fake_upstream):
+    _, key = pool
+    fake_upstream.script(Reply(text="one two three"))
+    body = json.dumps(ask(stream=True)).encode()
+    async with AsgiCall(get_default_application(), path=PATH, headers=dify_headers(key), body=body) as call:
+        assert await call.start() == 200
+        first = lines(await call.chunk())
+    assert [c["choices"][0]["delta"] for c in first] == [{"role": "assistant", "content": ""}, {"content": "one "}]
+
+
+async def test_an_answer_without_a_token_sends_every_chunk(pool, fake_upstream):
+    _, key = pool
+    fake_upstream.script(Reply(chunks=[], prompt_tokens=2, completion_tokens=0))
+    _, raw = await post(key, ask(stream=True, stream_options={"include_usage": True}))
+    events = lines(raw)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    assert events[-2]["usage"]["prompt_tokens"] == 2
+
+
 async def test_first_chunk_has_the_role_when_the_provider_sent_none(pool, fake_upstream):
     _, key = pool
     fake_upstream.script(Reply(text="no role here", role_chunk=False))
