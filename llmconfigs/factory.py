@@ -149,15 +149,20 @@ class ProviderCompletions:
             if not body.get("stream"):
                 return await self._completions.create(extra_headers=extra_headers, extra_query=extra_query,
                                                       extra_body=extra_body, timeout=timeout, **body)
-            options = make_request_options(extra_headers=extra_headers, extra_query=extra_query,
-                                           extra_body=extra_body, timeout=timeout, security={"bearer_auth": True})
-            # The SDK sends the request (its retries, its errors for a refusing status) and hands back the raw
-            # response; its chunks are read as plain dicts, which is what LangChain makes of the SDK's chunk models
-            # anyway (model_dump): building those models was half of the server's CPU per streamed chunk.
-            from llmconfigs.completions import ChunkReader
+            # The SDK's retries and its errors for a refusing status, and the raw response; its chunks are read as
+            # plain dicts, which is what LangChain makes of the SDK's chunk models anyway (model_dump): building
+            # those models was half of the server's CPU per streamed chunk.
+            from llmconfigs.completions import ChunkReader, stream_request_send
 
-            response = await self._completions._post("/chat/completions", body=body, options=options,
-                                                     cast_to=httpx2.Response, stream=True)
+            if extra_headers or extra_query or timeout is not openai.NOT_GIVEN:
+                options = make_request_options(extra_headers=extra_headers, extra_query=extra_query,
+                                               extra_body=extra_body, timeout=timeout, security={"bearer_auth": True})
+                response = await self._completions._post("/chat/completions", body=body, options=options,
+                                                         cast_to=httpx2.Response, stream=True)
+            else:
+                # What LangChain sends: the SDK's request for this client prepared once, the extra body merged at the
+                # top level as the SDK merges it (llmconfigs.completions.stream_request_send).
+                response = await stream_request_send(self._completions._client, {**body, **(extra_body or {})})
             return ScrubbedStream(ChunkReader(response), api_key=self._api_key)
         except openai.OpenAIError as exc:
             error = provider_exception_scrubbed(exc, api_key=self._api_key)
