@@ -13,7 +13,14 @@ from decimal import Decimal
 import pytest
 from django.core.management import call_command
 
-from llmconfigs.models import HISTOGRAM_BOUNDS_MS, HISTOGRAM_BUCKETS, TTFT_COLUMNS, ProviderCall, UsageRollup
+from llmconfigs.models import (
+    HISTOGRAM_BOUNDS_MS,
+    HISTOGRAM_BUCKETS,
+    LATENCY_COLUMNS,
+    TTFT_COLUMNS,
+    ProviderCall,
+    UsageRollup,
+)
 from llmconfigs.pricing import usage_cost
 from llmconfigs.usage import (
     CallOrigin,
@@ -22,6 +29,7 @@ from llmconfigs.usage import (
     _fields,
     provider_calls_record,
     rollup_packed,
+    usage_period,
     usage_prune,
     usage_rollup,
 )
@@ -261,7 +269,8 @@ def test_a_later_rollup_into_the_same_row_adds_every_sum_and_takes_the_latest_na
         assert usage_rollup() == 1
     row = UsageRollup.objects.get(size="hour")
     assert (row.calls, row.prompt_tokens, row.app_name) == (2, 20, "after the rename")
-    assert getattr(row, TTFT_COLUMNS[-1]) == 2 and _fields(row.packed)[-1] == 2
+    assert [sum(getattr(row, c) for c in columns) for columns in (LATENCY_COLUMNS, TTFT_COLUMNS)] == [2, 2]
+    assert getattr(row, LATENCY_COLUMNS[-1]) == getattr(row, TTFT_COLUMNS[-1]) == 2 and _fields(row.packed)[-1] == 2
 
 
 def test_calls_without_a_config_or_a_user_roll_up_under_empty_ids(priced_config):
@@ -279,6 +288,15 @@ def test_cost_text_is_the_decimal_with_seven_places_and_packed_fields_are_unsign
     packed = rollup_packed(calls=2**64 - 1, prompt_tokens=2**63, completion_tokens=1, cost=Decimal("0.0000001"),
                            latency=[0] * HISTOGRAM_BUCKETS, ttft=[0] * HISTOGRAM_BUCKETS)
     assert list(_fields(packed)[:4]) == [2**64 - 1, 2**63, 1, 1]
+
+
+
+def test_a_period_ending_inside_a_bucket_ends_at_that_buckets_end():
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    assert usage_period(start=start, end=datetime(2026, 3, 2, 12, 30, tzinfo=UTC), bucket="day") == (
+        start, datetime(2026, 3, 3, tzinfo=UTC))
+    assert usage_period(start=start, end=datetime(2026, 3, 2, 12, 30, tzinfo=UTC), bucket="hour") == (
+        start, datetime(2026, 3, 2, 13, tzinfo=UTC))
 
 
 def test_retention_prunes_in_batches_and_keeps_a_call_at_the_cutoff(priced_config, settings):
