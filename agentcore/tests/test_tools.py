@@ -187,17 +187,21 @@ async def test_http_check_of_a_refused_connection_is_an_error_result_naming_the_
 async def test_http_check_counts_every_chunk_of_the_body_and_stops_at_its_limit(monkeypatch):
     monkeypatch.setattr(builtin, "HTTP_MAX_BYTES", 100_000)
     body = bytes(range(256)) * 1024  # 262,144 bytes: several chunks
-    server = factories.LocalHTTPServer({"/short": (200, {}, body[:99_999]), "/long": (200, {}, body)})
+    server = factories.LocalHTTPServer({"/short": (200, {}, body[:99_999]), "/long": (200, {}, body),
+                                        "/refused": (400, {}, b"bad request")})
     try:
-        short, long = [json.loads(await builtin.http_check_url(f"{server.base_url}/{path}", allow=LOOPBACK))
-                       for path in ("short", "long")]
+        short, long, refused = [json.loads(await builtin.http_check_url(f"{server.base_url}/{path}", allow=LOOPBACK))
+                                for path in ("short", "long", "refused")]
     finally:
         server.close()
+    assert sorted(short) == ["addresses", "bytes", "latency_ms", "ok", "status", "total_ms", "truncated", "url"]
+    assert (short["url"], short["addresses"]) == (f"{server.base_url}/short", ["127.0.0.1"])
     assert (short["ok"], short["status"], short["bytes"], short["truncated"]) == (True, 200, 99_999, False)
     assert long["truncated"] is True and 100_000 <= long["bytes"] < len(body)
     for result in (short, long):
         assert 0 <= result["latency_ms"] <= result["total_ms"]
-    assert server.agents == ["OpsAgent-http-check"] * 2  # the name the checked server's logs show
+    assert (refused["ok"], refused["status"]) == (False, 400)  # a client error is not a healthy answer
+    assert server.agents == ["OpsAgent-http-check"] * 3  # the name the checked server's logs show
 
 
 async def test_each_run_checks_with_its_own_apps_allow_list(agent_app, plain_user, fake_upstream, counting_target):
