@@ -89,9 +89,10 @@ MUTANTS ?= llmconfigs.encryption.* llmconfigs.secrets.* llmconfigs.management.co
 	agentcore.services.x_approval_* difyapi.auth.* agentcore.network.* agentcore.remote_files.* \
 	agentcore.tools.builtin.x_http_check_url* agentcore.tools.policies.x_tool_policy_update* agentcore.limits.* \
 	agentcore.permissions.* opsagent.common.permissions.* llmconfigs.usage.x_provider_calls_record* \
-	llmconfigs.usage.x_histogram_* llmconfigs.usage.xǁTotalsǁadd_call* llmconfigs.usage.x_bucket_start* \
-	llmconfigs.usage.x_usage_rollup* llmconfigs.usage.x__rollup_batch* llmconfigs.usage.x__upsert* \
-	llmconfigs.usage.x_usage_prune*
+	llmconfigs.usage.x_histogram_* llmconfigs.usage.x_rollup_packed* llmconfigs.usage.x__cost_units* \
+	llmconfigs.usage.x__cost_text* llmconfigs.usage.x__fields* llmconfigs.usage.xǁTotalsǁadd_call* \
+	llmconfigs.usage.x_bucket_start* llmconfigs.usage.x_bucket_length* llmconfigs.usage.x_usage_rollup* \
+	llmconfigs.usage.x__rollup_batch* llmconfigs.usage.x__upsert* llmconfigs.usage.x_usage_prune*
 
 mutate: install-dev
 	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -12,16 +13,20 @@ from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.cache import cache
 
 from agentcore.limits import (
     COST_UNIT,
     LIMIT_FIELDS,
+    Counted,
     Limits,
     MemoryCounters,
     Meter,
     OverLimit,
+    RedisCounters,
     usage_check,
     usage_current,
     usage_record,
@@ -32,7 +37,7 @@ from difyapi.auth import api_key_create
 from difyapi.models import ApiKey
 from difyapi.tests.factories import DifyClient, assert_error, make_message, make_session
 from llmconfigs.models import AuditLog
-from opsagent.common.dependencies import DependencyUnavailable
+from opsagent.common.dependencies import DependencyUnavailable, redis_server
 from tests.e2e.dify_servers import dify_post
 from tests.fakes.upstream import Reply
 
@@ -279,6 +284,55 @@ def test_redis_counters_refuse_at_the_edge_and_add_usage():
         usage_check(meter=budget)
     assert refused.value.budget is True
     assert usage_current(scope=f"app:{budget.app_id}")["cost_per_month"] == Decimal("0.5000")
+
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL")
+def test_with_redis_the_counters_are_kept_in_redis_where_every_worker_sees_them():
+    # Counters in this process's memory would pass every other test here: one process sees its own counts.
+    meter = Meter(app_id=str(uuid.uuid4()), app_limits=Limits(tokens_per_day=100))
+    usage_record(meter=meter, tokens=7, cost=Decimal(0))
+    client = cache._cache.get_client(write=True)
+    stored = [int(client.get(key)) for key in client.scan_iter(match=f"usage:app:{meter.app_id}:*")]
+    assert stored == [7, 7, 7]  # its minute, day and month
+
+
+def test_counters_on_an_unreachable_redis_fail_as_the_redis_dependency_and_log_why(caplog):
+    with socket.socket() as closed:  # a port nothing listens on: every connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+
+    class Unreachable(RedisCounters):
+        def _client(self):
+            return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=5)
+
+    operations = {"check": lambda c: c.check([("k", 1, True, 60)]), "uncount": lambda c: c.uncount(["k"]),
+                  "add": lambda c: c.add([("k", 1, 60)]), "read": lambda c: c.read(["k"])}
+    for name, operation in operations.items():
+        redis_server.up()  # each operation tries the server itself, not the open circuit breaker of the last one
+        caplog.clear()
+        with pytest.raises(DependencyUnavailable) as failed:
+            operation(Unreachable())  # a new instance: its scripts are registered on first use
+        assert failed.value.dependency == "redis", name
+        assert "redis is unreachable (network:ConnectionError)" in caplog.text, name  # why, not "(None)"
+
+
+def test_a_request_given_back_during_a_redis_outage_stays_counted_and_is_logged_not_raised(monkeypatch, caplog):
+    class Down(MemoryCounters):
+        def uncount(self, keys):
+            raise DependencyUnavailable("redis")
+
+    monkeypatch.setattr("agentcore.limits._memory", Down())
+    monkeypatch.setattr("agentcore.limits._redis", Down())
+    usage_uncount(Counted(keys=("usage:app:a:req:m1",)))
+    assert [r.getMessage() for r in caplog.records if r.name == "agentcore.limits"] == [
+        f"a refused request stays counted: {DependencyUnavailable('redis').message}"]
+
+
+def test_giving_back_a_request_whose_counter_is_gone_changes_nothing():
+    counters = MemoryCounters()  # e.g. a restart, or an expired counter the memory bound dropped
+    counters.uncount(["never-counted"])
+    assert counters.read(["never-counted"]) == [0]
 
 
 # ----- the models an app may use -----

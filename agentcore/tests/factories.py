@@ -34,18 +34,20 @@ def types(events: list[Event]) -> list[str]:
 
 class LocalHTTPServer:
     """A local HTTP server answering GETs from `routes` (path -> (status, headers, body)); it records the path and
-    Host header of every request that reaches it (404 for unknown paths)."""
+    Host and User-Agent headers of every request that reaches it (404 for unknown paths)."""
 
     def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]):
         self.routes = routes
         self.requests: list[str] = []
         self.hosts: list[str | None] = []
+        self.agents: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
                 server.hosts.append(self.headers.get("Host"))
+                server.agents.append(self.headers.get("User-Agent"))
                 status, headers, payload = server.routes.get(self.path, (404, {}, b"not found"))
                 self.send_response(status)
                 for name, value in {**headers, "Content-Length": str(len(payload))}.items():

@@ -61,6 +61,7 @@ async def test_a_document_is_fetched_and_redirects_are_followed(documents):
     assert await remote_file_fetch(f"{documents.url}/hop", max_bytes=10_000, allow=LOOPBACK) == \
         b"# Disk\n/var is 93% full"
     assert documents.requests == ["/notes.md", "/hop", "/notes.md"]
+    assert documents.agents == ["OpsAgent"] * 3  # the name the fetched server's logs show for every hop
 
 
 async def test_a_redirect_to_metadata_is_refused_even_when_the_first_hop_is_allowed(documents, outbound_connections):

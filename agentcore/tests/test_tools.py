@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -159,6 +160,48 @@ async def test_http_check_reports_a_redirect_to_such_a_name_without_following_it
     assert result["status"] == 302 and result["location"] == "http://mixed.example/latest/meta-data"
     assert outbound_connections == [("127.0.0.1", target.port)]
     assert "mixed.example" not in scripted_dns.asked
+
+
+
+async def test_http_check_of_a_silent_server_is_a_timeout_result_at_the_floor_of_its_timeout():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # connections are accepted by the kernel; nothing is ever sent back
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+    try:
+        result = json.loads(await builtin.http_check_url(url, timeout=0.1, allow=LOOPBACK))  # raised to 0.5 s
+    finally:
+        silent.close()
+    assert result == {"url": url, "ok": False, "error": "timed out after 0.5 s"}
+
+
+async def test_http_check_of_a_refused_connection_is_an_error_result_naming_the_error():
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    result = json.loads(await builtin.http_check_url(url, allow=LOOPBACK))
+    assert sorted(result) == ["error", "ok", "url"] and (result["url"], result["ok"]) == (url, False)
+    assert result["error"].startswith("ConnectError: ")
+
+
+async def test_http_check_counts_every_chunk_of_the_body_and_stops_at_its_limit(monkeypatch):
+    monkeypatch.setattr(builtin, "HTTP_MAX_BYTES", 100_000)
+    body = bytes(range(256)) * 1024  # 262,144 bytes: several chunks
+    server = factories.LocalHTTPServer({"/short": (200, {}, body[:99_999]), "/long": (200, {}, body),
+                                        "/refused": (400, {}, b"bad request")})
+    try:
+        short, long, refused = [json.loads(await builtin.http_check_url(f"{server.base_url}/{path}", allow=LOOPBACK))
+                                for path in ("short", "long", "refused")]
+    finally:
+        server.close()
+    assert sorted(short) == ["addresses", "bytes", "latency_ms", "ok", "status", "total_ms", "truncated", "url"]
+    assert (short["url"], short["addresses"]) == (f"{server.base_url}/short", ["127.0.0.1"])
+    assert (short["ok"], short["status"], short["bytes"], short["truncated"]) == (True, 200, 99_999, False)
+    assert long["truncated"] is True and 100_000 <= long["bytes"] < len(body)
+    for result in (short, long):
+        assert 0 <= result["latency_ms"] <= result["total_ms"]
+    assert (refused["ok"], refused["status"]) == (False, 400)  # a client error is not a healthy answer
+    assert server.agents == ["OpsAgent-http-check"] * 3  # the name the checked server's logs show
 
 
 async def test_each_run_checks_with_its_own_apps_allow_list(agent_app, plain_user, fake_upstream, counting_target):

@@ -13,12 +13,23 @@ from decimal import Decimal
 import pytest
 from django.core.management import call_command
 
-from llmconfigs.models import ProviderCall, UsageRollup
+from llmconfigs.models import (
+    HISTOGRAM_BOUNDS_MS,
+    HISTOGRAM_BUCKETS,
+    LATENCY_COLUMNS,
+    TTFT_COLUMNS,
+    ProviderCall,
+    UsageRollup,
+)
 from llmconfigs.pricing import usage_cost
 from llmconfigs.usage import (
     CallOrigin,
     CallRecord,
+    _cost_text,
+    _fields,
     provider_calls_record,
+    rollup_packed,
+    usage_period,
     usage_prune,
     usage_rollup,
 )
@@ -234,6 +245,8 @@ def test_a_rollup_of_one_call_per_batch_ends(priced_config):
     record(priced_config, T0 + timedelta(minutes=1))
     assert usage_rollup(batch_size=1) == 2
     assert usage_rollup(batch_size=1) == 0
+    # and a batch never takes more than its size: each call was claimed by a batch of its own
+    assert ProviderCall.objects.values("rollup_batch").distinct().count() == 2
 
 
 def test_a_rollup_of_more_groups_than_one_statement_takes_adds_each_once(priced_config):
@@ -245,6 +258,45 @@ def test_a_rollup_of_more_groups_than_one_statement_takes_adds_each_once(priced_
     assert [(r.bucket, r.calls) for r in hours] == [(midnight + timedelta(hours=h), 1) for h in range(101)]
     days = UsageRollup.objects.filter(size="day").order_by("bucket").values_list("calls", "prompt_tokens")
     assert list(days) == [(24, 240), (24, 240), (24, 240), (24, 240), (5, 50)]
+
+
+
+def test_a_later_rollup_into_the_same_row_adds_every_sum_and_takes_the_latest_names(priced_config):
+    slowest = HISTOGRAM_BOUNDS_MS[-1] * 2  # past the last bound: counted in the last bucket of both histograms
+    for minute, app_name in ((1, "before the rename"), (2, "after the rename")):
+        record(priced_config, T0 + timedelta(minutes=minute), latency=slowest, ttft=slowest,
+               origin=CallOrigin(app_id="a1", app_name=app_name))
+        assert usage_rollup() == 1
+    row = UsageRollup.objects.get(size="hour")
+    assert (row.calls, row.prompt_tokens, row.app_name) == (2, 20, "after the rename")
+    assert [sum(getattr(row, c) for c in columns) for columns in (LATENCY_COLUMNS, TTFT_COLUMNS)] == [2, 2]
+    assert getattr(row, LATENCY_COLUMNS[-1]) == getattr(row, TTFT_COLUMNS[-1]) == 2 and _fields(row.packed)[-1] == 2
+
+
+def test_calls_without_a_config_or_a_user_roll_up_under_empty_ids(priced_config):
+    record(priced_config, T0)
+    ProviderCall.objects.update(config=None)  # as deleting the config leaves its calls
+    usage_rollup()
+    assert sorted(UsageRollup.objects.values_list("size", "config_id", "user_id", "calls")) == [
+        ("day", "", "", 1), ("hour", "", "", 1)]
+
+
+def test_cost_text_is_the_decimal_with_seven_places_and_packed_fields_are_unsigned():
+    for units in (0, 1, 5, 9, 10, 11, 99, 12_345_678, 10_000_000, 10_000_001, 2**64 - 1):
+        assert _cost_text(units) == str(Decimal(units).scaleb(-7)), units
+    assert (_cost_text(5), _cost_text(10), _cost_text(12_345_678)) == ("5E-7", "0.0000010", "1.2345678")
+    packed = rollup_packed(calls=2**64 - 1, prompt_tokens=2**63, completion_tokens=1, cost=Decimal("0.0000001"),
+                           latency=[0] * HISTOGRAM_BUCKETS, ttft=[0] * HISTOGRAM_BUCKETS)
+    assert list(_fields(packed)[:4]) == [2**64 - 1, 2**63, 1, 1]
+
+
+
+def test_a_period_ending_inside_a_bucket_ends_at_that_buckets_end():
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    assert usage_period(start=start, end=datetime(2026, 3, 2, 12, 30, tzinfo=UTC), bucket="day") == (
+        start, datetime(2026, 3, 3, tzinfo=UTC))
+    assert usage_period(start=start, end=datetime(2026, 3, 2, 12, 30, tzinfo=UTC), bucket="hour") == (
+        start, datetime(2026, 3, 2, 13, tzinfo=UTC))
 
 
 def test_retention_prunes_in_batches_and_keeps_a_call_at_the_cutoff(priced_config, settings):
