@@ -78,9 +78,11 @@ def bench_server(*, database_url: str, redis_url: str, apps: list[tuple[str, str
         server_database_url = f"sqlite:///{workdir / 'bench.sqlite3'}"
     port = free_port()
     upstream_url = f"http://127.0.0.1:{port}/v1"
-    text = os.environ.get("BENCH_UPSTREAM_TEXT")
+    # BENCH_UPSTREAM_TEXT: the fake upstream's answer (its words are the chunks); BENCH_UPSTREAM_DELAY: seconds
+    # between its chunks (each then arrives in a network read of its own).
+    text, delay = os.environ.get("BENCH_UPSTREAM_TEXT"), os.environ.get("BENCH_UPSTREAM_DELAY")
     upstream = subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(port),
-                                 *(["--text", text] if text else [])], cwd=ROOT,
+                                 *(["--text", text] if text else []), *(["--delay", delay] if delay else [])], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = server_env(database_url=server_database_url, redis_url=redis_url, LOG_LEVEL="WARNING",
                      MEDIA_ROOT=str(workdir / "media"), **settings)

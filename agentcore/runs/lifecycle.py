@@ -375,6 +375,8 @@ class _Run:
                     if delta.finish_reason:
                         metadata.update(finish_reason=delta.finish_reason, model_name=delta.model_name)
                     await self.output.on_delta(delta)
+                # What the answer's last network read brought goes out before the checkpoint is written.
+                await asyncio.sleep(0)
             except Exception as exc:
                 error = provider_exception_scrubbed(exc, api_key=chat_model_key(model))
             else:

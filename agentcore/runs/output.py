@@ -88,13 +88,17 @@ class RunOutput:
     async def on_text(self, text: str) -> None:
         if not text:
             return
-        if self.first_token is None:
+        first = self.first_token is None
+        if first:
             self.first_token = time.monotonic()
         iteration = self._current_iteration()
         iteration.text += text
         # Chunks that arrived together are all parsed (tens of microseconds each) before the consumer's turn, which
-        # takes them as one delta (agentcore.runs.lifecycle._EventQueue): one write instead of one per chunk.
+        # takes them as one delta (agentcore.runs.lifecycle._EventQueue): one write instead of one per chunk. The
+        # first token goes out at once, before the chunks that came with it are parsed.
         self.queue.put_nowait(TextDelta(text=text, position=iteration.position))
+        if first:
+            await asyncio.sleep(0)
 
     def _current_iteration(self) -> _Iteration:
         if self.iteration is None:
