@@ -249,9 +249,15 @@ class Delta:
         usage = getattr(message, "usage_metadata", None) or {}
         text = message.text if isinstance(message.text, str) else message.text()
         info = chunk.generation_info or {}
-        return cls(text, opens=bool(text or message.additional_kwargs or getattr(message, "tool_call_chunks", None)),
+        return cls(text, opens=generation_opens(chunk),
                    prompt_tokens=usage.get("input_tokens", 0), completion_tokens=usage.get("output_tokens", 0),
                    finish_reason=info.get("finish_reason") or "", model_name=info.get("model_name") or "")
+
+
+def generation_opens(chunk: Any) -> bool:
+    """Whether a LangChain generation chunk opens the answer: text, a tool call or anything the provider added."""
+    message = chunk.message
+    return bool(message.content or message.additional_kwargs or getattr(message, "tool_call_chunks", None))
 
 
 async def chat_deltas(model: Any, messages: list[Any]) -> AsyncIterator[Delta]:

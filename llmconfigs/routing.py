@@ -26,14 +26,14 @@ from django.core.cache import cache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.chat_models import agenerate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import Field, PrivateAttr
 
 from llmconfigs.errors import LLMConfigError, ProviderCallError
-from llmconfigs.factory import Delta, chat_deltas, provider_error, provider_exception_scrubbed
+from llmconfigs.factory import Delta, chat_deltas, generation_opens, provider_error, provider_exception_scrubbed
 from llmconfigs.models import CallKind, LLMConfig
 from llmconfigs.secrets import scrub
 from llmconfigs.usage import CallRecord
@@ -222,7 +222,7 @@ class PoolChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         async for chunk in self._failover(lambda model: model._astream(messages, stop=stop, **kwargs),
-                                          opens=_generation_opens, count=_generation_count):
+                                          opens=generation_opens, count=_generation_count):
             yield chunk
 
     async def astream_deltas(self, messages: list[BaseMessage]) -> AsyncIterator[Delta]:
@@ -338,12 +338,6 @@ def _generation_count(call: CallRecord, chunk: ChatGenerationChunk) -> None:
     if usage:
         call.prompt_tokens += usage.get("input_tokens", 0)
         call.completion_tokens += usage.get("output_tokens", 0)
-
-
-def _generation_opens(chunk: ChatGenerationChunk) -> bool:
-    message = chunk.message
-    return bool(message.content or message.additional_kwargs or (
-        isinstance(message, AIMessageChunk) and message.tool_call_chunks))
 
 
 def _delta_count(call: CallRecord, delta: Delta) -> None:

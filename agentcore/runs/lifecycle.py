@@ -122,7 +122,6 @@ class _Run:
         self.queue: asyncio.Queue = _EventQueue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
-        self.answered_once = False  # a chat turn run without the graph (_answer_once)
 
     # -- the consumer side --
     async def events(self) -> AsyncIterator[Event]:
@@ -187,9 +186,9 @@ class _Run:
 
     def _superseded_checkpoints(self) -> bool:
         """Whether this run may have left checkpoints older than its conversation's latest. Not when a chat turn
-        opened its conversation: it wrote the conversation's one checkpoint (and nothing after it, unless a stopped
-        or failed answer was added to it)."""
-        return not (self.answered_once and self.turn.session_created and not self.output.partial_kept)
+        opened its conversation (a new conversation is never a resumed one): it wrote the conversation's one
+        checkpoint, or none, and nothing after it unless a stopped or failed answer was added to it."""
+        return self.agent or not self.turn.session_created or self.output.partial_kept
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])
@@ -322,7 +321,6 @@ class _Run:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
             if not self.agent and self.turn.resume is None:
-                self.answered_once = True
                 await self._answer_once(graph, saver, model, system_prompt, graph_input["messages"])
                 return
             context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,
