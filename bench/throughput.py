@@ -19,7 +19,8 @@ Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
             chunks) against a plain asyncio proxy loop in this script (`floor_proxy`: reads the upstream's SSE with
             httpx, writes one Dify `message` event per chunk to its client) as the floor. Per chunk = (CPU of a long
             answer - CPU of a short one) / (chunks of the long - of the short), both sides interleaved. Goal: at
-            most 1.5x the floor.
+            most 1.5x the floor. The long answer's chunks are sent back to back, so many arrive in one network
+            read; --long-delay spaces them (seconds between chunks) so that each arrives alone, for both sides.
 5. workers  Streams per second for a fixed burst (--burst concurrent short streams, PostgreSQL + Redis only): two
             worker processes vs one, for daphne (two processes sharing one listening socket, `-e fd:...`) and
             uvicorn (`--workers 2`), alternated. Goal: 2 workers >= 1.8x one. Also checks that a WebSocket
@@ -165,7 +166,8 @@ def fake_upstreams(args: argparse.Namespace) -> Iterator[dict[str, str]]:
     specs = {
         "short": [],
         "slow": ["--text", slow_text, "--delay", str(args.slow_seconds / max(1, args.slow_chunks - 1))],
-        "long": ["--text", " ".join(["tok"] * args.long_chunks)],
+        "long": ["--text", " ".join(["tok"] * args.long_chunks),
+                 *(["--delay", str(args.long_delay)] if args.long_delay else [])],
     }
     workdir = Path(tempfile.mkdtemp(prefix="tput-upstream-"))
     processes, urls = [], {}
@@ -572,7 +574,9 @@ def row_chunks(args, backend: str, servers: list[tuple[Stack, Server]], floor: t
     long = asyncio.run(cpu_per_request(long_sides, args.long_n, warmup=2))
     chunks = args.long_chunks - SHORT_CHUNKS
     per_k = [(lo - sh) / chunks * 1000 for lo, sh in zip(long, short, strict=True)]
-    print(f"row 4 [{backend}] CPU per 1,000 streamed chunks (answers of {args.long_chunks} vs {SHORT_CHUNKS} chunks, "
+    spacing = f"{args.long_delay * 1000:g} ms apart" if args.long_delay else "back to back"
+    print(f"row 4 [{backend}] CPU per 1,000 streamed chunks (answers of {args.long_chunks} chunks {spacing} "
+          f"vs {SHORT_CHUNKS} chunks, "
           f"n={args.long_n} each, interleaved):", flush=True)
     for side, lo, per in zip(long_sides, long, per_k, strict=True):
         print(f"    {side.label:<34} {per:8.1f} ms per 1,000 chunks ({lo:.0f} ms per long answer)"
@@ -697,6 +701,8 @@ def main() -> int:
     parser.add_argument("--slow-seconds", type=float, default=2.0, help="row 3: how long an answer takes")
     parser.add_argument("--slow-chunks", type=int, default=20, help="row 3: chunks per answer")
     parser.add_argument("--long-chunks", type=int, default=2000, help="row 4: chunks of a long answer")
+    parser.add_argument("--long-delay", type=float, default=0.0,
+                        help="row 4: seconds between the long answer's chunks (0: back to back)")
     parser.add_argument("--long-n", type=int, default=10, help="row 4: long (and short) answers per side")
     parser.add_argument("--burst", type=int, default=200, help="row 5: concurrent streams per burst")
     parser.add_argument("--worker-servers", default="daphne,uvicorn", help="row 5: servers to compare")
