@@ -35,14 +35,14 @@ def fill(configs: int, *, now: datetime) -> list[str]:
     from django.db import connection, transaction
 
     from llmconfigs.models import HISTOGRAM_BUCKETS, LATENCY_COLUMNS, TTFT_COLUMNS, LLMConfig, UsageRollup
-    from llmconfigs.usage import bucket_start, rollup_packed
+    from llmconfigs.usage import bucket_start, rollup_entry_json, rollup_packed
 
     rng = random.Random(7)
     ids = [str(LLMConfig.objects.create(name=f"config-{n}", provider="openai", model_name=f"model-{n % 10}",
                                         is_active=False).pk) for n in range(configs)]
     columns = ["size", "bucket", "config_id", "config_name", "model_name", "route", "app_id", "app_name", "key_id",
                "user_id", "user_name", "kind", "error_category", "currency", "calls", "prompt_tokens",
-               "completion_tokens", "cost", *LATENCY_COLUMNS, *TTFT_COLUMNS, "packed"]
+               "completion_tokens", "cost", *LATENCY_COLUMNS, *TTFT_COLUMNS, "packed", "entry_json"]
     sql = (f"INSERT INTO {UsageRollup._meta.db_table} ({', '.join(columns)}) "
            f"VALUES ({', '.join(['%s'] * len(columns))})")
     # A few histogram shapes, reused: building 80 values per row is what makes filling slow.
@@ -55,7 +55,8 @@ def fill(configs: int, *, now: datetime) -> list[str]:
         calls = sum(latency)
         packed = rollup_packed(calls=calls, prompt_tokens=calls * 900, completion_tokens=calls * 150,
                                cost=Decimal(f"{calls * 0.0021:.7f}"), latency=latency, ttft=ttft)
-        shapes.append((calls, [*latency, *ttft, packed]))
+        shapes.append((calls, [*latency, *ttft, packed,
+                               rollup_entry_json(error_category="", currency="USD", packed=packed)]))
     end = bucket_start(now, "hour")
     with transaction.atomic(), connection.cursor() as cursor:
         for size, step, count in (("hour", timedelta(hours=1), 365 * 24), ("day", timedelta(days=1), 366)):

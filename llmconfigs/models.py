@@ -397,6 +397,9 @@ class UsageRollup(models.Model):
     # grouped report's time): calls, tokens, cost and both histograms cumulated, packed in one value
     # (llmconfigs.usage.rollup_packed). Derived from the columns by the rollup, in the transaction that adds to them.
     packed = models.BinaryField(default=b"", editable=False)
+    # What a grouped report writes for an entry made of this row alone (most entries of a grouped series), after its
+    # bucket and group: its numbers as JSON (llmconfigs.usage.rollup_entry_json), written with `packed`.
+    entry_json = models.TextField(default="", editable=False)
 
     class Meta:
         default_permissions = ()

@@ -126,6 +126,20 @@ def rollup_packed(*, calls: int, prompt_tokens: int, completion_tokens: int, cos
                         *accumulate(ttft))
 
 
+def rollup_entry_json(*, error_category: str, currency: str, packed: bytes | memoryview) -> str:
+    """UsageRollup.entry_json of a row: what a report writes for an entry made of this row alone, after its bucket
+    and group (`"calls":...}`). A report copies it as it is for such entries, most of those of a grouped series
+    (docs/benchmarks.md#usage-reports), instead of working out percentiles, rate and cost text per entry."""
+    fields = _fields(packed)
+    return _entry_json("", fields, {error_category: fields[0]} if error_category else None,
+                       _costs_json({currency: int.from_bytes(packed, "little")}, _currency_keys([currency])))
+
+
+def _currency_keys(currencies: Iterable[str]) -> dict[str, str]:
+    """Each currency's JSON key with the opening quote of its amount ("USD":")."""
+    return {currency: orjson.dumps(currency).decode() + ':"' for currency in currencies}
+
+
 def _cost_units(cost: Decimal | float | int | None) -> int:
     """A cost in units of 10^-7 (its seven decimal places; SQLite's float read to 15 digits, as Django does)."""
     return int(_as_decimal(cost).quantize(_COST_PLACES).scaleb(7))
@@ -236,16 +250,17 @@ def _rollup_batch(batch_size: int) -> tuple[int, int]:
 
 def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str]]) -> None:
     """INSERT ... ON CONFLICT DO UPDATE SET sum = sum + excluded.sum: additions in the database, in key order (two
-    runs lock rows in the same order, so they cannot deadlock). Then each row's `packed` from the sums the upsert
-    returns: the row stays locked (PostgreSQL) or the database (SQLite) until the transaction ends, so no other run
-    adds to it in between."""
+    runs lock rows in the same order, so they cannot deadlock). Then each row's `packed` and `entry_json` from the
+    sums the upsert returns: the row stays locked (PostgreSQL) or the database (SQLite) until the transaction ends, so
+    no other run adds to it in between."""
     table = connection.ops.quote_name(UsageRollup._meta.db_table)
-    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS, "packed")
+    columns = (*_KEY_COLUMNS, *_LABEL_COLUMNS, *_SUM_COLUMNS, "packed", "entry_json")
     quoted = [connection.ops.quote_name(c) for c in columns]
-    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]]
+    sums = quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-2]
+    updates = [f"{q} = {table}.{q} + excluded.{q}" for q in sums]
     updates += [f"{q} = excluded.{q}" for q in quoted[len(_KEY_COLUMNS):len(_KEY_COLUMNS) + len(_LABEL_COLUMNS)]]
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    returning = ", ".join(["id", *quoted[len(_KEY_COLUMNS) + len(_LABEL_COLUMNS):-1]])
+    returning = ", ".join(["id", "error_category", "currency", *sums])
     keys = sorted(groups, key=lambda k: tuple(str(part) for part in k))
     with connection.cursor() as cursor:
         for start in range(0, len(keys), _UPSERT_ROWS):
@@ -256,18 +271,20 @@ def _upsert(groups: dict[tuple, Totals], labels: dict[tuple, tuple[str, str, str
                 size, bucket, *dimensions = key
                 params += [size, connection.ops.adapt_datetimefield_value(bucket), *dimensions, *labels[key],
                            totals.calls, totals.prompt_tokens, totals.completion_tokens,
-                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft, b""]
+                           sum(totals.cost.values(), Decimal(0)), *totals.latency, *totals.ttft, b"", ""]
             cursor.execute(
                 f"INSERT INTO {table} ({', '.join(quoted)}) VALUES {', '.join([row_sql] * len(chunk))} "
                 f"ON CONFLICT ({', '.join(quoted[:len(_KEY_COLUMNS)])}) DO UPDATE SET {', '.join(updates)} "
                 f"RETURNING {returning}",
                 params,
             )
-            cursor.executemany(f"UPDATE {table} SET packed = %s WHERE id = %s", [
-                (rollup_packed(calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost=cost,
-                               latency=histograms[:HISTOGRAM_BUCKETS], ttft=histograms[HISTOGRAM_BUCKETS:]), row_id)
-                for row_id, calls, prompt, completion, cost, *histograms in cursor.fetchall()
-            ])
+            updated = []
+            for row_id, category, currency, calls, prompt, completion, cost, *histograms in cursor.fetchall():
+                packed = rollup_packed(calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost=cost,
+                                       latency=histograms[:HISTOGRAM_BUCKETS], ttft=histograms[HISTOGRAM_BUCKETS:])
+                updated.append((packed, rollup_entry_json(error_category=category, currency=currency, packed=packed),
+                                row_id))
+            cursor.executemany(f"UPDATE {table} SET packed = %s, entry_json = %s WHERE id = %s", updated)
 
 
 def usage_prune(*, now: datetime | None = None, batch_size: int = ROLLUP_BATCH) -> int:
@@ -406,7 +423,7 @@ def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
             parts[part] = [row[5]]
         else:
             packed_values.append(row[5])
-    currencies = {currency: dumps(currency).decode() + ':"' for _group, _label, _category, currency in parts}
+    currencies = _currency_keys({currency for _group, _label, _category, currency in parts})
     groups: dict[str, list] = {}  # group id -> [name, {currency: packed sum}, {error category: calls}]
     for (group, label, category, currency), packed_values in parts.items():
         number = sum(map(int.from_bytes, packed_values, repeat("little")))
@@ -465,13 +482,8 @@ def _series_json(entries: dict[tuple[Any, str], Any], names: set[tuple[str, str]
     append = texts.append
     for _rank, head, entry in ranked:
         if type(entry) is not list:
-            _bucket, _group, _label, category, currency, packed = entry
-            fields = _fields(packed)
-            units = fields[3]
-            append(_entry_json(
-                head, fields, {category: fields[0]} if category else None,
-                f'{currencies[currency]}{units // 10_000_000}.{units % 10_000_000:07d}"' if units >= 10
-                else currencies[currency] + _cost_text(units) + '"'))
+            append(head + (entry[6] or rollup_entry_json(error_category=entry[3], currency=entry[4],
+                                                         packed=entry[5])))
             continue
         by_currency, errors = _entry_sums(entry)
         append(_entry_json(head, _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little")), errors,
@@ -539,7 +551,8 @@ _PERCENTILES_JSON = [f'{{"p50":{orjson.dumps(p50).decode()},"p95":{orjson.dumps(
 
 
 # A report's row, as the database returns it: bucket (as stored: entries are keyed by it, and it becomes a datetime
-# once per bucket), group id, group name, error category, currency, the packed numbers (UsageRollup.packed).
+# once per bucket), group id, group name, error category, currency, the packed numbers (UsageRollup.packed), and for
+# a grouped series the row's entry JSON (UsageRollup.entry_json; "" otherwise: it is then written from packed).
 _Row = tuple
 
 
@@ -563,9 +576,11 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
     if connection.vendor != "postgresql" or (query.group_by and query.series):
         # Each row's packed value, added up in Python (one integer per row). SQLite reads rows faster than it adds
         # up the 67 sum columns (and adds costs as floats); a grouped series' entries are mostly one row or a few.
+        # A grouped series copies each one-row entry's ready JSON (entry_json); other reports add up rows.
         label = quote(label_column) if label_column else "''"
+        entry_json = "entry_json" if query.group_by and query.series else "''"
         return _fetch_rows(f"SELECT {bucket if query.series else 'NULL'}, {group}, {label}, error_category, "
-                           f"currency, packed FROM {table} WHERE {where}", params)
+                           f"currency, packed, {entry_json} FROM {table} WHERE {where}", params)
     # PostgreSQL, few entries of many rows each (not grouped, or the totals alone): it adds up the sum columns per
     # bucket, group, error category and currency faster than it sends the rows; packed here. It sums integers as
     # numeric: cast back so that counts are ints.
@@ -581,7 +596,7 @@ def _rollup_rows(query: UsageQuery) -> list[_Row]:
         cursor.execute(sql, params)
         return [(row[0], str(row[1] or ""), row[2] or "", row[3], row[4],
                  rollup_packed(calls=row[6], prompt_tokens=row[7], completion_tokens=row[8], cost=row[5],
-                               latency=row[9:latency_end], ttft=row[latency_end:]))
+                               latency=row[9:latency_end], ttft=row[latency_end:]), "")
                 for row in cursor.fetchall()]
 
 
@@ -661,7 +676,7 @@ def _raw_rows(query: UsageQuery) -> list[_Row]:
     return [(bucket, group, totals.label, category, currency,
              rollup_packed(calls=totals.calls, prompt_tokens=totals.prompt_tokens,
                            completion_tokens=totals.completion_tokens, cost=totals.cost[currency],
-                           latency=totals.latency, ttft=totals.ttft))
+                           latency=totals.latency, ttft=totals.ttft), "")
             for (bucket, group, category, currency), totals in sums.items()]
 
 

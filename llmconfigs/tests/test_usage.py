@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import orjson
 import pytest
 from django.core.management import call_command
 
@@ -23,10 +24,12 @@ from llmconfigs.models import (
 )
 from llmconfigs.pricing import usage_cost
 from llmconfigs.usage import (
+    _MIDDLES,
     CallOrigin,
     CallRecord,
     _cost_text,
     _fields,
+    histogram_index,
     provider_calls_record,
     rollup_packed,
     usage_period,
@@ -582,3 +585,65 @@ def test_the_migration_fills_packed_from_the_rollup_columns(make_llm_config, rea
     UsageRollup.objects.update(packed=b"")
     fill_packed(apps, SimpleNamespace(connection=connection))  # all it uses of the schema editor
     assert report(reader, **params) == before
+
+
+def series_texts(user, params) -> list[str]:
+    """The series entries of a report as the API wrote them, each without its bucket and group."""
+    content = client_for(user).get("/api/usage/", params).content.decode()
+    entries = orjson.loads(content)["series"]
+    texts = []
+    for entry in entries:
+        head = orjson.dumps({"bucket": entry["bucket"], "group": entry["group"]}).decode()[:-1] + ","
+        start = content.index(head) + len(head)
+        texts.append(content[start:content.index("}}", content.index('"cost":', start)) + 2])
+    return texts
+
+
+def test_a_rollup_row_keeps_the_json_of_an_entry_made_of_it_alone(make_llm_config, reader):
+    two_currencies_one_model(make_llm_config)
+    usage_rollup(batch_size=3)  # several runs add to the same rows: the text follows the sums
+    rows = list(UsageRollup.objects.filter(size="hour").order_by("bucket", "config_name", "error_category"))
+    for row in rows:
+        assert row.entry_json.startswith(f'"calls":{row.calls},') and row.entry_json.endswith("}}")
+    # By config, 10:00 has an entry of one row per config (eur, usd); 11:00 two rows per config.
+    texts = series_texts(reader, {"from": "2026-03-01T10:00:00Z", "to": "2026-03-01T12:00:00Z",
+                                  "group_by": "config"})
+    assert [row.entry_json for row in rows[:2]] == texts[:2]
+    timeout = next(row for row in rows if row.error_category == "timeout" and row.currency == "EUR")
+    latency = _MIDDLES[histogram_index(100.0)]  # the timeout's (record's default)
+    assert orjson.loads("{" + timeout.entry_json) == {
+        "calls": 1, "errors": 1, "success_rate": 0.0, "error_categories": {"timeout": 1},
+        "latency_ms": {"p50": latency, "p95": latency}, "ttft_ms": {"p50": None, "p95": None}, "prompt_tokens": 0,
+        "completion_tokens": 0, "total_tokens": 0, "cost": {"EUR": "0E-7"}}
+
+
+def test_one_row_entries_are_copied_from_the_row_and_others_added_up(make_llm_config, reader):
+    two_currencies_one_model(make_llm_config)
+    usage_rollup()
+    params = {"from": "2026-03-01T10:00:00Z", "to": "2026-03-01T12:00:00Z", "group_by": "config"}
+    before = series_texts(reader, params)
+    # usd at 10:00 is one row; usd at 11:00 is two (a success and a timeout): only the first reads its row's text.
+    UsageRollup.objects.filter(size="hour").update(entry_json='"calls":-1,"cost":{}}')
+    after = series_texts(reader, params)
+    assert [text == '"calls":-1,"cost":{}}' for text in after] == [True, True, False, False]
+    assert after[2:] == before[2:]
+    # A row without the text (none is left so by the rollup or migration 0008) is written from its numbers.
+    UsageRollup.objects.update(entry_json="")
+    assert series_texts(reader, params) == before
+
+
+def test_the_migration_fills_entry_json_from_packed(make_llm_config, reader):
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+
+    fill_entry_json = importlib.import_module("llmconfigs.migrations.0008_rollup_entry_json").fill_entry_json
+    two_currencies_one_model(make_llm_config)
+    usage_rollup()
+    written = dict(UsageRollup.objects.values_list("id", "entry_json"))
+    assert all(written.values())
+    UsageRollup.objects.update(entry_json="")
+    fill_entry_json(apps, SimpleNamespace(connection=connection))  # all it uses of the schema editor
+    assert dict(UsageRollup.objects.values_list("id", "entry_json")) == written
