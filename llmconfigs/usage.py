@@ -11,13 +11,14 @@ import sys
 import time
 import uuid
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate, pairwise, repeat
-from operator import itemgetter
+from itertools import accumulate, chain, pairwise, repeat
+from operator import add, itemgetter, mul
 from typing import Any
 
 import orjson
@@ -400,29 +401,16 @@ def _report_rows(query: UsageQuery) -> list[_Row]:
 
 
 def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
-    grouped, series = bool(query.group_by), query.series
+    grouped = bool(query.group_by)
     dumps = orjson.dumps
-    # One pass over the rows, a few C-level operations each: each entry's rows (an entry of one row, what a grouped
-    # series mostly has, is that row) and the packed values of each group, name, error category and currency, which
-    # are added up afterwards in one sum() each.
-    entries: dict[tuple[Any, str], Any] = {}  # (bucket, group id) -> its row, or a list of its rows
-    parts: dict[tuple[str, str, str, str], list[bytes]] = {}  # (group id, name, category, currency) -> packed values
-    for row in rows:
-        if series:
-            key = row[:2]
-            found = entries.get(key)
-            if found is None:
-                entries[key] = row
-            elif type(found) is list:
-                found.append(row)
-            else:
-                entries[key] = [found, row]
-        part = row[1:5]
+    # The packed values of each group, name, error category and currency, added up afterwards in one sum() each.
+    parts: dict[tuple[str, str, str, str], list[bytes]] = {}
+    for part, packed in zip(map(_ROW_PART, rows), map(_ROW_PACKED, rows), strict=True):
         packed_values = parts.get(part)
         if packed_values is None:
-            parts[part] = [row[5]]
+            parts[part] = [packed]
         else:
-            packed_values.append(row[5])
+            packed_values.append(packed)
     currencies = _currency_keys({currency for _group, _label, _category, currency in parts})
     groups: dict[str, list] = {}  # group id -> [name, {currency: packed sum}, {error category: calls}]
     for (group, label, category, currency), packed_values in parts.items():
@@ -448,47 +436,63 @@ def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
     totals.sort(key=lambda total: total[:3])
     parts_json = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
                          "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
-    if entries:
-        parts_json.append(_series_json(entries, {(group, label) for group, label, _category, _currency in parts},
+    if query.series and rows:
+        parts_json.append(_series_json(rows, {(group, label) for group, label, _category, _currency in parts},
                                        currencies, group_json))
     parts_json += ['],"totals":[', ",".join([total[3] for total in totals]), "]}"]
     return "".join(parts_json).encode()
 
 
-def _series_json(entries: dict[tuple[Any, str], Any], names: set[tuple[str, str]], currencies: dict[str, str],
-                 group_json) -> str:
-    """The series' entries as JSON, sorted by bucket, then group name and id. Buckets and names are ranked once,
-    and each entry by one integer; each entry's head ({"bucket": ..., "group": ..., ) is written once per bucket and
-    per name."""
+# Parts of a report row (_Row), taken by C-level map() calls over all rows.
+_ROW_BUCKET, _ROW_ENTRY, _ROW_NAME = itemgetter(0), itemgetter(0, 1), itemgetter(1, 2)
+_ROW_PART, _ROW_PACKED, _ROW_ENTRY_JSON = itemgetter(1, 2, 3, 4), itemgetter(5), itemgetter(6)
+
+
+def _series_json(rows: list[_Row], names: set[tuple[str, str]], currencies: dict[str, str], group_json) -> str:
+    """The series' entries as JSON, sorted by bucket, then group name and id. An entry is the rows of one bucket and
+    group: an entry of one row, what a grouped series mostly has, is that row's entry JSON (UsageRollup.entry_json);
+    the rows of others are added up. Buckets and names are ranked and written once, each entry ranked by one integer,
+    and the whole series put together by C-level map(), sorted() and join() over all entries rather than by Python
+    code per entry."""
+    keys = list(map(_ROW_ENTRY, rows))
+    single = dict(zip(keys, rows, strict=True))  # (bucket, group id) -> its row (the last one, for entries of several)
+    several: dict[tuple[Any, str], list[_Row]] = {}
+    if len(single) < len(rows):
+        several = {key: [] for key, count in Counter(keys).items() if count > 1}
+        for key, row in zip(keys, rows, strict=True):
+            entry_rows = several.get(key)
+            if entry_rows is not None:
+                entry_rows.append(row)
+        for key in several:
+            del single[key]
+    one = list(single.values())
+    bucket_of = list(map(_ROW_BUCKET, one))
+    name_of = list(map(_ROW_NAME, one))
+    texts = list(map(_ROW_ENTRY_JSON, one))
+    if "" in texts:  # rows the database had no entry JSON for (calls not rolled up yet, other reports' rows)
+        texts = [text or rollup_entry_json(error_category=row[3], currency=row[4], packed=row[5])
+                 for text, row in zip(texts, one, strict=True)]
+    for (bucket, group), entry_rows in several.items():
+        bucket_of.append(bucket)
+        name_of.append((group, max(row[2] for row in entry_rows)))
+        by_currency, errors = _entry_sums(entry_rows)
+        texts.append(_entry_json("", _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little")), errors,
+                                 _costs_json(by_currency, currencies)))
     dumps = orjson.dumps
-    buckets = {bucket: _as_utc(bucket) for bucket in {bucket for bucket, _group in entries}}
+    buckets = {bucket: _as_utc(bucket) for bucket in set(bucket_of)}
     bucket_rank = {bucket: rank for rank, bucket in enumerate(sorted(buckets, key=buckets.__getitem__))}
     bucket_json = {bucket: '{"bucket":' + dumps(moment.isoformat()).decode() + ',"group":'
                    for bucket, moment in buckets.items()}
-    # (group id, name) -> (rank, its JSON): by name, then id.
-    name_rank = {name: (rank, group_json(*name) + ",")
-                 for rank, name in enumerate(sorted(names, key=lambda name: (name[1], name[0])))}
-    width = len(name_rank)
-    ranked = []
-    for (bucket, group), entry in entries.items():
-        if type(entry) is list:
-            name = (group, max(row[2] for row in entry))
-        else:
-            name = entry[1:3]
-        rank, name_text = name_rank[name]
-        ranked.append((bucket_rank[bucket] * width + rank, bucket_json[bucket] + name_text, entry))
-    ranked.sort(key=itemgetter(0))
-    texts = []
-    append = texts.append
-    for _rank, head, entry in ranked:
-        if type(entry) is not list:
-            append(head + (entry[6] or rollup_entry_json(error_category=entry[3], currency=entry[4],
-                                                         packed=entry[5])))
-            continue
-        by_currency, errors = _entry_sums(entry)
-        append(_entry_json(head, _fields(sum(by_currency.values()).to_bytes(_PACKED_BYTES, "little")), errors,
-                           _costs_json(by_currency, currencies)))
-    return ",".join(texts)
+    # (group id, name): by name, then id.
+    ranked_names = sorted(names, key=lambda name: (name[1], name[0]))
+    name_rank = {name: rank for rank, name in enumerate(ranked_names)}
+    name_json = {name: group_json(*name) + "," for name in ranked_names}
+    ranks = list(map(add, map(mul, map(bucket_rank.__getitem__, bucket_of), repeat(len(name_rank))),
+                     map(name_rank.__getitem__, name_of)))
+    order = sorted(range(len(ranks)), key=ranks.__getitem__)
+    return "".join(chain.from_iterable(zip(
+        repeat(","), map(bucket_json.__getitem__, map(bucket_of.__getitem__, order)),
+        map(name_json.__getitem__, map(name_of.__getitem__, order)), map(texts.__getitem__, order))))[1:]
 
 
 def _entry_sums(rows: list[_Row]) -> tuple[dict[str, int], dict[str, int]]:
