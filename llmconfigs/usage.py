@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate, chain, pairwise, repeat
+from itertools import accumulate, chain, islice, pairwise, repeat
 from operator import add, itemgetter, mul
 from typing import Any
 
@@ -436,11 +436,10 @@ def _report_json(query: UsageQuery, rows: list[_Row]) -> bytes:
     totals.sort(key=lambda total: total[:3])
     parts_json = [dumps({"from": query.start.isoformat(), "to": query.end.isoformat(), "bucket": query.bucket,
                          "group_by": query.group_by or None})[:-1].decode(), ',"series":[']
-    if query.series and rows:
-        parts_json.append(_series_json(rows, {(group, label) for group, label, _category, _currency in parts},
-                                       currencies, group_json))
-    parts_json += ['],"totals":[', ",".join([total[3] for total in totals]), "]}"]
-    return "".join(parts_json).encode()
+    series = _series_json(rows, {(group, label) for group, label, _category, _currency in parts}, currencies,
+                          group_json) if query.series and rows else ()
+    return "".join(chain(parts_json, series, ['],"totals":[', ",".join([total[3] for total in totals]), "]}"]
+                         )).encode()
 
 
 # Parts of a report row (_Row), taken by C-level map() calls over all rows.
@@ -448,12 +447,13 @@ _ROW_BUCKET, _ROW_ENTRY, _ROW_NAME = itemgetter(0), itemgetter(0, 1), itemgetter
 _ROW_PART, _ROW_PACKED, _ROW_ENTRY_JSON = itemgetter(1, 2, 3, 4), itemgetter(5), itemgetter(6)
 
 
-def _series_json(rows: list[_Row], names: set[tuple[str, str]], currencies: dict[str, str], group_json) -> str:
-    """The series' entries as JSON, sorted by bucket, then group name and id. An entry is the rows of one bucket and
-    group: an entry of one row, what a grouped series mostly has, is that row's entry JSON (UsageRollup.entry_json);
-    the rows of others are added up. Buckets and names are ranked and written once, each entry ranked by one integer,
-    and the whole series put together by C-level map(), sorted() and join() over all entries rather than by Python
-    code per entry."""
+def _series_json(rows: list[_Row], names: set[tuple[str, str]], currencies: dict[str, str],
+                 group_json) -> Iterator[str]:
+    """The series' entries as JSON pieces (joined by the caller with the rest of the report), sorted by bucket,
+    then group name and id. An entry is the rows of one bucket and group: an entry of one row, what a grouped series
+    mostly has, is that row's entry JSON (UsageRollup.entry_json); the rows of others are added up. Buckets and
+    names are ranked and written once, each entry ranked by one integer, and the whole series put together by
+    C-level map(), sorted() and zip() over all entries rather than by Python code per entry."""
     keys = list(map(_ROW_ENTRY, rows))
     single = dict(zip(keys, rows, strict=True))  # (bucket, group id) -> its row (the last one, for entries of several)
     several: dict[tuple[Any, str], list[_Row]] = {}
@@ -490,9 +490,10 @@ def _series_json(rows: list[_Row], names: set[tuple[str, str]], currencies: dict
     ranks = list(map(add, map(mul, map(bucket_rank.__getitem__, bucket_of), repeat(len(name_rank))),
                      map(name_rank.__getitem__, name_of)))
     order = sorted(range(len(ranks)), key=ranks.__getitem__)
-    return "".join(chain.from_iterable(zip(
+    return islice(chain.from_iterable(zip(
         repeat(","), map(bucket_json.__getitem__, map(bucket_of.__getitem__, order)),
-        map(name_json.__getitem__, map(name_of.__getitem__, order)), map(texts.__getitem__, order))))[1:]
+        map(name_json.__getitem__, map(name_of.__getitem__, order)), map(texts.__getitem__, order),
+        strict=False)), 1, None)  # without the first comma
 
 
 def _entry_sums(rows: list[_Row]) -> tuple[dict[str, int], dict[str, int]]:
