@@ -165,22 +165,19 @@ def _fields(packed: bytes | memoryview) -> Sequence[int]:
 
 @dataclass
 class Totals:
-    """The sums of a set of calls."""
+    """The sums of a set of calls of one error category (a rollup row, or a report row of calls not rolled up)."""
 
     label: str = ""
     calls: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # category -> calls
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: dict[str, Decimal] = field(default_factory=dict)
     latency: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
     ttft: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
 
-    def add_call(self, *, error_category: str, latency_ms: float, ttft_ms: float | None, prompt_tokens: int,
+    def add_call(self, *, latency_ms: float, ttft_ms: float | None, prompt_tokens: int,
                  completion_tokens: int, cost: Decimal, currency: str) -> None:
         self.calls += 1
-        if error_category:
-            self.errors[error_category] = self.errors.get(error_category, 0) + 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.cost[currency] = self.cost.get(currency, Decimal(0)) + Decimal(cost)
@@ -242,7 +239,7 @@ def _rollup_batch(batch_size: int) -> tuple[int, int]:
                 key = (size, bucket_start(created_at, size), str(config_id or ""), model_name, route, app_id, key_id,
                        str(user_id or ""), kind, category, currency)
                 groups.setdefault(key, Totals()).add_call(
-                    error_category=category, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
+                    latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens, cost=cost, currency=currency)
                 labels[key] = (config_name, app_name, user_name or "")
         _upsert(groups, labels)
@@ -676,7 +673,7 @@ def _raw_rows(query: UsageQuery) -> list[_Row]:
         totals = sums.setdefault(key, Totals())
         if group:
             totals.label = max(totals.label, group[1] or "")
-        totals.add_call(error_category=category, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
+        totals.add_call(latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens, cost=cost, currency=currency)
     return [(bucket, group, totals.label, category, currency,
              rollup_packed(calls=totals.calls, prompt_tokens=totals.prompt_tokens,
