@@ -22,9 +22,13 @@ Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
             most 1.5x the floor. The long answer's chunks are sent back to back, so many arrive in one network
             read; --long-delay spaces them (seconds between chunks) so that each arrives alone, for both sides.
 5. workers  Streams per second for a fixed burst (--burst concurrent short streams, PostgreSQL + Redis only): two
-            worker processes vs one, for daphne (two processes sharing one listening socket, `-e fd:...`) and
-            uvicorn (`--workers 2`), alternated. Goal: 2 workers >= 1.8x one. Also checks that a WebSocket
-            handshake and the ASGI lifespan work under uvicorn.
+            worker processes vs one, for daphne (two processes, each with its own listening socket on the same port
+            with SO_REUSEPORT, `--fd`, as systemd's `ReusePort=` gives them) and uvicorn (`--workers 2`, one shared
+            socket), alternated. Goal: 2 workers >= 1.8x one. The load generator here is not the product and runs on
+            the same cores, so it is lean: a raw socket per stream and byte searches instead of httpx and a JSON
+            parse per event (`lean_stream`, 0.7 ms of CPU per short stream instead of about 7 ms), the same client
+            for one and two workers. Also prints each 2-worker server's accept balance (the busiest worker's share
+            of their CPU), and checks that a WebSocket handshake and the ASGI lifespan work under uvicorn.
 
 Every server listens with a backlog of --backlog and gets its soft RLIMIT_NOFILE raised to the hard limit (so does
 this client); access logs are off on every server (daphne -v 0, uvicorn --no-access-log, LiteLLM at ERROR).
@@ -253,6 +257,11 @@ class Server:
     def cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids)
 
+    def worker_cpu(self) -> list[float]:
+        """CPU seconds of each worker process so far (uvicorn's: the children of its supervisor)."""
+        workers = self.pids if self.kind == "daphne" else tree(self.pids[0])[1:]
+        return [cpu_seconds(pid) for pid in workers]
+
     def rss(self) -> float:
         return sum(rss_mb(pid) for pid in self.pids)
 
@@ -272,16 +281,19 @@ class Server:
             endpoint = f"tcp:port={self.port}:interface=127.0.0.1:backlog={self.backlog}"
             self.processes.append(subprocess.Popen([python, "-m", "daphne", "-v", "0", "-e", endpoint, APP], **popen))
         elif self.kind == "daphne":
-            listener = socket.socket()
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(self.backlog)
-            self.port = listener.getsockname()[1]
+            # One listening socket per worker on the same port (SO_REUSEPORT): the kernel spreads the connections
+            # over them evenly. Daphnes sharing one socket split a burst unevenly (Twisted accepts up to a hundred
+            # connections per wake-up: whichever process wakes first takes most of them).
             for _ in range(self.workers):
+                listener = socket.socket()
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                listener.bind(("127.0.0.1", self.port))
+                listener.listen(self.backlog)
+                self.port = listener.getsockname()[1]
                 self.processes.append(subprocess.Popen([python, "-m", "daphne", "-v", "0", "--fd",
                                                         str(listener.fileno()), APP],
                                                        pass_fds=[listener.fileno()], **popen))
-            listener.close()  # the workers hold it
+                listener.close()  # the worker holds it
         else:
             self.port = free_port()
             self.processes.append(subprocess.Popen(
@@ -418,6 +430,48 @@ class Side:
 
 def dify_side(label: str, server: Server, key: str, model: str = "") -> Side:
     return Side(label, server.url, lambda client: ttft_dify(client, server.url, key, model=model), server.cpu)
+
+
+# Row 5's client: the bench's own CPU shares the two cores with the workers it measures, and httpx's per-stream work
+# (about 8 ms of CPU per short stream, as much as half a worker's) capped the two-worker ratio. This reads the same
+# response with a raw socket and byte searches; the same client serves the one- and the two-worker runs.
+LEAN_FIRST = b'"event":"message",'
+LEAN_END = b'"event":"message_end"'
+LEAN_ERROR = b'"event":"error"'
+
+
+def lean_side(label: str, server: Server, key: str) -> Side:
+    """A side whose streams are read by `lean_stream` (its `client` argument is unused)."""
+    body = json.dumps({"inputs": {}, "query": "hello", "user": "bench", "response_mode": "streaming",
+                       "auto_generate_name": False, "conversation_id": ""}).encode()
+    request = (f"POST /v1/chat-messages HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+               f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    return Side(label, server.url, lambda client: lean_stream(server.port, request), server.cpu)
+
+
+async def lean_stream(port: int, request: bytes, timeout: float = 300) -> float:
+    """One `/v1/chat-messages` stream over its own connection (`Connection: close`: read to the end of the
+    response); returns the seconds to the first `message` event. Raises unless the status is 200 and the stream
+    ended with `message_end` and no `error` event."""
+    async with asyncio.timeout(timeout):
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            first = None
+            received = bytearray()
+            while chunk := await reader.read(65536):
+                received += chunk
+                if first is None and LEAN_FIRST in received:
+                    first = time.perf_counter() - started
+        finally:
+            writer.close()
+    if not received.startswith(b"HTTP/1.1 200") or LEAN_ERROR in received or LEAN_END not in received:
+        raise RuntimeError(f"bad stream: {bytes(received[:300])!r}")
+    if first is None:
+        raise RuntimeError("the stream had no answer")
+    return first
 
 
 def litellm_side(url: str, pid: int) -> Side:
@@ -610,13 +664,14 @@ def row_workers(args, stack_: Stack) -> None:
     with contextlib.ExitStack() as exits:
         for server in servers.values():
             exits.enter_context(server)
-        sides = {key: dify_side(f"{key[0]} x{key[1]}", server, stack_.keys["chat"])
+        sides = {key: lean_side(f"{key[0]} x{key[1]}", server, stack_.keys["chat"])
                  for key, server in servers.items()}
         for side in sides.values():  # warm-up: every worker process of each server
             asyncio.run(burst(side, 20))
         rates: dict[tuple[str, int], list[float]] = {key: [] for key in servers}
         errors: dict[tuple[str, int], list[str]] = {key: [] for key in servers}
         server_cpu: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)
+        busiest: dict[tuple[str, int], list[float]] = {key: [] for key in servers}  # its share of the workers' CPU
         bench_cpu: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)  # this client and the fake upstream
         upstream = [pid for pid in tree(os.getpid())[1:]
                     if b"tests.fakes.upstream" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -628,8 +683,11 @@ def row_workers(args, stack_: Stack) -> None:
         for _ in range(args.reps):
             for key, side in sides.items():
                 before, bench_before = side.cpu(), bench_seconds()
+                workers_before = servers[key].worker_cpu()
                 result = asyncio.run(burst(side, args.burst))
                 server_cpu[key] += side.cpu() - before
+                spent = [after - was for was, after in zip(workers_before, servers[key].worker_cpu(), strict=False)]
+                busiest[key].append(max(spent) / sum(spent) if sum(spent) else 0.0)
                 bench_cpu[key] += bench_seconds() - bench_before
                 rates[key].append(len(result.ok) / result.wall)
                 errors[key] += result.errors
@@ -645,6 +703,8 @@ def row_workers(args, stack_: Stack) -> None:
                   f"{server_cpu[(kind, 2)] / streams * MS:.1f} ms; this client + the fake upstream "
                   f"{bench_cpu[(kind, 1)] / streams * MS:.1f} / {bench_cpu[(kind, 2)] / streams * MS:.1f} ms per "
                   "stream (on the same cores)", flush=True)
+            print(f"    {'':<8} 2 workers: the busiest one's share of their CPU "
+                  + " / ".join(f"{share:.0%}" for share in busiest[(kind, 2)]) + " (even: 50%)", flush=True)
             print_errors(errors[(kind, 1)] + errors[(kind, 2)])
         if "uvicorn" in kinds:
             server = servers[("uvicorn", 2)]
