@@ -4,7 +4,9 @@ Django's pool makes a request wait up to the pool's timeout (DATABASE_POOL_TIMEO
 pool is only busy or the database is gone, and it hands out connections that died with the server. Once the database
 is back, the pool reconnects on its own doubling delay, so the first requests waited again. Here:
 - while the database is known down (opsagent.common.dependencies.database), a connection is refused at once (a 503);
-- a borrowed connection is checked first (an empty query): a dead one is dropped and the next one taken;
+- a borrowed connection that may have died is checked first (an empty query): a dead one is dropped and the next
+  one taken. An idle connection whose socket has nothing to read is alive as far as a check could tell (a server
+  that closed it, or went away with a reset, leaves it readable), so that one is handed out without the round trip;
 - a request the pool keeps waiting asks the database itself (a direct connection, DATABASE_CONNECT_TIMEOUT): when
   that fails the database is down, and the request fails now instead of at the pool's timeout;
 - when the retry time comes, one request connects directly; if that works, the pool is replaced by a fresh one, so
@@ -12,11 +14,13 @@ is back, the pool reconnects on its own doubling delay, so the first requests wa
 """
 from __future__ import annotations
 
+import select
 import threading
 import time
 
 import psycopg
 from django.db.backends.postgresql import base
+from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolClosed, PoolTimeout
 
 from opsagent.common.dependencies import DependencyUnavailable, database
@@ -67,9 +71,21 @@ class DatabaseWrapper(base.DatabaseWrapper):
                     raise DependencyUnavailable(database.name) from exc  # busy, not down: nothing is marked
                 self._probe(conn_params)
                 continue
-            try:
-                connection.execute("")
-            except psycopg.Error:
-                pool.putconn(connection)  # broken: the pool closes it and opens another
-                continue
+            if not connection_quiet(connection):
+                try:
+                    connection.execute("")
+                except psycopg.Error:
+                    pool.putconn(connection)  # broken: the pool closes it and opens another
+                    continue
             return connection
+
+
+def connection_quiet(connection: psycopg.Connection) -> bool:
+    """Whether an idle pooled connection looks alive without asking the server: open, outside a transaction, and
+    nothing waiting on its socket. The server closing it (a restart, a terminated backend, a proxy cutting it)
+    makes the socket readable, as would a notice it sent; either way the caller checks it with a query."""
+    if connection.closed or connection.info.transaction_status != TransactionStatus.IDLE:
+        return False
+    poller = select.poll()  # not select(): a busy worker's descriptors run past FD_SETSIZE
+    poller.register(connection.pgconn.socket, select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
