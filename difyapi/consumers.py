@@ -49,6 +49,7 @@ from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, annotation_reply_e
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.streaming import TERMINAL_EVENTS, header, in_background, turn_dify_events
 from difyapi.validation import parse_json_body, user_from
+from llmconfigs.selectors import llm_config_snapshot
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.metrics import stream_active
 from opsagent.common.request_log import RequestRecord
@@ -176,7 +177,15 @@ def _chat_turn(
 ) -> tuple[ChatCall, ReplyPlan | None, Turn]:
     """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
-    wait for."""
+    wait for. Its config lookups share one snapshot (one cache round trip for them all)."""
+    with llm_config_snapshot():
+        return _chat_turn_prepared(header, body, content_type, client_ip, context, user_agent, completion)
+
+
+def _chat_turn_prepared(
+    header: str | None, body: bytes, content_type: str | None, client_ip: str | None, context: AppContext | None,
+    user_agent: str, completion: bool,
+) -> tuple[ChatCall, ReplyPlan | None, Turn]:
     context = context or authenticate(header, client_ip=client_ip)
     payload = parse_json_body(body, content_type, strip_nul=CHAT_NUL_STRIPPED)
     try:

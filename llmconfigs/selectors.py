@@ -1,8 +1,11 @@
 """Reads of LLM configurations: cached hot-path lookups and the per-turn model selection."""
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from django.core.cache import cache
@@ -105,12 +108,37 @@ def _handed_out(built: Any) -> Any:
     return [_fresh(config) for config in built] if isinstance(built, list) else _fresh(built)
 
 
+# Inside llm_config_snapshot: the generation its first lookup found (empty until then).
+_snapshot: ContextVar[list[int] | None] = ContextVar("llm_config_snapshot", default=None)
+
+
+@contextlib.contextmanager
+def llm_config_snapshot() -> Iterator[None]:
+    """The config lookups inside see one generation: the first asks the shared cache for it, the others take what
+    this process built for it without a round trip (a turn's preparation looks up its config and pool several
+    times, each a round trip with Redis). For one request's work in one hop: a change committed meanwhile is seen
+    by the next lookup outside, as if the request had come a moment earlier. Nested snapshots are the outer one."""
+    if _snapshot.get() is not None:
+        yield
+        return
+    token = _snapshot.set([])
+    try:
+        yield
+    finally:
+        _snapshot.reset(token)
+
+
 def _cached(key: str, load) -> Any:
     """The config (or list of configs) `load` returns, kept in the shared cache under the current generation."""
     global _last_generation
+    pinned = _snapshot.get()
+    if pinned and (memo_key := f"llmconfig:{pinned[0]}:{key}") in _built:
+        return _handed_out(_built[memo_key])
     guess = _last_generation
     if guess is not None and (memo_key := f"llmconfig:{guess}:{key}") in _built:
         if cache.get(_GENERATION_KEY) == guess:
+            if pinned is not None:
+                pinned[:] = [guess]
             return _handed_out(_built[memo_key])
         _built.clear()
         entries = {}
@@ -123,6 +151,8 @@ def _cached(key: str, load) -> Any:
     elif generation != guess:
         _built.clear()
     _last_generation = generation
+    if pinned is not None:
+        pinned[:] = [generation]
     full_key = f"llmconfig:{generation}:{key}"
     hit = entries.get(full_key) if generation == guess else cache.get(full_key)
     if hit == _MISSING:

@@ -27,7 +27,7 @@ from agentcore.services import (
 )
 from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
-from llmconfigs.selectors import llm_config_get, llm_pool_resolve
+from llmconfigs.selectors import llm_config_get, llm_config_snapshot, llm_pool_resolve
 from opsagent.common.db.statements import instance_insert
 
 MAX_ATTACHMENTS = 10
@@ -38,6 +38,11 @@ def turn_prepare(request: TurnRequest) -> Turn:
     nothing when it raises. For a caller off the event loop, so that its own database work shares the turn's one
     thread hop and connection (each hop costs a connection and a turn of the shared ORM thread). An agent turn also
     reads its tool setup here, so the run starts without another hop."""
+    with llm_config_snapshot():  # the turn's config lookups in one cache round trip
+        return _turn_prepared(request)
+
+
+def _turn_prepared(request: TurnRequest) -> Turn:
     meter = request.meter or Meter.of_app(request.app)
     counted = request.counted if request.admitted else None
     try:

@@ -358,3 +358,51 @@ def test_a_rotated_key_is_read_from_the_cache_as_the_new_key(make_llm_config):
     llm_config_update(config=LLMConfig.objects.get(pk=config.pk), api_key="sk-second-key-11111111111")
     assert llm_config_get(config_id=config.pk).api_key == "sk-second-key-11111111111"
     assert llm_config_get(config_id=config.pk).api_key == "sk-second-key-11111111111"
+
+
+def _generation_reads(monkeypatch) -> list[str]:
+    """Every read of the config generation from the shared cache (a spy: the cache still answers)."""
+    from django.core.cache import cache
+
+    reads: list[str] = []
+    get, get_many = cache.get, cache.get_many
+
+    def spy_get(key, *args, **kwargs):
+        reads.extend([key] if key == "llmconfig:generation" else [])
+        return get(key, *args, **kwargs)
+
+    def spy_get_many(keys, *args, **kwargs):
+        reads.extend(key for key in keys if key == "llmconfig:generation")
+        return get_many(keys, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "get", spy_get)
+    monkeypatch.setattr(cache, "get_many", spy_get_many)
+    return reads
+
+
+def test_a_turn_preparation_reads_the_config_generation_once(make_llm_config, monkeypatch):
+    from agentcore.models import AgentApp
+    from agentcore.runs import TurnRequest, turn_prepare
+
+    config = make_llm_config(model_name="model-a", is_default=True)
+    app = AgentApp.objects.create(name="snapshot", mode="chat", llm_config=config)
+    turn_prepare(TurnRequest(app=app, query="hello", end_user="u", source="api"))  # builds the entries
+    reads = _generation_reads(monkeypatch)
+    turn = turn_prepare(TurnRequest(app=app, query="again", end_user="u", source="api"))
+    assert turn.config.model_name == "model-a"
+    assert len(reads) == 1
+
+
+def test_a_snapshot_sees_one_generation_and_the_next_lookup_sees_a_change(make_llm_config):
+    from llmconfigs.selectors import llm_config_cache_invalidate, llm_config_get, llm_config_snapshot
+
+    config = make_llm_config(model_name="model-a")
+    with llm_config_snapshot():
+        assert llm_config_get(config_id=config.pk).model_name == "model-a"
+        # Another worker changes the row meanwhile: the snapshot's lookups stay consistent with each other.
+        LLMConfig.objects.filter(pk=config.pk).update(model_name="model-b")
+        llm_config_cache_invalidate()
+        assert llm_config_get(config_id=config.pk).model_name == "model-a"
+    assert llm_config_get(config_id=config.pk).model_name == "model-b"
+    with llm_config_snapshot():  # and a new snapshot starts from the current generation
+        assert llm_config_get(config_id=config.pk).model_name == "model-b"
