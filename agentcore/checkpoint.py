@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from opsagent.common.db.liveness import connection_quiet
 from opsagent.common.dependencies import DependencyUnavailable, database
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,13 @@ def _pool_timeout() -> float:
     return float(options.get("timeout", 30.0)) if isinstance(options, dict) else 30.0
 
 
+async def _check_unless_quiet(connection: psycopg.AsyncConnection) -> None:
+    """The pool's check of a connection it lends: a query only when the connection may have died (see
+    connection_quiet), so that a healthy one costs no round trip."""
+    if not connection_quiet(connection):
+        await AsyncConnectionPool.check_connection(connection)
+
+
 async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
     pools = _pools.setdefault(asyncio.get_running_loop(), {})
     pool = pools.get(conninfo)
@@ -100,7 +108,7 @@ async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
             # As Django's pool (opsagent/common/db/backends/postgresql): connections that died with the server are
             # dropped when borrowed, and reconnecting never waits long between attempts.
-            check=AsyncConnectionPool.check_connection, reconnect_timeout=settings.DEPENDENCY_RETRY_SECONDS,
+            check=_check_unless_quiet, reconnect_timeout=settings.DEPENDENCY_RETRY_SECONDS,
             timeout=_pool_timeout(),
         )
         pool.recoveries = database.recoveries

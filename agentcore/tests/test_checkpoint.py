@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
@@ -75,6 +76,45 @@ async def test_runs_on_one_loop_share_pooled_checkpoint_connections(chat_app, pl
     finally:
         await checkpoint.checkpoint_pools_close()
     assert asyncio.get_running_loop() not in checkpoint._pools
+
+
+async def _backend_last_query(pid: int) -> str:
+    """What the server last saw backend `pid` run, asked on a connection of its own."""
+    async with await psycopg.AsyncConnection.connect(checkpoint._postgres_conninfo(), autocommit=True) as observer:
+        found = await observer.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+        return (await found.fetchone())[0]
+
+
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_a_quiet_pooled_checkpoint_connection_is_lent_without_a_query(chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."))
+    try:
+        await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
+        [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
+        async with pool.connection() as lent:
+            last = await _backend_last_query(lent.info.backend_pid)
+    finally:
+        await checkpoint.checkpoint_pools_close()
+    assert last != ""  # the check query is the empty one
+
+
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_a_pooled_checkpoint_connection_the_server_ended_is_replaced(chat_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."))
+    try:
+        first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
+        [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
+        async with pool.connection() as lent:
+            pid = lent.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(checkpoint._postgres_conninfo(), autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the pooled socket
+        second = await run_all(TurnRequest(app=chat_app, query="and now?", owner=plain_user,
+                                           session_id=first[0].session_id))
+    finally:
+        await checkpoint.checkpoint_pools_close()
+    assert second[-1].status == "normal"
+    assert second[-1].answer == "Still 40%."
 
 
 @pytest.fixture

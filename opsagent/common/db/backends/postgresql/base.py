@@ -14,15 +14,14 @@ is back, the pool reconnects on its own doubling delay, so the first requests wa
 """
 from __future__ import annotations
 
-import select
 import threading
 import time
 
 import psycopg
 from django.db.backends.postgresql import base
-from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolClosed, PoolTimeout
 
+from opsagent.common.db.liveness import connection_quiet
 from opsagent.common.dependencies import DependencyUnavailable, database
 
 # How long a request waits for the pool before it checks that the database is there at all.
@@ -79,13 +78,3 @@ class DatabaseWrapper(base.DatabaseWrapper):
                     continue
             return connection
 
-
-def connection_quiet(connection: psycopg.Connection) -> bool:
-    """Whether an idle pooled connection looks alive without asking the server: open, outside a transaction, and
-    nothing waiting on its socket. The server closing it (a restart, a terminated backend, a proxy cutting it)
-    makes the socket readable, as would a notice it sent; either way the caller checks it with a query."""
-    if connection.closed or connection.info.transaction_status != TransactionStatus.IDLE:
-        return False
-    poller = select.poll()  # not select(): a busy worker's descriptors run past FD_SETSIZE
-    poller.register(connection.pgconn.socket, select.POLLIN | select.POLLPRI)
-    return not poller.poll(0)
