@@ -27,8 +27,9 @@ Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
             socket), alternated. Goal: 2 workers >= 1.8x one. The load generator here is not the product and runs on
             the same cores, so it is lean: a raw socket per stream and byte searches instead of httpx and a JSON
             parse per event (`lean_stream`, 0.7 ms of CPU per short stream instead of about 7 ms), the same client
-            for one and two workers. Also prints each 2-worker server's accept balance (the busiest worker's share
-            of their CPU), and checks that a WebSocket handshake and the ASGI lifespan work under uvicorn.
+            for one and two workers. Also prints the CPU per stream of the PostgreSQL backends and of a local
+            redis-server, each 2-worker server's accept balance (the busiest worker's share of their CPU), and
+            checks that a WebSocket handshake and the ASGI lifespan work under uvicorn.
 
 Every server listens with a backlog of --backlog and gets its soft RLIMIT_NOFILE raised to the hard limit (so does
 this client); access logs are off on every server (daphne -v 0, uvicorn --no-access-log, LiteLLM at ERROR).
@@ -125,6 +126,24 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_backends(admin_url: str, database: str) -> list[int]:
+    """The PostgreSQL backend processes connected to `database` now (the servers' pools keep theirs open)."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                            [database]).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def processes_named(name: str) -> list[int]:
+    """Processes whose command name is `name` (e.g. the local redis-server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                found.append(int(entry.name))
+    return found
 
 
 def rss_mb(pid: int) -> float:
@@ -680,11 +699,22 @@ def row_workers(args, stack_: Stack) -> None:
             own = resource.getrusage(resource.RUSAGE_SELF)
             return own.ru_utime + own.ru_stime + sum(cpu_seconds(pid) for pid in upstream)
 
+        # The other processes a stream costs CPU in, on the same cores: the PostgreSQL backends of the stack's
+        # database and the local Redis server (shared with whatever else uses it).
+        database = stack_.env["DATABASE_URL"].rpartition("/")[2]
+        local = any(host in args.redis_url for host in ("127.0.0.1", "localhost"))
+        redis = processes_named("redis-server") if local else []
+        store_cpu: dict[tuple[str, int], list[float]] = {key: [0.0, 0.0] for key in servers}  # postgres, redis
+
         for _ in range(args.reps):
             for key, side in sides.items():
                 before, bench_before = side.cpu(), bench_seconds()
                 workers_before = servers[key].worker_cpu()
+                backends = postgres_backends(args.database_url, database)
+                stores_before = [sum(map(cpu_seconds, backends)), sum(map(cpu_seconds, redis))]
                 result = asyncio.run(burst(side, args.burst))
+                for i, pids in enumerate((backends, redis)):
+                    store_cpu[key][i] += sum(map(cpu_seconds, pids)) - stores_before[i]
                 server_cpu[key] += side.cpu() - before
                 spent = [after - was for was, after in zip(workers_before, servers[key].worker_cpu(), strict=False)]
                 busiest[key].append(max(spent) / sum(spent) if sum(spent) else 0.0)
@@ -703,6 +733,10 @@ def row_workers(args, stack_: Stack) -> None:
                   f"{server_cpu[(kind, 2)] / streams * MS:.1f} ms; this client + the fake upstream "
                   f"{bench_cpu[(kind, 1)] / streams * MS:.1f} / {bench_cpu[(kind, 2)] / streams * MS:.1f} ms per "
                   "stream (on the same cores)", flush=True)
+            print(f"    {'':<8} PostgreSQL backends {store_cpu[(kind, 1)][0] / streams * MS:.1f} / "
+                  f"{store_cpu[(kind, 2)][0] / streams * MS:.1f} ms, redis-server "
+                  f"{store_cpu[(kind, 1)][1] / streams * MS:.1f} / {store_cpu[(kind, 2)][1] / streams * MS:.1f} ms "
+                  "per stream" + ("" if redis else " (not local: not measured)"), flush=True)
             print(f"    {'':<8} 2 workers: the busiest one's share of their CPU "
                   + " / ".join(f"{share:.0%}" for share in busiest[(kind, 2)]) + " (even: 50%)", flush=True)
             print_errors(errors[(kind, 1)] + errors[(kind, 2)])
