@@ -68,3 +68,54 @@ def test_instance_insert_saves_a_new_instance_as_save_would(plain_user):
     assert Message.objects.get(pk=message.pk).task_id == message.task_id
     with pytest.raises(ValueError):
         instance_insert(Session(id=None, app=app, name="x"))
+
+
+def _provider_call(**changes):
+    row = dict(created_at=datetime(2026, 12, 1, tzinfo=UTC), config_id=None, config_name="c", model_name="m",
+               route="r", app_id="", app_name="", key_id="", user_id=None, kind="chat", status="ok",
+               error_category="", latency_ms=1.0, ttft_ms=None, prompt_tokens=1, completion_tokens=1,
+               cost=Decimal("0"), currency="USD", rollup_batch=None)
+    return {**row, **changes}
+
+
+def test_writes_together_go_out_in_one_statement_on_postgresql_and_store_what_each_would(plain_user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from agentcore.models import Session
+    from opsagent.common.db.statements import statements_together
+
+    session = Session.objects.create(app=AgentApp.objects.create(name="app"), owner=plain_user, name="s")
+    message = Message.objects.create(session=session, query="q", prompt_tokens=5)
+    with CaptureQueriesContext(connection) as sent:
+        with statements_together():
+            assert row_update(Message, message.pk, values={"answer": "done"}, increments={"prompt_tokens": 2}) is None
+            rows_insert(ProviderCall, [_provider_call(config_name="first"), _provider_call(config_name="second")])
+            assert not sent.captured_queries  # nothing before the block ends
+    writes = [q["sql"] for q in sent.captured_queries if q["sql"].split()[0] in ("WITH", "UPDATE", "INSERT")]
+    assert len(writes) == (1 if connection.vendor == "postgresql" else 2)
+    message.refresh_from_db()
+    assert (message.answer, message.prompt_tokens) == ("done", 7)
+    assert sorted(ProviderCall.objects.values_list("config_name", flat=True)) == ["first", "second"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writes_together_are_all_or_nothing(plain_user):
+    from django.db import IntegrityError
+
+    from agentcore.models import Session
+    from opsagent.common.db.statements import statements_together
+
+    session = Session.objects.create(app=AgentApp.objects.create(name="app"), owner=plain_user, name="s")
+    message = Message.objects.create(session=session, query="q")
+    with pytest.raises(IntegrityError), statements_together():
+        row_update(Message, message.pk, values={"answer": "done"})
+        rows_insert(ProviderCall, [_provider_call(config_name=None)])  # NOT NULL
+    message.refresh_from_db()
+    assert message.answer == ""
+    assert not ProviderCall.objects.exists()
+    with pytest.raises(ZeroDivisionError), statements_together():  # a block that raises sends nothing
+        row_update(Message, message.pk, values={"answer": "never"})
+        raise ZeroDivisionError
+    message.refresh_from_db()
+    assert message.answer == ""

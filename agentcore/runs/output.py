@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import openai
 from channels.db import database_sync_to_async
-from django.db import transaction
 from django.utils import timezone
 from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
 
@@ -28,7 +27,7 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from llmconfigs.usage import CallOrigin, provider_calls_record
-from opsagent.common.db.statements import row_update
+from opsagent.common.db.statements import row_update, statements_together
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.metrics import chat_request_observe
 
@@ -242,7 +241,8 @@ class RunOutput:
         )
 
     def _save_rows(self, values: dict[str, Any], increments: dict[str, Any], cost: Any) -> None:
-        with transaction.atomic():
+        # The turn's end in one round trip (one statement on PostgreSQL): its message, its calls, its config's usage.
+        with statements_together():
             row_update(Message, self.message.pk, values=values, increments=increments)
             if self.model is not None:
                 provider_calls_record(calls=self.model.calls, origin=self._origin())
