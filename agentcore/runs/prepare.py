@@ -28,7 +28,7 @@ from agentcore.services import (
 from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
 from llmconfigs.selectors import llm_config_get, llm_config_snapshot, llm_pool_resolve
-from opsagent.common.db.statements import instance_insert
+from opsagent.common.db.statements import instance_insert, statements_together
 
 MAX_ATTACHMENTS = 10
 
@@ -153,7 +153,8 @@ def _validate(request: TurnRequest) -> None:
 
 def _prepare_query(request: TurnRequest) -> Turn:
     overrides = request.overrides
-    with transaction.atomic():
+    # The new rows go out together when the block ends (one statement on PostgreSQL).
+    with transaction.atomic(), statements_together():
         # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
         # transaction, which saves a commit.
         message_close_stale_due()

@@ -537,3 +537,18 @@ async def test_abandoning_a_turn_that_ran_changes_nothing(chat_app, plain_user, 
 
     message = await Message.objects.aget()
     assert (message.status, message.answer) == (Message.Status.NORMAL, "done")
+
+
+@pytest.mark.django_db
+def test_a_new_conversations_turn_writes_its_rows_in_one_statement_on_postgresql(chat_app):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from agentcore.runs import turn_prepare
+
+    with CaptureQueriesContext(connection) as sent:
+        turn = turn_prepare(TurnRequest(app=chat_app, query="disk?", end_user="u", source="api"))
+    writes = [q["sql"] for q in sent.captured_queries if q["sql"].lstrip().split()[0] in ("WITH", "INSERT")]
+    assert len(writes) == (1 if connection.vendor == "postgresql" else 2)
+    stored = Message.objects.select_related("session").get(pk=turn.message.pk)
+    assert (stored.query, stored.status, stored.session.end_user) == ("disk?", "running", "u")
