@@ -91,11 +91,18 @@ async def test_a_quiet_pooled_checkpoint_connection_is_lent_without_a_query(chat
     try:
         await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
         [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
-        async with pool.connection() as lent:
-            last = await _backend_last_query(lent.info.backend_pid)
+        async with pool.connection() as marked:
+            pid = marked.info.backend_pid
+            await marked.execute("SELECT 'marked'")
+        last = None
+        for _ in range(pool.max_size):  # until the pool lends that connection again
+            async with pool.connection() as lent:
+                if lent.info.backend_pid == pid:
+                    last = await _backend_last_query(pid)
+                    break
     finally:
         await checkpoint.checkpoint_pools_close()
-    assert last != ""  # the check query is the empty one
+    assert last == "SELECT 'marked'"  # not the check's empty query
 
 
 @pytest.mark.usefixtures("checkpoint_pool")
