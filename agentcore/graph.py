@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -18,7 +18,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from llmconfigs.factory import chat_model_key, provider_exception_scrubbed
+from llmconfigs.factory import Delta, StreamedAnswer, chat_model_key, provider_exception_scrubbed
+from llmconfigs.routing import PoolChatModel
 
 TOOL_TIMEOUT_SECONDS = 120.0
 OBSERVATION_LIMIT = 8000
@@ -112,9 +113,11 @@ def _as_text(output: Any) -> str:
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What one run brings to the shared graph: its model, tools, rules and prompt (never checkpointed)."""
+    """What one run brings to the shared graph: its model, tools, rules and prompt (never checkpointed), and where
+    the model's streamed chunks go as they arrive (`on_delta`: the run's output)."""
 
-    model: BaseChatModel
+    model: PoolChatModel
+    on_delta: Callable[[Delta], Awaitable[None]] = field(kw_only=True)
     tools: dict[str, BaseTool] = field(default_factory=dict)
     rules: dict[str, ToolRule] = field(default_factory=dict)
     system_prompt: str = ""
@@ -123,8 +126,16 @@ class AgentContext:
     max_history_messages: int = field(kw_only=True)
     max_history_chars: int = field(kw_only=True)
 
-    def bound_model(self) -> Any:
-        return self.model.bind_tools([tool_schema(t) for t in self.tools.values()]) if self.tools else self.model
+    async def answer(self, messages: list[AnyMessage]) -> AIMessage:
+        """The model's answer to `messages`, with the run's tools bound: each chunk goes to `on_delta` as it arrives,
+        and the answer comes back as the message LangChain's `ainvoke` would have merged (StreamedAnswer), without
+        LangChain's chunk objects and callbacks per chunk, or LangGraph's messages stream behind them."""
+        request = {"tools": [tool_schema(t) for t in self.tools.values()]} if self.tools else {}
+        answer = StreamedAnswer()
+        async for delta in self.model.astream_deltas(messages, merged=True, **request):
+            answer.add(delta)
+            await self.on_delta(delta)
+        return answer.message()
 
 
 # Tools are shared between runs (built-in ones per process, MCP ones per listing; a run's own update_plan copies
@@ -155,7 +166,7 @@ async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[
     window = history_window(history, max_messages=agent.max_history_messages, max_chars=agent.max_history_chars)
     prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
     try:
-        response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(window))
+        response = await agent.answer(prompt + close_dangling_tool_calls(window))
     except Exception as exc:
         # LangGraph writes the node's exception into the checkpoint (`__error__`): it must hold no key, whichever
         # path inside the provider client raised it.

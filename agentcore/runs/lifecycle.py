@@ -323,7 +323,8 @@ class _Run:
             if not self.agent and self.turn.resume is None:
                 await self._answer_once(graph, saver, model, system_prompt, graph_input["messages"])
                 return
-            context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,
+            context = AgentContext(model=model, on_delta=self.output.on_delta, tools=tools, rules=rules,
+                                   system_prompt=system_prompt,
                                    max_iterations=app.max_iterations,
                                    max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
                                    max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
@@ -336,12 +337,11 @@ class _Run:
             # none of them on the way to the first token. Only a server dying mid-answer loses that turn from the
             # model's memory; its message stays in the history, marked as an error.
             durability = "async" if self.agent else "exit"
-            async for mode, chunk in graph.astream(graph_input, config, context=context,
-                                                  stream_mode=["messages", "updates"], durability=durability):
-                if mode == "messages":
-                    await self.output.on_chunk(*chunk)
-                else:
-                    await self.output.on_update(chunk)
+            # The model's chunks reach the output from the model node itself (AgentContext.on_delta); the graph
+            # streams only what each step did.
+            async for update in graph.astream(graph_input, config, context=context, stream_mode="updates",
+                                              durability=durability):
+                await self.output.on_update(update)
 
     async def _answer_once(self, graph: Any, saver: Any, model: Any, system_prompt: str, asked: list[Any]) -> None:
         """A chat or completion turn: one model call and no tools, so it runs without the graph's step machinery

@@ -14,7 +14,7 @@ import openai
 from channels.db import database_sync_to_async
 from django.db import transaction
 from django.utils import timezone
-from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 
 from agentcore.checkpoint import checkpointer
 from agentcore.events import ApprovalRequired, Event, RunEnd, RunError, TextDelta, ThoughtUpdate, Usage
@@ -47,8 +47,9 @@ class _Iteration:
 
 
 class RunOutput:
-    """The record of one run: the graph's stream goes in (`on_chunk`, `on_update`), thought rows are written and
-    events are put on `queue` as it goes, and one of the `save_*` methods writes the turn's end."""
+    """The record of one run: the model's chunks (`on_delta`) and the graph's steps (`on_update`) go in, thought
+    rows are written and events are put on `queue` as it goes, and one of the `save_*` methods writes the turn's
+    end."""
 
     def __init__(self, turn: Turn, queue: asyncio.Queue):
         self.queue = queue
@@ -71,16 +72,8 @@ class RunOutput:
         self.partial_kept = False  # a stopped or failed answer was added to the conversation's checkpoint
 
     # -- the graph's output --
-    async def on_chunk(self, chunk: Any, metadata: dict[str, Any]) -> None:
-        if metadata.get("langgraph_node") != "model" or not isinstance(chunk, AIMessageChunk):
-            return
-        if chunk.usage_metadata:
-            self.prompt_tokens += chunk.usage_metadata.get("input_tokens", 0)
-            self.completion_tokens += chunk.usage_metadata.get("output_tokens", 0)
-        await self.on_text(chunk.text if isinstance(chunk.text, str) else chunk.text())
-
     async def on_delta(self, delta: Delta) -> None:
-        """A chunk of a chat turn's answer, read without LangChain (agentcore.runs.lifecycle)."""
+        """A chunk of the model's answer, read without LangChain's chunk objects (llmconfigs.factory.Delta)."""
         self.prompt_tokens += delta.prompt_tokens
         self.completion_tokens += delta.completion_tokens
         await self.on_text(delta.text)
