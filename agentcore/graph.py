@@ -125,6 +125,20 @@ class AgentContext:
     # The history window (see history_window): AGENT_HISTORY_MAX_MESSAGES and AGENT_HISTORY_MAX_CHARS.
     max_history_messages: int = field(kw_only=True)
     max_history_chars: int = field(kw_only=True)
+    # The answer of the turn's first model call when the run made that call before the graph started (a turn whose
+    # first answer calls no tool never enters the graph: agentcore.runs.lifecycle); the model node takes it instead
+    # of calling the model again. Mutable in a frozen context on purpose: taken once, by the first model step.
+    answered: list[AIMessage] = field(default_factory=list, kw_only=True)
+
+    def window(self, history: list[AnyMessage]) -> list[AnyMessage]:
+        return history_window(history, max_messages=self.max_history_messages, max_chars=self.max_history_chars)
+
+    def prompt(self, window: list[AnyMessage]) -> list[AnyMessage]:
+        """What the model is given: the system prompt, added at call time (so the checkpoint keeps only the
+        conversation and an edited prompt applies to old sessions too), and the window with every tool call
+        answered."""
+        system = [SystemMessage(self.system_prompt)] if self.system_prompt else []
+        return system + close_dangling_tool_calls(window)
 
     async def answer(self, messages: list[AnyMessage]) -> AIMessage:
         """The model's answer to `messages`, with the run's tools bound: each chunk goes to `on_delta` as it arrives,
@@ -159,14 +173,11 @@ def tool_schema(tool: BaseTool) -> dict[str, Any]:
 
 
 async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
-    # The system prompt is added at call time, so the checkpoint keeps only the conversation and an edited prompt
-    # applies to old sessions too.
     agent = runtime.context
     history = state["messages"]
-    window = history_window(history, max_messages=agent.max_history_messages, max_chars=agent.max_history_chars)
-    prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
+    window = agent.window(history)
     try:
-        response = await agent.answer(prompt + close_dangling_tool_calls(window))
+        response = agent.answered.pop() if agent.answered else await agent.answer(agent.prompt(window))
     except Exception as exc:
         # LangGraph writes the node's exception into the checkpoint (`__error__`): it must hold no key, whichever
         # path inside the provider client raised it.
