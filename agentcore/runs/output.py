@@ -70,6 +70,7 @@ class RunOutput:
         self.finished = False
         self.model: PoolChatModel | None = None  # the run's model, once it has one: its calls and who answered
         self.partial_kept = False  # a stopped or failed answer was added to the conversation's checkpoint
+        self.answer_thought: Thought | None = None  # an agent's answer, written with the turn's end
 
     # -- the graph's output --
     async def on_delta(self, delta: Delta) -> None:
@@ -120,7 +121,9 @@ class RunOutput:
         if not self.agent:
             return
         if not message.tool_calls:
-            await Thought.objects.acreate(id=iteration.thought_id, message=self.message, position=iteration.position,
+            # The answer ends the run (nothing is scheduled after a step without tool calls): its row is written
+            # with the turn's end, in the same transaction (_save_rows), one database round trip fewer per turn.
+            self.answer_thought = Thought(id=iteration.thought_id, message=self.message, position=iteration.position,
                                           thought=text, status=Thought.Status.DONE)
             self.queue.put_nowait(ThoughtUpdate(thought_id=iteration.thought_id, position=iteration.position,
                                                 phase="answer", thought=text, status=Thought.Status.DONE))
@@ -237,6 +240,8 @@ class RunOutput:
     def _save_rows(self, values: dict[str, Any], increments: dict[str, Any], cost: Any) -> None:
         with transaction.atomic():
             row_update(Message, self.message.pk, values=values, increments=increments)
+            if self.answer_thought is not None:
+                self.answer_thought.save(force_insert=True)
             if self.model is not None:
                 provider_calls_record(calls=self.model.calls, origin=self._origin())
             if cost is not None:
