@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -18,7 +18,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from llmconfigs.factory import chat_model_key, provider_exception_scrubbed
+from llmconfigs.factory import Delta, StreamedAnswer, chat_model_key, provider_exception_scrubbed
+from llmconfigs.routing import PoolChatModel
 
 TOOL_TIMEOUT_SECONDS = 120.0
 OBSERVATION_LIMIT = 8000
@@ -112,9 +113,11 @@ def _as_text(output: Any) -> str:
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What one run brings to the shared graph: its model, tools, rules and prompt (never checkpointed)."""
+    """What one run brings to the shared graph: its model, tools, rules and prompt (never checkpointed), and where
+    the model's streamed chunks go as they arrive (`on_delta`: the run's output)."""
 
-    model: BaseChatModel
+    model: PoolChatModel
+    on_delta: Callable[[Delta], Awaitable[None]] = field(kw_only=True)
     tools: dict[str, BaseTool] = field(default_factory=dict)
     rules: dict[str, ToolRule] = field(default_factory=dict)
     system_prompt: str = ""
@@ -122,9 +125,31 @@ class AgentContext:
     # The history window (see history_window): AGENT_HISTORY_MAX_MESSAGES and AGENT_HISTORY_MAX_CHARS.
     max_history_messages: int = field(kw_only=True)
     max_history_chars: int = field(kw_only=True)
+    # The answer of the turn's first model call when the run made that call before the graph started (a turn whose
+    # first answer calls no tool never enters the graph: agentcore.runs.lifecycle); the model node takes it instead
+    # of calling the model again. Mutable in a frozen context on purpose: taken once, by the first model step.
+    answered: list[AIMessage] = field(default_factory=list, kw_only=True)
 
-    def bound_model(self) -> Any:
-        return self.model.bind_tools([tool_schema(t) for t in self.tools.values()]) if self.tools else self.model
+    def window(self, history: list[AnyMessage]) -> list[AnyMessage]:
+        return history_window(history, max_messages=self.max_history_messages, max_chars=self.max_history_chars)
+
+    def prompt(self, window: list[AnyMessage]) -> list[AnyMessage]:
+        """What the model is given: the system prompt, added at call time (so the checkpoint keeps only the
+        conversation and an edited prompt applies to old sessions too), and the window with every tool call
+        answered."""
+        system = [SystemMessage(self.system_prompt)] if self.system_prompt else []
+        return system + close_dangling_tool_calls(window)
+
+    async def answer(self, messages: list[AnyMessage]) -> AIMessage:
+        """The model's answer to `messages`, with the run's tools bound: each chunk goes to `on_delta` as it arrives,
+        and the answer comes back as the message LangChain's `ainvoke` would have merged (StreamedAnswer), without
+        LangChain's chunk objects and callbacks per chunk, or LangGraph's messages stream behind them."""
+        request = {"tools": [tool_schema(t) for t in self.tools.values()]} if self.tools else {}
+        answer = StreamedAnswer()
+        async for delta in self.model.astream_deltas(messages, merged=True, **request):
+            answer.add(delta)
+            await self.on_delta(delta)
+        return answer.message()
 
 
 # Tools are shared between runs (built-in ones per process, MCP ones per listing; a run's own update_plan copies
@@ -148,14 +173,11 @@ def tool_schema(tool: BaseTool) -> dict[str, Any]:
 
 
 async def call_model(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
-    # The system prompt is added at call time, so the checkpoint keeps only the conversation and an edited prompt
-    # applies to old sessions too.
     agent = runtime.context
     history = state["messages"]
-    window = history_window(history, max_messages=agent.max_history_messages, max_chars=agent.max_history_chars)
-    prompt = [SystemMessage(agent.system_prompt)] if agent.system_prompt else []
+    window = agent.window(history)
     try:
-        response = await agent.bound_model().ainvoke(prompt + close_dangling_tool_calls(window))
+        response = agent.answered.pop() if agent.answered else await agent.answer(agent.prompt(window))
     except Exception as exc:
         # LangGraph writes the node's exception into the checkpoint (`__error__`): it must hold no key, whichever
         # path inside the provider client raised it.

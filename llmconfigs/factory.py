@@ -1,6 +1,7 @@
 """Builds LangChain chat and embedding models from an LLMConfig: every provider through its OpenAI-compatible API."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -8,6 +9,10 @@ import httpx
 import httpx2
 import openai
 from django.conf import settings
+from langchain_core.language_models.chat_models import _gen_info_and_msg_metadata, generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.utils.utils import LC_ID_PREFIX
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from openai._base_client import make_request_options
 
@@ -206,20 +211,23 @@ class ScrubbedStream:
 
 
 class Delta:
-    """One streamed chunk of a chat call, as a chat turn reads it: its text, whether it opens the answer (text, a tool
-    call or reasoning: what a pool calls the first token), the token counts it reports, and the finish reason and
-    model name of the last choice chunk."""
+    """One streamed chunk of a chat call, as a run reads it: its text, whether it opens the answer (text, a tool call
+    or reasoning: what a pool calls the first token), the token counts it reports, and the finish reason and model
+    name of the last choice chunk. When asked for (`chat_deltas(merged=True)`), a chunk that says more than text (a
+    tool call fragment, the finish, the usage) also carries `generation`: LangChain's own reading of it, which
+    `StreamedAnswer` merges into the message."""
 
-    __slots__ = ("text", "opens", "prompt_tokens", "completion_tokens", "finish_reason", "model_name")
+    __slots__ = ("text", "opens", "prompt_tokens", "completion_tokens", "finish_reason", "model_name", "generation")
 
     def __init__(self, text: str = "", *, opens: bool = False, prompt_tokens: int = 0, completion_tokens: int = 0,
-                 finish_reason: str = "", model_name: str = ""):
+                 finish_reason: str = "", model_name: str = "", generation: Any = None):
         self.text = text
         self.opens = opens or bool(text)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.finish_reason = finish_reason
         self.model_name = model_name
+        self.generation = generation
 
     @classmethod
     def of_chunk(cls, chunk: dict[str, Any]) -> Delta:
@@ -251,7 +259,24 @@ class Delta:
         info = chunk.generation_info or {}
         return cls(text, opens=generation_opens(chunk),
                    prompt_tokens=usage.get("input_tokens", 0), completion_tokens=usage.get("output_tokens", 0),
-                   finish_reason=info.get("finish_reason") or "", model_name=info.get("model_name") or "")
+                   finish_reason=info.get("finish_reason") or "", model_name=info.get("model_name") or "",
+                   generation=chunk)
+
+
+def _text_only(chunk: dict[str, Any]) -> bool:
+    """Whether LangChain reads `chunk` as nothing but its text: an assistant delta without tool calls, function call
+    or id, and no finish, log probabilities or usage. Such a chunk adds only its text to the merged message (and
+    the provider name every chunk adds)."""
+    if chunk.get("usage") or chunk.get("type") == "content.delta":
+        return False
+    choices = chunk.get("choices")
+    if not choices:
+        return False
+    choice = choices[0]
+    said = choice.get("delta")
+    return (isinstance(said, dict) and not choice.get("finish_reason") and not choice.get("logprobs")
+            and not said.get("tool_calls") and not said.get("function_call") and said.get("id") is None
+            and said.get("role") in (None, "assistant"))
 
 
 def generation_opens(chunk: Any) -> bool:
@@ -260,17 +285,20 @@ def generation_opens(chunk: Any) -> bool:
     return bool(message.content or message.additional_kwargs or getattr(message, "tool_call_chunks", None))
 
 
-async def chat_deltas(model: Any, messages: list[Any]) -> AsyncIterator[Delta]:
+async def chat_deltas(model: Any, messages: list[Any], *, merged: bool = False, **request: Any,
+                      ) -> AsyncIterator[Delta]:
     """The streamed answer of `model` (a chat model of `chat_model`) to `messages`, as Deltas read straight from the
-    provider's chunk dicts. The request is the one LangChain sends (its payload, through `ProviderCompletions`: the
-    SDK's retries, scrubbed errors); only LangChain's message chunk objects and callbacks per streamed chunk are left
-    out, which were a third of the server's CPU for a streamed answer. A model LangChain would send elsewhere than
-    Chat Completions (the Responses API), or one that is not a ChatOpenAI, streams through LangChain."""
-    kwargs: dict[str, Any] = {"stream": True}
+    provider's chunk dicts. `request`: what a bound model adds to the call (`tools`). The request is the one
+    LangChain sends (its payload, through `ProviderCompletions`: the SDK's retries, scrubbed errors); only LangChain's
+    message chunk objects and callbacks per streamed chunk are left out, which were a third of the server's CPU for
+    a streamed answer. With `merged`, the chunks that say more than text carry LangChain's reading of them, for
+    `StreamedAnswer`. A model LangChain would send elsewhere than Chat Completions (the Responses API), or one that
+    is not a ChatOpenAI, streams through LangChain."""
+    kwargs: dict[str, Any] = {"stream": True, **request}
     if isinstance(model, ChatOpenAI) and model.stream_usage:
         kwargs["stream_options"] = {"include_usage": True}
     if not isinstance(model, ChatOpenAI) or model._use_responses_api({**kwargs, **model.model_kwargs}):
-        async for chunk in model._astream(messages):
+        async for chunk in model._astream(messages, **request):
             yield Delta.of_generation(chunk)
         return
     payload = model._get_request_payload(messages, **kwargs)
@@ -278,7 +306,52 @@ async def chat_deltas(model: Any, messages: list[Any]) -> AsyncIterator[Delta]:
     async with stream:
         async for chunk in stream:
             if isinstance(chunk, dict):
-                yield Delta.of_chunk(chunk)
+                delta = Delta.of_chunk(chunk)
+                if merged and not _text_only(chunk):
+                    delta.generation = model._convert_chunk_to_generation_chunk(chunk, AIMessageChunk, {})
+                yield delta
+
+
+class StreamedAnswer:
+    """The message LangChain's `ainvoke` returns for a streamed answer, merged from the answer's Deltas (of
+    `chat_deltas(merged=True)`) by LangChain's own merge, once per answer instead of once per chunk: the text of
+    the chunks that say nothing else is joined first, then merged with LangChain's readings of the other chunks in
+    their order (tool call fragments by index, invalid JSON arguments as `invalid_tool_calls`, usage, finish reason
+    and model name), as `BaseChatModel` merges a stream (the run's id for chunks without one, a last empty chunk)."""
+
+    def __init__(self) -> None:
+        self._parts: list[Any] = []  # ChatGenerationChunks and lists of consecutive text-only chunks' texts
+        self._texts: list[str] | None = None
+
+    def add(self, delta: Delta) -> None:
+        if delta.generation is not None:
+            self._parts.append(delta.generation)
+            self._texts = None
+        elif self._texts is None:
+            self._texts = [delta.text]
+            self._parts.append(self._texts)
+        else:
+            self._texts.append(delta.text)
+
+    def message(self) -> AIMessage:
+        """Raises ValueError for an answer without a chunk, as LangChain does."""
+        run_id = f"{LC_ID_PREFIX}-{uuid.uuid4()}"
+        chunks = []
+        for part in self._parts:
+            if isinstance(part, list):
+                part = ChatGenerationChunk(message=AIMessageChunk(content="".join(part),
+                                                                  response_metadata={"model_provider": "openai"}))
+            else:
+                part.message.response_metadata = _gen_info_and_msg_metadata(part)
+            if part.message.id is None:
+                part.message.id = run_id
+            chunks.append(part)
+        if chunks and isinstance(chunks[-1].message, AIMessageChunk) and not chunks[-1].message.chunk_position:
+            empty = "" if isinstance(chunks[-1].message.content, str) else []
+            chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=empty, chunk_position="last", id=run_id)))
+        generation = generate_from_stream(iter(chunks)).generations[0]
+        generation.message.response_metadata = _gen_info_and_msg_metadata(generation)
+        return generation.message
 
 
 def embeddings(config: LLMConfig, *, timeout: float | None = None, max_retries: int | None = None,

@@ -225,12 +225,13 @@ class PoolChatModel(BaseChatModel):
                                           opens=generation_opens, count=_generation_count):
             yield chunk
 
-    async def astream_deltas(self, messages: list[BaseMessage]) -> AsyncIterator[Delta]:
-        """The answer to `messages` of a step without tools (a chat turn), with the same failover and records as
-        `astream`, streamed as `Delta`s read from the provider's chunks without LangChain's per-chunk objects and
-        callbacks (llmconfigs.factory.chat_deltas)."""
-        async for delta in self._failover(lambda model: chat_deltas(model, messages), opens=_delta_opens,
-                                          count=_delta_count):
+    async def astream_deltas(self, messages: list[BaseMessage], *, merged: bool = False,
+                             **request: Any) -> AsyncIterator[Delta]:
+        """The answer to `messages` of a step (`request`: the `tools` it may call), with the same failover and
+        records as `astream`, streamed as `Delta`s read from the provider's chunks without LangChain's per-chunk
+        objects and callbacks (llmconfigs.factory.chat_deltas; `merged` for a `StreamedAnswer`)."""
+        async for delta in self._failover(lambda model: chat_deltas(model, messages, merged=merged, **request),
+                                          opens=_delta_opens, count=_delta_count):
             yield delta
 
     async def _failover(self, open_stream: Callable[[Any], AsyncIterator[Any]], *, opens: Callable[[Any], bool],

@@ -15,13 +15,13 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
-from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage
 from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.events import Event, RunStarted, TextDelta
-from agentcore.graph import AgentContext, agent_graph, close_dangling_tool_calls, history_window, truncate
+from agentcore.graph import AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, has_perms
@@ -122,6 +122,7 @@ class _Run:
         self.queue: asyncio.Queue = _EventQueue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
+        self.graph_stepped = False  # the graph ran steps (writing a checkpoint after each): see _answer_once
 
     # -- the consumer side --
     async def events(self) -> AsyncIterator[Event]:
@@ -185,10 +186,11 @@ class _Run:
                 await checkpoint_prune(thread_id=str(self.session.pk))
 
     def _superseded_checkpoints(self) -> bool:
-        """Whether this run may have left checkpoints older than its conversation's latest. Not when a chat turn
-        opened its conversation (a new conversation is never a resumed one): it wrote the conversation's one
-        checkpoint, or none, and nothing after it unless a stopped or failed answer was added to it."""
-        return self.agent or not self.turn.session_created or self.output.partial_kept
+        """Whether this run may have left checkpoints older than its conversation's latest. Not when a turn that
+        opened its conversation (a new conversation is never a resumed one) was answered without the graph's steps
+        (a chat turn, an agent turn answered without a tool): it wrote the conversation's one checkpoint, or none,
+        and nothing after it unless a stopped or failed answer was added to it."""
+        return self.graph_stepped or not self.turn.session_created or self.output.partial_kept
 
     async def _finish(self, producer: asyncio.Task) -> list[Event]:
         await asyncio.wait([producer])
@@ -316,17 +318,21 @@ class _Run:
             await self.output.load_thoughts()
         system_prompt, asked = self._prompts()
         graph_input = self._graph_input(await self._attachments() if self.turn.attachments else [], asked)
+        context = AgentContext(model=model, on_delta=self.output.on_delta, tools=tools, rules=rules,
+                               system_prompt=system_prompt, max_iterations=app.max_iterations,
+                               max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
+                               max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
         async with self.saver.use() if self.saver is not None else checkpointer() as saver:
             if self.turn.session_created:
                 saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
             graph = agent_graph(checkpointer=saver)
-            if not self.agent and self.turn.resume is None:
-                await self._answer_once(graph, saver, model, system_prompt, graph_input["messages"])
-                return
-            context = AgentContext(model=model, tools=tools, rules=rules, system_prompt=system_prompt,
-                                   max_iterations=app.max_iterations,
-                                   max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
-                                   max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
+            if self.turn.resume is None:
+                saved = await self._saved_history(graph, saver)
+                if saved is not None:
+                    answered = await self._answer_once(graph, context, saved, graph_input["messages"])
+                    if answered is None:
+                        return
+                    context.answered.append(answered)
             config = {"configurable": {"thread_id": str(self.session.pk)},
                       "recursion_limit": 2 * app.max_iterations + 10}
             # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool
@@ -336,65 +342,90 @@ class _Run:
             # none of them on the way to the first token. Only a server dying mid-answer loses that turn from the
             # model's memory; its message stays in the history, marked as an error.
             durability = "async" if self.agent else "exit"
-            async for mode, chunk in graph.astream(graph_input, config, context=context,
-                                                  stream_mode=["messages", "updates"], durability=durability):
-                if mode == "messages":
-                    await self.output.on_chunk(*chunk)
-                else:
-                    await self.output.on_update(chunk)
+            # The model's chunks reach the output from the model node itself (AgentContext.on_delta); the graph
+            # streams only what each step did.
+            self.graph_stepped = True
+            async for update in graph.astream(graph_input, config, context=context, stream_mode="updates",
+                                              durability=durability):
+                await self.output.on_update(update)
 
-    async def _answer_once(self, graph: Any, saver: Any, model: Any, system_prompt: str, asked: list[Any]) -> None:
-        """A chat or completion turn: one model call and no tools, so it runs without the graph's step machinery
-        (per step and per streamed chunk, most of the graph's cost): the conversation is read from its checkpoint,
-        the model's stream goes straight to the output, and the exchange is written back as one update of the
-        graph's state, as the graph would leave it. Like the graph in this mode (durability "exit"), the checkpoint
-        is written once, when the run ends however it ends: the question always, the answer when there is one (a
-        stopped or failed run's partial answer is added by the output, as after the graph)."""
+    async def _saved_history(self, graph: Any, saver: Any) -> list[Any] | None:
+        """The conversation as its checkpoint holds it, or None when the graph left a step to run in it (an agent
+        turn paused for an approval that this new message supersedes): such a turn is the graph's from the start."""
+        if self.turn.session_created:
+            return []
         thread = {"configurable": {"thread_id": str(self.session.pk)}}
-        saved = await saver.aget_tuple(thread) if not self.turn.session_created else None
-        history = add_messages(saved.checkpoint["channel_values"].get("messages", []) if saved else [], asked)
-        window = history_window(history, max_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
-                                max_chars=settings.AGENT_HISTORY_MAX_CHARS)
-        prompt = [SystemMessage(system_prompt)] if system_prompt else []
+        if not self.agent:
+            saved = await saver.aget_tuple(thread)
+            return saved.checkpoint["channel_values"].get("messages", []) if saved else []
+        state = await graph.aget_state(thread)
+        return None if state.next else state.values.get("messages", [])
+
+    async def _answer_once(self, graph: Any, context: AgentContext, saved: list[Any], asked: list[Any],
+                           ) -> AIMessage | None:
+        """A turn's first model call, without the graph's step machinery (per step and per streamed chunk, most of
+        the graph's cost), on the conversation `saved` in its checkpoint: the model's stream goes straight to the
+        output and, when the answer calls no tool (a chat or completion turn always, an agent turn that answers at
+        once), the exchange is written back as one update of the graph's state, as the graph would leave it: the
+        turn is over (None). An agent's answer that calls tools is returned unwritten: the graph then runs the turn
+        from its input as always, its model step taking this answer (AgentContext.answered), and writes every step.
+
+        Like the graph in chat's mode (durability "exit"), a turn answered here is written once, when the run ends
+        however it ends: the question always, the answer when there is one (a stopped or failed run's partial answer
+        is added by the output, as after the graph)."""
+        thread = {"configurable": {"thread_id": str(self.session.pk)}}
+        history = add_messages(saved, asked)
+        window = context.window(history)
         update: dict[str, Any] = {"messages": asked, "iterations": 0}
+        handed_over = False
         try:
-            texts: list[str] = []
-            usage = {"input_tokens": 0, "output_tokens": 0}
-            metadata: dict[str, Any] = {}
-            reported = False
             try:
-                async for delta in model.astream_deltas(prompt + close_dangling_tool_calls(window)):
-                    if delta.text:
-                        texts.append(delta.text)
-                    if delta.prompt_tokens or delta.completion_tokens:
-                        reported = True
-                        usage["input_tokens"] += delta.prompt_tokens
-                        usage["output_tokens"] += delta.completion_tokens
-                    if delta.finish_reason:
-                        metadata.update(finish_reason=delta.finish_reason, model_name=delta.model_name)
-                    await self.output.on_delta(delta)
+                if self.agent:
+                    response = await context.answer(context.prompt(window))
+                else:
+                    response = await self._chat_answer(context.model, context.prompt(window))
                 # What the answer's last network read brought goes out before the checkpoint is written.
                 await asyncio.sleep(0)
             except Exception as exc:
-                error = provider_exception_scrubbed(exc, api_key=chat_model_key(model))
+                error = provider_exception_scrubbed(exc, api_key=chat_model_key(context.model))
             else:
-                # The message LangChain would have merged from the chunks: the text, the finish reason and the usage.
-                usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-                response = AIMessage(content="".join(texts), response_metadata=metadata,
-                                     usage_metadata=usage if reported else None)
+                if response.tool_calls:
+                    handed_over = True
+                    return response
                 # What the graph's model node writes: the answer, and the history cut to the window when it was cut.
                 trimmed = len(window) < len(history)
                 update = {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed
                           else [*asked, response], "iterations": 1}
                 await self.output.on_update({"model": {"messages": [response]}})
-                return
+                return None
             raise error  # outside the except clause, so the unscrubbed original is not kept as its context
         finally:
-            # As the terminal "limit" node: the turn is over, nothing is scheduled after this write. Shielded: a
-            # stopped run still remembers its question before the output adds the partial answer.
-            write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node="limit"))
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                await write
-                raise
+            if not handed_over:
+                # As the terminal "limit" node: the turn is over, nothing is scheduled after this write. Shielded: a
+                # stopped run still remembers its question before the output adds the partial answer.
+                write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node="limit"))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    await write
+                    raise
+
+    async def _chat_answer(self, model: Any, messages: list[Any]) -> AIMessage:
+        """A chat turn's streamed answer, each chunk to the output as it arrives, as the message LangChain would have
+        merged from it: the text, the finish reason and the usage (no tools, so no more is needed)."""
+        texts: list[str] = []
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        metadata: dict[str, Any] = {}
+        reported = False
+        async for delta in model.astream_deltas(messages):
+            if delta.text:
+                texts.append(delta.text)
+            if delta.prompt_tokens or delta.completion_tokens:
+                reported = True
+                usage["input_tokens"] += delta.prompt_tokens
+                usage["output_tokens"] += delta.completion_tokens
+            if delta.finish_reason:
+                metadata.update(finish_reason=delta.finish_reason, model_name=delta.model_name)
+            await self.output.on_delta(delta)
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        return AIMessage(content="".join(texts), response_metadata=metadata, usage_metadata=usage if reported else None)

@@ -13,7 +13,7 @@ import httpx
 import openai
 from channels.db import database_sync_to_async
 from django.utils import timezone
-from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 
 from agentcore.checkpoint import checkpointer
 from agentcore.events import ApprovalRequired, Event, RunEnd, RunError, TextDelta, ThoughtUpdate, Usage
@@ -46,8 +46,9 @@ class _Iteration:
 
 
 class RunOutput:
-    """The record of one run: the graph's stream goes in (`on_chunk`, `on_update`), thought rows are written and
-    events are put on `queue` as it goes, and one of the `save_*` methods writes the turn's end."""
+    """The record of one run: the model's chunks (`on_delta`) and the graph's steps (`on_update`) go in, thought
+    rows are written and events are put on `queue` as it goes, and one of the `save_*` methods writes the turn's
+    end."""
 
     def __init__(self, turn: Turn, queue: asyncio.Queue):
         self.queue = queue
@@ -68,18 +69,11 @@ class RunOutput:
         self.finished = False
         self.model: PoolChatModel | None = None  # the run's model, once it has one: its calls and who answered
         self.partial_kept = False  # a stopped or failed answer was added to the conversation's checkpoint
+        self.answer_thought: Thought | None = None  # an agent's answer, written with the turn's end
 
     # -- the graph's output --
-    async def on_chunk(self, chunk: Any, metadata: dict[str, Any]) -> None:
-        if metadata.get("langgraph_node") != "model" or not isinstance(chunk, AIMessageChunk):
-            return
-        if chunk.usage_metadata:
-            self.prompt_tokens += chunk.usage_metadata.get("input_tokens", 0)
-            self.completion_tokens += chunk.usage_metadata.get("output_tokens", 0)
-        await self.on_text(chunk.text if isinstance(chunk.text, str) else chunk.text())
-
     async def on_delta(self, delta: Delta) -> None:
-        """A chunk of a chat turn's answer, read without LangChain (agentcore.runs.lifecycle)."""
+        """A chunk of the model's answer, read without LangChain's chunk objects (llmconfigs.factory.Delta)."""
         self.prompt_tokens += delta.prompt_tokens
         self.completion_tokens += delta.completion_tokens
         await self.on_text(delta.text)
@@ -126,7 +120,9 @@ class RunOutput:
         if not self.agent:
             return
         if not message.tool_calls:
-            await Thought.objects.acreate(id=iteration.thought_id, message=self.message, position=iteration.position,
+            # The answer ends the run (nothing is scheduled after a step without tool calls): its row is written
+            # with the turn's end, in the same transaction (_save_rows), one database round trip fewer per turn.
+            self.answer_thought = Thought(id=iteration.thought_id, message=self.message, position=iteration.position,
                                           thought=text, status=Thought.Status.DONE)
             self.queue.put_nowait(ThoughtUpdate(thought_id=iteration.thought_id, position=iteration.position,
                                                 phase="answer", thought=text, status=Thought.Status.DONE))
@@ -244,6 +240,8 @@ class RunOutput:
         # The turn's end in one round trip (one statement on PostgreSQL): its message, its calls, its config's usage.
         with statements_together():
             row_update(Message, self.message.pk, values=values, increments=increments)
+            if self.answer_thought is not None:
+                self.answer_thought.save(force_insert=True)
             if self.model is not None:
                 provider_calls_record(calls=self.model.calls, origin=self._origin())
             if cost is not None:

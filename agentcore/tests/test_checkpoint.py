@@ -337,3 +337,51 @@ async def test_a_failed_chat_turn_leaves_its_question_in_the_conversation(chat_a
     assert second[-1].answer == "Recovered."
     sent = [(m["role"], m["content"]) for m in fake_upstream.chat_requests[-1].messages if m["role"] != "system"]
     assert sent == [("user", "first try"), ("user", "again")]
+
+
+# An agent turn whose first answer calls no tool runs without the graph's steps (lifecycle._Run._answer_once): one
+# checkpoint write instead of one per step (the input, the model step's writes and its checkpoint), and the
+# conversation left as the graph leaves it.
+
+async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_as_the_graph_would(
+        agent_app, plain_user, fake_upstream, monkeypatch):
+    from langchain_core.messages import HumanMessage
+
+    from agentcore.runs.chat_models import run_chat_model
+    from llmconfigs.models import LLMConfig
+
+    async with checkpointer() as saver:
+        saver_class = type(saver)
+    written: list[str] = []
+    aput = saver_class.aput
+
+    async def counted_aput(self, config, *args, **kwargs):
+        written.append(config["configurable"]["thread_id"])
+        return await aput(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(saver_class, "aput", counted_aput)
+    fake_upstream.script(Reply(text="It is noon."), Reply(text="It is noon."))
+    events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    session_id = events[0].session_id
+    assert events[-1].answer == "It is noon."
+    assert written == [session_id]
+    assert await checkpoint_rows(session_id) == (1, 0)
+
+    # The same question through the graph, on a thread of its own.
+    config = await LLMConfig.objects.aget(is_default=True, is_embedding=False)
+    context = graph.AgentContext(model=run_chat_model([config], {}), on_delta=lambda delta: asyncio.sleep(0),
+                                 system_prompt=agent_app.system_prompt, max_history_messages=100,
+                                 max_history_chars=100_000)
+    thread = {"configurable": {"thread_id": "through-the-graph"}}
+    async with checkpointer() as saver:
+        compiled = graph.agent_graph(checkpointer=saver)
+        await compiled.ainvoke({"messages": [HumanMessage("time?")], "iterations": 0}, thread, context=context)
+        by_graph = await compiled.aget_state(thread)
+        by_run = await compiled.aget_state({"configurable": {"thread_id": session_id}})
+
+    def seen(state):
+        return ([(type(m).__name__, m.content, getattr(m, "tool_calls", None), m.response_metadata.get("finish_reason"))
+                 for m in state.values["messages"]], state.values["iterations"], state.next)
+
+    assert seen(by_run) == seen(by_graph)
+    assert seen(by_run)[1:] == (1, ())

@@ -221,3 +221,66 @@ def test_a_delta_opens_on_text_tool_calls_or_reasoning_and_reads_what_providers_
     assert (last.text, last.opens, last.finish_reason, last.model_name) == ("", False, "length", "m")
     usage = Delta.of_chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": None}})
     assert (usage.prompt_tokens, usage.completion_tokens, usage.opens) == (5, 0, False)
+
+
+# Agent steps stream through `chat_deltas(merged=True)` too: the message `StreamedAnswer` merges from the Deltas must
+# be the one LangChain's `ainvoke` gives for the same stream (it is checkpointed, and the next call is built from it).
+
+def _answers():
+    from tests.fakes.upstream import ToolCall
+
+    return {
+        "text": Reply(text="The disk is fine today.", prompt_tokens=21, completion_tokens=5),
+        "one call": Reply(text="Let me look.", tool_calls=[ToolCall("disk_usage", {"path": "/"}, id="call_1")]),
+        "several calls in fragments": Reply(tool_calls=[
+            ToolCall("disk_usage", {"path": "/var", "human": True}, id="call_a", fragments=4),
+            ToolCall("dns_lookup", {"name": "example.com"}, id="call_b", fragments=3),
+        ]),
+        "invalid arguments": Reply(tool_calls=[ToolCall("disk_usage", "path=/, oops", id="call_x", fragments=2),
+                                               ToolCall("dns_lookup", "[1, 2]", id="call_y")]),
+        "no usage chunk": Reply(text="short", role_chunk=False),
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("case", list(_answers()))
+async def test_streamed_answer_is_the_message_langchain_merges_from_the_same_stream(make_llm_config, fake_upstream,
+                                                                                   case):
+    from asgiref.sync import sync_to_async
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from langchain_openai.chat_models._client_utils import _cached_async_httpx_client
+
+    from llmconfigs.factory import StreamedAnswer
+    from llmconfigs.routing import PoolChatModel
+
+    _cached_async_httpx_client.cache_clear()  # pooled connections belong to an earlier test's event loop
+    @tool
+    def disk_usage(path: str, human: bool = False) -> str:
+        """How full the disk holding `path` is."""
+        return "93%"
+
+    provider = "moonshot" if case == "no usage chunk" else "deepseek"  # moonshot's streams carry no usage
+    config = await sync_to_async(make_llm_config)(provider=provider, model_name="deep-fake")
+    pool = PoolChatModel(members=[config], build=lambda member, last: chat_model(member, streaming=True))
+    tools = [convert_to_openai_tool(disk_usage)]
+    messages = [SystemMessage("Be brief."), HumanMessage("how is the disk?")]
+    reply = _answers()[case]
+    fake_upstream.script(reply, reply)
+
+    through_langchain = await pool.bind_tools(tools).ainvoke(messages)
+    answer = StreamedAnswer()
+    async for delta in pool.astream_deltas(messages, merged=True, tools=tools):
+        answer.add(delta)
+    merged = answer.message()
+
+    sent_by_langchain, sent = (r.body for r in fake_upstream.chat_requests[-2:])
+    assert sent == sent_by_langchain
+    assert merged.model_dump(exclude={"id"}) == through_langchain.model_dump(exclude={"id"})
+    assert merged.id.startswith("lc_run--") and through_langchain.id.startswith("lc_run--")
+    assert merged.id != through_langchain.id
+    if case == "invalid arguments":
+        assert [c["id"] for c in merged.invalid_tool_calls] == ["call_x", "call_y"] and not merged.tool_calls
+    if case == "several calls in fragments":
+        assert [c["args"] for c in merged.tool_calls] == [{"path": "/var", "human": True}, {"name": "example.com"}]

@@ -25,8 +25,9 @@ from aiohttp import web
 @dataclass
 class ToolCall:
     name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
+    arguments: dict[str, Any] | str = field(default_factory=dict)  # a str is sent as it is (invalid JSON too)
     id: str = ""
+    fragments: int = 1  # streaming: the arguments in this many chunks, the first with the id and name (as providers do)
 
 
 @dataclass
@@ -219,7 +220,8 @@ class FakeUpstream:
                 "index": i,
                 "id": call.id or f"call_{uuid.uuid4().hex[:12]}",
                 "type": "function",
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                "function": {"name": call.name, "arguments": call.arguments if isinstance(call.arguments, str)
+                             else json.dumps(call.arguments)},
             }
             for i, call in enumerate(reply.tool_calls)
         ]
@@ -284,8 +286,13 @@ class FakeUpstream:
                 await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
                 await response.write_eof()
                 return response
-            for call in tool_calls:
-                await send({"tool_calls": [call]})
+            for call, scripted in zip(tool_calls, reply.tool_calls, strict=True):
+                arguments = call["function"]["arguments"]
+                size = -(-len(arguments) // scripted.fragments) if arguments else 1
+                pieces = [arguments[i:i + size] for i in range(0, len(arguments), size)] or [arguments]
+                await send({"tool_calls": [{**call, "function": {**call["function"], "arguments": pieces[0]}}]})
+                for piece in pieces[1:]:
+                    await send({"tool_calls": [{"index": call["index"], "function": {"arguments": piece}}]})
             await send({}, finish)
             if (received.body.get("stream_options") or {}).get("include_usage"):
                 usage_chunk = {
