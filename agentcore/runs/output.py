@@ -27,7 +27,7 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from llmconfigs.usage import CallOrigin, provider_calls_record
-from opsagent.common.db.statements import row_update, statements_together
+from opsagent.common.db.statements import instance_insert, row_update, statements_together
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.metrics import chat_request_observe
 
@@ -237,11 +237,13 @@ class RunOutput:
         )
 
     def _save_rows(self, values: dict[str, Any], increments: dict[str, Any], cost: Any) -> None:
-        # The turn's end in one round trip (one statement on PostgreSQL): its message, its calls, its config's usage.
+        # The turn's end in one round trip (one statement on PostgreSQL): its message, an agent's answer thought, its
+        # calls, its config's usage. Every write in the block must be one of opsagent.common.db.statements' (a plain
+        # ORM save would go out at once, outside the statement).
         with statements_together():
             row_update(Message, self.message.pk, values=values, increments=increments)
             if self.answer_thought is not None:
-                self.answer_thought.save(force_insert=True)
+                instance_insert(self.answer_thought)
             if self.model is not None:
                 provider_calls_record(calls=self.model.calls, origin=self._origin())
             if cost is not None:

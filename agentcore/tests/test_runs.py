@@ -64,6 +64,39 @@ async def test_agent_turn_without_tool_calls_answers(agent_app, plain_user, fake
     assert fake_upstream.chat_requests[-1].body["tools"]
 
 
+async def test_an_agent_answers_thought_row_is_written_with_the_turns_end(agent_app, plain_user, fake_upstream,
+                                                                          monkeypatch):
+    """The answer's thought row goes out with the turn's end (RunOutput._save_rows): after the message's update in
+    the same block, and on PostgreSQL inside its one statement, never as a write of its own before it."""
+    from django.db import connection
+    from django.db.backends.utils import CursorWrapper
+
+    from agentcore.models import Thought
+
+    sent: list[str] = []
+    execute = CursorWrapper.execute
+
+    def recorded(self, sql, params=None):  # every thread's statements (the run writes from the ORM's thread)
+        sent.append(" ".join(str(sql).split()))
+        return execute(self, sql, params)
+
+    monkeypatch.setattr(CursorWrapper, "execute", recorded)
+    fake_upstream.script(Reply(text="All good."))
+    events = await run_all(TurnRequest(app=agent_app, query="status?", owner=plain_user))
+    monkeypatch.undo()
+
+    assert events[-1].answer == "All good."
+    thought = await Thought.objects.aget(message_id=events[-1].message_id)
+    assert (thought.thought, thought.status) == ("All good.", Thought.Status.DONE)
+    inserts = [i for i, sql in enumerate(sent) if 'INSERT INTO "agentcore_thought"' in sql]
+    updates = [i for i, sql in enumerate(sent) if 'UPDATE "agentcore_message"' in sql]
+    assert len(inserts) == 1 and updates
+    if connection.vendor == "postgresql":
+        assert sent[inserts[0]].startswith("WITH ") and inserts[0] in updates
+    else:
+        assert inserts[0] > updates[-1]
+
+
 async def test_second_turn_sees_the_history(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
     first = await run_all(TurnRequest(app=chat_app, query="one", owner=plain_user))
