@@ -4,6 +4,7 @@ the body's schema (in the payload model's field order), the limits (rate limits 
 limit), blocking mode (agent-chat), an empty query, the conversation, the files, the inputs (a new conversation's)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -95,7 +96,13 @@ async def test_rate_limits_come_before_blocking_mode_too(default_llm_config, fak
 
 async def test_a_request_is_counted_once_against_the_rate_limit(default_llm_config, fake_upstream):
     """Counted where the limits are checked, not again when the turn's rows are written."""
+    import time
+
     _, key = await make(requests_per_minute=1)
+    # A rate is counted per UTC minute: both requests must fall in the same one (a run that began in a minute's last
+    # seconds once saw the second request in a fresh minute, and let through).
+    if time.time() % 60 > 50:
+        await asyncio.sleep(60.5 - time.time() % 60)
     fake_upstream.script(Reply(text="one"))
     status, _, raw = await dify_post(key, "/v1/chat-messages", body())
     assert status == 200, raw
