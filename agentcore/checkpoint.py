@@ -3,6 +3,7 @@ kept per event loop, and the pruning of a conversation's superseded checkpoints.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import weakref
@@ -39,7 +40,14 @@ def _postgres_conninfo() -> str:
         "port": str(db["PORT"]) if db.get("PORT") else None,
         "connect_timeout": str(settings.DATABASE_CONNECT_TIMEOUT),
     }
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return _conninfo(tuple((k, v) for k, v in params.items() if v is not None))
+
+
+@functools.lru_cache(maxsize=16)
+def _conninfo(params: tuple[tuple[str, str], ...]) -> str:
+    """The connection string of `params`, built once: every run asks for it, and psycopg's make_conninfo parses and
+    quotes each time (about 50 us of a streamed chat turn's CPU)."""
+    return make_conninfo(**dict(params))
 
 
 # The key of the PostgreSQL advisory lock that serialises the checkpoint tables' setup across processes.

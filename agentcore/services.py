@@ -151,14 +151,18 @@ def message_close_stale(*, session: Session | None = None) -> int:
 _last_stale_sweep = float("-inf")
 
 
+def message_stale_sweep_due() -> bool:
+    """Whether this process's next message_close_stale_due sweeps (a statement) or returns at once."""
+    return time.monotonic() - _last_stale_sweep >= settings.AGENT_STALE_SWEEP_SECONDS
+
+
 def message_close_stale_due() -> None:
     """message_close_stale at most once every AGENT_STALE_SWEEP_SECONDS per process, in the caller's transaction.
     Every turn starts with the sweep, but a run is stale only after AGENT_STALE_RUN_SECONDS: sweeping on each turn
     would add a statement to every first token and find nothing nearly every time."""
-    global _last_stale_sweep
-    now = time.monotonic()
-    if now - _last_stale_sweep < settings.AGENT_STALE_SWEEP_SECONDS:
+    if not message_stale_sweep_due():
         return
+    now = time.monotonic()
     message_close_stale()
 
     def swept() -> None:

@@ -29,7 +29,12 @@ Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
             parse per event (`lean_stream`, 0.7 ms of CPU per short stream instead of about 7 ms), the same client
             for one and two workers. Also prints the CPU per stream of the PostgreSQL backends and of a local
             redis-server, each 2-worker server's accept balance (the busiest worker's share of their CPU), and
-            checks that a WebSocket handshake and the ASGI lifespan work under uvicorn.
+            checks that a WebSocket handshake and the ASGI lifespan work under uvicorn. Then the capacity model
+            beside the measured ratio: S (one worker's CPU per stream) and O (the CPU per stream of everything
+            else measured: PostgreSQL, Redis, this client and the fake upstream) give 2S/(S+O), what two workers
+            can reach when they share the two cores with all of that; and how many cores the server kept busy and
+            how many other processes on the machine took meanwhile (the whole machine's busy time from /proc/stat
+            less the processes measured): with another session's work on the cores, the ratio says little.
 
 Every server listens with a backlog of --backlog and gets its soft RLIMIT_NOFILE raised to the hard limit (so does
 this client); access logs are off on every server (daphne -v 0, uvicorn --no-access-log, LiteLLM at ERROR).
@@ -126,6 +131,13 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine has spent busy so far (/proc/stat: all but idle and iowait), whoever ran."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_backends(admin_url: str, database: str) -> list[int]:
@@ -705,6 +717,10 @@ def row_workers(args, stack_: Stack) -> None:
         local = any(host in args.redis_url for host in ("127.0.0.1", "localhost"))
         redis = processes_named("redis-server") if local else []
         store_cpu: dict[tuple[str, int], list[float]] = {key: [0.0, 0.0] for key in servers}  # postgres, redis
+        # The whole machine's busy CPU and the bursts' wall time: what is left after the processes above is what
+        # other processes (another session's tests, the kernel's own threads) took from the same cores meanwhile.
+        machine_cpu: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)
+        walls: dict[tuple[str, int], float] = dict.fromkeys(servers, 0.0)
 
         for _ in range(args.reps):
             for key, side in sides.items():
@@ -712,7 +728,10 @@ def row_workers(args, stack_: Stack) -> None:
                 workers_before = servers[key].worker_cpu()
                 backends = postgres_backends(args.database_url, database)
                 stores_before = [sum(map(cpu_seconds, backends)), sum(map(cpu_seconds, redis))]
+                machine_before = machine_busy_seconds()
                 result = asyncio.run(burst(side, args.burst))
+                machine_cpu[key] += machine_busy_seconds() - machine_before
+                walls[key] += result.wall
                 for i, pids in enumerate((backends, redis)):
                     store_cpu[key][i] += sum(map(cpu_seconds, pids)) - stores_before[i]
                 server_cpu[key] += side.cpu() - before
@@ -739,6 +758,24 @@ def row_workers(args, stack_: Stack) -> None:
                   "per stream" + ("" if redis else " (not local: not measured)"), flush=True)
             print(f"    {'':<8} 2 workers: the busiest one's share of their CPU "
                   + " / ".join(f"{share:.0%}" for share in busiest[(kind, 2)]) + " (even: 50%)", flush=True)
+            # The capacity model (docs/benchmarks.md): one worker is bound by its core (1/S streams per second while
+            # the rest, O, fits on the other core); two share both cores with everything else (2/(S + O)).
+            s1, s2 = (server_cpu[(kind, w)] / streams for w in (1, 2))
+            o = sum(store_cpu[(kind, 2)]) / streams + bench_cpu[(kind, 2)] / streams
+            others = [(machine_cpu[(kind, w)] - server_cpu[(kind, w)] - sum(store_cpu[(kind, w)])
+                       - bench_cpu[(kind, w)]) / walls[(kind, w)] for w in (1, 2)]
+            busy = [server_cpu[(kind, w)] / walls[(kind, w)] for w in (1, 2)]
+            print(f"    {'':<8} model: S {s1 * MS:.1f} ms (1 worker), O {o * MS:.1f} ms (PostgreSQL + Redis + client + "
+                  f"upstream) -> 2S/(S+O) = {2 * s1 / (s1 + o):.2f}x; with the 2-worker S {s2 * MS:.1f} ms: "
+                  f"{2 * s1 / (s2 + o):.2f}x; cores busy in the server {busy[0]:.2f} / {busy[1]:.2f}; other "
+                  f"processes on the machine {others[0]:.2f} / {others[1]:.2f} cores", flush=True)
+            # The same model with the cores the other processes left: one worker gets at most its core, and the
+            # cores left must also carry O; two workers share what is left.
+            one = min(1 / s1, (2 - others[0]) / (s1 + o))
+            two = (2 - others[1]) / (s2 + o)
+            print(f"    {'':<8} model with the cores the other processes left: 1 worker {one:.1f}/s, 2 workers "
+                  f"{two:.1f}/s, ratio {two / one:.2f}x (measured {statistics.mean(rates[(kind, 1)]):.1f}/s, "
+                  f"{statistics.mean(rates[(kind, 2)]):.1f}/s on average)", flush=True)
             print_errors(errors[(kind, 1)] + errors[(kind, 2)])
         if "uvicorn" in kinds:
             server = servers[("uvicorn", 2)]

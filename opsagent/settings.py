@@ -158,11 +158,12 @@ if REDIS_URL:
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": REDIS_TIMEOUT,
         "retry": RedisRetry(NoBackoff(), 0),
     }}}
-    # The layer's receive blocks on Redis for up to 5 s (channels-redis' BZPOPMIN): its socket timeout is longer.
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [{
-        "address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT, "socket_timeout": 5 + REDIS_TIMEOUT,
-        "retry": AsyncRedisRetry(NoBackoff(), 0),
-    }]}}}
+    # channels-redis' layer (a group joined in one round trip). Its receive blocks on Redis for up to 5 s
+    # (BZPOPMIN): its socket timeout is longer.
+    CHANNEL_LAYERS = {"default": {"BACKEND": "opsagent.common.channel_layers.RedisGroupsChannelLayer", "CONFIG": {
+        "hosts": [{"address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+                   "socket_timeout": 5 + REDIS_TIMEOUT, "retry": AsyncRedisRetry(NoBackoff(), 0)}],
+    }}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "opsagent"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

@@ -38,3 +38,18 @@ async def test_requests_in_their_own_contexts_reuse_the_processs_redis_connectio
         backends.append(await in_a_new_request())
     assert len({id(b) for b in backends}) > 1  # Django did build several backend instances...
     assert _connected_clients() - before <= 1  # ...and they did not open a connection each
+
+
+@pytest.mark.skipif("redis" not in settings.CACHES["default"]["BACKEND"].lower(), reason="needs REDIS_URL")
+async def test_requests_in_their_own_contexts_share_one_redis_client():
+    """Django builds a redis-py client for every cache operation (its constructor alone costs about 80 us): the
+    backends of every request share one, as they share its pool."""
+
+    def client_of_a_read():
+        backend = caches["default"]
+        backend.get("cache-test")
+        return backend._cache.get_client(write=False), backend._cache.get_client(write=True)
+
+    clients = [await asyncio.create_task(sync_to_async(client_of_a_read)(), context=contextvars.Context())
+               for _ in range(5)]
+    assert len({id(client) for pair in clients for client in pair}) == 1

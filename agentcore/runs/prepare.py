@@ -4,6 +4,7 @@ resumes). Nothing is written when preparing fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 from channels.db import database_sync_to_async
@@ -24,6 +25,7 @@ from agentcore.services import (
     approval_supersede,
     inputs_check,
     message_close_stale_due,
+    message_stale_sweep_due,
 )
 from agentcore.tools.policies import known_tool_names, tool_setup_load
 from llmconfigs.factory import OVERRIDABLE, effective_parameters
@@ -153,8 +155,13 @@ def _validate(request: TurnRequest) -> None:
 
 def _prepare_query(request: TurnRequest) -> Turn:
     overrides = request.overrides
-    # The new rows go out together when the block ends (one statement on PostgreSQL).
-    with transaction.atomic(), statements_together():
+    # The new rows go out together when the block ends (one statement on PostgreSQL, atomic by itself). A
+    # transaction around them is needed only when the turn start does more: sweeps stale runs, counts the app's
+    # running answers under its row lock, or supersedes a conversation's paused turn and touches its session. A new
+    # conversation's first turn usually does none of these: there it would only add BEGIN and COMMIT, two round
+    # trips with the database on every such turn.
+    alone = not (request.session_id or request.app.max_active_requests or message_stale_sweep_due())
+    with contextlib.nullcontext() if alone else transaction.atomic(), statements_together():
         # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
         # transaction, which saves a commit.
         message_close_stale_due()

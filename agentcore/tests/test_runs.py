@@ -585,3 +585,40 @@ def test_a_new_conversations_turn_writes_its_rows_in_one_statement_on_postgresql
     assert len(writes) == (1 if connection.vendor == "postgresql" else 2)
     stored = Message.objects.select_related("session").get(pk=turn.message.pk)
     assert (stored.query, stored.status, stored.session.end_user) == ("disk?", "running", "u")
+
+
+@pytest.mark.django_db
+def test_a_new_conversations_turn_start_opens_no_transaction_unless_it_locks_or_sweeps(chat_app, monkeypatch):
+    """A new conversation's rows are one statement on PostgreSQL, atomic by itself: BEGIN and COMMIT around it were
+    two more round trips on every such turn. (Inside this test's transaction, a transaction opened by the turn shows
+    as a SAVEPOINT.) The app's capacity check keeps its transaction: its row lock must be held until the rows are
+    written, or two turns could both take the last slot."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from agentcore import services
+    from agentcore.runs import turn_prepare
+
+    monkeypatch.setattr(services, "_last_stale_sweep", time.monotonic())  # swept a moment ago: no sweep now
+
+    def sent_by_a_turn_start() -> list[str]:
+        with CaptureQueriesContext(connection) as sent:
+            turn_prepare(TurnRequest(app=chat_app, query="disk?", end_user="u", source="api"))
+        return [" ".join(q["sql"].split()) for q in sent.captured_queries]
+
+    statements = [sql for sql in sent_by_a_turn_start() if not sql.startswith("SELECT")]
+    if connection.vendor == "postgresql":
+        assert len(statements) == 1 and statements[0].startswith("WITH ")
+    else:  # two INSERTs, in the transaction statements_together opens for them
+        assert [sql.split()[0] for sql in statements] == ["SAVEPOINT", "INSERT", "INSERT", "RELEASE"]
+
+    chat_app.max_active_requests = 5
+    chat_app.save()
+    statements = sent_by_a_turn_start()
+    opened = next(i for i, sql in enumerate(statements) if sql.startswith("SAVEPOINT"))
+    counted = next(i for i, sql in enumerate(statements) if 'COUNT(*)' in sql)
+    written = next(i for i, sql in enumerate(statements) if sql.startswith(("WITH", "INSERT")))
+    assert opened < counted < written
+    if connection.vendor == "postgresql":  # SQLite has no row locks: its transaction serialises the writers
+        assert any(sql.endswith("FOR UPDATE") for sql in statements[opened:counted])
+    assert Message.objects.filter(status="running").count() == 2
