@@ -140,13 +140,15 @@ class AgentContext:
         system = [SystemMessage(self.system_prompt)] if self.system_prompt else []
         return system + close_dangling_tool_calls(window)
 
-    async def answer(self, messages: list[AnyMessage]) -> AIMessage:
+    async def answer(self, messages: list[AnyMessage], *, merged: bool = True) -> AIMessage:
         """The model's answer to `messages`, with the run's tools bound: each chunk goes to `on_delta` as it arrives,
         and the answer comes back as the message LangChain's `ainvoke` would have merged (StreamedAnswer), without
-        LangChain's chunk objects and callbacks per chunk, or LangGraph's messages stream behind them."""
+        LangChain's chunk objects and callbacks per chunk, or LangGraph's messages stream behind them. Without
+        `merged` (a chat turn: no tools), the message holds the text, usage and finish reason the Deltas read, and
+        no chunk is read by LangChain at all."""
         request = {"tools": [tool_schema(t) for t in self.tools.values()]} if self.tools else {}
-        answer = StreamedAnswer()
-        async for delta in self.model.astream_deltas(messages, merged=True, **request):
+        answer = StreamedAnswer(merged=merged)
+        async for delta in self.model.astream_deltas(messages, merged=merged, **request):
             answer.add(delta)
             await self.on_delta(delta)
         return answer.message()

@@ -1,10 +1,13 @@
 """Benchmark: time to first token through POST /v1/chat-messages (streaming, daphne) vs. straight to the same fake
-upstream; sequential and interleaved for chat and agent-chat apps, follow-up messages in a long conversation (the
-direct side sends the same history), a model pool whose first member refuses connections vs. a pool of one healthy
-member (failing over, then with the dead member cooled down), then 100 concurrent streams.
+upstream; sequential and interleaved for chat and agent-chat apps and for agent-tools (an agent-chat app whose
+upstream calls a tool first, then answers: its direct side is still one plain call, so its overhead holds the first
+model call and the tool step too), follow-up messages in a long conversation (the direct side sends the same
+history), a model pool whose first member refuses connections vs. a pool of one healthy member (failing over, then
+with the dead member cooled down), then 100 concurrent streams.
 
-Standalone: it starts the fake OpenAI-compatible upstream, creates a temporary database (SQLite unless
---database-url is given), migrates it, creates an LLM config, a chat and an agent-chat app with keys, and starts
+Standalone: it starts the fake OpenAI-compatible upstreams, creates a temporary database (SQLite unless
+--database-url is given), migrates it, creates the LLM configs, a chat, an agent-chat and an agent-tools app with
+keys, and starts
 daphne. Run: `.venv/bin/python bench/dify_overhead.py [-n 50] [--concurrency 100] [--database-url postgres://...]`.
 """
 from __future__ import annotations
@@ -39,9 +42,15 @@ from tests.e2e.dify_servers import (  # noqa: E402
 )
 
 FAKE_ANSWER = "Hello from the fake upstream."  # the fake upstream's default answer, as it enters the history
+# Mode "agent-tools": an agent-chat app whose upstream calls this tool first at every turn, then answers (the ops
+# assistant's normal turn: two model calls and a tool step). A built-in tool that is safe, fast and read-only: no
+# network, no command, no approval.
+TOOL = "current_time"
+TOOL_ARGUMENTS = {"timezone": "UTC"}
 # Fresh keys per run: a shared Redis cache may still map an earlier run's key to that run's (gone) app.
 CHAT_KEY = f"app-bench-chat-{secrets.token_hex(12)}"
 AGENT_KEY = f"app-bench-agent-{secrets.token_hex(12)}"
+TOOLS_KEY = f"app-bench-tools-{secrets.token_hex(12)}"
 
 
 def temporary_postgres(url: str) -> tuple[str, str]:
@@ -69,7 +78,8 @@ def bench_server(*, database_url: str, redis_url: str, apps: list[tuple[str, str
                  ) -> Iterator[tuple[Daphne, dict[str, str], str]]:
     """A fake upstream, a temporary database (on the PostgreSQL server of `database_url`, else a SQLite file) with
     `apps` (name, mode, key) provisioned, and daphne on it with `settings` in its environment: yields (daphne, its
-    environment, the upstream's URL). On an error inside, daphne's log is printed."""
+    environment, the upstream's URL). An app of mode "agent-tools" is an agent-chat app with a config of its own on
+    a second fake upstream, which calls TOOL first at every turn. On an error inside, daphne's log is printed."""
     workdir = Path(tempfile.mkdtemp(prefix="opsagent-bench-"))
     temp_db = ""
     if database_url:
@@ -81,16 +91,27 @@ def bench_server(*, database_url: str, redis_url: str, apps: list[tuple[str, str
     # BENCH_UPSTREAM_TEXT: the fake upstream's answer (its words are the chunks); BENCH_UPSTREAM_DELAY: seconds
     # between its chunks (each then arrives in a network read of its own).
     text, delay = os.environ.get("BENCH_UPSTREAM_TEXT"), os.environ.get("BENCH_UPSTREAM_DELAY")
-    upstream = subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(port),
-                                 *(["--text", text] if text else []), *(["--delay", delay] if delay else [])], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answer = [*(["--text", text] if text else []), *(["--delay", delay] if delay else [])]
+    upstreams = [subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(port), *answer], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    tools_url = ""
+    if any(mode == "agent-tools" for _, mode, _ in apps):
+        tools_port = free_port()
+        tools_url = f"http://127.0.0.1:{tools_port}/v1"
+        upstreams.append(subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", "--port", str(tools_port), *answer,
+                                           "--tool-call", TOOL, "--tool-arguments", json.dumps(TOOL_ARGUMENTS)],
+                                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     env = server_env(database_url=server_database_url, redis_url=redis_url, LOG_LEVEL="WARNING",
                      MEDIA_ROOT=str(workdir / "media"), **settings)
     try:
         print(f"database {server_database_url.split('@')[-1]}; migrating...", flush=True)
         manage("migrate", "--noinput", env=env)
         for name, mode, key in apps:
-            provision_in_subprocess(env=env, name=name, mode=mode, upstream_url=upstream_url, key=key)
+            if mode == "agent-tools":
+                provision_in_subprocess(env=env, name=name, mode="agent-chat", upstream_url=tools_url, key=key,
+                                        config_name="bench-tools")
+            else:
+                provision_in_subprocess(env=env, name=name, mode=mode, upstream_url=upstream_url, key=key)
         server = Daphne(env=env)
         try:
             server.start(timeout=120)  # slow on a busy machine
@@ -102,8 +123,9 @@ def bench_server(*, database_url: str, redis_url: str, apps: list[tuple[str, str
         finally:
             server.stop()
     finally:
-        upstream.terminate()
-        upstream.wait(10)
+        for upstream in upstreams:
+            upstream.terminate()
+            upstream.wait(10)
         if temp_db:
             drop_postgres(database_url, temp_db)
 
@@ -132,16 +154,17 @@ async def ttft_direct(client: httpx.AsyncClient, upstream: str, turns: int = 0) 
 
 
 async def ttft_dify(client: httpx.AsyncClient, base: str, key: str, conversation_id: str = "", model: str = "",
-                    ) -> float:
+                    tool: str = "") -> float:
     """First answer event through /v1/chat-messages (in a new conversation, or in `conversation_id`; with the
-    model or pool named `model`); the rest of the stream is read to its message_end."""
+    model or pool named `model`); the rest of the stream is read to its message_end. With `tool`, the stream must
+    also show that tool run before the answer (an agent_thought with its observation), or this raises."""
     body = {"inputs": {}, "query": "hello", "user": "bench", "response_mode": "streaming",
             "auto_generate_name": False, "conversation_id": conversation_id}
     if model:
         body["model"] = model
     started = time.perf_counter()
     first = None
-    ended = False
+    ended = ran = False
     async with client.stream("POST", f"{base}/v1/chat-messages", json=body,
                              headers={"Authorization": f"Bearer {key}"}) as response:
         if response.status_code != 200:
@@ -152,6 +175,10 @@ async def ttft_dify(client: httpx.AsyncClient, base: str, key: str, conversation
             event = json.loads(line[6:])
             if event["event"] in ("message", "agent_message") and event.get("answer") and first is None:
                 first = time.perf_counter() - started
+                if tool and not ran:
+                    raise RuntimeError(f"the answer came before the tool {tool} ran")
+            elif event["event"] == "agent_thought" and tool and event.get("tool") == tool:
+                ran = ran or bool(event.get("observation"))
             elif event["event"] == "error":
                 raise RuntimeError(f"error event: {event}")
             elif event["event"] == "message_end":
@@ -181,17 +208,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def sequential(base: str, upstream: str, key: str, n: int, name: str, server_pid: int) -> dict[str, float]:
+async def sequential(base: str, upstream: str, key: str, n: int, name: str, server_pid: int, tool: str = "",
+                     ) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(5):  # warm-up: connections, caches, imports
             await ttft_direct(client, upstream)
-            await ttft_dify(client, base, key)
+            await ttft_dify(client, base, key, tool=tool)
         direct, dify = [], []
         cpu = 0.0
         for _ in range(n):  # interleaved, so drift affects both sides alike
             direct.append(await ttft_direct(client, upstream))
             before = cpu_seconds(server_pid)
-            dify.append(await ttft_dify(client, base, key))
+            dify.append(await ttft_dify(client, base, key, tool=tool))
             cpu += cpu_seconds(server_pid) - before
     row = report(name, direct, dify)
     # Latency on a shared machine varies from run to run; the server's CPU time per request varies much less, and
@@ -287,7 +315,8 @@ def main() -> int:
 
     # The follow-up rows compare the same history on both sides: the server gives the model all of it, however
     # many messages --history and -n add up to.
-    apps = [("bench-chat", "chat", CHAT_KEY), ("bench-agent", "agent-chat", AGENT_KEY)]
+    apps = [("bench-chat", "chat", CHAT_KEY), ("bench-agent", "agent-chat", AGENT_KEY),
+            ("bench-tools", "agent-tools", TOOLS_KEY)]
     # The failover rows' dead member fails n times without being cooled down, then once more, which cools it down.
     with bench_server(database_url=args.database_url, redis_url=args.redis_url, apps=apps,
                       AGENT_HISTORY_MAX_MESSAGES="100000", LLM_COOLDOWN_FAILURES=str(args.n + 1),
@@ -296,6 +325,7 @@ def main() -> int:
         provision_in_subprocess(env=env, function="provision_configs", configs=pool_configs(upstream_url))
         chat = asyncio.run(sequential(server.url, upstream_url, CHAT_KEY, args.n, "chat (sequential)", pid))
         agent = asyncio.run(sequential(server.url, upstream_url, AGENT_KEY, args.n, "agent-chat (sequential)", pid))
+        asyncio.run(sequential(server.url, upstream_url, TOOLS_KEY, args.n, "agent-tools (sequential)", pid, TOOL))
         asyncio.run(follow_ups(server.url, upstream_url, CHAT_KEY, args.n, turns=args.history))
         dead, cooled = asyncio.run(failover(server.url, CHAT_KEY, args.n))
         asyncio.run(concurrent(server.url, upstream_url, CHAT_KEY, args.concurrency))

@@ -1,12 +1,13 @@
-"""Profile: where the server's CPU goes while it streams /v1/chat-messages (chat or agent-chat) or, with `--surface
-openai`, POST /v1/chat/completions (a pool of one), sampled with py-spy.
+"""Profile: where the server's CPU goes while it streams /v1/chat-messages (chat, agent-chat, or agent-tools: an
+agent-chat turn that calls a tool, then answers) or, with `--surface openai`, POST /v1/chat/completions (a pool of
+one), sampled with py-spy.
 
 Standalone like bench/dify_overhead.py (fake upstream, temporary database, daphne). py-spy samples the daphne process
 (only the thread holding the GIL: where the CPU goes) while `-n` streamed requests run one after another (or
 `--concurrency` at a time); then this prints the server's CPU per request, the functions with the most samples on top
 of the stack (self) and the packages with the most samples anywhere in the stack (inclusive). The raw collapsed stacks
 are kept (--out) for a flame graph. `--cpu-only` measures the CPU per request without sampling.
-Run: `.venv/bin/python bench/profile_stream.py [--surface dify|openai] [--mode chat|agent-chat] [-n 300]
+Run: `.venv/bin/python bench/profile_stream.py [--surface dify|openai] [--mode chat|agent-chat|agent-tools] [-n 300]
 [--concurrency 1] [--rate 250]`.
 py-spy needs ptrace rights over daphne (a child of this script: fine as root or with ptrace_scope 0).
 """
@@ -26,19 +27,19 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.dify_overhead import bench_server, cpu_seconds, ttft_dify  # noqa: E402
+from bench.dify_overhead import TOOL, bench_server, cpu_seconds, ttft_dify  # noqa: E402
 from bench.openai_overhead import MODEL, ttft_completions  # noqa: E402
 
 PROJECT = {"agentcore", "difyapi", "llmconfigs", "opsagent"}
 KEY = f"app-profile-{secrets.token_hex(12)}"
 
 
-async def drive(base: str, n: int, concurrency: int, surface: str = "dify") -> None:
+async def drive(base: str, n: int, concurrency: int, surface: str = "dify", mode: str = "chat") -> None:
     async def one(client: httpx.AsyncClient) -> None:
         if surface == "openai":
             await ttft_completions(client, base, KEY, MODEL)
         else:
-            await ttft_dify(client, base, KEY)
+            await ttft_dify(client, base, KEY, tool=TOOL if mode == "agent-tools" else "")
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 5)) as client:
         for _ in range(5):
@@ -87,7 +88,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--surface", choices=["dify", "openai"], default="dify",
                         help="/v1/chat-messages, or /v1/chat/completions through the app's pool of one")
-    parser.add_argument("--mode", choices=["chat", "agent-chat"], default="chat")
+    parser.add_argument("--mode", choices=["chat", "agent-chat", "agent-tools"], default="chat")
     parser.add_argument("-n", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -100,7 +101,7 @@ def main() -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     with bench_server(database_url=args.database_url, redis_url=args.redis_url,
                       apps=[("profile", args.mode, KEY)]) as (server, _env, _upstream):
-        asyncio.run(drive(server.url, 10, 1, args.surface))  # warm-up before sampling
+        asyncio.run(drive(server.url, 10, 1, args.surface, args.mode))  # warm-up before sampling
         out = Path(args.out)
         spy = None
         if not args.cpu_only:
@@ -109,7 +110,7 @@ def main() -> int:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         before = cpu_seconds(server.process.pid)
         try:
-            asyncio.run(drive(server.url, args.n, args.concurrency, args.surface))
+            asyncio.run(drive(server.url, args.n, args.concurrency, args.surface, args.mode))
         finally:
             cpu = cpu_seconds(server.process.pid) - before
             if spy is not None:

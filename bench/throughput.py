@@ -3,7 +3,9 @@
 Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
 
 1. cpu      Server CPU (user + system, every thread and worker process) per streamed request with a short answer
-            (5 chunks), chat and agent-chat apps through `POST /v1/chat-messages`, on SQLite and, with
+            (5 chunks), chat and agent-chat apps through `POST /v1/chat-messages`, and agent-tools: an agent-chat
+            app whose upstream calls a tool first (current_time: read-only, no network, no approval), then answers
+            (two model calls and a tool step, the ops assistant's usual turn), on SQLite and, with
             --database-url, on PostgreSQL + Redis; next to it LiteLLM's proxy's CPU per streamed
             `/v1/chat/completions` request to the same fake upstream (when installed: /tmp/litellm-venv, created by
             --install-litellm; else the row says "not installed"). Sequential requests, the sides interleaved.
@@ -38,9 +40,9 @@ Rows (`--rows 1,2,3,4,5`, default all), each printed as numbers and a ratio:
 
 Every server listens with a backlog of --backlog and gets its soft RLIMIT_NOFILE raised to the hard limit (so does
 this client); access logs are off on every server (daphne -v 0, uvicorn --no-access-log, LiteLLM at ERROR).
-Standalone: it starts the fake upstreams (tests/fakes/upstream.py: short, slow and long answers), temporary
-databases (migrated, with apps and keys), the servers and LiteLLM, and cleans up. CPU time is read from /proc, so
-it means something on a loaded machine; wall times and latencies do not. Smoke test:
+Standalone: it starts the fake upstreams (tests/fakes/upstream.py: short, slow, long and tool-calling answers),
+temporary databases (migrated, with apps and keys), the servers and LiteLLM, and cleans up. CPU time is read from
+/proc, so it means something on a loaded machine; wall times and latencies do not. Smoke test:
 `.venv/bin/python bench/throughput.py -n 10 --concurrency 20 --slow-streams 50 --long-n 3 --burst 40`.
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.dify_overhead import drop_postgres, percentile, ttft_dify  # noqa: E402
+from bench.dify_overhead import TOOL, TOOL_ARGUMENTS, drop_postgres, percentile, ttft_dify  # noqa: E402
 from bench.openai_overhead import LITELLM_DEFAULT, LITELLM_KEY, litellm_proxy, ttft_completions  # noqa: E402
 from tests.e2e.dify_servers import PYTHON, free_port, server_env  # noqa: E402
 
@@ -97,8 +99,8 @@ for app in spec["apps"]:
     api_key_create(app=created, raw_key=app["key"])
 """
 # (name, mode, upstream); keys are fresh per run (a shared Redis cache may still map an earlier run's key).
-APPS = [("chat", "chat", "short"), ("agent", "agent-chat", "short"), ("slow", "chat", "slow"),
-        ("long", "chat", "long")]
+APPS = [("chat", "chat", "short"), ("agent", "agent-chat", "short"), ("tools", "agent-chat", "tools"),
+        ("slow", "chat", "slow"), ("long", "chat", "long")]
 
 
 # ----- processes: CPU, memory, limits -----
@@ -195,14 +197,16 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def fake_upstreams(args: argparse.Namespace) -> Iterator[dict[str, str]]:
-    """Three fake upstream processes: short (the default answer, 5 chunks at once), slow (--slow-chunks chunks over
-    --slow-seconds) and long (--long-chunks one-word chunks at once). Yields their base URLs by name."""
+    """Four fake upstream processes: short (the default answer, 5 chunks at once), slow (--slow-chunks chunks over
+    --slow-seconds), long (--long-chunks one-word chunks at once) and tools (a call to TOOL, then the short answer).
+    Yields their base URLs by name."""
     slow_text = " ".join(f"w{i}" for i in range(args.slow_chunks))
     specs = {
         "short": [],
         "slow": ["--text", slow_text, "--delay", str(args.slow_seconds / max(1, args.slow_chunks - 1))],
         "long": ["--text", " ".join(["tok"] * args.long_chunks),
                  *(["--delay", str(args.long_delay)] if args.long_delay else [])],
+        "tools": ["--tool-call", TOOL, "--tool-arguments", json.dumps(TOOL_ARGUMENTS)],
     }
     workdir = Path(tempfile.mkdtemp(prefix="tput-upstream-"))
     processes, urls = [], {}
@@ -459,8 +463,9 @@ class Side:
     samples: list[float] = field(default_factory=list)
 
 
-def dify_side(label: str, server: Server, key: str, model: str = "") -> Side:
-    return Side(label, server.url, lambda client: ttft_dify(client, server.url, key, model=model), server.cpu)
+def dify_side(label: str, server: Server, key: str, model: str = "", tool: str = "") -> Side:
+    return Side(label, server.url, lambda client: ttft_dify(client, server.url, key, model=model, tool=tool),
+                server.cpu)
 
 
 # Row 5's client: the bench's own CPU shares the two cores with the workers it measures, and httpx's per-stream work
@@ -582,7 +587,8 @@ def row_cpu(args, backend: str, servers: list[tuple[Stack, Server]], litellm: Si
     sides = []
     for stack, server in servers:
         sides += [dify_side(f"{stack.label} chat", server, stack.keys["chat"]),
-                  dify_side(f"{stack.label} agent-chat", server, stack.keys["agent"])]
+                  dify_side(f"{stack.label} agent-chat", server, stack.keys["agent"]),
+                  dify_side(f"{stack.label} agent-tools", server, stack.keys["tools"], tool=TOOL)]
     if litellm:
         sides.append(litellm)
     cpu = asyncio.run(cpu_per_request(sides, args.n))
@@ -590,12 +596,12 @@ def row_cpu(args, backend: str, servers: list[tuple[Stack, Server]], litellm: Si
           flush=True)
     for side, ms in zip(sides, cpu, strict=True):
         versus = f"  ({ratio(ms, cpu[-1])} of LiteLLM's)" if litellm and side is not litellm else ""
-        print(f"    {side.label:<28} {ms:7.2f} ms{versus}", flush=True)
+        print(f"    {side.label:<38} {ms:7.2f} ms{versus}", flush=True)
     if not litellm:
-        print(f"    {'LiteLLM proxy':<28} not installed (or did not start)", flush=True)
+        print(f"    {'LiteLLM proxy':<38} not installed (or did not start)", flush=True)
     if len(servers) > 1:
-        for mode, offset in (("chat", 0), ("agent-chat", 1)):
-            now, then = cpu[offset], cpu[2 + offset]
+        for mode, offset in (("chat", 0), ("agent-chat", 1), ("agent-tools", 2)):
+            now, then = cpu[offset], cpu[3 + offset]
             verdict = "met" if now <= then / 2 else "MISSED"
             print(f"    goal {mode}: at most half of {servers[1][0].label}'s: {ratio(now, then)} ({verdict})",
                   flush=True)
@@ -625,7 +631,7 @@ def row_burst(args, backend: str, server: Server, stack: Stack, litellm: Side | 
         print(f"    goal: p50 below LiteLLM's: {ratio(ours, theirs)} of it "
               f"({'met' if ours < theirs else 'MISSED'})", flush=True)
     else:
-        print(f"    {'LiteLLM proxy':<28} not installed (or did not start)", flush=True)
+        print(f"    {'LiteLLM proxy':<38} not installed (or did not start)", flush=True)
 
 
 def row_slow(args, backend: str, server: Server, stack: Stack) -> None:

@@ -317,24 +317,45 @@ class StreamedAnswer:
     `chat_deltas(merged=True)`) by LangChain's own merge, once per answer instead of once per chunk: the text of
     the chunks that say nothing else is joined first, then merged with LangChain's readings of the other chunks in
     their order (tool call fragments by index, invalid JSON arguments as `invalid_tool_calls`, usage, finish reason
-    and model name), as `BaseChatModel` merges a stream (the run's id for chunks without one, a last empty chunk)."""
+    and model name), as `BaseChatModel` merges a stream (the run's id for chunks without one, a last empty chunk).
 
-    def __init__(self) -> None:
+    Without `merged` (the Deltas of `chat_deltas()`, for an answer that can call no tool: a chat turn binds none),
+    the message holds what the Deltas themselves read, which is all such an answer says: the text, the usage, the
+    finish reason and model name."""
+
+    def __init__(self, *, merged: bool = True) -> None:
+        self.merged = merged
         self._parts: list[Any] = []  # ChatGenerationChunks and lists of consecutive text-only chunks' texts
         self._texts: list[str] | None = None
+        self._usage: dict[str, int] | None = None  # without `merged`: once a Delta reported tokens
+        self._metadata: dict[str, Any] = {}  # without `merged`: the finish reason and model name
 
     def add(self, delta: Delta) -> None:
         if delta.generation is not None:
             self._parts.append(delta.generation)
             self._texts = None
-        elif self._texts is None:
+            return
+        if self._texts is None:
             self._texts = [delta.text]
             self._parts.append(self._texts)
         else:
             self._texts.append(delta.text)
+        if self.merged:
+            return  # what else a chunk says, LangChain's reading of it carries
+        if delta.prompt_tokens or delta.completion_tokens:
+            usage = self._usage or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+            usage["input_tokens"] += delta.prompt_tokens
+            usage["output_tokens"] += delta.completion_tokens
+            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+            self._usage = usage
+        if delta.finish_reason:
+            self._metadata = {"finish_reason": delta.finish_reason, "model_name": delta.model_name}
 
     def message(self) -> AIMessage:
-        """Raises ValueError for an answer without a chunk, as LangChain does."""
+        """Raises ValueError for a merged answer without a chunk, as LangChain does."""
+        if not self.merged:
+            return AIMessage(content="".join(self._texts or ()), response_metadata=self._metadata,
+                             usage_metadata=self._usage)
         run_id = f"{LC_ID_PREFIX}-{uuid.uuid4()}"
         chunks = []
         for part in self._parts:

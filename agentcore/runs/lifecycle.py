@@ -380,10 +380,7 @@ class _Run:
         handed_over = False
         try:
             try:
-                if self.agent:
-                    response = await context.answer(context.prompt(window))
-                else:
-                    response = await self._chat_answer(context.model, context.prompt(window))
+                response = await context.answer(context.prompt(window), merged=self.agent)
                 # What the answer's last network read brought goes out before the checkpoint is written.
                 await asyncio.sleep(0)
             except Exception as exc:
@@ -409,23 +406,3 @@ class _Run:
                 except asyncio.CancelledError:
                     await write
                     raise
-
-    async def _chat_answer(self, model: Any, messages: list[Any]) -> AIMessage:
-        """A chat turn's streamed answer, each chunk to the output as it arrives, as the message LangChain would have
-        merged from it: the text, the finish reason and the usage (no tools, so no more is needed)."""
-        texts: list[str] = []
-        usage = {"input_tokens": 0, "output_tokens": 0}
-        metadata: dict[str, Any] = {}
-        reported = False
-        async for delta in model.astream_deltas(messages):
-            if delta.text:
-                texts.append(delta.text)
-            if delta.prompt_tokens or delta.completion_tokens:
-                reported = True
-                usage["input_tokens"] += delta.prompt_tokens
-                usage["output_tokens"] += delta.completion_tokens
-            if delta.finish_reason:
-                metadata.update(finish_reason=delta.finish_reason, model_name=delta.model_name)
-            await self.output.on_delta(delta)
-        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-        return AIMessage(content="".join(texts), response_metadata=metadata, usage_metadata=usage if reported else None)

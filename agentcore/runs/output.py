@@ -60,7 +60,10 @@ class RunOutput:
         self.texts: list[str] = [turn.message.answer] if turn.message.answer else []
         self.iteration: _Iteration | None = None
         self.position = 0
-        self.thoughts_by_call: dict[str, str] = {}
+        # The run's tool call rows by call id, as written (or loaded when a paused run resumes): what a tool's result
+        # or an approval's wait changes in one of them is written to it, and its event is made from it, without
+        # reading the row back.
+        self.thoughts_by_call: dict[str, Thought] = {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.interrupts: list[dict[str, Any]] = []
@@ -135,7 +138,7 @@ class RunOutput:
                           position=self.position, thought=text if i == 0 else "", tool=call["name"],
                           tool_call_id=call["id"] or "", tool_input=call["args"], status=Thought.Status.RUNNING)
             rows.append(row)
-            self.thoughts_by_call[call["id"]] = str(row.id)
+            self.thoughts_by_call[call["id"]] = row
         await Thought.objects.abulk_create(rows)
         for row in rows:
             self.queue.put_nowait(ThoughtUpdate(thought_id=str(row.id), position=row.position, phase="tool_call",
@@ -146,31 +149,32 @@ class RunOutput:
         if not self.agent:
             return
         for result in messages:
-            thought_id = self.thoughts_by_call.get(result.tool_call_id)
-            if thought_id is None:
+            thought = self.thoughts_by_call.get(result.tool_call_id)
+            if thought is None:
                 continue
             status = (result.artifact or {}).get("status", Thought.Status.DONE)
             observation = result.content if isinstance(result.content, str) else str(result.content)
-            await Thought.objects.filter(pk=thought_id).aupdate(observation=observation, status=status)
-            thought = await Thought.objects.aget(pk=thought_id)
-            self.queue.put_nowait(ThoughtUpdate(thought_id=thought_id, position=thought.position, phase="tool_result",
-                                                thought=thought.thought, tool=thought.tool,
+            await Thought.objects.filter(pk=thought.pk).aupdate(observation=observation, status=status)
+            thought.observation, thought.status = observation, status
+            self.queue.put_nowait(ThoughtUpdate(thought_id=str(thought.pk), position=thought.position,
+                                                phase="tool_result", thought=thought.thought, tool=thought.tool,
                                                 tool_input=thought.tool_input, observation=observation,
                                                 status=status))
 
     async def _on_interrupts(self, interrupts: Any) -> None:
         for item in interrupts:
             value = dict(item.value)
-            thought_id = self.thoughts_by_call.get(value["tool_call_id"])
+            thought = self.thoughts_by_call.get(value["tool_call_id"])
+            thought_id = str(thought.pk) if thought is not None else None
             approval = await Approval.objects.acreate(
                 session=self.session, message=self.message, thought_id=thought_id, tool=value["tool"],
                 tool_call_id=value["tool_call_id"], tool_input=value["tool_input"], approver=value["approver"],
             )
             value["approval_id"] = str(approval.pk)
             self.interrupts.append(value)
-            if thought_id:
-                await Thought.objects.filter(pk=thought_id).aupdate(status=Thought.Status.AWAITING_APPROVAL)
-                thought = await Thought.objects.aget(pk=thought_id)
+            if thought is not None:
+                await Thought.objects.filter(pk=thought.pk).aupdate(status=Thought.Status.AWAITING_APPROVAL)
+                thought.status = Thought.Status.AWAITING_APPROVAL
                 self.queue.put_nowait(ThoughtUpdate(thought_id=thought_id, position=thought.position,
                                                     phase="awaiting_approval", thought=thought.thought,
                                                     tool=thought.tool, tool_input=thought.tool_input,
@@ -181,7 +185,7 @@ class RunOutput:
 
     async def load_thoughts(self) -> None:
         rows = [t async for t in Thought.objects.filter(message=self.message).order_by("position")]
-        self.thoughts_by_call = {t.tool_call_id: str(t.pk) for t in rows if t.tool_call_id}
+        self.thoughts_by_call = {t.tool_call_id: t for t in rows if t.tool_call_id}
         self.position = max((t.position for t in rows), default=0)
 
     # -- the end --

@@ -97,6 +97,39 @@ async def test_an_agent_answers_thought_row_is_written_with_the_turns_end(agent_
         assert inserts[0] > updates[-1]
 
 
+async def test_a_tool_results_thought_row_is_updated_and_its_event_made_without_reading_it_back(
+        agent_app, plain_user, fake_upstream, monkeypatch):
+    """The run keeps the tool call rows it wrote: a tool's result updates its row and the event comes from the row
+    in memory, without a query reading the row back (one database round trip fewer per tool step)."""
+    from django.db.backends.utils import CursorWrapper
+
+    from agentcore.events import ThoughtUpdate
+    from agentcore.models import Thought
+
+    sent: list[str] = []
+    execute = CursorWrapper.execute
+
+    def recorded(self, sql, params=None):  # every thread's statements (the run writes from the ORM's thread)
+        sent.append(" ".join(str(sql).split()))
+        return execute(self, sql, params)
+
+    monkeypatch.setattr(CursorWrapper, "execute", recorded)
+    fake_upstream.script(Reply(text="Let me look.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})]),
+                         Reply(text="It is noon."))
+    events = await run_all(TurnRequest(app=agent_app, query="what time?", owner=plain_user))
+    monkeypatch.undo()
+
+    assert events[-1].answer == "Let me look.\nIt is noon."
+    [result] = [e for e in events if isinstance(e, ThoughtUpdate) and e.phase == "tool_result"]
+    row = await Thought.objects.aget(pk=result.thought_id)
+    assert (result.position, result.thought, result.tool, result.tool_input, result.observation, result.status) == (
+        row.position, row.thought, row.tool, row.tool_input, row.observation, row.status)
+    assert (row.thought, row.tool, row.tool_input, row.status) == ("Let me look.", "current_time", {"timezone": "UTC"},
+                                                                   "done")
+    assert '"timezone": "UTC"' in row.observation
+    assert not [sql for sql in sent if sql.startswith("SELECT") and 'FROM "agentcore_thought"' in sql]
+
+
 async def test_second_turn_sees_the_history(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
     first = await run_all(TurnRequest(app=chat_app, query="one", owner=plain_user))

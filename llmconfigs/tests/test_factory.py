@@ -284,3 +284,30 @@ async def test_streamed_answer_is_the_message_langchain_merges_from_the_same_str
         assert [c["id"] for c in merged.invalid_tool_calls] == ["call_x", "call_y"] and not merged.tool_calls
     if case == "several calls in fragments":
         assert [c["args"] for c in merged.tool_calls] == [{"path": "/var", "human": True}, {"name": "example.com"}]
+
+
+# Chat turns stream plain Deltas (no tools bound, nothing for LangChain to read): `StreamedAnswer(merged=False)`
+# builds their message from what the Deltas read.
+
+def test_a_streamed_answer_of_plain_deltas_holds_their_text_usage_finish_and_model():
+    from llmconfigs.factory import Delta, StreamedAnswer
+
+    def chunk(delta=None, finish=None, **extra):
+        return Delta.of_chunk({"model": "deep-fake", "choices": [{"index": 0, "delta": delta or {},
+                                                                  "finish_reason": finish}], **extra})
+
+    answer = StreamedAnswer(merged=False)
+    for delta in (chunk({"role": "assistant", "content": ""}), chunk({"content": "one "}), chunk({"content": "two"}),
+                  chunk(finish="length"), Delta.of_chunk({"choices": [], "usage": {"prompt_tokens": 7,
+                                                                                   "completion_tokens": 2}})):
+        answer.add(delta)
+    message = answer.message()
+    assert (message.content, message.tool_calls) == ("one two", [])
+    assert message.response_metadata == {"finish_reason": "length", "model_name": "deep-fake"}
+    assert message.usage_metadata == {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9}
+
+    unreported = StreamedAnswer(merged=False)  # a provider that sends no usage, and a stream cut before its finish
+    unreported.add(chunk({"content": "cut"}))
+    message = unreported.message()
+    assert (message.content, message.response_metadata, message.usage_metadata) == ("cut", {}, None)
+    assert StreamedAnswer(merged=False).message().content == ""

@@ -150,18 +150,23 @@ async def dify_post(key: str, path: str, payload: Any, *, timeout: float = 20,
 
 # ----- provisioning -----
 
-def provision_app(*, name: str, mode: str, upstream_url: str, key: str, **app_fields: Any) -> dict[str, str]:
-    """An app with `key`, answering through a default chat config that points at `upstream_url` (idempotent)."""
+def provision_app(*, name: str, mode: str, upstream_url: str, key: str, config_name: str = "", **app_fields: Any
+                  ) -> dict[str, str]:
+    """An app with `key`, answering through a default chat config that points at `upstream_url` (idempotent); with
+    `config_name`, through its own config of that name pointing at `upstream_url` instead."""
     from agentcore.models import AgentApp
     from difyapi.auth import api_key_create
     from llmconfigs.models import LLMConfig
     from llmconfigs.services import llm_config_create, llm_config_set_default
 
-    config = LLMConfig.objects.filter(name="dify-e2e").first()
+    config = LLMConfig.objects.filter(name=config_name or "dify-e2e").first()
     if config is None:
-        config = llm_config_create(name="dify-e2e", provider="openai", model_name="fake-e2e", base_url=upstream_url,
-                                   api_key="sk-e2e-test-key-0000000000")
-        config = llm_config_set_default(config=config)
+        config = llm_config_create(name=config_name or "dify-e2e", provider="openai", model_name="fake-e2e",
+                                   base_url=upstream_url, api_key="sk-e2e-test-key-0000000000")
+        if not config_name:
+            config = llm_config_set_default(config=config)
+    if config_name:
+        app_fields["llm_config"] = config
     app, _ = AgentApp.objects.get_or_create(name=name, defaults={"mode": mode, **app_fields})
     api_key_create(app=app, raw_key=key)
     return {"app_id": str(app.pk), "config_id": str(config.pk)}

@@ -2,7 +2,9 @@
 
 It listens on 127.0.0.1 in a background thread (aiohttp), so the production client code (langchain-openai -> openai ->
 httpx) runs unchanged against it. Tests queue `Reply` scripts (text, tool calls, usage, HTTP errors, slow or cut
-streams, hangs) and read back what the server received in `requests`.
+streams, hangs) and read back what the server received in `requests`. With `tool_first` set, every request that offers
+that tool and does not end with a tool result is answered with a call to it (an agent's turn: a tool call, then the
+answer), so that an unscripted run, a benchmark's, calls a tool at each turn.
 
 Run it by hand: `python -m tests.fakes.upstream --port 9100` (for `make run` demos and the benchmarks).
 """
@@ -86,6 +88,7 @@ class FakeUpstream:
         self.port = port
         self.requests: list[Received] = []
         self.default = Reply(text="Hello from the fake upstream.")
+        self.tool_first: ToolCall | None = None
         self._queue: deque[Reply] = deque()
         self._embedding_queue: deque[Reply] = deque()
         # The vector /embeddings gives a text: set here per text (so a test decides which texts are close), else
@@ -120,6 +123,7 @@ class FakeUpstream:
             self.embedding_vectors.clear()
             self.requests.clear()
             self.default = Reply(text="Hello from the fake upstream.")
+            self.tool_first = None
             self.cancelled_streams = 0
 
     @property
@@ -140,9 +144,18 @@ class FakeUpstream:
                 return self._queue.popleft()
         return Reply()
 
-    def _next(self) -> Reply:
+    def _next(self, received: Received) -> Reply:
+        """The next scripted reply; else a call to `tool_first` when the request offers it and its last message is
+        not a tool result (that one gets the default answer); else the default answer."""
         with self._lock:
-            return self._queue.popleft() if self._queue else self.default
+            if self._queue:
+                return self._queue.popleft()
+            call = self.tool_first
+        if call is not None and received.messages and received.messages[-1].get("role") != "tool":
+            offered = {(tool.get("function") or {}).get("name") for tool in received.body.get("tools") or []}
+            if call.name in offered:
+                return Reply(tool_calls=[call])
+        return self.default
 
     def start(self) -> FakeUpstream:
         self._thread = threading.Thread(target=self._serve, name="fake-openai-upstream", daemon=True)
@@ -203,7 +216,7 @@ class FakeUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         received = await self._record(request)
-        reply = self._next()
+        reply = self._next(received)
         if reply.hang:
             await asyncio.sleep(reply.hang)
         if reply.status != 200:
@@ -360,9 +373,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--text", default="Hello from the fake upstream.")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between stream chunks")
+    parser.add_argument("--tool-call", default="", metavar="NAME",
+                        help="answer each request offering this tool with a call to it first (see tool_first)")
+    parser.add_argument("--tool-arguments", default="{}", help="the tool call's arguments (JSON)")
     args = parser.parse_args()
     upstream = FakeUpstream(port=args.port)
     upstream.default = Reply(text=args.text, delay=args.delay)
+    if args.tool_call:
+        upstream.tool_first = ToolCall(args.tool_call, json.loads(args.tool_arguments))
     upstream.start()
     print(f"fake OpenAI-compatible upstream on {upstream.base_url}", flush=True)
     try:
