@@ -160,11 +160,14 @@ def _prepare_query(request: TurnRequest) -> Turn:
     # running answers under its row lock, or supersedes a conversation's paused turn and touches its session. A new
     # conversation's first turn usually does none of these: there it would only add BEGIN and COMMIT, two round
     # trips with the database on every such turn.
-    alone = not (request.session_id or request.app.max_active_requests or message_stale_sweep_due())
+    # Decided once: a sweep that fell due between the two reads would run outside any transaction.
+    sweep = message_stale_sweep_due()
+    alone = not (request.session_id or request.app.max_active_requests or sweep)
     with contextlib.nullcontext() if alone else transaction.atomic(), statements_together():
         # Runs left by a dead process end first (they would count against the app's limit); in the turn's own
         # transaction, which saves a commit.
-        message_close_stale_due()
+        if sweep:
+            message_close_stale_due()
         # The limit comes first, as in Dify: a client over it gets 429 whatever else is wrong with the request.
         _check_capacity(request.app)
         session: Session | None = None

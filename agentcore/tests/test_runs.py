@@ -655,3 +655,30 @@ def test_a_new_conversations_turn_start_opens_no_transaction_unless_it_locks_or_
     if connection.vendor == "postgresql":  # SQLite has no row locks: its transaction serialises the writers
         assert any(sql.endswith("FOR UPDATE") for sql in statements[opened:counted])
     assert Message.objects.filter(status="running").count() == 2
+
+
+@pytest.mark.django_db
+def test_a_stale_sweep_falling_due_during_a_turn_start_never_runs_outside_its_transaction(chat_app, monkeypatch):
+    """Whether the turn start needs a transaction and whether it sweeps are one decision: a sweep that fell due
+    between two readings of the clock would have sent its UPDATE on its own, outside any transaction."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from agentcore import services
+    from agentcore.runs import turn_prepare
+
+    swept_at = time.monotonic()
+    monkeypatch.setattr(services, "_last_stale_sweep", swept_at)
+    readings = iter([swept_at, swept_at + 3600])  # not due at the first reading, long due at any later one
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return next(readings, swept_at + 3600)
+
+    monkeypatch.setattr(services, "time", Clock)
+    with CaptureQueriesContext(connection) as sent:
+        turn_prepare(TurnRequest(app=chat_app, query="disk?", end_user="u", source="api"))
+    updates = [q["sql"] for q in sent.captured_queries if q["sql"].lstrip().upper().startswith("UPDATE")]
+    assert updates == []
+    assert Message.objects.filter(status="running").count() == 1
