@@ -113,7 +113,7 @@ async def _pool_of_this_loop(conninfo: str) -> AsyncConnectionPool:
             conninfo, min_size=1, max_size=settings.AGENT_CHECKPOINT_POOL_SIZE, open=False,
             # What the saver needs of its connections: each write commits at once; no server-side prepared
             # statements (they break behind PgBouncer); rows as dicts.
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            kwargs={"autocommit": True, "prepare_threshold": None, "row_factory": dict_row},
             # As Django's pool (opsagent/common/db/backends/postgresql): connections that died with the server are
             # dropped when borrowed, and reconnecting never waits long between attempts.
             check=_check_unless_quiet, reconnect_timeout=settings.DEPENDENCY_RETRY_SECONDS,

@@ -78,6 +78,27 @@ async def test_runs_on_one_loop_share_pooled_checkpoint_connections(chat_app, pl
     assert asyncio.get_running_loop() not in checkpoint._pools
 
 
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_pooled_checkpoint_connections_prepare_no_statement_on_the_server(chat_app, plain_user, fake_upstream):
+    """Server-side prepared statements break behind PgBouncer in transaction mode (docs/deployment.md), as Django's
+    own connections know (their psycopg prepare_threshold is None): the checkpoint connections prepare none either,
+    however often the saver runs the same statements."""
+    fake_upstream.script(*(Reply(text=f"Disk {n}0%.") for n in range(4)))
+    try:
+        first = await run_all(TurnRequest(app=chat_app, query="disk?", owner=plain_user))
+        for query in ("and now?", "again?", "once more?"):
+            await run_all(TurnRequest(app=chat_app, query=query, owner=plain_user, session_id=first[0].session_id))
+        [pool] = checkpoint._pools[asyncio.get_running_loop()].values()
+        prepared = []
+        for _ in range(pool.max_size):
+            async with pool.connection() as lent:
+                found = await lent.execute("SELECT name, statement FROM pg_prepared_statements")
+                prepared += await found.fetchall()
+    finally:
+        await checkpoint.checkpoint_pools_close()
+    assert prepared == []
+
+
 async def _backend_last_query(pid: int) -> str:
     """What the server last saw backend `pid` run, asked on a connection of its own."""
     async with await psycopg.AsyncConnection.connect(checkpoint._postgres_conninfo(), autocommit=True) as observer:
