@@ -238,6 +238,9 @@ LOGGING = {
     "loggers": {
         "django.request": {"level": "ERROR"},
         "httpx": {"level": "WARNING"},
+        # The openai SDK's HTTP client (pydantic's httpx fork): without this, a line per provider request at INFO,
+        # written between the response's headers and its first token.
+        "httpx2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},
     },
 }

@@ -91,3 +91,15 @@ async def test_an_unreachable_provider_is_a_connection_error(send):
         port = probe.getsockname()[1]
     result = await outcome(send, client_for(f"http://127.0.0.1:{port}/v1", max_retries=0))
     assert result[0] is openai.APIConnectionError
+
+
+async def test_a_provider_request_writes_no_log_line_of_its_own(fake_upstream, caplog):
+    """The HTTP client's line per request ("HTTP Request: POST ... 200 OK", INFO) is not written: it told nothing the
+    request log does not, and it was written on the way to every first token (the response's headers are logged
+    before its body is read)."""
+    client = client_for(fake_upstream.base_url, max_retries=0)
+    fake_upstream.script(Reply(text="hi"))
+    response = await stream_request_send(client, BODY)
+    await response.aread()
+    await response.aclose()
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("httpx")] == []
