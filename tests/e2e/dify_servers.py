@@ -153,7 +153,9 @@ async def dify_post(key: str, path: str, payload: Any, *, timeout: float = 20,
 def provision_app(*, name: str, mode: str, upstream_url: str, key: str, config_name: str = "", **app_fields: Any
                   ) -> dict[str, str]:
     """An app with `key`, answering through a default chat config that points at `upstream_url` (idempotent); with
-    `config_name`, through its own config of that name pointing at `upstream_url` instead."""
+    `config_name`, through its own config of that name pointing at `upstream_url` instead, serving a pool (route) of
+    that name: under the default config's model name it would join the default pool, and the default's apps would
+    be answered by its upstream too."""
     from agentcore.models import AgentApp
     from difyapi.auth import api_key_create
     from llmconfigs.models import LLMConfig
@@ -162,7 +164,7 @@ def provision_app(*, name: str, mode: str, upstream_url: str, key: str, config_n
     config = LLMConfig.objects.filter(name=config_name or "dify-e2e").first()
     if config is None:
         config = llm_config_create(name=config_name or "dify-e2e", provider="openai", model_name="fake-e2e",
-                                   base_url=upstream_url, api_key="sk-e2e-test-key-0000000000")
+                                   route=config_name, base_url=upstream_url, api_key="sk-e2e-test-key-0000000000")
         if not config_name:
             config = llm_config_set_default(config=config)
     if config_name:

@@ -51,3 +51,19 @@ async def test_the_bench_refuses_an_agent_turn_that_answered_without_the_tool(da
         with pytest.raises(RuntimeError, match="before the tool"):
             await ttft_dify(client, daphne_server.base_url, agent_key, tool=TOOL)
     assert len(fake_upstream.chat_requests) == 1
+
+
+def test_the_benchs_tool_calling_config_stays_out_of_the_default_pool():
+    """The agent-tools app's config points at the tool-calling upstream: in the default config's pool (the same
+    model name), it answered most of the plain agent-chat app's turns too, with tool calls (seen in dify_overhead.py:
+    agent-chat at 10.5-12.6 ms of CPU instead of 6)."""
+    from agentcore.selectors import app_pool_resolve
+    from tests.e2e.dify_servers import provision_app
+
+    plain = provision_app(name="bench-agent", mode="agent-chat", upstream_url="http://127.0.0.1:9/v1", key="app-a" * 4)
+    tools = provision_app(name="bench-tools", mode="agent-chat", upstream_url="http://127.0.0.1:10/v1",
+                          key="app-b" * 4, config_name="bench-tools")
+    pool = app_pool_resolve(app=AgentApp.objects.get(pk=plain["app_id"]))
+    assert [str(config.pk) for config in pool] == [plain["config_id"]]
+    pool = app_pool_resolve(app=AgentApp.objects.get(pk=tools["app_id"]))
+    assert [str(config.pk) for config in pool] == [tools["config_id"]]
