@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -64,26 +66,35 @@ async def test_agent_turn_without_tool_calls_answers(agent_app, plain_user, fake
     assert fake_upstream.chat_requests[-1].body["tools"]
 
 
-async def test_an_agent_answers_thought_row_is_written_with_the_turns_end(agent_app, plain_user, fake_upstream,
-                                                                          monkeypatch):
-    """The answer's thought row goes out with the turn's end (RunOutput._save_rows): after the message's update in
-    the same block, and on PostgreSQL inside its one statement, never as a write of its own before it."""
-    from django.db import connection
+@contextlib.contextmanager
+def _statements_sent() -> Iterator[list[str]]:
+    """Every statement sent while the block runs, from any thread (a run writes from the ORM's thread)."""
     from django.db.backends.utils import CursorWrapper
-
-    from agentcore.models import Thought
 
     sent: list[str] = []
     execute = CursorWrapper.execute
 
-    def recorded(self, sql, params=None):  # every thread's statements (the run writes from the ORM's thread)
+    def recorded(self, sql, params=None):
         sent.append(" ".join(str(sql).split()))
         return execute(self, sql, params)
 
-    monkeypatch.setattr(CursorWrapper, "execute", recorded)
+    CursorWrapper.execute = recorded
+    try:
+        yield sent
+    finally:
+        CursorWrapper.execute = execute
+
+
+async def test_an_agent_answers_thought_row_is_written_with_the_turns_end(agent_app, plain_user, fake_upstream):
+    """The answer's thought row goes out with the turn's end (RunOutput._save_rows): after the message's update in
+    the same block, and on PostgreSQL inside its one statement, never as a write of its own before it."""
+    from django.db import connection
+
+    from agentcore.models import Thought
+
     fake_upstream.script(Reply(text="All good."))
-    events = await run_all(TurnRequest(app=agent_app, query="status?", owner=plain_user))
-    monkeypatch.undo()
+    with _statements_sent() as sent:
+        events = await run_all(TurnRequest(app=agent_app, query="status?", owner=plain_user))
 
     assert events[-1].answer == "All good."
     thought = await Thought.objects.aget(message_id=events[-1].message_id)
@@ -98,26 +109,16 @@ async def test_an_agent_answers_thought_row_is_written_with_the_turns_end(agent_
 
 
 async def test_a_tool_results_thought_row_is_updated_and_its_event_made_without_reading_it_back(
-        agent_app, plain_user, fake_upstream, monkeypatch):
+        agent_app, plain_user, fake_upstream):
     """The run keeps the tool call rows it wrote: a tool's result updates its row and the event comes from the row
     in memory, without a query reading the row back (one database round trip fewer per tool step)."""
-    from django.db.backends.utils import CursorWrapper
-
     from agentcore.events import ThoughtUpdate
     from agentcore.models import Thought
 
-    sent: list[str] = []
-    execute = CursorWrapper.execute
-
-    def recorded(self, sql, params=None):  # every thread's statements (the run writes from the ORM's thread)
-        sent.append(" ".join(str(sql).split()))
-        return execute(self, sql, params)
-
-    monkeypatch.setattr(CursorWrapper, "execute", recorded)
     fake_upstream.script(Reply(text="Let me look.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})]),
                          Reply(text="It is noon."))
-    events = await run_all(TurnRequest(app=agent_app, query="what time?", owner=plain_user))
-    monkeypatch.undo()
+    with _statements_sent() as sent:
+        events = await run_all(TurnRequest(app=agent_app, query="what time?", owner=plain_user))
 
     assert events[-1].answer == "Let me look.\nIt is noon."
     [result] = [e for e in events if isinstance(e, ThoughtUpdate) and e.phase == "tool_result"]
