@@ -125,9 +125,11 @@ class AgentContext:
     # The history window (see history_window): AGENT_HISTORY_MAX_MESSAGES and AGENT_HISTORY_MAX_CHARS.
     max_history_messages: int = field(kw_only=True)
     max_history_chars: int = field(kw_only=True)
-    # The answer of the turn's first model call when the run made that call before the graph started (a turn whose
-    # first answer calls no tool never enters the graph: agentcore.runs.lifecycle); the model node takes it instead
-    # of calling the model again. Mutable in a frozen context on purpose: taken once, by the first model step.
+    # The answer of the turn's first model call when the run made that call before the graph started and it calls
+    # tools at the iteration limit (a turn whose first answer calls no tool never enters the graph, and one whose
+    # answer calls tools below the limit enters it at its tool step: agentcore.runs.lifecycle); the model node takes
+    # it instead of calling the model again. Mutable in a frozen context on purpose: taken once, by the first model
+    # step.
     answered: list[AIMessage] = field(default_factory=list, kw_only=True)
 
     def window(self, history: list[AnyMessage]) -> list[AnyMessage]:
@@ -237,14 +239,26 @@ async def refuse_over_limit(state: AgentState) -> dict[str, Any]:
     ]}
 
 
+async def first_answer(state: AgentState) -> dict[str, Any]:
+    """Never run: the node a run writes its turn's first answer as (`aupdate_state(..., as_node=ANSWERED)`) when that
+    answer, made before the graph started, calls tools within the iteration limit. Its one edge schedules the tool
+    step, so the graph goes on from that checkpoint at its tools, without its input's step and a model step."""
+    return {}
+
+
+ANSWERED = "answered"
+
+
 @lru_cache(maxsize=1)
 def _compiled() -> CompiledStateGraph:
     graph = StateGraph(AgentState, context_schema=AgentContext)
     graph.add_node("model", call_model)
     graph.add_node("tools", run_tools)
     graph.add_node("limit", refuse_over_limit)
+    graph.add_node(ANSWERED, first_answer)
     graph.add_edge(START, "model")
     graph.add_conditional_edges("model", route, ["tools", "limit", END])
+    graph.add_edge(ANSWERED, "tools")
     graph.add_edge("tools", "model")
     graph.add_edge("limit", END)
     return graph.compile()

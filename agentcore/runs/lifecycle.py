@@ -21,7 +21,7 @@ from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.events import Event, RunStarted, TextDelta
-from agentcore.graph import AgentContext, agent_graph, truncate
+from agentcore.graph import ANSWERED, AgentContext, agent_graph, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, has_perms
@@ -82,6 +82,9 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
 
 
 _DONE = object()
+# What _Run._answer_once says of the turn: over, or to go on in the graph at its tool step.
+_TURN_OVER = object()
+_AT_TOOLS = object()
 
 
 class _EventQueue(asyncio.Queue):
@@ -329,10 +332,13 @@ class _Run:
             if self.turn.resume is None:
                 saved = await self._saved_history(graph, saver)
                 if saved is not None:
-                    answered = await self._answer_once(graph, context, saved, graph_input["messages"])
-                    if answered is None:
+                    goes_on = await self._answer_once(graph, context, saved, graph_input["messages"])
+                    if goes_on is _TURN_OVER:
                         return
-                    context.answered.append(answered)
+                    if goes_on is _AT_TOOLS:
+                        graph_input = None  # the graph goes on from the checkpoint its first answer was written to
+                    else:
+                        context.answered.append(goes_on)
             config = {"configurable": {"thread_id": str(self.session.pk)},
                       "recursion_limit": 2 * app.max_iterations + 10}
             # When checkpoints are written. Agent-chat: after every step, while the next one runs, so that a tool
@@ -362,13 +368,16 @@ class _Run:
         return None if state.next else state.values.get("messages", [])
 
     async def _answer_once(self, graph: Any, context: AgentContext, saved: list[Any], asked: list[Any],
-                           ) -> AIMessage | None:
+                           ) -> Any:
         """A turn's first model call, without the graph's step machinery (per step and per streamed chunk, most of
         the graph's cost), on the conversation `saved` in its checkpoint: the model's stream goes straight to the
         output and, when the answer calls no tool (a chat or completion turn always, an agent turn that answers at
         once), the exchange is written back as one update of the graph's state, as the graph would leave it: the
-        turn is over (None). An agent's answer that calls tools is returned unwritten: the graph then runs the turn
-        from its input as always, its model step taking this answer (AgentContext.answered), and writes every step.
+        turn is over (_TURN_OVER). An agent's answer that calls tools is written the same way as the graph's ANSWERED
+        node, whose edge schedules the tool step (_AT_TOOLS): the graph goes on from there and writes every step
+        after it, without its input's step and its first model step (a checkpoint and a step each). At the iteration
+        limit the answer is returned unwritten instead: the graph runs the turn from its input, its model step
+        taking this answer (AgentContext.answered), and its router sends it to the limit.
 
         Like the graph in chat's mode (durability "exit"), a turn answered here is written once, when the run ends
         however it ends: the question always, the answer when there is one (a stopped or failed run's partial answer
@@ -377,6 +386,7 @@ class _Run:
         history = add_messages(saved, asked)
         window = context.window(history)
         update: dict[str, Any] = {"messages": asked, "iterations": 0}
+        as_node = "limit"
         handed_over = False
         try:
             try:
@@ -386,7 +396,7 @@ class _Run:
             except Exception as exc:
                 error = provider_exception_scrubbed(exc, api_key=chat_model_key(context.model))
             else:
-                if response.tool_calls:
+                if response.tool_calls and context.max_iterations <= 1:
                     handed_over = True
                     return response
                 # What the graph's model node writes: the answer, and the history cut to the window when it was cut.
@@ -394,13 +404,17 @@ class _Run:
                 update = {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed
                           else [*asked, response], "iterations": 1}
                 await self.output.on_update({"model": {"messages": [response]}})
-                return None
+                if response.tool_calls:
+                    as_node = ANSWERED
+                    return _AT_TOOLS
+                return _TURN_OVER
             raise error  # outside the except clause, so the unscrubbed original is not kept as its context
         finally:
             if not handed_over:
-                # As the terminal "limit" node: the turn is over, nothing is scheduled after this write. Shielded: a
-                # stopped run still remembers its question before the output adds the partial answer.
-                write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node="limit"))
+                # As the terminal "limit" node: the turn is over, nothing is scheduled after this write (or as
+                # ANSWERED: the tool step is). Shielded: a stopped run still remembers its question before the output
+                # adds the partial answer.
+                write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node=as_node))
                 try:
                     await asyncio.shield(write)
                 except asyncio.CancelledError:

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import psycopg
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from agentcore import checkpoint, graph
 from agentcore.checkpoint import checkpointer
 from agentcore.models import Message
 from agentcore.runs import TurnRequest
 from agentcore.tests.factories import checkpoint_rows, run_all
+from agentcore.tools.registry import tools_for_run
 from tests.fakes.upstream import Reply, ToolCall
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -406,6 +408,60 @@ async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_
 
     assert seen(by_run) == seen(by_graph)
     assert seen(by_run)[1:] == (1, ())
+
+
+async def test_an_agent_turn_whose_first_answer_calls_a_tool_enters_the_graph_at_its_tool_step(
+        agent_app, plain_user, fake_upstream, monkeypatch):
+    """The first answer, made before the graph started, is written as the graph's ANSWERED node, whose edge schedules
+    the tool step: three checkpoints (that answer, the tool step, the last model step) instead of the graph's four
+    (its input, then each step), and the same state as a graph run leaves."""
+    from langchain_core.messages import HumanMessage
+
+    from agentcore.runs.chat_models import run_chat_model
+    from llmconfigs.models import LLMConfig
+
+    async with checkpointer() as saver:
+        saver_class = type(saver)
+    written: list[str] = []
+    aput = saver_class.aput
+
+    async def counted_aput(self, config, *args, **kwargs):
+        written.append(config["configurable"]["thread_id"])
+        return await aput(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(saver_class, "aput", counted_aput)
+    calls_the_tool = Reply(text="Let me look.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})])
+    fake_upstream.script(calls_the_tool, Reply(text="It is noon."), calls_the_tool, Reply(text="It is noon."))
+    events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    session_id = events[0].session_id
+    assert events[-1].answer == "Let me look.\nIt is noon."
+    assert written == [session_id] * 3
+    monkeypatch.undo()
+
+    # The same question through the graph, on a thread of its own.
+    graph_thread = f"through-the-graph-{uuid.uuid4()}"
+    config = await LLMConfig.objects.aget(is_default=True, is_embedding=False)
+    tools, rules = await tools_for_run(app=agent_app, session_id=graph_thread, subset=None, setup=None)
+    context = graph.AgentContext(model=run_chat_model([config], {}), on_delta=lambda delta: asyncio.sleep(0),
+                                 tools=tools, rules=rules, system_prompt=agent_app.system_prompt,
+                                 max_history_messages=100, max_history_chars=100_000)
+    thread = {"configurable": {"thread_id": graph_thread}}
+    async with checkpointer() as saver:
+        compiled = graph.agent_graph(checkpointer=saver)
+        await compiled.ainvoke({"messages": [HumanMessage("time?")], "iterations": 0}, thread, context=context)
+        by_graph = await compiled.aget_state(thread)
+        by_run = await compiled.aget_state({"configurable": {"thread_id": session_id}})
+
+    def seen(state):  # a tool result's text holds the time it ran: its name and status are compared instead
+        return ([(type(m).__name__, m.name if isinstance(m, ToolMessage) else m.content,
+                  [(c["name"], c["args"]) for c in getattr(m, "tool_calls", None) or []],
+                  m.artifact if isinstance(m, ToolMessage) else m.response_metadata.get("finish_reason"))
+                 for m in state.values["messages"]], state.values["iterations"], state.next)
+
+    assert seen(by_run) == seen(by_graph)
+    assert seen(by_run)[1:] == (2, ())
+    assert [type(m).__name__ for m in by_run.values["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage",
+                                                                     "AIMessage"]
 
 
 def test_the_connection_string_is_built_once_while_the_settings_stay(monkeypatch, settings):

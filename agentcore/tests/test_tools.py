@@ -8,6 +8,7 @@ import pytest
 
 from agentcore.errors import InvalidInput
 from agentcore.events import ThoughtUpdate
+from agentcore.graph import LIMIT_REACHED
 from agentcore.models import AgentApp, Task, Thought, ToolPolicy
 from agentcore.network import NOTHING_PRIVATE, NetworkAllowList, parse_networks
 from agentcore.runs import TurnOverrides, TurnRequest, aturn_prepare
@@ -60,13 +61,18 @@ async def test_tool_errors_become_observations(agent_app, plain_user, fake_upstr
     assert results[1].status == "error" and "not available" in results[1].observation
 
 
-async def test_iteration_limit_ends_the_turn(agent_app, plain_user, fake_upstream):
-    agent_app.max_iterations = 2
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_iteration_limit_ends_the_turn(agent_app, plain_user, fake_upstream, limit):
+    """At the limit the tools asked for are refused, not run; a limit of 1 is reached by the turn's first answer,
+    made before the graph starts (the graph then routes that answer to its limit)."""
+    agent_app.max_iterations = limit
     await agent_app.asave()
     fake_upstream.default = Reply(tool_calls=[ToolCall("current_time", {})])
     events = await run_all(TurnRequest(app=agent_app, query="loop", owner=plain_user))
     assert events[-1].status == "normal"
-    assert len(fake_upstream.chat_requests) == 2
+    assert len(fake_upstream.chat_requests) == limit
+    results = [e for e in events if isinstance(e, ThoughtUpdate) and e.phase == "tool_result"]
+    assert len(results) == limit and results[-1].observation == LIMIT_REACHED
 
 
 async def test_disabled_and_unlisted_tools_are_not_offered(agent_app, plain_user, fake_upstream):
