@@ -366,13 +366,8 @@ async def test_a_failed_chat_turn_leaves_its_question_in_the_conversation(chat_a
 # checkpoint write instead of one per step (the input, the model step's writes and its checkpoint), and the
 # conversation left as the graph leaves it.
 
-async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_as_the_graph_would(
-        agent_app, plain_user, fake_upstream, monkeypatch):
-    from langchain_core.messages import HumanMessage
-
-    from agentcore.runs.chat_models import run_chat_model
-    from llmconfigs.models import LLMConfig
-
+async def _checkpoint_writes_counted(monkeypatch) -> list[str]:
+    """The thread id of every checkpoint the saver writes from now on (this test's database's saver class)."""
     async with checkpointer() as saver:
         saver_class = type(saver)
     written: list[str] = []
@@ -383,6 +378,17 @@ async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_
         return await aput(self, config, *args, **kwargs)
 
     monkeypatch.setattr(saver_class, "aput", counted_aput)
+    return written
+
+
+async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_as_the_graph_would(
+        agent_app, plain_user, fake_upstream, monkeypatch):
+    from langchain_core.messages import HumanMessage
+
+    from agentcore.runs.chat_models import run_chat_model
+    from llmconfigs.models import LLMConfig
+
+    written = await _checkpoint_writes_counted(monkeypatch)
     fake_upstream.script(Reply(text="It is noon."), Reply(text="It is noon."))
     events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
     session_id = events[0].session_id
@@ -420,16 +426,7 @@ async def test_an_agent_turn_whose_first_answer_calls_a_tool_enters_the_graph_at
     from agentcore.runs.chat_models import run_chat_model
     from llmconfigs.models import LLMConfig
 
-    async with checkpointer() as saver:
-        saver_class = type(saver)
-    written: list[str] = []
-    aput = saver_class.aput
-
-    async def counted_aput(self, config, *args, **kwargs):
-        written.append(config["configurable"]["thread_id"])
-        return await aput(self, config, *args, **kwargs)
-
-    monkeypatch.setattr(saver_class, "aput", counted_aput)
+    written = await _checkpoint_writes_counted(monkeypatch)
     calls_the_tool = Reply(text="Let me look.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})])
     fake_upstream.script(calls_the_tool, Reply(text="It is noon."), calls_the_tool, Reply(text="It is noon."))
     events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
