@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.utils import timezone
 from langchain_core.messages import AIMessage, ToolMessage
@@ -27,7 +28,7 @@ from llmconfigs.pricing import usage_cost
 from llmconfigs.routing import PoolChatModel
 from llmconfigs.services import llm_config_record_usage
 from llmconfigs.usage import CallOrigin, provider_calls_record
-from opsagent.common.db.statements import instance_insert, row_update, statements_together
+from opsagent.common.db.statements import instance_insert, instances_insert, row_update, statements_together
 from opsagent.common.dependencies import dependency_down
 from opsagent.common.metrics import chat_request_observe
 
@@ -139,7 +140,9 @@ class RunOutput:
                           tool_call_id=call["id"] or "", tool_input=call["args"], status=Thought.Status.RUNNING)
             rows.append(row)
             self.thoughts_by_call[call["id"]] = row
-        await Thought.objects.abulk_create(rows)
+        # One INSERT, prepared once per shape: bulk_create would compile it on every step and wrap it in a
+        # transaction of its own (BEGIN and COMMIT around a statement that is atomic by itself).
+        await sync_to_async(instances_insert)(rows)
         for row in rows:
             self.queue.put_nowait(ThoughtUpdate(thought_id=str(row.id), position=row.position, phase="tool_call",
                                                 thought=row.thought, tool=row.tool, tool_input=row.tool_input,
@@ -148,13 +151,19 @@ class RunOutput:
     async def _on_tool_results(self, messages: list[ToolMessage]) -> None:
         if not self.agent:
             return
+        results = []
         for result in messages:
             thought = self.thoughts_by_call.get(result.tool_call_id)
             if thought is None:
                 continue
             status = (result.artifact or {}).get("status", Thought.Status.DONE)
             observation = result.content if isinstance(result.content, str) else str(result.content)
-            await Thought.objects.filter(pk=thought.pk).aupdate(observation=observation, status=status)
+            results.append((thought, observation, status))
+        if not results:
+            return
+        # The step's results in one database round trip (one statement on PostgreSQL), before any of their events.
+        await sync_to_async(_tool_results_write)(results)
+        for thought, observation, status in results:
             thought.observation, thought.status = observation, status
             self.queue.put_nowait(ThoughtUpdate(thought_id=str(thought.pk), position=thought.position,
                                                 phase="tool_result", thought=thought.thought, tool=thought.tool,
@@ -298,6 +307,13 @@ class RunOutput:
         await self._remember_partial()
         usage = await self._save(Message.Status.ERROR, error=error.message, category=error.category)
         return [usage, RunError(category=error.category, message=error.message, status_code=error.status_code)]
+
+
+def _tool_results_write(results: list[tuple[Thought, str, str]]) -> None:
+    """Each tool call row's observation and status, as QuerySet.update() would set them, sent together."""
+    with statements_together():
+        for thought, observation, status in results:
+            row_update(Thought, thought.pk, values={"observation": observation, "status": status})
 
 
 def _classify(exc: BaseException, *, api_key: str) -> ProviderCallError:

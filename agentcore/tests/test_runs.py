@@ -66,16 +66,23 @@ async def test_agent_turn_without_tool_calls_answers(agent_app, plain_user, fake
     assert fake_upstream.chat_requests[-1].body["tools"]
 
 
+class _Sent(str):
+    """A statement as sent, and whether it went inside a transaction (a Django atomic block)."""
+    in_transaction: bool
+
+
 @contextlib.contextmanager
-def _statements_sent() -> Iterator[list[str]]:
+def _statements_sent() -> Iterator[list[_Sent]]:
     """Every statement sent while the block runs, from any thread (a run writes from the ORM's thread)."""
     from django.db.backends.utils import CursorWrapper
 
-    sent: list[str] = []
+    sent: list[_Sent] = []
     execute = CursorWrapper.execute
 
     def recorded(self, sql, params=None):
-        sent.append(" ".join(str(sql).split()))
+        statement = _Sent(" ".join(str(sql).split()))
+        statement.in_transaction = self.db.in_atomic_block
+        sent.append(statement)
         return execute(self, sql, params)
 
     CursorWrapper.execute = recorded
@@ -129,6 +136,37 @@ async def test_a_tool_results_thought_row_is_updated_and_its_event_made_without_
                                                                    "done")
     assert '"timezone": "UTC"' in row.observation
     assert not [sql for sql in sent if sql.startswith("SELECT") and 'FROM "agentcore_thought"' in sql]
+
+
+async def test_a_tool_steps_rows_go_out_without_a_transaction_and_its_results_in_one_write(
+        agent_app, plain_user, fake_upstream):
+    """A tool step's call rows are one INSERT with no transaction around it (a statement is atomic by itself), and
+    the step's results are written together: one statement on PostgreSQL, one transaction elsewhere. What a client
+    reads back is unchanged: each row with its call, result and status."""
+    from django.db import connection
+
+    from agentcore.models import Thought
+
+    fake_upstream.script(
+        Reply(text="Two checks.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"}),
+                                              ToolCall("current_time", {"timezone": "Asia/Tokyo"})]),
+        Reply(text="Done."))
+    with _statements_sent() as sent:
+        events = await run_all(TurnRequest(app=agent_app, query="what time?", owner=plain_user))
+
+    assert events[-1].answer == "Two checks.\nDone."
+    rows = [t async for t in Thought.objects.filter(message_id=events[-1].message_id).order_by("position")]
+    assert [(r.tool, r.tool_input, r.status) for r in rows] == [
+        ("current_time", {"timezone": "UTC"}, "done"), ("current_time", {"timezone": "Asia/Tokyo"}, "done"),
+        ("", {}, "done")]
+    assert '"timezone": "UTC"' in rows[0].observation and "Asia/Tokyo" in rows[1].observation
+    step_insert = next(s for s in sent if 'INSERT INTO "agentcore_thought"' in s)  # the answer's comes at the end
+    assert step_insert.startswith("INSERT") and not step_insert.in_transaction
+    updates = [s for s in sent if 'UPDATE "agentcore_thought"' in s]
+    if connection.vendor == "postgresql":
+        assert len(updates) == 1 and updates[0].startswith("WITH ")
+    else:
+        assert len(updates) == 2 and all(u.in_transaction for u in updates)
 
 
 async def test_second_turn_sees_the_history(chat_app, plain_user, fake_upstream):

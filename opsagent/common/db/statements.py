@@ -115,10 +115,25 @@ def instance_insert(instance: models.Model, *, using: str = DEFAULT_DB) -> None:
     """Save a new `instance` (its primary key set by a field default) with one INSERT written once per model, as
     `Model.save()` would for a new row: fields prepared by their pre_save (auto_now_add times), no signals sent (the
     models written this way have no receivers)."""
-    meta = instance._meta
-    if getattr(instance, meta.pk.attname) is None:
-        raise ValueError(f"{meta.label} needs its primary key before instance_insert")
-    rows_insert(type(instance), [{field.attname: field.pre_save(instance, True) for field in meta.concrete_fields}],
-                using=using)
-    instance._state.adding = False
-    instance._state.db = using
+    instances_insert([instance], using=using)
+
+
+def instances_insert(instances: Sequence[models.Model], *, using: str = DEFAULT_DB) -> None:
+    """Save new `instances` of one model (each with its primary key set) with one INSERT, as instance_insert does
+    for one: what `bulk_create` sends, without its per-call compilation and, on its own, without the transaction
+    bulk_create opens around a statement that is atomic by itself."""
+    if not instances:
+        return
+    model = type(instances[0])
+    meta = model._meta
+    rows = []
+    for instance in instances:
+        if type(instance) is not model:
+            raise ValueError("instances_insert takes instances of one model")
+        if getattr(instance, meta.pk.attname) is None:
+            raise ValueError(f"{meta.label} needs its primary key before instance_insert")
+        rows.append({field.attname: field.pre_save(instance, True) for field in meta.concrete_fields})
+    rows_insert(model, rows, using=using)
+    for instance in instances:
+        instance._state.adding = False
+        instance._state.db = using
