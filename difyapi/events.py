@@ -3,6 +3,7 @@
 The request side is difyapi.chat."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from agentcore.events import (
@@ -15,7 +16,7 @@ from agentcore.events import (
     ThoughtUpdate,
     Usage,
 )
-from agentcore.models import AgentApp, Thought
+from agentcore.models import AgentApp
 from agentcore.runs import UNAVAILABLE, Turn
 from difyapi.errors import DifyError
 from difyapi.presenters import (
@@ -120,19 +121,17 @@ class DifyTurn:
 
     @staticmethod
     def _thought(event: ThoughtUpdate) -> dict[str, Any]:
-        # The Thought model's presenters give the wire shape; an unsaved row carries this update's state.
-        observation = event.observation
-        if event.phase == "awaiting_approval" and not observation:
-            observation = AWAITING_APPROVAL
-        thought = Thought(tool=event.tool, tool_input=event.tool_input, observation=observation)
+        # The Thought presenters give the wire shape, read from the update itself.
+        if event.phase == "awaiting_approval" and not event.observation:
+            event = replace(event, observation=AWAITING_APPROVAL)
         return {
             "id": str(event.thought_id),
             "position": event.position,
             "thought": event.thought,
-            "observation": thought_observation(thought),
+            "observation": thought_observation(event),
             "tool": event.tool,
-            "tool_labels": thought_tool_labels(thought),
-            "tool_input": thought_tool_input(thought),
+            "tool_labels": thought_tool_labels(event),
+            "tool_input": thought_tool_input(event),
             "message_files": [],
         }
 

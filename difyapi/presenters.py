@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.http import HttpResponse
@@ -188,7 +188,16 @@ def message_file_to_dify(message_file: MessageFile, *, base_url: str = "") -> di
 
 # ----- thoughts -----
 
-def thought_tool_input(thought: Thought) -> str:
+class ToolStep(Protocol):
+    """What the thought presenters read: a saved Thought row, or a run's ThoughtUpdate event as it streams (no model
+    instance is built per event)."""
+
+    tool: str
+    tool_input: dict[str, Any]
+    observation: str
+
+
+def thought_tool_input(thought: ToolStep) -> str:
     """Dify's `tool_input`: a JSON string `{"<tool>": {args}}`, "" when the iteration called no tool. A string inside
     the body, not the body's encoding: spaced like Python's json.dumps, as Dify's own server writes it."""
     if not thought.tool:
@@ -196,14 +205,14 @@ def thought_tool_input(thought: Thought) -> str:
     return json.dumps({thought.tool: thought.tool_input or {}}, ensure_ascii=False)
 
 
-def thought_observation(thought: Thought) -> str:
+def thought_observation(thought: ToolStep) -> str:
     """Dify's `observation`: a JSON string `{"<tool>": "<result>"}`, "" before the tool answered."""
     if not thought.tool or not thought.observation:
         return thought.observation or ""
     return json.dumps({thought.tool: thought.observation}, ensure_ascii=False)
 
 
-def thought_tool_labels(thought: Thought) -> dict[str, Any]:
+def thought_tool_labels(thought: ToolStep) -> dict[str, Any]:
     if not thought.tool:
         return {}
     return {thought.tool: {"en_US": thought.tool, "zh_Hans": thought.tool}}
