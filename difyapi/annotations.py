@@ -28,7 +28,7 @@ from llmconfigs import factory
 from llmconfigs.models import LLMConfig
 from llmconfigs.selectors import llm_config_get
 from llmconfigs.services import llm_config_record_usage
-from opsagent.common.cache import cache_forget
+from opsagent.common.cache import cache_forget, cache_get
 
 logger = logging.getLogger(__name__)
 
@@ -312,13 +312,13 @@ PLAN_CACHE_TTL = 60
 _REPLIES_OFF = "off"
 
 
-def _plan_cache_key(app_id: uuid.UUID | str) -> str:
+def annotation_plan_cache_key(app_id: uuid.UUID | str) -> str:
     return f"annotation-plan:{app_id}"
 
 
 def annotation_plan_forget(*, app_id: uuid.UUID | str) -> None:
     """Drop the app's cached reply setting, now and when the transaction commits."""
-    cache_forget(_plan_cache_key(app_id))
+    cache_forget(annotation_plan_cache_key(app_id))
 
 
 def annotation_setting_cache_forget(sender, instance: AnnotationSetting, **kwargs) -> None:
@@ -328,8 +328,8 @@ def annotation_setting_cache_forget(sender, instance: AnnotationSetting, **kwarg
 
 def annotation_reply_plan(*, app: AgentApp) -> ReplyPlan | None:
     """The app's reply setting when its replies are on with a usable embedding config (sync)."""
-    key = _plan_cache_key(app.pk)
-    entry = cache.get(key)
+    key = annotation_plan_cache_key(app.pk)
+    entry = cache_get(key)
     if entry is None:
         row = AnnotationSetting.objects.filter(app_id=app.pk).values_list(
             "enabled", "score_threshold", "embedding_config_id", "index_version").first()

@@ -17,7 +17,7 @@ from difyapi.errors import DifyError, forbidden, too_many_auth_failures, unautho
 from difyapi.models import ApiKey
 from llmconfigs.models import AuditLog
 from llmconfigs.services import audit_changes, audit_record
-from opsagent.common.cache import cache_forget
+from opsagent.common.cache import cache_forget, cache_get, cache_get_many
 from opsagent.common.throttling import (
     auth_failure_record,
     auth_lock_key,
@@ -120,7 +120,7 @@ def _app_cache_key(app_id: str) -> str:
 def _app(app_id: str) -> AgentApp | None:
     """The app row, cached: every /v1 request reads it. Saving or deleting an app drops the entry (app_cache_forget),
     and a short TTL bounds what another process without a shared cache may still hold."""
-    app = cache.get(_app_cache_key(app_id))
+    app = cache_get(_app_cache_key(app_id))
     if app is None:
         app = AgentApp.objects.filter(pk=app_id).first()
         if app is None:
@@ -165,6 +165,16 @@ _key_apps: dict[str, str] = {}
 KEY_APPS_LIMIT = 4096
 
 
+def app_guess(header: str | None) -> str | None:
+    """The app of the header's key as this process last saw it (None when it has not, or the header is not a Bearer
+    key): for reading the app's cache entries with the key's own, as a guess that authenticate confirms."""
+    try:
+        token = parse_bearer(header)
+    except DifyError:
+        return None
+    return _key_apps.get(api_key_hash(token))
+
+
 def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
     """Resolve the Bearer key to its app (cached, revocation-aware) or raise the DifyError Dify would send. An address
     with too many wrong keys is refused (429) whatever key it sends, so that guessing learns nothing until the lock
@@ -174,7 +184,7 @@ def authenticate(header: str | None, *, client_ip: str | None) -> AppContext:
     app_guess = _key_apps.get(digest)
     lock = auth_lock_key(ip=client_ip)
     names = [_cache_key(digest), _used_key(digest)] + ([_app_cache_key(app_guess)] if app_guess else [])
-    entries = cache.get_many(names + ([lock] if lock else []))  # one round trip with Redis
+    entries = cache_get_many(names + ([lock] if lock else []))  # one round trip with Redis
     locked_for = auth_lock_remaining(entries.get(lock))
     if locked_for:
         auth_lock_refusal_observe()

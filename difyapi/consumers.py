@@ -32,8 +32,15 @@ from agentcore.runs import (
     turn_remember_answer,
     turn_run,
 )
-from difyapi.annotations import AnnotationReply, ReplyPlan, annotation_reply_for, annotation_reply_plan
-from difyapi.auth import AppContext, authenticate
+from agentcore.tools.policies import TOOL_SETUP_VERSION_KEY
+from difyapi.annotations import (
+    AnnotationReply,
+    ReplyPlan,
+    annotation_plan_cache_key,
+    annotation_reply_for,
+    annotation_reply_plan,
+)
+from difyapi.auth import AppContext, app_guess, authenticate
 from difyapi.chat import (
     CHAT_NUL_STRIPPED,
     ChatCall,
@@ -49,7 +56,8 @@ from difyapi.events import STREAM_INTERNAL_MESSAGE, DifyTurn, annotation_reply_e
 from difyapi.sse import HEADERS, PING, encode_event
 from difyapi.streaming import TERMINAL_EVENTS, header, in_background, turn_dify_events
 from difyapi.validation import parse_json_body, user_from
-from llmconfigs.selectors import llm_config_snapshot
+from llmconfigs.selectors import llm_config_cache_keys, llm_config_snapshot
+from opsagent.common.cache import cache_read_ahead
 from opsagent.common.clients import USER_AGENT_LIMIT, scope_client_ip
 from opsagent.common.metrics import stream_active
 from opsagent.common.request_log import RequestRecord
@@ -177,8 +185,12 @@ def _chat_turn(
 ) -> tuple[ChatCall, ReplyPlan | None, Turn]:
     """Authentication (unless done before the body arrived), validation and the turn's rows in one hop off the event
     loop: every hop costs a database connection and a turn of the shared ORM thread, which all concurrent requests
-    wait for. Its config lookups share one snapshot (one cache round trip for them all)."""
-    with llm_config_snapshot():
+    wait for. Its config lookups share one snapshot, and the shared cache entries it reads are read together (one
+    round trip with Redis for the key, its app, the config generation, the app's reply setting and the tool setup
+    stamp, once this process has seen the key)."""
+    app_id = str(context.app.pk) if context is not None else app_guess(header)
+    ahead = [*llm_config_cache_keys(), TOOL_SETUP_VERSION_KEY] + ([annotation_plan_cache_key(app_id)] if app_id else [])
+    with llm_config_snapshot(), cache_read_ahead(ahead):
         return _chat_turn_prepared(header, body, content_type, client_ip, context, user_agent, completion)
 
 

@@ -15,6 +15,7 @@ from django.db.models.base import ModelState
 from llmconfigs.errors import ConfigInactive, ConfigNotFound, ConfigWrongKind, NoUsableConfig
 from llmconfigs.models import AuditLog, LLMConfig, LLMConfigVersion
 from llmconfigs.routing import pool_order
+from opsagent.common.cache import cache_get, cache_get_many
 
 CACHE_TTL = 300
 _GENERATION_KEY = "llmconfig:generation"
@@ -38,8 +39,14 @@ def llm_config_list(*, is_active: bool | None = None, is_embedding: bool | None 
 
 # ----- cache: snapshots keyed by a generation number that every change bumps -----
 
+def llm_config_cache_keys() -> list[str]:
+    """The shared cache entries a config lookup reads first, for a caller that reads them ahead with its own
+    (opsagent.common.cache.cache_read_ahead)."""
+    return [_GENERATION_KEY]
+
+
 def _generation() -> int:
-    generation = cache.get(_GENERATION_KEY)
+    generation = cache_get(_GENERATION_KEY)
     if generation is None:
         cache.add(_GENERATION_KEY, _generation_start(), None)
         generation = cache.get(_GENERATION_KEY) or _generation_start()
@@ -136,14 +143,14 @@ def _cached(key: str, load) -> Any:
         return _handed_out(_built[memo_key])
     guess = _last_generation
     if guess is not None and (memo_key := f"llmconfig:{guess}:{key}") in _built:
-        if cache.get(_GENERATION_KEY) == guess:
+        if cache_get(_GENERATION_KEY) == guess:
             if pinned is not None:
                 pinned[:] = [guess]
             return _handed_out(_built[memo_key])
         _built.clear()
         entries = {}
     else:
-        entries = cache.get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
+        entries = cache_get_many([_GENERATION_KEY, f"llmconfig:{guess}:{key}"]) if guess is not None else {}
     generation = entries.get(_GENERATION_KEY)
     if generation is None:  # lost (an evicted or flushed cache): what this process built may be of another life
         _built.clear()
@@ -154,7 +161,7 @@ def _cached(key: str, load) -> Any:
     if pinned is not None:
         pinned[:] = [generation]
     full_key = f"llmconfig:{generation}:{key}"
-    hit = entries.get(full_key) if generation == guess else cache.get(full_key)
+    hit = entries.get(full_key) if generation == guess else cache_get(full_key)
     if hit == _MISSING:
         built = None
     elif isinstance(hit, list):

@@ -53,3 +53,23 @@ async def test_requests_in_their_own_contexts_share_one_redis_client():
     clients = [await asyncio.create_task(sync_to_async(client_of_a_read)(), context=contextvars.Context())
                for _ in range(5)]
     assert len({id(client) for pair in clients for client in pair}) == 1
+
+
+@pytest.mark.django_db
+def test_entries_read_ahead_come_with_the_first_read_and_are_taken_once():
+    from django.core.cache import cache
+
+    from opsagent.common.cache import cache_forget, cache_get, cache_get_many, cache_read_ahead
+
+    cache.set_many({"ahead-a": 1, "ahead-b": 2, "ahead-key": "k"})
+    try:
+        with cache_read_ahead(["ahead-a", "ahead-b", "ahead-none"]):
+            assert cache_get("ahead-key") == "k"  # brings the others along
+            cache.set_many({"ahead-a": 10, "ahead-b": 20})  # another process writes meanwhile
+            assert cache_get_many(["ahead-a", "ahead-none"]) == {"ahead-a": 1}  # what the first read found
+            assert cache_get("ahead-a") == 10  # taken once: the next read asks the cache
+            cache_forget("ahead-b")  # this request changes the entry's rows: what was read ahead is dropped
+            assert cache_get("ahead-b") is None
+        assert cache_get("ahead-a") == 10
+    finally:
+        cache.delete_many(["ahead-a", "ahead-b", "ahead-key"])

@@ -19,7 +19,7 @@ from agentcore.models import MCPServer, ToolPolicy
 from agentcore.tools import builtin
 from llmconfigs.models import AuditLog
 from llmconfigs.services import audit_changes, audit_record
-from opsagent.common.cache import cache_forget
+from opsagent.common.cache import cache_forget, cache_get
 
 SHELL_TOOL = "run_shell"
 
@@ -171,7 +171,8 @@ def tool_setup_load() -> ToolSetup:
     """The tool setup (sync: the run service reads it in the turn's own database hop). Reading it after a change
     also creates the built-in rows that are missing, so that a run's tools all have their policy."""
     global _loaded
-    version = cache.get_or_set(TOOL_SETUP_VERSION_KEY, lambda: uuid.uuid4().hex, timeout=None)
+    version = cache_get(TOOL_SETUP_VERSION_KEY) or cache.get_or_set(TOOL_SETUP_VERSION_KEY, lambda: uuid.uuid4().hex,
+                                                                     timeout=None)
     loaded = _loaded
     if loaded is not None and loaded[0] == version:
         return loaded[1]

@@ -7,6 +7,7 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import get_default_application
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.test import override_settings
 
@@ -362,3 +363,62 @@ async def test_the_default_file_limit_is_the_one_parameters_reports(default_llm_
     files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}] * 4
     status, _, raw = await dify_post(key, "/v1/chat-messages", body(files=files))
     assert (status, json.loads(raw)["message"]) == (400, "Number of files exceeds the limit of 3.")
+
+
+def _shared_cache_trips(monkeypatch) -> list[str]:
+    """The operations a request sends to the shared cache, outermost only (one round trip each with Redis: a
+    backend operation that calls another, as get_or_set calls get, is one), by name; with Redis, also every command
+    the cache's connections send (a pipeline or an MGET is one), as "redis"."""
+    import threading
+
+    import redis
+    from django.core.cache import caches
+
+    trips: list[str] = []
+    depth = threading.local()
+    backend = type(caches["default"])
+    for name in ("get", "get_many", "get_or_set", "has_key", "add", "set", "set_many", "delete", "delete_many",
+                 "incr", "touch"):
+        operation = getattr(backend, name)
+
+        def counted(self, *args, _operation=operation, _name=name, **kwargs):
+            outer = not getattr(depth, "inside", False)
+            if outer:
+                trips.append(_name)
+            depth.inside = True
+            try:
+                return _operation(self, *args, **kwargs)
+            finally:
+                depth.inside = not outer
+
+        monkeypatch.setattr(backend, name, counted)
+    send = redis.Connection.send_packed_command
+
+    def sent(self, command, check_health=True):
+        trips.append("redis")
+        return send(self, command, check_health)
+
+    monkeypatch.setattr(redis.Connection, "send_packed_command", sent)
+    return trips
+
+
+@pytest.mark.parametrize("mode", ["chat", "agent-chat"])
+async def test_a_streamed_turn_reads_the_shared_cache_in_one_round_trip(default_llm_config, fake_upstream,
+                                                                       monkeypatch, mode):
+    """The key, its app, the config generation, the app's reply setting and (agent) the tool setup stamp: every
+    turn reads them, and with Redis each read is a round trip that costs the server CPU. Once this process has seen
+    the key, the first read brings them all."""
+    _, key = await sync_to_async(make_app_with_key)(name=f"trips-{mode}", mode=mode, enabled_tools=["current_time"])
+    fake_upstream.script(Reply(text="first"), Reply(text="first"), Reply(text="second"))
+    for _ in range(2):  # the process learns the key's app; the cache entries (and the built-in tools' rows) are written
+        call, raw = await stream(key, body())
+        assert data_events(raw)[-1]["event"] == "message_end"
+    trips = _shared_cache_trips(monkeypatch)
+    call, raw = await stream(key, body(query="again"))
+    monkeypatch.undo()
+    assert data_events(raw)[-1]["event"] == "message_end"
+    assert "".join(e["answer"] for e in data_events(raw) if "answer" in e) == "second"
+    operations = [trip for trip in trips if trip != "redis"]
+    assert operations == ["get_many"]
+    if "redis" in settings.CACHES["default"]["BACKEND"].lower():
+        assert trips.count("redis") == 2  # those reads, and the turn's token counters when it ends
