@@ -254,6 +254,51 @@ _SQLITE_PRUNE = (
 )
 
 
+# PostgreSQL: the same in one statement, and the blobs only the deleted checkpoints used. langgraph-checkpoint-postgres'
+# own prune (aprune, strategy "keep_latest") takes a REPEATABLE READ transaction of a dozen round trips and more for
+# the same rows (with checks for what this project's graph never has: DeltaChannels, subgraph calls); every run that
+# steps the graph ends with one. One statement reads one snapshot, as that transaction did, so what a run of the
+# thread saves meanwhile is neither seen nor deleted: its checkpoints are newer than the latest seen, its writes go
+# with them, and its blobs are new versions or ones the latest seen references, which stay. What is kept: per
+# namespace the latest checkpoint (and, before checkpoint format 4, its parent, where its pending sends are), with
+# their writes; its parent pointer is cleared once the parent is gone, as aprune does. A second prune of the thread
+# at the same moment finds the rows gone and leaves them (no serialization failure to log).
+_POSTGRES_PRUNE = """
+WITH heads AS (
+    SELECT DISTINCT ON (checkpoint_ns) checkpoint_ns, checkpoint_id AS head,
+        CASE WHEN (checkpoint ->> 'v')::int < 4 THEN parent_checkpoint_id END AS sends_parent
+    FROM checkpoints WHERE thread_id = %(thread)s
+    ORDER BY checkpoint_ns DESC, checkpoint_id DESC
+), deleted AS (
+    DELETE FROM checkpoints c USING heads h
+    WHERE c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns AND c.checkpoint_id < h.head
+        AND c.checkpoint_id IS DISTINCT FROM h.sends_parent
+    RETURNING c.checkpoint_ns, c.checkpoint_id, c.checkpoint -> 'channel_versions' AS versions
+), writes AS (
+    DELETE FROM checkpoint_writes w USING deleted d
+    WHERE w.thread_id = %(thread)s AND w.checkpoint_ns = d.checkpoint_ns AND w.checkpoint_id = d.checkpoint_id
+), parents AS (
+    UPDATE checkpoints c SET parent_checkpoint_id = NULL FROM heads h
+    WHERE c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns AND c.checkpoint_id = h.head
+        AND c.parent_checkpoint_id IN (SELECT d.checkpoint_id FROM deleted d WHERE d.checkpoint_ns = h.checkpoint_ns)
+), kept AS (
+    SELECT c.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM heads h
+    JOIN checkpoints c ON c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns
+        AND c.checkpoint_id IN (h.head, h.sends_parent)
+    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
+), freed AS (
+    SELECT DISTINCT d.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM deleted d CROSS JOIN LATERAL jsonb_each_text(d.versions) AS v
+    EXCEPT
+    SELECT checkpoint_ns, channel, version FROM kept
+)
+DELETE FROM checkpoint_blobs b USING freed f
+WHERE b.thread_id = %(thread)s AND b.checkpoint_ns = f.checkpoint_ns AND b.channel = f.channel
+    AND b.version = f.version
+"""
+
+
 async def checkpoint_prune(*, thread_id: str) -> None:
     """Delete what a conversation no longer needs from the checkpoint tables: every checkpoint but the latest, and
     the writes pending on them (on PostgreSQL also the channel blobs only they used). Resuming reads the latest
@@ -262,8 +307,8 @@ async def checkpoint_prune(*, thread_id: str) -> None:
     was then: storage quadratic in the length of the conversation.
 
     The prune runs in a task of its own that a cancelled caller (a client gone) does not cancel. It is best effort:
-    one that fails (a second prune of the thread at the same moment on PostgreSQL) is logged, and the next one of
-    the thread deletes everything superseded, its own run's checkpoints and any left before."""
+    one that fails (the database gone meanwhile) is logged, and the next one of the thread deletes everything
+    superseded, its own run's checkpoints and any left before. On PostgreSQL it is one statement (_POSTGRES_PRUNE)."""
     task = asyncio.ensure_future(_prune(thread_id))
     prunes = _prunes.setdefault(asyncio.get_running_loop(), set())
     prunes.add(task)
@@ -275,7 +320,8 @@ async def _prune(thread_id: str) -> None:
     try:
         async with checkpointer() as saver:
             if isinstance(saver, AsyncPostgresSaver):
-                await saver.aprune([thread_id], strategy="keep_latest")
+                async with _postgres_connection(saver) as conn:
+                    await conn.execute(_POSTGRES_PRUNE, {"thread": thread_id})
                 return
             await saver.setup()
             async with saver.lock:
@@ -287,6 +333,17 @@ async def _prune(thread_id: str) -> None:
                        str(exc).splitlines()[0][:200] if str(exc) else "")
     except Exception:
         logger.warning("could not prune the checkpoints of thread %s", thread_id, exc_info=True)
+
+
+@asynccontextmanager
+async def _postgres_connection(saver: AsyncPostgresSaver) -> AsyncIterator[psycopg.AsyncConnection]:
+    """The saver's connection, as the saver itself takes it: one from its pool, or its own under its lock."""
+    if isinstance(saver.conn, AsyncConnectionPool):
+        async with saver.conn.connection() as conn:
+            yield conn
+    else:
+        async with saver.lock:
+            yield saver.conn
 
 
 def first_read_known_empty(saver: BaseCheckpointSaver, *, thread_id: str) -> BaseCheckpointSaver:

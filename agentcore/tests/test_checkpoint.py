@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import psycopg
@@ -472,3 +473,153 @@ def test_the_connection_string_is_built_once_while_the_settings_stay(monkeypatch
     assert checkpoint._postgres_conninfo() == first and len(built) == 1
     settings.DATABASES = {"default": {**settings.DATABASES["default"], "NAME": "another"}}
     assert "another" in checkpoint._postgres_conninfo() and len(built) == 2
+
+
+# The prune after a run (checkpoint_prune): what it keeps, what it deletes, and on PostgreSQL in how many round trips.
+
+async def _thread_with_superseded_checkpoints(app) -> tuple[str, str]:
+    """A thread the graph answered twice on, without a prune: several checkpoints, each with its writes, and (on
+    PostgreSQL) the blobs of every version of the conversation. A write is left pending on the latest checkpoint, as
+    a stopped run or an approval's interrupt leaves one. Returns the thread and its latest checkpoint's id."""
+    from langchain_core.messages import HumanMessage
+
+    from agentcore.runs.chat_models import run_chat_model
+    from llmconfigs.models import LLMConfig
+
+    config = await LLMConfig.objects.aget(is_default=True, is_embedding=False)
+    context = graph.AgentContext(model=run_chat_model([config], {}), on_delta=lambda delta: asyncio.sleep(0),
+                                 system_prompt=app.system_prompt, max_history_messages=100, max_history_chars=100_000)
+    thread = f"unpruned-{uuid.uuid4()}"
+    configurable = {"configurable": {"thread_id": thread}}
+    async with checkpointer() as saver:
+        compiled = graph.agent_graph(checkpointer=saver)
+        for query in ("disk?", "and now?"):
+            await compiled.ainvoke({"messages": [HumanMessage(query)], "iterations": 0}, configurable,
+                                   context=context)
+        latest = await saver.aget_tuple(configurable)
+        await saver.aput_writes(latest.config, [("iterations", 7)], task_id=str(uuid.uuid4()))
+    return thread, latest.checkpoint["id"]
+
+
+async def _stored(thread: str) -> dict:
+    """What the checkpoint tables hold for `thread`: checkpoint ids, (checkpoint id, channel) of the writes, and on
+    PostgreSQL the blobs' (channel, version) and the versions each checkpoint references."""
+    from channels.db import database_sync_to_async
+    from django.db import connection
+
+    def read():
+        postgres = connection.vendor == "postgresql"
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT checkpoint_id FROM checkpoints WHERE thread_id = %s", [thread])
+            ids = {row[0] for row in cursor.fetchall()}
+            cursor.execute(f"SELECT checkpoint_id, channel FROM {'checkpoint_writes' if postgres else 'writes'} "
+                           "WHERE thread_id = %s", [thread])
+            writes = {tuple(row) for row in cursor.fetchall()}
+            blobs, versions = set(), {}
+            if postgres:
+                cursor.execute("SELECT channel, version FROM checkpoint_blobs WHERE thread_id = %s", [thread])
+                blobs = {tuple(row) for row in cursor.fetchall()}
+                cursor.execute("SELECT checkpoint_id, checkpoint -> 'channel_versions' FROM checkpoints "
+                               "WHERE thread_id = %s", [thread])
+                versions = {row[0]: set(json.loads(row[1]).items()) for row in cursor.fetchall()}
+        return {"ids": ids, "writes": writes, "blobs": blobs, "versions": versions}
+
+    return await database_sync_to_async(read)()
+
+
+async def _state(thread: str):
+    async with checkpointer() as saver:
+        state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": thread}})
+    return [(type(m).__name__, m.content) for m in state.values["messages"]], state.values["iterations"], state.next
+
+
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_a_prune_on_postgresql_is_one_round_trip_and_keeps_the_latest_checkpoint_its_writes_and_blobs(
+        chat_app, fake_upstream):
+    """The superseded checkpoints, their writes and the blobs only they used go in one statement, where
+    langgraph-checkpoint-postgres' prune takes a transaction of a dozen round trips."""
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."))
+    try:
+        await _pruned_in_one_round_trip(chat_app)
+    finally:
+        await checkpoint.checkpoint_pools_close()
+
+
+async def _pruned_in_one_round_trip(app) -> None:
+    thread, latest = await _thread_with_superseded_checkpoints(app)
+    before, state = await _stored(thread), await _state(thread)
+    assert len(before["ids"]) > 1 and {i for i, _ in before["writes"]} - {latest}
+    assert before["blobs"] - before["versions"][latest]  # some blobs are only older checkpoints'
+
+    waits = []
+    wait = psycopg.AsyncConnection.wait
+
+    async def counted(self, gen, *args, **kwargs):
+        # A commit outside a transaction (the pool's, when it takes a connection back) sends nothing.
+        if not (gen.gi_code.co_name == "_commit_gen"
+                and self.info.transaction_status == psycopg.pq.TransactionStatus.IDLE):
+            waits.append(gen.gi_code.co_name)
+        return await wait(self, gen, *args, **kwargs)
+
+    async with checkpointer():
+        pass  # the pool is open and its connection made: what is counted is the prune's own
+    psycopg.AsyncConnection.wait = counted
+    try:
+        await checkpoint.checkpoint_prune(thread_id=thread)
+    finally:
+        psycopg.AsyncConnection.wait = wait
+
+    after = await _stored(thread)
+    assert after["ids"] == {latest}
+    assert after["writes"] == {(i, channel) for i, channel in before["writes"] if i == latest}
+    assert after["blobs"] == before["blobs"] & before["versions"][latest]
+    assert await _state(thread) == state
+    assert len(waits) == 1, waits
+
+
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_a_prune_never_deletes_what_a_run_of_the_thread_is_saving_meanwhile(chat_app, fake_upstream):
+    """A run of the thread saves a newer checkpoint (its blobs, its pending writes) in a transaction the prune does
+    not see: the prune leaves all of it, and the next prune keeps it as the latest, with every blob it references."""
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.base import copy_checkpoint
+    from langgraph.checkpoint.base.id import uuid6
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    fake_upstream.script(Reply(text="Disk 40%."), Reply(text="Still 40%."))
+    try:
+        thread, latest = await _thread_with_superseded_checkpoints(chat_app)
+        before = await _stored(thread)
+        async with checkpointer() as saver:
+            head = await saver.aget_tuple({"configurable": {"thread_id": thread}})
+        newer = copy_checkpoint(head.checkpoint)
+        newer["id"] = str(uuid6())
+        version = saver.get_next_version(newer["channel_versions"]["messages"], None)
+        newer["channel_versions"]["messages"] = version
+        newer["channel_values"] = {**head.checkpoint["channel_values"],
+                                   "messages": [*head.checkpoint["channel_values"]["messages"], AIMessage("Later.")]}
+        async with await psycopg.AsyncConnection.connect(checkpoint._postgres_conninfo(),
+                                                         row_factory=psycopg.rows.dict_row) as run_conn:
+            run = AsyncPostgresSaver(run_conn)  # not autocommit: its writes stay unseen until the commit
+            saved = await run.aput(head.config, newer, {"source": "loop", "step": 9, "parents": {}},
+                                   {"messages": version})
+            await run.aput_writes(saved, [("iterations", 3)], task_id=str(uuid.uuid4()))
+            await asyncio.wait_for(checkpoint.checkpoint_prune(thread_id=thread), 10)
+            await run_conn.commit()
+        after = await _stored(thread)
+        assert after["ids"] == {latest, newer["id"]}
+        assert {i for i, _ in after["writes"]} == {latest, newer["id"]}
+        referenced = set(newer["channel_versions"].items())
+        assert (before["blobs"] & referenced) | {("messages", version)} <= after["blobs"]
+
+        await checkpoint.checkpoint_prune(thread_id=thread)
+        after = await _stored(thread)
+        assert after["ids"] == {newer["id"]}
+        assert {i for i, _ in after["writes"]} == {newer["id"]}
+        assert (before["blobs"] & referenced) | {("messages", version)} <= after["blobs"]
+        assert ("messages", head.checkpoint["channel_versions"]["messages"]) not in after["blobs"]  # superseded
+        messages, _, _ = await _state(thread)
+        assert messages == [("HumanMessage", "disk?"), ("AIMessage", "Disk 40%."), ("HumanMessage", "and now?"),
+                            ("AIMessage", "Still 40%."), ("AIMessage", "Later.")]
+    finally:
+        await checkpoint.checkpoint_pools_close()
