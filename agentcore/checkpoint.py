@@ -260,15 +260,25 @@ _SQLITE_PRUNE = (
 # steps the graph ends with one. One statement reads one snapshot, as that transaction did, so what a run of the
 # thread saves meanwhile is neither seen nor deleted: its checkpoints are newer than the latest seen, its writes go
 # with them, and its blobs are new versions or ones the latest seen references, which stay. What is kept: per
-# namespace the latest checkpoint (and, before checkpoint format 4, its parent, where its pending sends are), with
-# their writes; its parent pointer is cleared once the parent is gone, as aprune does. A second prune of the thread
-# at the same moment finds the rows gone and leaves them (no serialization failure to log).
+# namespace the latest checkpoint (and, before checkpoint format 4, its parent when its pending sends are there), with
+# their writes; a kept checkpoint's parent pointer is cleared once the parent is gone, as aprune does. A second prune
+# of the thread at the same moment finds the rows gone and leaves them (no serialization failure to log). A subgraph
+# call's namespace keeps its latest checkpoint too (aprune drops the whole call once its root checkpoint is saved):
+# this project's graph has none.
 _POSTGRES_PRUNE = """
-WITH heads AS (
-    SELECT DISTINCT ON (checkpoint_ns) checkpoint_ns, checkpoint_id AS head,
-        CASE WHEN (checkpoint ->> 'v')::int < 4 THEN parent_checkpoint_id END AS sends_parent
+WITH latest AS (
+    SELECT DISTINCT ON (checkpoint_ns) checkpoint_ns, checkpoint_id, parent_checkpoint_id,
+        (checkpoint ->> 'v')::int AS v
     FROM checkpoints WHERE thread_id = %(thread)s
     ORDER BY checkpoint_ns DESC, checkpoint_id DESC
+), heads AS (
+    SELECT l.checkpoint_ns, l.checkpoint_id AS head,
+        CASE WHEN l.v < 4 AND EXISTS (
+            SELECT 1 FROM checkpoint_writes w
+            WHERE w.thread_id = %(thread)s AND w.checkpoint_ns = l.checkpoint_ns
+                AND w.checkpoint_id = l.parent_checkpoint_id AND w.channel = '__pregel_tasks'
+        ) THEN l.parent_checkpoint_id END AS sends_parent
+    FROM latest l
 ), deleted AS (
     DELETE FROM checkpoints c USING heads h
     WHERE c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns AND c.checkpoint_id < h.head
@@ -279,7 +289,7 @@ WITH heads AS (
     WHERE w.thread_id = %(thread)s AND w.checkpoint_ns = d.checkpoint_ns AND w.checkpoint_id = d.checkpoint_id
 ), parents AS (
     UPDATE checkpoints c SET parent_checkpoint_id = NULL FROM heads h
-    WHERE c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns AND c.checkpoint_id = h.head
+    WHERE c.thread_id = %(thread)s AND c.checkpoint_ns = h.checkpoint_ns AND c.checkpoint_id IN (h.head, h.sends_parent)
         AND c.parent_checkpoint_id IN (SELECT d.checkpoint_id FROM deleted d WHERE d.checkpoint_ns = h.checkpoint_ns)
 ), kept AS (
     SELECT c.checkpoint_ns, v.key AS channel, v.value AS version

@@ -623,3 +623,53 @@ async def test_a_prune_never_deletes_what_a_run_of_the_thread_is_saving_meanwhil
                             ("AIMessage", "Still 40%."), ("AIMessage", "Later.")]
     finally:
         await checkpoint.checkpoint_pools_close()
+
+
+@pytest.mark.parametrize("version", [2, 4], ids=["format-2", "format-4"])
+@pytest.mark.parametrize("sends", [False, True], ids=["no-sends", "sends-on-parent"])
+@pytest.mark.usefixtures("checkpoint_pool")
+async def test_the_postgresql_prune_keeps_what_langgraphs_keep_latest_keeps(version, sends):
+    """Against aprune(strategy="keep_latest") on two identical threads: the same checkpoints, writes, blobs and
+    parent pointers are left, also for checkpoints of formats before 4, whose parent is kept when its pending sends
+    (a `__pregel_tasks` write) are there."""
+    from langchain_core.messages import HumanMessage
+    from langgraph.checkpoint.base import copy_checkpoint, empty_checkpoint
+    from langgraph.checkpoint.base.id import uuid6
+
+    async def thread(saver) -> str:
+        thread_id = f"format-{uuid.uuid4()}"
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        state, messages = empty_checkpoint(), []
+        state["v"] = version
+        for step in range(4):
+            state = copy_checkpoint(state)
+            state["id"], messages = str(uuid6()), [*messages, HumanMessage(f"message {step}")]
+            new = saver.get_next_version(state["channel_versions"].get("messages"), None)
+            state["channel_versions"]["messages"], state["channel_values"]["messages"] = new, messages
+            config = await saver.aput(config, state, {"source": "loop", "step": step, "parents": {}},
+                                      {"messages": new})
+            if step == 2 and sends:
+                await saver.aput_writes(config, [("__pregel_tasks", {"send": step})], task_id=str(uuid.uuid4()))
+            await saver.aput_writes(config, [("iterations", step)], task_id=str(uuid.uuid4()))
+        return thread_id
+
+    async def left(thread_id: str):
+        async with checkpointer() as saver, saver.conn.connection() as conn:
+            rows = []
+            for sql in ("SELECT parent_checkpoint_id IS NULL AS root FROM checkpoints WHERE thread_id = %s "
+                        "ORDER BY checkpoint_id",
+                        "SELECT channel FROM checkpoint_writes WHERE thread_id = %s ORDER BY channel",
+                        "SELECT channel FROM checkpoint_blobs WHERE thread_id = %s ORDER BY channel"):
+                rows.append([tuple(row.values()) for row in await (await conn.execute(sql, (thread_id,))).fetchall()])
+        return rows
+
+    try:
+        async with checkpointer() as saver:
+            by_aprune, by_statement = await thread(saver), await thread(saver)
+            await saver.aprune([by_aprune], strategy="keep_latest")
+        await checkpoint.checkpoint_prune(thread_id=by_statement)
+        kept = await left(by_statement)
+        assert kept == await left(by_aprune)
+        assert len(kept[0]) == (2 if version < 4 and sends else 1)
+    finally:
+        await checkpoint.checkpoint_pools_close()
