@@ -33,6 +33,7 @@ from agentcore.runs import (
     turn_run,
 )
 from agentcore.selectors import app_pool_resolve
+from agentcore.tools.policies import TOOL_SETUP_VERSION_KEY
 from difyapi.auth import AppContext, authenticate
 from difyapi.consumers import DifyHttpConsumer
 from difyapi.encoding import dify_json
@@ -45,7 +46,9 @@ from difyapi.streaming import header
 from llmconfigs.completions import PoolCompletion, chunk_ends_head
 from llmconfigs.errors import ProviderCallError
 from llmconfigs.models import LLMConfig
+from llmconfigs.selectors import llm_config_cache_keys, llm_config_snapshot
 from llmconfigs.usage import CallOrigin
+from opsagent.common.cache import cache_read_ahead
 from opsagent.common.clients import scope_client_ip
 from opsagent.common.metrics import stream_active
 
@@ -72,7 +75,14 @@ class CompletionCall:
 def _completion_call(header: str | None, body: bytes, content_type: str | None, client_ip: str | None,
                      context: AppContext | None) -> CompletionCall:
     """The key, the request, the model (a pool within the app's allow-list, or the app's agent with the turn's rows)
-    and the app's and key's limits, in one hop off the event loop."""
+    and the app's and key's limits, in one hop off the event loop. Its config lookups share one snapshot, and the
+    config generation and the tool setup stamp come in the key's cache round trip."""
+    with llm_config_snapshot(), cache_read_ahead([*llm_config_cache_keys(), TOOL_SETUP_VERSION_KEY]):
+        return _completion_call_checked(header, body, content_type, client_ip, context)
+
+
+def _completion_call_checked(header: str | None, body: bytes, content_type: str | None, client_ip: str | None,
+                             context: AppContext | None) -> CompletionCall:
     context = context or authenticate(header, client_ip=client_ip)
     request = completion_request_parse(body, content_type)
     model = request.model

@@ -118,3 +118,40 @@ def assert_error(response, status: int, code: str, message: str | None = None) -
     if message is not None:
         assert data["message"] == message, data
     return data
+
+
+def shared_cache_trips(monkeypatch) -> list[str]:
+    """The operations a request sends to the shared cache, outermost only (one round trip each with Redis: a
+    backend operation that calls another, as get_or_set calls get, is one), by name; with Redis, also every command
+    the cache's connections send (a pipeline or an MGET is one), as "redis"."""
+    import threading
+
+    import redis
+    from django.core.cache import caches
+
+    trips: list[str] = []
+    depth = threading.local()
+    backend = type(caches["default"])
+    for name in ("get", "get_many", "get_or_set", "has_key", "add", "set", "set_many", "delete", "delete_many",
+                 "incr", "touch"):
+        operation = getattr(backend, name)
+
+        def counted(self, *args, _operation=operation, _name=name, **kwargs):
+            outer = not getattr(depth, "inside", False)
+            if outer:
+                trips.append(_name)
+            depth.inside = True
+            try:
+                return _operation(self, *args, **kwargs)
+            finally:
+                depth.inside = not outer
+
+        monkeypatch.setattr(backend, name, counted)
+    send = redis.Connection.send_packed_command
+
+    def sent(self, command, check_health=True):
+        trips.append("redis")
+        return send(self, command, check_health)
+
+    monkeypatch.setattr(redis.Connection, "send_packed_command", sent)
+    return trips

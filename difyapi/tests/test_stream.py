@@ -14,7 +14,7 @@ from django.test import override_settings
 from agentcore.models import AgentApp, Message
 from difyapi.models import MessageFile, UploadFile
 from difyapi.services import end_user_get_or_create
-from difyapi.tests.factories import make_app_with_key
+from difyapi.tests.factories import make_app_with_key, shared_cache_trips
 from tests.e2e.dify_servers import AsgiCall, data_events, dify_headers, parse_sse
 from tests.fakes.upstream import Reply, ToolCall
 
@@ -365,43 +365,6 @@ async def test_the_default_file_limit_is_the_one_parameters_reports(default_llm_
     assert (status, json.loads(raw)["message"]) == (400, "Number of files exceeds the limit of 3.")
 
 
-def _shared_cache_trips(monkeypatch) -> list[str]:
-    """The operations a request sends to the shared cache, outermost only (one round trip each with Redis: a
-    backend operation that calls another, as get_or_set calls get, is one), by name; with Redis, also every command
-    the cache's connections send (a pipeline or an MGET is one), as "redis"."""
-    import threading
-
-    import redis
-    from django.core.cache import caches
-
-    trips: list[str] = []
-    depth = threading.local()
-    backend = type(caches["default"])
-    for name in ("get", "get_many", "get_or_set", "has_key", "add", "set", "set_many", "delete", "delete_many",
-                 "incr", "touch"):
-        operation = getattr(backend, name)
-
-        def counted(self, *args, _operation=operation, _name=name, **kwargs):
-            outer = not getattr(depth, "inside", False)
-            if outer:
-                trips.append(_name)
-            depth.inside = True
-            try:
-                return _operation(self, *args, **kwargs)
-            finally:
-                depth.inside = not outer
-
-        monkeypatch.setattr(backend, name, counted)
-    send = redis.Connection.send_packed_command
-
-    def sent(self, command, check_health=True):
-        trips.append("redis")
-        return send(self, command, check_health)
-
-    monkeypatch.setattr(redis.Connection, "send_packed_command", sent)
-    return trips
-
-
 @pytest.mark.parametrize("mode", ["chat", "agent-chat"])
 async def test_a_streamed_turn_reads_the_shared_cache_in_one_round_trip(default_llm_config, fake_upstream,
                                                                        monkeypatch, mode):
@@ -413,7 +376,7 @@ async def test_a_streamed_turn_reads_the_shared_cache_in_one_round_trip(default_
     for _ in range(2):  # the process learns the key's app; the cache entries (and the built-in tools' rows) are written
         call, raw = await stream(key, body())
         assert data_events(raw)[-1]["event"] == "message_end"
-    trips = _shared_cache_trips(monkeypatch)
+    trips = shared_cache_trips(monkeypatch)
     call, raw = await stream(key, body(query="again"))
     monkeypatch.undo()
     assert data_events(raw)[-1]["event"] == "message_end"

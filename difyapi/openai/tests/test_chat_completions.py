@@ -349,3 +349,23 @@ async def test_a_request_refused_before_any_provider_call_does_not_use_the_rate_
     assert not fake_upstream.chat_requests
     assert (await post(key, ask()))[0].status == 200
     assert (await post(key, ask()))[0].status == 429  # the one request let through counted
+
+
+async def test_a_pools_streamed_request_reads_the_shared_cache_in_one_round_trip(pool, fake_upstream, monkeypatch):
+    """The key, its app and the config generation (the pool's lookup) come in one round trip once this process has
+    seen the key."""
+    from django.conf import settings
+
+    from difyapi.tests.factories import shared_cache_trips
+
+    _, key = pool
+    fake_upstream.script(Reply(text="first"), Reply(text="second"))
+    call, raw = await post(key, ask(stream=True))
+    assert lines(raw)[-1] == "[DONE]"
+    trips = shared_cache_trips(monkeypatch)
+    call, raw = await post(key, ask(stream=True))
+    monkeypatch.undo()
+    assert call.status == 200 and lines(raw)[-1] == "[DONE]"
+    assert [trip for trip in trips if trip != "redis"] == ["get_many"]
+    if "redis" in settings.CACHES["default"]["BACKEND"].lower():
+        assert trips.count("redis") == 2  # those reads, and the request's token counters when it ends
