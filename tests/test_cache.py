@@ -71,5 +71,8 @@ def test_entries_read_ahead_come_with_the_first_read_and_are_taken_once():
             cache_forget("ahead-b")  # this request changes the entry's rows: what was read ahead is dropped
             assert cache_get("ahead-b") is None
         assert cache_get("ahead-a") == 10
+        with cache_read_ahead(["ahead-a"]):
+            cache_forget("ahead-b")  # before the scope's first read: nothing read ahead to drop yet
+            assert cache_get("ahead-a") == 10
     finally:
         cache.delete_many(["ahead-a", "ahead-b", "ahead-key"])

@@ -93,7 +93,7 @@ def cache_forget(key: str) -> None:
     """Delete a cached entry whose rows are changing: now, and again once the current transaction commits (a request
     between the change and its commit may have cached the old rows again)."""
     ahead = _ahead.get()
-    if ahead is not None:
+    if ahead is not None and ahead.found is not None:
         ahead.found.pop(key, None)
     cache.delete(key)
     transaction.on_commit(lambda: cache.delete(key))
