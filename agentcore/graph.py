@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
+from langchain_core.messages.tool import ToolCall
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -125,11 +126,11 @@ class AgentContext:
     # The history window (see history_window): AGENT_HISTORY_MAX_MESSAGES and AGENT_HISTORY_MAX_CHARS.
     max_history_messages: int = field(kw_only=True)
     max_history_chars: int = field(kw_only=True)
-    # The answer of the turn's first model call when the run made that call before the graph started and it calls
-    # tools at the iteration limit (a turn whose first answer calls no tool never enters the graph, and one whose
-    # answer calls tools below the limit enters it at its tool step: agentcore.runs.lifecycle); the model node takes
-    # it instead of calling the model again. Mutable in a frozen context on purpose: taken once, by the first model
-    # step.
+    # The answer of a model call the run made itself (agentcore.runs.lifecycle: a turn's model calls and tool steps
+    # run in the run while no approval or limit needs the graph) when it calls tools at the iteration limit: the
+    # graph's next model step (the turn's first, from its input, or the one the run's last tool step scheduled)
+    # takes it instead of calling the model again, and its router sends it to the limit. Mutable in a frozen
+    # context on purpose: taken once, by that model step.
     answered: list[AIMessage] = field(default_factory=list, kw_only=True)
 
     def window(self, history: list[AnyMessage]) -> list[AnyMessage]:
@@ -218,9 +219,23 @@ async def run_tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[s
                 "tool_call_id": call["id"],
                 "approver": rule.approver,
             })
+    return {"messages": await tool_calls_run(agent, calls, decisions)}
+
+
+def approval_needed(agent: AgentContext, calls: list[ToolCall]) -> bool:
+    """Whether any of `calls` waits for an approval before it runs (the tool step interrupts for it)."""
+    rules = agent.rules
+    return any((rule := rules.get(call["name"])) is not None and rule.requires_approval for call in calls)
+
+
+async def tool_calls_run(agent: AgentContext, calls: list[ToolCall],
+                         decisions: dict[str, dict[str, Any]] | None = None) -> list[ToolMessage]:
+    """The tool step's results, one message per call in order: a call rejected in `decisions` is not run, every other
+    one is (timeouts, faults and unknown tools become observations: _invoke_tool). The graph's tool step and a run's
+    own tool loop (agentcore.runs.lifecycle) both run their calls here."""
     results = []
     for call in calls:
-        decision = decisions.get(call["id"])
+        decision = decisions.get(call["id"]) if decisions else None
         if decision is not None and decision.get("decision") != "approve":
             comment = decision.get("comment") or "no comment"
             observation, status = f"The user rejected this tool call. Comment: {comment}", "rejected"
@@ -228,7 +243,7 @@ async def run_tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[s
             observation, status = await _invoke_tool(agent.tools.get(call["name"]), call["name"], call["args"])
         results.append(ToolMessage(content=observation, tool_call_id=call["id"], name=call["name"],
                                    artifact={"status": status}))
-    return {"messages": results}
+    return results
 
 
 async def refuse_over_limit(state: AgentState) -> dict[str, Any]:

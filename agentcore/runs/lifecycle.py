@@ -21,7 +21,7 @@ from langgraph.types import Command
 
 from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
 from agentcore.events import Event, RunStarted, TextDelta
-from agentcore.graph import ANSWERED, AgentContext, agent_graph, truncate
+from agentcore.graph import ANSWERED, AgentContext, agent_graph, approval_needed, tool_calls_run, truncate
 from agentcore.models import AgentApp, Message, Session
 from agentcore.network import allow_list_for
 from agentcore.permissions import CHANGE_SESSIONS, has_perms
@@ -82,9 +82,9 @@ async def run_stop(*, task_id: str, end_user: str | None = None, app_id=None, us
 
 
 _DONE = object()
-# What _Run._answer_once says of the turn: over, or to go on in the graph at its tool step.
+# What _Run._answer says of the turn: over, or to go on in the graph from the checkpoint the run left.
 _TURN_OVER = object()
-_AT_TOOLS = object()
+_IN_GRAPH = object()
 
 
 class _EventQueue(asyncio.Queue):
@@ -125,7 +125,7 @@ class _Run:
         self.queue: asyncio.Queue = _EventQueue()
         self.output = RunOutput(turn, self.queue)
         self.stop_requested = False
-        self.graph_stepped = False  # the graph ran steps (writing a checkpoint after each): see _answer_once
+        self.graph_stepped = False  # the turn wrote a checkpoint per step (graph steps or its own tool steps): _answer
 
     # -- the consumer side --
     async def events(self) -> AsyncIterator[Event]:
@@ -332,11 +332,11 @@ class _Run:
             if self.turn.resume is None:
                 saved = await self._saved_history(graph, saver)
                 if saved is not None:
-                    goes_on = await self._answer_once(graph, context, saved, graph_input["messages"])
+                    goes_on = await self._answer(graph, context, saved, graph_input["messages"])
                     if goes_on is _TURN_OVER:
                         return
-                    if goes_on is _AT_TOOLS:
-                        graph_input = None  # the graph goes on from the checkpoint its first answer was written to
+                    if goes_on is _IN_GRAPH:
+                        graph_input = None  # the graph goes on from the checkpoint the run's last write left
                     else:
                         context.answered.append(goes_on)
             config = {"configurable": {"thread_id": str(self.session.pk)},
@@ -367,56 +367,98 @@ class _Run:
         state = await graph.aget_state(thread)
         return None if state.next else state.values.get("messages", [])
 
-    async def _answer_once(self, graph: Any, context: AgentContext, saved: list[Any], asked: list[Any],
-                           ) -> Any:
-        """A turn's first model call, without the graph's step machinery (per step and per streamed chunk, most of
-        the graph's cost), on the conversation `saved` in its checkpoint: the model's stream goes straight to the
-        output and, when the answer calls no tool (a chat or completion turn always, an agent turn that answers at
-        once), the exchange is written back as one update of the graph's state, as the graph would leave it: the
-        turn is over (_TURN_OVER). An agent's answer that calls tools is written the same way as the graph's ANSWERED
-        node, whose edge schedules the tool step (_AT_TOOLS): the graph goes on from there and writes every step
-        after it, without its input's step and its first model step (a checkpoint and a step each). At the iteration
-        limit the answer is returned unwritten instead: the graph runs the turn from its input, its model step
-        taking this answer (AgentContext.answered), and its router sends it to the limit.
+    async def _answer(self, graph: Any, context: AgentContext, saved: list[Any], asked: list[Any]) -> Any:
+        """A turn's model calls and tool steps, run here without the graph's step machinery (per step and per
+        streamed chunk, most of the graph's cost), on the conversation `saved` in its checkpoint, for as long as the
+        graph would add nothing: the model's stream goes straight to the output, and each answer is handled as the
+        graph would handle it, its state written as the graph would leave it:
+        - no tool call (a chat or completion turn always): the turn is over (_TURN_OVER), the exchange written as one
+          update of the graph's state, as its terminal "limit" node (nothing scheduled after it);
+        - tool calls that need no approval, below the iteration limit: the tools run here (graph.tool_calls_run, the
+          graph's tool step's own code), their results go out as that step's update, and the state is written as
+          the "tools" node leaves it (its edge schedules the model step), in the background while the next model
+          call streams (the graph's "async" durability: a tool that ran is remembered even if the server dies in
+          the next model call); then the next answer. The question and the answer that called the tools are written
+          with the tools' results, not before they run: the graph's model step is written while the tool step
+          runs, which no more guarantees it is saved before the tools run;
+        - a call that needs an approval: the answer is written as the graph's ANSWERED node, whose edge schedules the
+          tool step, and the graph goes on from there (_IN_GRAPH): its tool step interrupts for the approval;
+        - tool calls at the iteration limit: the graph takes the answer over (AgentContext.answered): after a tool
+          step written here, its model step goes on from that checkpoint (_IN_GRAPH); on the turn's first answer,
+          unwritten, the graph runs the turn from its input (the answer is returned).
 
-        Like the graph in chat's mode (durability "exit"), a turn answered here is written once, when the run ends
-        however it ends: the question always, the answer when there is one (a stopped or failed run's partial answer
-        is added by the output, as after the graph)."""
+        A turn ended by a stop, a client gone or a failed model call leaves what the graph leaves: the last tool
+        step written (awaited, even while being cancelled), then what is not yet written of the turn as the graph's
+        step in progress would have left it (the question alone before the first answer, as "limit"; an answer
+        whose tools had not finished, as ANSWERED: its calls pending), and the output adds a partial answer."""
         thread = {"configurable": {"thread_id": str(self.session.pk)}}
         history = add_messages(saved, asked)
-        window = context.window(history)
-        update: dict[str, Any] = {"messages": asked, "iterations": 0}
+        # What is not yet written, and as which node: the question alone until there is an answer (as "limit": a
+        # stopped or failed run's partial answer is added by the output, as after the graph).
+        update: dict[str, Any] | None = {"messages": asked, "iterations": 0}
         as_node = "limit"
-        handed_over = False
+        tool_step: asyncio.Future | None = None  # the write of the last tool step, while the next model call runs
+        iterations = 0
         try:
-            try:
-                response = await context.answer(context.prompt(window), merged=self.agent)
-                # What the answer's last network read brought goes out before the checkpoint is written.
-                await asyncio.sleep(0)
-            except Exception as exc:
-                error = provider_exception_scrubbed(exc, api_key=chat_model_key(context.model))
-            else:
-                if response.tool_calls and context.max_iterations <= 1:
-                    handed_over = True
-                    return response
+            while True:
+                window = context.window(history)
+                error = None
+                try:
+                    response = await context.answer(context.prompt(window), merged=self.agent)
+                    # What the answer's last network read brought goes out before the checkpoint is written.
+                    await asyncio.sleep(0)
+                except Exception as exc:
+                    error = provider_exception_scrubbed(exc, api_key=chat_model_key(context.model))
+                if error is not None:
+                    raise error  # outside the except clause, so the unscrubbed original is not kept as its context
+                iterations += 1
+                calls = response.tool_calls
+                if calls and iterations >= context.max_iterations:
+                    if iterations == 1:
+                        update = None
+                        return response
+                    context.answered.append(response)
+                    return _IN_GRAPH
                 # What the graph's model node writes: the answer, and the history cut to the window when it was cut.
                 trimmed = len(window) < len(history)
-                update = {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed
-                          else [*asked, response], "iterations": 1}
+                pending = update["messages"] if update is not None else []
+                written = [RemoveMessage(id=REMOVE_ALL_MESSAGES), *window, response] if trimmed else [*pending,
+                                                                                                   response]
+                history = [*window, response] if trimmed else [*history, response]
+                update = {"messages": written, "iterations": iterations}
                 await self.output.on_update({"model": {"messages": [response]}})
-                if response.tool_calls:
-                    as_node = ANSWERED
-                    return _AT_TOOLS
-                return _TURN_OVER
-            raise error  # outside the except clause, so the unscrubbed original is not kept as its context
+                if not calls:
+                    return _TURN_OVER
+                as_node = ANSWERED
+                if approval_needed(context, calls):
+                    return _IN_GRAPH
+                results = await tool_calls_run(context, calls)
+                if tool_step is not None:
+                    await tool_step
+                # As the graph's "tools" node: the model step is scheduled after this write.
+                tool_step = asyncio.ensure_future(graph.aupdate_state(
+                    thread, {"messages": [*written, *results], "iterations": iterations}, as_node="tools"))
+                update, as_node = None, "limit"
+                self.graph_stepped = True
+                await self.output.on_update({"tools": {"messages": results}})
+                history.extend(results)
         finally:
-            if not handed_over:
-                # As the terminal "limit" node: the turn is over, nothing is scheduled after this write (or as
-                # ANSWERED: the tool step is). Shielded: a stopped run still remembers its question before the output
-                # adds the partial answer.
-                write = asyncio.ensure_future(graph.aupdate_state(thread, update, as_node=as_node))
+            if tool_step is not None or update is not None:
+                # Shielded: a stopped run still remembers its question and its tool steps before the output adds the
+                # partial answer.
+                write = asyncio.ensure_future(self._written(graph, thread, tool_step, update, as_node))
                 try:
                     await asyncio.shield(write)
                 except asyncio.CancelledError:
                     await write
                     raise
+
+    @staticmethod
+    async def _written(graph: Any, thread: dict[str, Any], tool_step: asyncio.Future | None,
+                       update: dict[str, Any] | None, as_node: str) -> None:
+        """The last tool step's write finished, then `update` written as `as_node` after it (each write reads the
+        checkpoint the one before it left)."""
+        if tool_step is not None:
+            await tool_step
+        if update is not None:
+            await graph.aupdate_state(thread, update, as_node=as_node)

@@ -215,3 +215,26 @@ async def test_an_approval_resumes_after_the_paused_conversations_older_checkpoi
     assert events[-1].status == "normal" and counting_target.hits == 1
     roles = [m["role"] for m in fake_upstream.chat_requests[-1].messages]
     assert roles == ["system", "user", "assistant", "user", "assistant", "tool"]
+
+
+async def test_a_call_needing_approval_after_a_tool_step_the_run_made_itself_pauses_and_resumes(
+        agent_app, plain_user, fake_upstream, counting_target, http_check_needs_approval):
+    """The run's own tool loop hands a call that needs an approval to the graph: its tool step interrupts; approving
+    runs it once, and the model sees both tool steps."""
+    fake_upstream.script(Reply(tool_calls=[ToolCall("current_time", {"timezone": "UTC"}, id="call_t")]),
+                         Reply(tool_calls=[ToolCall("http_check", {"url": counting_target.url}, id="call_h")]))
+    paused = await run_all(TurnRequest(app=agent_app, query="is it up?", owner=plain_user))
+    assert paused[-1].status == "paused" and counting_target.hits == 0
+    assert [a["tool"] for a in paused[-1].pending_approvals] == ["http_check"]
+    fake_upstream.script(Reply(text="It answered 200."))
+    events = await run_all(TurnRequest(
+        app=agent_app, owner=plain_user, session_id=paused[0].session_id,
+        approval=ApprovalDecision(approval_id=paused[-1].pending_approvals[0]["id"], decision="approve")))
+    assert events[-1].status == "normal" and events[-1].answer == "It answered 200."
+    assert counting_target.hits == 1
+    sent = fake_upstream.chat_requests[-1].messages
+    assert [m["role"] for m in sent[1:]] == ["user", "assistant", "tool", "assistant", "tool"]
+    assert [m.get("tool_call_id") for m in sent[1:] if m["role"] == "tool"] == ["call_t", "call_h"]
+    thoughts = [t async for t in Thought.objects.filter(message_id=paused[0].message_id).order_by("position")]
+    assert [(t.tool, t.status) for t in thoughts] == [("current_time", "done"), ("http_check", "done"),
+                                                      ("", "done")]

@@ -326,7 +326,7 @@ def test_workers_starting_together_on_a_new_database_set_the_tables_up_once(sett
     checkpoint._ready.clear()
 
 
-# A chat turn runs without the graph (agentcore.runs.lifecycle._Run._answer_once) but leaves the checkpoint as the
+# A chat turn runs without the graph (agentcore.runs.lifecycle._Run._answer) but leaves the checkpoint as the
 # graph would: an app switched between chat and agent-chat keeps its conversations, in both directions.
 
 async def test_a_conversation_goes_on_when_its_app_switches_between_chat_and_agent_chat(chat_app, plain_user,
@@ -363,20 +363,22 @@ async def test_a_failed_chat_turn_leaves_its_question_in_the_conversation(chat_a
     assert sent == [("user", "first try"), ("user", "again")]
 
 
-# An agent turn whose first answer calls no tool runs without the graph's steps (lifecycle._Run._answer_once): one
+# An agent turn whose first answer calls no tool runs without the graph's steps (lifecycle._Run._answer): one
 # checkpoint write instead of one per step (the input, the model step's writes and its checkpoint), and the
 # conversation left as the graph leaves it.
 
-async def _checkpoint_writes_counted(monkeypatch) -> list[str]:
-    """The thread id of every checkpoint the saver writes from now on (this test's database's saver class)."""
+async def _checkpoint_writes_counted(monkeypatch) -> list[tuple[str, str]]:
+    """(thread id, metadata source) of every checkpoint the saver writes from now on (this test's database's saver
+    class): the source is "update" for a write of `aupdate_state` and "loop" for the checkpoint of a step the graph
+    ran."""
     async with checkpointer() as saver:
         saver_class = type(saver)
-    written: list[str] = []
+    written: list[tuple[str, str]] = []
     aput = saver_class.aput
 
-    async def counted_aput(self, config, *args, **kwargs):
-        written.append(config["configurable"]["thread_id"])
-        return await aput(self, config, *args, **kwargs)
+    async def counted_aput(self, config, checkpoint, metadata, *args, **kwargs):
+        written.append((config["configurable"]["thread_id"], metadata.get("source")))
+        return await aput(self, config, checkpoint, metadata, *args, **kwargs)
 
     monkeypatch.setattr(saver_class, "aput", counted_aput)
     return written
@@ -394,7 +396,7 @@ async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_
     events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
     session_id = events[0].session_id
     assert events[-1].answer == "It is noon."
-    assert written == [session_id]
+    assert written == [(session_id, "update")]
     assert await checkpoint_rows(session_id) == (1, 0)
 
     # The same question through the graph, on a thread of its own.
@@ -417,23 +419,43 @@ async def test_an_agent_turn_answered_without_a_tool_writes_its_checkpoint_once_
     assert seen(by_run)[1:] == (1, ())
 
 
-async def test_an_agent_turn_whose_first_answer_calls_a_tool_enters_the_graph_at_its_tool_step(
-        agent_app, plain_user, fake_upstream, monkeypatch):
-    """The first answer, made before the graph started, is written as the graph's ANSWERED node, whose edge schedules
-    the tool step: three checkpoints (that answer, the tool step, the last model step) instead of the graph's four
-    (its input, then each step), and the same state as a graph run leaves."""
+def _calls(*calls: ToolCall) -> Reply:
+    return Reply(text="Let me look.", tool_calls=list(calls))
+
+
+_UTC = ToolCall("current_time", {"timezone": "UTC"})
+
+
+@pytest.mark.parametrize(("script", "max_iterations", "writes"), [
+    # The tool steps run in the run itself: each writes one checkpoint, as the graph's tool step leaves it, and the
+    # answer one more; no graph step runs (the graph: its input, then a checkpoint per step).
+    ([_calls(_UTC), Reply(text="It is noon.")], 8, ["update"] * 2),
+    ([_calls(_UTC), _calls(ToolCall("current_time", {"timezone": "Asia/Tokyo"})), Reply(text="It is noon.")], 8,
+     ["update"] * 3),
+    ([_calls(_UTC, ToolCall("current_time", {"timezone": "Europe/Paris"}), ToolCall("system_status")),
+      Reply(text="It is noon.")], 8, ["update"] * 2),
+    ([_calls(ToolCall("current_time", {"timezone": 5})), Reply(text="It is noon.")], 8, ["update"] * 2),
+    ([_calls(ToolCall("no_such_tool", {"x": 1})), Reply(text="It is noon.")], 8, ["update"] * 2),
+    # At the iteration limit the graph takes the answer over: its model step writes it, its limit step the refusals.
+    ([_calls(_UTC), _calls(_UTC)], 2, ["update", "loop", "loop"]),
+], ids=["one-call", "two-rounds", "several-calls", "tool-error", "unknown-tool", "limit"])
+async def test_an_agent_turn_runs_its_tool_steps_itself_and_leaves_the_state_a_graph_run_leaves(
+        agent_app, plain_user, fake_upstream, monkeypatch, script, max_iterations, writes):
+    """The run's own loop (model call, tools, model call...) writes fewer checkpoints than the graph's steps and
+    leaves the state a pure graph run leaves: messages, iterations, next."""
     from langchain_core.messages import HumanMessage
 
     from agentcore.runs.chat_models import run_chat_model
     from llmconfigs.models import LLMConfig
 
+    agent_app.max_iterations = max_iterations
+    await agent_app.asave()
     written = await _checkpoint_writes_counted(monkeypatch)
-    calls_the_tool = Reply(text="Let me look.", tool_calls=[ToolCall("current_time", {"timezone": "UTC"})])
-    fake_upstream.script(calls_the_tool, Reply(text="It is noon."), calls_the_tool, Reply(text="It is noon."))
+    fake_upstream.script(*script, *script)
     events = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
     session_id = events[0].session_id
-    assert events[-1].answer == "Let me look.\nIt is noon."
-    assert written == [session_id] * 3
+    assert events[-1].status == "normal"
+    assert written == [(session_id, source) for source in writes]
     monkeypatch.undo()
 
     # The same question through the graph, on a thread of its own.
@@ -442,7 +464,7 @@ async def test_an_agent_turn_whose_first_answer_calls_a_tool_enters_the_graph_at
     tools, rules = await tools_for_run(app=agent_app, session_id=graph_thread, subset=None, setup=None)
     context = graph.AgentContext(model=run_chat_model([config], {}), on_delta=lambda delta: asyncio.sleep(0),
                                  tools=tools, rules=rules, system_prompt=agent_app.system_prompt,
-                                 max_history_messages=100, max_history_chars=100_000)
+                                 max_iterations=max_iterations, max_history_messages=100, max_history_chars=100_000)
     thread = {"configurable": {"thread_id": graph_thread}}
     async with checkpointer() as saver:
         compiled = graph.agent_graph(checkpointer=saver)
@@ -450,16 +472,16 @@ async def test_an_agent_turn_whose_first_answer_calls_a_tool_enters_the_graph_at
         by_graph = await compiled.aget_state(thread)
         by_run = await compiled.aget_state({"configurable": {"thread_id": session_id}})
 
-    def seen(state):  # a tool result's text holds the time it ran: its name and status are compared instead
+    def seen(state):  # a tool's result holds the time it ran: only a failed one's text is compared
         return ([(type(m).__name__, m.name if isinstance(m, ToolMessage) else m.content,
                   [(c["name"], c["args"]) for c in getattr(m, "tool_calls", None) or []],
-                  m.artifact if isinstance(m, ToolMessage) else m.response_metadata.get("finish_reason"))
+                  m.artifact if isinstance(m, ToolMessage) else m.response_metadata.get("finish_reason"),
+                  m.content if isinstance(m, ToolMessage) and m.artifact["status"] == "error" else None)
                  for m in state.values["messages"]], state.values["iterations"], state.next)
 
     assert seen(by_run) == seen(by_graph)
-    assert seen(by_run)[1:] == (2, ())
-    assert [type(m).__name__ for m in by_run.values["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage",
-                                                                     "AIMessage"]
+    assert seen(by_run)[1:] == (len(script), ())
+    assert any(isinstance(m, ToolMessage) for m in by_run.values["messages"])
 
 
 def test_the_connection_string_is_built_once_while_the_settings_stay(monkeypatch, settings):

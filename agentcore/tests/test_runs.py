@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -721,3 +722,63 @@ def test_a_stale_sweep_falling_due_during_a_turn_start_never_runs_outside_its_tr
     updates = [q["sql"] for q in sent.captured_queries if q["sql"].lstrip().upper().startswith("UPDATE")]
     assert updates == []
     assert Message.objects.filter(status="running").count() == 1
+
+
+def _sent_roles_and_tool_results(request) -> list[tuple[str, str | None]]:
+    return [(m["role"], m["content"] if m["role"] in ("tool", "assistant") else None) for m in request.messages[1:]]
+
+
+async def test_the_next_turn_remembers_an_agent_run_stopped_while_its_tool_ran(agent_app, plain_user, fake_upstream):
+    """Stopped during its tool step: the call is remembered, answered as not run (the tool's result never came)."""
+    from agentcore.events import ThoughtUpdate
+    from agentcore.graph import NOT_RUN
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts the tool's request and never answers it
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/health"
+        fake_upstream.script(Reply(text="Checking.", tool_calls=[ToolCall("http_check", {"url": url})]),
+                             Reply(text="Again."))
+        events = []
+        async for event in turn_prepare_and_run(TurnRequest(app=agent_app, query="up?", owner=plain_user)):
+            events.append(event)
+            if isinstance(event, ThoughtUpdate) and event.phase == "tool_call":
+                assert await run_stop(task_id=events[0].task_id, user=plain_user)
+        assert events[-1].status == "stopped"
+    await run_all(TurnRequest(app=agent_app, query="go on", owner=plain_user, session_id=events[0].session_id))
+    assert _sent_roles_and_tool_results(fake_upstream.chat_requests[-1]) == [
+        ("user", None), ("assistant", "Checking."), ("tool", NOT_RUN), ("user", None)]
+
+
+async def test_the_next_turn_remembers_the_tool_step_of_an_agent_run_whose_second_call_failed(
+        agent_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Checking.", tool_calls=[ToolCall("current_time", {"timezone": 5})]),
+                         Reply(status=400, error_message="bad request"), Reply(text="Again."))
+    first = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    assert isinstance(first[-1], RunError)
+    await run_all(TurnRequest(app=agent_app, query="go on", owner=plain_user, session_id=first[0].session_id))
+    sent = _sent_roles_and_tool_results(fake_upstream.chat_requests[-1])
+    assert [role for role, _ in sent] == ["user", "assistant", "tool", "user"]
+    assert sent[1][1] == "Checking." and sent[2][1].startswith("Error: ValidationError")
+
+
+async def test_the_next_turn_remembers_the_tool_step_and_partial_answer_of_an_agent_run_whose_client_left(
+        agent_app, plain_user, fake_upstream):
+    fake_upstream.script(Reply(text="Checking.", tool_calls=[ToolCall("current_time", {"timezone": 5})]),
+                         Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1), Reply(text="Again."))
+    seen: list = []
+    two_deltas = asyncio.Event()
+
+    async def consume():
+        async for event in turn_prepare_and_run(TurnRequest(app=agent_app, query="time?", owner=plain_user)):
+            seen.append(event)
+            if len([e for e in seen if isinstance(e, TextDelta) and e.text.startswith("w")]) == 2:
+                two_deltas.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(two_deltas.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await run_all(TurnRequest(app=agent_app, query="go on", owner=plain_user, session_id=seen[0].session_id))
+    sent = _sent_roles_and_tool_results(fake_upstream.chat_requests[-1])
+    assert [role for role, _ in sent] == ["user", "assistant", "tool", "assistant", "user"]
+    assert sent[2][1].startswith("Error: ValidationError") and sent[3][1] == "w0 w1 "
