@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import aiosqlite
 import psycopg
 from django.conf import settings
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, get_checkpoint_metadata
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg.conninfo import make_conninfo
@@ -356,20 +356,52 @@ async def _postgres_connection(saver: AsyncPostgresSaver) -> AsyncIterator[psyco
             yield saver.conn
 
 
-def first_read_known_empty(saver: BaseCheckpointSaver, *, thread_id: str) -> BaseCheckpointSaver:
-    """`saver` for the first run of a conversation created by its own turn: that thread has no checkpoint yet, so
-    the graph's opening read of it is answered without a query (several ms on the critical path of a new
-    conversation's first token). Only that one read; every other call goes to the database. The saver is the run's
-    own, so the answer is set on this instance only."""
+def own_writes_read_back(saver: BaseCheckpointSaver, *, thread_id: str, known_empty: bool) -> BaseCheckpointSaver:
+    """`saver` for a run that writes its conversation's checkpoints itself (agentcore.runs.lifecycle: each step it
+    runs is one `aupdate_state`, which reads the thread's latest checkpoint before it writes): a read of that thread's
+    latest checkpoint is answered without a query (a round trip, and loading and deserialising the history) when this
+    saver knows it:
+    - `known_empty`: the first run of a conversation created by its own turn, whose thread has no checkpoint yet, so
+      the opening read (several ms on the critical path of a new conversation's first token) answers None;
+    - right after this saver wrote the thread's checkpoint with `aupdate_state` (metadata source "update"): the
+      checkpoint it wrote, as the graph's own loop goes on from the checkpoint it holds rather than reading it back.
+    Each answer is given once (the reader may change what it is given). A write of a graph step, pending writes, or a
+    read of another thread, namespace or checkpoint go to the database. The saver is the run's own, so this is set on
+    this instance only."""
+    saver_class = type(saver)
+    known: list[CheckpointTuple | None] = [None] if known_empty else []
+
+    def ours(configurable: dict) -> bool:
+        return (str(configurable.get("thread_id")) == thread_id and not configurable.get("checkpoint_ns")
+                and not configurable.get("checkpoint_id"))
+
     async def aget_tuple(config):
-        configurable = config.get("configurable", {})
-        if (str(configurable.get("thread_id")) == thread_id and not configurable.get("checkpoint_ns")
-                and not configurable.get("checkpoint_id")):
-            del saver.aget_tuple  # later reads query again
-            return None
-        return await type(saver).aget_tuple(saver, config)
+        if known and ours(config.get("configurable", {})):
+            return known.pop()
+        return await saver_class.aget_tuple(saver, config)
+
+    async def aput(config, checkpoint, metadata, new_versions):
+        known.clear()
+        written = await saver_class.aput(saver, config, checkpoint, metadata, new_versions)
+        configurable = config["configurable"]
+        if (metadata.get("source") == "update" and str(configurable.get("thread_id")) == thread_id
+                and not configurable.get("checkpoint_ns")):
+            parent = configurable.get("checkpoint_id")
+            known.append(CheckpointTuple(
+                config=written, checkpoint=checkpoint, metadata=get_checkpoint_metadata(config, metadata),
+                parent_config={"configurable": {"thread_id": thread_id, "checkpoint_ns": "", "checkpoint_id": parent}}
+                if parent else None,
+                pending_writes=[],
+            ))
+        return written
+
+    async def aput_writes(config, writes, task_id, task_path=""):
+        known.clear()
+        return await saver_class.aput_writes(saver, config, writes, task_id, task_path)
 
     saver.aget_tuple = aget_tuple
+    saver.aput = aput
+    saver.aput_writes = aput_writes
     return saver
 
 

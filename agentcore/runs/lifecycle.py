@@ -19,7 +19,7 @@ from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage
 from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command
 
-from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, first_read_known_empty
+from agentcore.checkpoint import SaverOpening, checkpoint_prune, checkpointer, own_writes_read_back
 from agentcore.events import Event, RunStarted, TextDelta
 from agentcore.graph import ANSWERED, AgentContext, agent_graph, approval_needed, tool_calls_run, truncate
 from agentcore.models import AgentApp, Message, Session
@@ -326,8 +326,7 @@ class _Run:
                                max_history_messages=settings.AGENT_HISTORY_MAX_MESSAGES,
                                max_history_chars=settings.AGENT_HISTORY_MAX_CHARS)
         async with self.saver.use() if self.saver is not None else checkpointer() as saver:
-            if self.turn.session_created:
-                saver = first_read_known_empty(saver, thread_id=str(self.session.pk))
+            saver = own_writes_read_back(saver, thread_id=str(self.session.pk), known_empty=self.turn.session_created)
             graph = agent_graph(checkpointer=saver)
             if self.turn.resume is None:
                 saved = await self._saved_history(graph, saver)

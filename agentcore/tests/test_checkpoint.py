@@ -695,3 +695,36 @@ async def test_the_postgresql_prune_keeps_what_langgraphs_keep_latest_keeps(vers
         assert len(kept[0]) == (2 if version < 4 and sends else 1)
     finally:
         await checkpoint.checkpoint_pools_close()
+
+
+async def test_a_tool_turn_reads_back_none_of_its_own_checkpoint_writes(agent_app, plain_user, fake_upstream,
+                                                                        monkeypatch):
+    """Every write of the run's own steps (aupdate_state) reads the thread's latest checkpoint first: the one this run
+    just wrote, answered from memory as the graph's loop goes on from the checkpoint it holds. Only an existing
+    conversation's opening reads go to the database (its history, then its first write's); the state left is the
+    same (compared with a graph run above)."""
+    async with checkpointer() as saver:
+        saver_class = type(saver)
+    reads: list[str] = []
+    aget_tuple = saver_class.aget_tuple
+
+    async def counted_aget_tuple(self, config):
+        reads.append(config["configurable"]["thread_id"])
+        return await aget_tuple(self, config)
+
+    monkeypatch.setattr(saver_class, "aget_tuple", counted_aget_tuple)
+    calls_the_tool = Reply(text="Let me look.", tool_calls=[_UTC])
+    fake_upstream.script(calls_the_tool, calls_the_tool, Reply(text="It is noon."),
+                         calls_the_tool, calls_the_tool, Reply(text="Still noon."))
+    first = await run_all(TurnRequest(app=agent_app, query="time?", owner=plain_user))
+    session_id = first[0].session_id
+    assert first[-1].status == "normal" and reads == []
+    second = await run_all(TurnRequest(app=agent_app, query="again?", owner=plain_user, session_id=session_id))
+    assert second[-1].answer == "Let me look.\nLet me look.\nStill noon." and reads == [session_id] * 2
+    monkeypatch.undo()
+    async with checkpointer() as saver:
+        state = await graph.agent_graph(checkpointer=saver).aget_state({"configurable": {"thread_id": session_id}})
+    assert [type(m).__name__ for m in state.values["messages"]] == [
+        "HumanMessage", "AIMessage", "ToolMessage", "AIMessage", "ToolMessage", "AIMessage",
+        "HumanMessage", "AIMessage", "ToolMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert (state.values["iterations"], state.next) == (3, ())
