@@ -170,6 +170,26 @@ async def test_a_tool_steps_rows_go_out_without_a_transaction_and_its_results_in
         assert len(updates) == 2 and all(u.in_transaction for u in updates)
 
 
+async def _cancelled_after_two_deltas(request: TurnRequest, *, starting: str = "") -> list:
+    """The events a consumer saw before it was cancelled (a client gone) at the second text delta starting with
+    `starting`."""
+    seen: list = []
+    two_deltas = asyncio.Event()
+
+    async def consume():
+        async for event in turn_prepare_and_run(request):
+            seen.append(event)
+            if len([e for e in seen if isinstance(e, TextDelta) and e.text.startswith(starting)]) == 2:
+                two_deltas.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(two_deltas.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return seen
+
+
 async def test_second_turn_sees_the_history(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="First answer."), Reply(text="Second answer."))
     first = await run_all(TurnRequest(app=chat_app, query="one", owner=plain_user))
@@ -368,20 +388,7 @@ async def test_stop_by_task_id_cancels_the_upstream_and_keeps_the_partial_answer
 
 async def test_client_disconnect_stops_the_run(chat_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.2))
-    seen: list = []
-    two_deltas = asyncio.Event()
-
-    async def consume():
-        async for event in turn_prepare_and_run(TurnRequest(app=chat_app, query="long", owner=plain_user)):
-            seen.append(event)
-            if len([e for e in seen if isinstance(e, TextDelta)]) == 2:
-                two_deltas.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(two_deltas.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    seen = await _cancelled_after_two_deltas(TurnRequest(app=chat_app, query="long", owner=plain_user))
     message = await Message.objects.aget(pk=seen[0].message_id)
     assert message.status == "stopped" and message.answer.startswith("w0 w1 ")
     for _ in range(20):
@@ -764,20 +771,8 @@ async def test_the_next_turn_remembers_the_tool_step_and_partial_answer_of_an_ag
         agent_app, plain_user, fake_upstream):
     fake_upstream.script(Reply(text="Checking.", tool_calls=[ToolCall("current_time", {"timezone": 5})]),
                          Reply(text=" ".join(f"w{i}" for i in range(40)), delay=0.1), Reply(text="Again."))
-    seen: list = []
-    two_deltas = asyncio.Event()
-
-    async def consume():
-        async for event in turn_prepare_and_run(TurnRequest(app=agent_app, query="time?", owner=plain_user)):
-            seen.append(event)
-            if len([e for e in seen if isinstance(e, TextDelta) and e.text.startswith("w")]) == 2:
-                two_deltas.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(two_deltas.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    seen = await _cancelled_after_two_deltas(TurnRequest(app=agent_app, query="time?", owner=plain_user),
+                                             starting="w")
     await run_all(TurnRequest(app=agent_app, query="go on", owner=plain_user, session_id=seen[0].session_id))
     sent = _sent_roles_and_tool_results(fake_upstream.chat_requests[-1])
     assert [role for role, _ in sent] == ["user", "assistant", "tool", "assistant", "user"]
